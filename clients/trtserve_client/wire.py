@@ -1,0 +1,193 @@
+"""The one definition of trtserve's wire format, shared by the server and every client.
+
+A frame is a 4-byte big-endian unsigned length followed by exactly that many bytes of one
+msgpack map.  Tensors travel as ``{"dtype": str, "shape": [int, ...], "data": bin}`` with the
+data little-endian and C-ordered; raw byte inputs (a JPEG, say) travel as plain msgpack
+``bin``.  docs/PROTOCOL.md is the normative description; this module implements it.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .errors import FrameTooLargeError, InvalidInputError, ProtocolError
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">I")
+HEADER_SIZE = HEADER.size
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024  # 64 MiB: a 4K RGB float32 image fits with room to spare
+
+OPERATIONS = (
+    "infer",
+    "live",
+    "ready",
+    "server_metadata",
+    "model_metadata",
+    "model_config",
+    "repository_index",
+    "statistics",
+    "load",
+    "unload",
+)
+
+# Wire dtype names are numpy's canonical names; the bytes are always little-endian.
+DTYPES = (
+    "bool",
+    "uint8",
+    "int8",
+    "uint16",
+    "int16",
+    "uint32",
+    "int32",
+    "uint64",
+    "int64",
+    "float16",
+    "float32",
+    "float64",
+)
+_NUMPY_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def pack(message: dict[str, Any]) -> bytes:
+    """Serialize one message into a complete frame (header + msgpack payload)."""
+    payload = msgpack.packb(message, use_bin_type=True)
+    return HEADER.pack(len(payload)) + payload
+
+
+class FrameDecoder:
+    """Incremental frame parser: feed it bytes as they arrive, get back complete messages.
+
+    Raises FrameTooLargeError as soon as a header declares more than ``max_frame`` bytes
+    (before buffering any of it), and ProtocolError when a payload is not one msgpack map.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        buf = self._buf
+        buf += data
+        messages = []
+        pos = 0  # consume by offset and compact once: many small frames stay O(n)
+        try:
+            while len(buf) - pos >= HEADER_SIZE:
+                (length,) = HEADER.unpack_from(buf, pos)
+                if length > self.max_frame:
+                    raise FrameTooLargeError(
+                        f"frame of {length} bytes exceeds the maximum of {self.max_frame} bytes; "
+                        "send smaller requests or raise the server's --max-frame",
+                        length=length,
+                        max_frame=self.max_frame,
+                    )
+                end = pos + HEADER_SIZE + length
+                if len(buf) < end:
+                    break
+                messages.append(unpack_payload(bytes(buf[pos + HEADER_SIZE : end])))
+                pos = end
+        finally:
+            del buf[:pos]
+        return messages
+
+    def pending_partial_frame(self) -> bool:
+        """True when bytes of an incomplete frame are buffered (a truncated frame at EOF)."""
+        return bool(self._buf)
+
+
+def unpack_payload(payload: bytes) -> dict[str, Any]:
+    try:
+        message = msgpack.unpackb(payload, raw=False, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(
+            f"frame payload is not valid msgpack ({type(exc).__name__}: {exc})",
+            payload_size=len(payload),
+        ) from None
+    if not isinstance(message, dict):
+        raise ProtocolError(
+            f"frame payload must be a msgpack map, got {type(message).__name__}",
+            payload_type=type(message).__name__,
+        )
+    return message
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def encode_tensor(array: np.ndarray) -> dict[str, Any]:
+    """A numpy array as a wire tensor.  C-contiguous little-endian arrays are not copied here."""
+    array = np.asarray(array)
+    name = array.dtype.name
+    if name not in _NUMPY_DTYPES:
+        raise InvalidInputError(
+            f"dtype {array.dtype} cannot travel on the wire; use one of {', '.join(DTYPES)}",
+            dtype=str(array.dtype),
+        )
+    if array.dtype.byteorder == ">" or not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array, dtype=_NUMPY_DTYPES[name])
+    return {"dtype": name, "shape": list(array.shape), "data": memoryview(array).cast("B")}
+
+
+def decode_tensor(obj: Any, where: str = "tensor") -> np.ndarray:
+    """A wire tensor as a read-only numpy view over the received bytes (no copy)."""
+    if not isinstance(obj, dict):
+        raise InvalidInputError(f"{where}: expected a tensor map, got {type(obj).__name__}", where=where)
+    dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
+    if dtype not in _NUMPY_DTYPES:
+        raise InvalidInputError(
+            f"{where}: unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}",
+            where=where,
+            dtype=repr(dtype),
+        )
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InvalidInputError(
+            f"{where}: shape must be a list of non-negative integers, got {shape!r}",
+            where=where,
+            shape=repr(shape),
+        )
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidInputError(f"{where}: data must be msgpack bin, got {type(data).__name__}", where=where)
+    np_dtype = _NUMPY_DTYPES[dtype]
+    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    if expected != len(data):
+        raise InvalidInputError(
+            f"{where}: shape {shape} of {dtype} needs {expected} bytes but {len(data)} were sent",
+            where=where,
+            shape=shape,
+            dtype=dtype,
+            expected_bytes=expected,
+            received_bytes=len(data),
+        )
+    return np.frombuffer(data, dtype=np_dtype).reshape(shape)
+
+
+def encode_value(value: Any) -> Any:
+    """An input/output value: bytes travel as bin, everything array-like as a tensor."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value) if isinstance(value, bytearray) else value
+    return encode_tensor(np.asarray(value))
+
+
+def decode_value(obj: Any, where: str) -> Any:
+    if isinstance(obj, (bytes, bytearray)):
+        return obj
+    return decode_tensor(obj, where)
+
+
+def encode_tensors(values: dict[str, Any]) -> dict[str, Any]:
+    return {name: encode_value(value) for name, value in values.items()}
+
+
+def decode_tensors(obj: Any, where: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise InvalidInputError(f"{where} must be a map of name to tensor, got {type(obj).__name__}", where=where)
+    return {str(name): decode_value(value, f"{where}[{name!r}]") for name, value in obj.items()}

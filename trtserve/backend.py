@@ -1,0 +1,233 @@
+"""The backend contract, its declared config keys, and the registry of backend names.
+
+A backend is the unit of computation (TorchPipe's idea).  The scheduler gives it a
+thread-safe forward, ``instance_num`` instances and dynamic batching for free; the
+backend itself only has to::
+
+    init(config, kwargs)   # once, on its instance's own thread
+    forward(items)         # items are dicts: read item["data"], write item["result"]
+    max() / min()          # the batch sizes it accepts (both default to the node's config)
+
+A backend that cannot handle one item leaves its ``result`` unset (a soft failure of that
+item); an exception fails every item of the batch.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from .errors import ConfigError, InvalidInputError
+
+
+@dataclass(frozen=True)
+class Key:
+    """A config key a backend understands: its type, default and one line of help."""
+
+    type: type | tuple[type, ...]
+    default: Any = None
+    help: str = ""
+    choices: tuple[Any, ...] | None = None
+    check: Callable[[Any], str | None] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output as metadata reports it; -1 marks a dynamic dimension."""
+
+    name: str
+    dtype: str  # numpy dtype name, or "bytes" for raw byte strings
+    shape: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+class Backend:
+    """Base class of every backend.  Subclass it and register the subclass."""
+
+    #: Keys this backend reads from its node's config, beyond the scheduler's own keys.
+    config_keys: ClassVar[dict[str, Key]] = {}
+    #: How many inner backends the expression may give it: 0 (a leaf), 1 (a wrapper such as
+    #: ``SyncTensor[X]``), or None for one or more (``S[A,B,C]``).
+    children_arity: ClassVar[int | None] = 0
+
+    def __init__(self) -> None:
+        self.children: list[Backend] = []
+        self.config: dict[str, Any] = {}
+
+    # -- the contract ------------------------------------------------------------------
+    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        """Prepare the instance.  Runs on the instance's own thread.  Wrappers init children."""
+        self.config = config
+        for child in self.children:
+            child.init(config, kwargs)
+
+    def forward(self, items: list[dict[str, Any]]) -> None:
+        if len(self.children) == 1:
+            self.children[0].forward(items)
+            return
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(items)")
+
+    def max(self) -> int:
+        if len(getattr(self, "children", ())) == 1:
+            return self.children[0].max()
+        return int(getattr(self, "config", {}).get("max", 1))
+
+    def min(self) -> int:
+        if len(getattr(self, "children", ())) == 1:
+            return self.children[0].min()
+        return int(getattr(self, "config", {}).get("min", 1))
+
+    # -- optional hooks ----------------------------------------------------------------
+    def validate(self, item: dict[str, Any]) -> None:
+        """Reject a bad item before it is queued (raise InvalidInputError).
+
+        Called on the caller's thread on an initialised instance, so it must only read.
+        Checking here rather than in forward keeps one bad request from failing a batch.
+        """
+        if len(self.children) >= 1:
+            self.children[0].validate(item)
+
+    def request_size(self, item: dict[str, Any]) -> int:
+        """How much of ``max`` this item uses; by default its first dimension (see item_size).
+
+        Backends whose items are single images (HWC arrays) override this to return 1.
+        """
+        if self.children:
+            return self.children[0].request_size(item)
+        return item_size(item)
+
+    def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]] | None:
+        """Inputs and outputs for metadata and validation, when the backend knows them."""
+        if len(self.children) == 1:
+            return self.children[0].io_spec()
+        return None
+
+    def close(self) -> None:
+        """Release resources.  Runs on the instance's own thread."""
+        for child in self.children:
+            child.close()
+
+
+# --------------------------------------------------------------------------- registry
+
+# Built-in backends are imported on first use, so `import trtserve` stays light and the
+# CPU-only paths never import cuda or tensorrt.
+_BUILTIN: dict[str, str] = {
+    "Identity": "trtserve.backends.identity:Identity",
+    "Sequential": "trtserve.backends.sequential:Sequential",
+    "S": "trtserve.backends.sequential:Sequential",
+    "DecodeMat": "trtserve.backends.opencv:DecodeMat",
+    "ResizeMat": "trtserve.backends.opencv:ResizeMat",
+    "CvtColorMat": "trtserve.backends.opencv:CvtColorMat",
+    "cvtColorMat": "trtserve.backends.opencv:CvtColorMat",  # TorchPipe's spelling
+    "OnnxRuntime": "trtserve.backends.onnxruntime:OnnxRuntime",
+    "SyncTensor": "trtserve.backends.gpu.sync:SyncTensor",
+    "TensorrtTensor": "trtserve.backends.gpu.tensorrt:TensorrtTensor",
+    "DecodeTensor": "trtserve.backends.gpu.image:DecodeTensor",
+    "ResizeTensor": "trtserve.backends.gpu.image:ResizeTensor",
+    "CvtColorTensor": "trtserve.backends.gpu.image:CvtColorTensor",
+    "cvtColorTensor": "trtserve.backends.gpu.image:CvtColorTensor",
+    "FusedPreprocessTensor": "trtserve.backends.gpu.image:FusedPreprocessTensor",
+    "TorchScriptTensor": "trtserve.backends.gpu.torchscript:TorchScriptTensor",
+}
+_registered: dict[str, type[Backend]] = {}
+_lock = threading.Lock()
+
+
+def register(name: str, cls: type[Backend]) -> type[Backend]:
+    """Register ``cls`` under ``name`` so expressions can use it.  Returns ``cls``."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"backend name {name!r} must be a Python identifier", name=repr(name))
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise ConfigError(
+            f"cannot register {cls!r} as {name!r}: backends must subclass trtserve.Backend",
+            name=name,
+        )
+    with _lock:
+        _registered[name] = cls
+    return cls
+
+
+def registered_names() -> list[str]:
+    with _lock:
+        return sorted(set(_BUILTIN) | set(_registered))
+
+
+def is_registered(name: str) -> bool:
+    with _lock:
+        return name in _registered or name in _BUILTIN
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The class registered as ``name``; an unknown name suggests the nearest one."""
+    with _lock:
+        cls = _registered.get(name)
+    if cls is not None:
+        return cls
+    target = _BUILTIN.get(name)
+    if target is None:
+        raise ConfigError(
+            f"unknown backend {name!r}{did_you_mean(name, registered_names())}; "
+            "register it with trtserve.register(name, cls) or ship it in the model's backend.py",
+            backend=name,
+        )
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def did_you_mean(word: str, candidates: list[str]) -> str:
+    lowered = {c.lower(): c for c in candidates}
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.5)
+    return f" (did you mean {lowered[close[0]]!r}?)" if close else ""
+
+
+def load_backend_file(path: Path) -> None:
+    """Execute a model folder's backend.py, which registers its backends as a side effect."""
+    module_name = f"trtserve_model_backend_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{path}: cannot be imported as a Python module", file=str(path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise ConfigError(
+            f"{path}: importing the model's backend.py failed: {type(exc).__name__}: {exc}",
+            file=str(path),
+        ) from exc
+
+
+def item_size(item: dict[str, Any]) -> int:
+    """How much of a node's ``max`` one item uses (TorchPipe's request_size).
+
+    A tensor (or a dict of tensors) counts its first dimension; anything else counts 1.
+    """
+    data = item.get("data")
+    if isinstance(data, dict):
+        data = next(iter(data.values()), None)
+    shape = getattr(data, "shape", None)
+    if shape and not isinstance(data, (bytes, bytearray)):
+        return max(int(shape[0]), 1)
+    return 1
+
+
+__all__ = [
+    "Backend",
+    "InvalidInputError",
+    "Key",
+    "TensorSpec",
+    "backend_class",
+    "item_size",
+    "load_backend_file",
+    "register",
+    "registered_names",
+]

@@ -1,0 +1,59 @@
+"""Sequential / S: run stages in order inside one instance.
+
+Between stages ``result`` becomes ``data``.  An item a stage leaves without ``result``
+leaves the chain (it ends with no result) while the others go on.  The range is the
+intersection of the stages' non-trivial ``[min, max]`` (a stage reporting [1, 1] accepts
+whatever it is given, one item at a time or a list).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..backend import Backend
+from ..errors import ConfigError
+
+
+class Sequential(Backend):
+    children_arity = None
+
+    def init(self, config, kwargs):
+        super().init(config, kwargs)
+        ranges = [(c.min(), c.max()) for c in self.children if (c.min(), c.max()) != (1, 1)]
+        self._lo = max((lo for lo, _ in ranges), default=1)
+        self._hi = min((hi for _, hi in ranges), default=1)
+        if self._lo > self._hi:
+            raise ConfigError(
+                f"Sequential stages have disjoint batch ranges {ranges}; make their [min, max] overlap",
+                ranges=[list(r) for r in ranges],
+            )
+
+    def max(self) -> int:
+        return self._hi
+
+    def min(self) -> int:
+        return self._lo
+
+    def forward(self, items: list[dict[str, Any]]) -> None:
+        live = items
+        last = len(self.children) - 1
+        for index, stage in enumerate(self.children):
+            stage.forward(live)
+            if index == last:
+                return
+            survivors = []
+            for item in live:
+                if "result" in item:
+                    item["data"] = item.pop("result")
+                    survivors.append(item)
+            live = survivors
+            if not live:
+                return
+
+    def request_size(self, item):
+        return self.children[0].request_size(item)
+
+    def io_spec(self):
+        first, last = self.children[0].io_spec(), self.children[-1].io_spec()
+        if first is None or last is None:
+            return None
+        return first[0], last[1]

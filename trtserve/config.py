@@ -1,0 +1,279 @@
+"""Model configuration: TOML (or a dict) in, a validated ModelConfig out.
+
+Two forms, as in TorchPipe:
+
+* one node: ``backend = "..."`` and the node's keys at the top level;
+* several nodes: one table per node, chained with ``next``; the entry node is the one no
+  other node points to.
+
+Model-level ``[[input]]`` / ``[[output]]`` tables declare tensors for validation and
+metadata.  Every error names the file, the key, the offending value and the fix.
+"""
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trtserve_client.wire import DTYPES
+
+from .backend import Key, TensorSpec, backend_class, did_you_mean
+from .errors import ConfigError
+from .expression import Expr, parse, resolve
+
+
+def _positive(value: Any) -> str | None:
+    return None if value >= 1 else "must be at least 1"
+
+
+def _non_negative(value: Any) -> str | None:
+    return None if value >= 0 and math.isfinite(value) else "must be a finite number >= 0"
+
+
+NODE_KEYS: dict[str, Key] = {
+    "backend": Key(str, None, "backend expression, e.g. S[DecodeMat,ResizeMat]"),
+    "instance_num": Key(int, 1, "parallel instances, each on its own thread", check=_positive),
+    "batching_timeout": Key((int, float), 0, "ms to wait for a batch to fill", check=_non_negative),
+    "max": Key(int, 1, "largest batch (sum of request sizes)", check=_positive),
+    "min": Key(int, 1, "smallest batch the backend accepts", check=_positive),
+    "model": Key(str, None, "model file, relative to the version folder"),
+    "next": Key(str, None, "name of the node that receives this node's results"),
+    "max_queue_size": Key(int, 0, "queued requests before QUEUE_FULL; 0 = unbounded", check=_non_negative),
+    "queue_timeout": Key((int, float), 0, "ms a request may wait in the queue; 0 = no limit", check=_non_negative),
+}
+MODEL_KEYS = {"input", "output"}
+TENSOR_KEYS = {"name", "dtype", "shape"}
+TENSOR_DTYPES = DTYPES + ("bytes",)
+
+
+@dataclass
+class NodeConfig:
+    name: str
+    expr: Expr
+    options: dict[str, Any]  # every key of the node, typed, defaults filled in
+
+    def __getattr__(self, key: str) -> Any:  # node.max, node.instance_num, ...
+        try:
+            return self.__dict__["options"][key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    nodes: list[NodeConfig]  # chain order: the entry node first
+    inputs: list[TensorSpec] | None = None
+    outputs: list[TensorSpec] | None = None
+    source: str = "<dict>"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def entry(self) -> NodeConfig:
+        return self.nodes[0]
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found", file=str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}; fix the syntax", file=str(path)) from None
+
+
+def load_config(
+    source: dict[str, Any] | str | Path,
+    *,
+    name: str | None = None,
+    model_dir: Path | None = None,
+) -> ModelConfig:
+    """Validate a config dict or TOML file.  ``model`` paths resolve against ``model_dir``."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        raw, where = read_toml(path), str(path)
+        model_dir = model_dir if model_dir is not None else path.parent
+        name = name or path.parent.name
+    elif isinstance(source, dict):
+        raw, where = source, "<config dict>"
+        model_dir = model_dir if model_dir is not None else Path.cwd()
+        name = name or "model"
+    else:
+        raise ConfigError(
+            f"config must be a dict or a path to a .toml file, got {type(source).__name__}",
+            received=type(source).__name__,
+        )
+    return _Validator(where, Path(model_dir)).model(raw, name)
+
+
+class _Validator:
+    def __init__(self, where: str, model_dir: Path) -> None:
+        self.where = where
+        self.model_dir = model_dir
+
+    def fail(self, message: str, **details: Any) -> ConfigError:
+        return ConfigError(f"{self.where}: {message}", file=self.where, **details)
+
+    # -- model level -------------------------------------------------------------------
+    def model(self, raw: dict[str, Any], name: str) -> ModelConfig:
+        if "backend" in raw:  # one node, keys at the top level
+            node_raw = {k: v for k, v in raw.items() if k not in MODEL_KEYS}
+            nodes = [self.node(name, node_raw, prefix="")]
+        else:
+            nodes = self.node_tables(raw)
+        return ModelConfig(
+            name=name,
+            nodes=self.chain(nodes),
+            inputs=self.tensors(raw.get("input"), "input"),
+            outputs=self.tensors(raw.get("output"), "output"),
+            source=self.where,
+            raw=raw,
+        )
+
+    def node_tables(self, raw: dict[str, Any]) -> list[NodeConfig]:
+        nodes = []
+        for key, value in raw.items():
+            if key in MODEL_KEYS:
+                continue
+            if not isinstance(value, dict):
+                hint = did_you_mean(key, list(NODE_KEYS) + sorted(MODEL_KEYS))
+                raise self.fail(
+                    f"unknown top-level key {key!r}{hint}; a config is either one node "
+                    "(with a top-level 'backend' key) or one [table] per node",
+                    key=key,
+                )
+            nodes.append(self.node(key, value, prefix=f"[{key}]."))
+        if not nodes:
+            raise self.fail("no 'backend' key and no node tables; add backend = \"Identity\" for example", key="backend")
+        return nodes
+
+    def chain(self, nodes: list[NodeConfig]) -> list[NodeConfig]:
+        by_name = {n.name: n for n in nodes}
+        targets = set()
+        for node in nodes:
+            if node.next is None:
+                continue
+            if node.next not in by_name:
+                raise self.fail(
+                    f"[{node.name}].next = {node.next!r} names no node{did_you_mean(node.next, list(by_name))}; "
+                    f"nodes are {sorted(by_name)}",
+                    key=f"{node.name}.next",
+                    value=node.next,
+                )
+            if node.next in targets:
+                raise self.fail(f"two nodes have next = {node.next!r}; pipelines are linear chains", key="next")
+            targets.add(node.next)
+        entries = [n for n in nodes if n.name not in targets]
+        if len(entries) != 1:
+            raise self.fail(
+                f"a pipeline needs exactly one entry node (one no 'next' points to), found "
+                f"{sorted(n.name for n in entries) or 'none (a cycle)'}; chain the nodes with next",
+                key="next",
+            )
+        ordered, seen, node = [], set(), entries[0]
+        while node is not None:
+            if node.name in seen:
+                raise self.fail(f"node {node.name!r} appears twice in the chain (a cycle)", key="next")
+            seen.add(node.name)
+            ordered.append(node)
+            node = by_name.get(node.next) if node.next else None
+        if len(ordered) != len(nodes):
+            loose = sorted(set(by_name) - seen)
+            raise self.fail(f"nodes {loose} are not reachable from the entry node {entries[0].name!r}", key="next")
+        return ordered
+
+    # -- node level --------------------------------------------------------------------
+    def node(self, name: str, raw: dict[str, Any], prefix: str) -> NodeConfig:
+        if "backend" not in raw:
+            raise self.fail(f"node {name!r} has no 'backend' key; add {prefix}backend = \"Identity\"", key=f"{prefix}backend")
+        expr = self.expression(raw["backend"], prefix)
+        spec = dict(NODE_KEYS)
+        for backend_name in expr.names():
+            spec.update(backend_class(backend_name).config_keys)
+        options = {}
+        for key, value in raw.items():
+            if key not in spec:
+                raise self.fail(
+                    f"unknown key {prefix}{key}{did_you_mean(key, list(spec))} for backend {raw['backend']!r}; "
+                    f"valid keys are {', '.join(sorted(spec))}",
+                    key=prefix + key,
+                )
+            options[key] = self.value(prefix + key, value, spec[key])
+        for key, k in spec.items():
+            options.setdefault(key, k.default)
+        if options["min"] > options["max"]:
+            raise self.fail(
+                f"{prefix}min = {options['min']} is larger than {prefix}max = {options['max']}; make min <= max",
+                key=prefix + "min",
+                value=options["min"],
+            )
+        if options["model"] is not None:
+            options["model"] = self.model_file(prefix, options["model"])
+        return NodeConfig(name=name, expr=expr, options=options)
+
+    def expression(self, text: Any, prefix: str) -> Expr:
+        if not isinstance(text, str):
+            raise self.fail(f"{prefix}backend must be a string such as \"S[DecodeMat,ResizeMat]\", got {text!r}", key=prefix + "backend")
+        expr = parse(text)
+        resolve(expr, f"{self.where}: {prefix}backend")
+        return expr
+
+    def value(self, key: str, value: Any, spec: Key) -> Any:
+        types = spec.type if isinstance(spec.type, tuple) else (spec.type,)
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+            raise self.fail(
+                f"{key} must be {wanted}, got {type(value).__name__} {value!r}",
+                key=key,
+                value=repr(value),
+            )
+        if spec.choices is not None and value not in spec.choices:
+            raise self.fail(f"{key} = {value!r} is not one of {list(spec.choices)}", key=key, value=repr(value))
+        problem = spec.check(value) if spec.check else None
+        if problem:
+            raise self.fail(f"{key} = {value!r} {problem}", key=key, value=repr(value))
+        return value
+
+    def model_file(self, prefix: str, relative: str) -> str:
+        path = (self.model_dir / relative).resolve()
+        if not path.is_file():
+            raise self.fail(
+                f"{prefix}model = {relative!r}: file {path} does not exist; put the model file there "
+                "or fix the key",
+                key=prefix + "model",
+                value=relative,
+            )
+        return str(path)
+
+    # -- declared tensors --------------------------------------------------------------
+    def tensors(self, raw: Any, kind: str) -> list[TensorSpec] | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+            raise self.fail(f"{kind} must be an array of tables: [[{kind}]] name = ... dtype = ... shape = [...]", key=kind)
+        specs = []
+        for i, table in enumerate(raw):
+            where = f"{kind}[{i}]"
+            for key in table:
+                if key not in TENSOR_KEYS:
+                    raise self.fail(f"unknown key {where}.{key}{did_you_mean(key, sorted(TENSOR_KEYS))}", key=f"{where}.{key}")
+            name, dtype, shape = table.get("name"), table.get("dtype"), table.get("shape", [-1])
+            if not isinstance(name, str) or not name:
+                raise self.fail(f"{where}.name must be a non-empty string, got {name!r}", key=f"{where}.name")
+            if dtype not in TENSOR_DTYPES:
+                raise self.fail(
+                    f"{where}.dtype = {dtype!r}{did_you_mean(str(dtype), list(TENSOR_DTYPES))}; "
+                    f"use one of {', '.join(TENSOR_DTYPES)}",
+                    key=f"{where}.dtype",
+                    value=repr(dtype),
+                )
+            if not isinstance(shape, list) or not all(type(d) is int and d >= -1 for d in shape):
+                raise self.fail(f"{where}.shape must be a list of integers (-1 = any), got {shape!r}", key=f"{where}.shape")
+            specs.append(TensorSpec(name, dtype, tuple(shape)))
+        return specs
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "an array"}

@@ -1,0 +1,76 @@
+"""``trtserve.pipe(config)``: a model pipeline in-process, thread-safe, as TorchPipe's tp.pipe."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from .backend import load_backend_file
+from .config import load_config
+from .errors import TrtserveError
+from .pipeline import Pipeline
+from .repository import latest_version_dir
+
+
+class Pipe:
+    """Callable pipeline: ``models(item)`` or ``models([items])`` fills ``result`` in place.
+
+    ``result`` is absent on an item that failed softly; errors are raised to the caller
+    (for a list, after every item has finished, the first error in list order).
+    """
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    def __call__(self, items: dict[str, Any] | list[dict[str, Any]]) -> None:
+        batch = [items] if isinstance(items, dict) else list(items)
+        errors: list[TrtserveError | None] = [None] * len(batch)
+        remaining = [len(batch)]
+        lock, done = threading.Lock(), threading.Event()
+
+        def on_done_for(index: int):
+            def on_done(_item, error):
+                errors[index] = error
+                with lock:
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        done.set()
+
+            return on_done
+
+        for index, item in enumerate(batch):
+            try:
+                self.pipeline.submit(item, on_done_for(index))
+            except TrtserveError as exc:
+                on_done_for(index)(item, exc)
+        if batch:
+            done.wait()
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+
+    def close(self) -> None:
+        self.pipeline.close()
+
+    def __enter__(self) -> "Pipe":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def pipe(config: dict[str, Any] | str | Path, **kwargs: Any) -> Pipe:
+    """Build and start a pipeline from a config dict or a ``config.toml`` path.
+
+    For a path inside a model repository folder, ``backend.py`` beside it is loaded first
+    and ``model`` files resolve against the latest numbered version folder.
+    """
+    model_dir = None
+    if isinstance(config, (str, Path)):
+        folder = Path(config).parent
+        if (folder / "backend.py").is_file():
+            load_backend_file(folder / "backend.py")
+        model_dir = latest_version_dir(folder) or folder
+    model_config = load_config(config, model_dir=model_dir)
+    pipeline = Pipeline(model_config, kwargs)
+    return Pipe(pipeline.start())

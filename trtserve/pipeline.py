@@ -1,0 +1,96 @@
+"""A model's nodes chained with ``next``, each with its own scheduler.
+
+The pipeline is callback-driven, so the sync ``pipe()`` and the asyncio server share it:
+``submit(item, on_done)`` returns at once and ``on_done(item, error)`` runs exactly once,
+on whichever thread finished the item.
+
+Item lifecycle: any stale ``result`` is removed on entry; between nodes ``result``
+becomes ``data``; at the end the caller's original ``data`` is put back, so an item
+comes out as it went in, plus ``result`` (absent when the item failed) and whatever keys
+backends added (``color``, say).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .backend import TensorSpec
+from .config import ModelConfig
+from .errors import TrtserveError
+from .scheduler import Request, Scheduler
+from .stats import ModelStats
+
+ItemCallback = Callable[[dict[str, Any], "TrtserveError | None"], None]
+_MISSING = object()
+
+
+class Pipeline:
+    def __init__(self, config: ModelConfig, kwargs: dict[str, Any] | None = None) -> None:
+        self.config = config
+        self.nodes = [Scheduler(node, dict(kwargs or {}, model=config.name)) for node in config.nodes]
+        self.stats = ModelStats()
+
+    def start(self) -> "Pipeline":
+        started = []
+        try:
+            for node in self.nodes:
+                node.start()
+                started.append(node)
+        except BaseException:
+            for node in started:
+                node.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Stop accepting work; work already running finishes; queued work fails."""
+        for node in self.nodes:
+            node.close()
+
+    @property
+    def max_batch(self) -> int:
+        return self.nodes[-1].max_size
+
+    def io_spec(self) -> tuple[list[TensorSpec] | None, list[TensorSpec] | None]:
+        """Declared tensors win; otherwise what the first and last backends report."""
+        first, last = self.nodes[0].backend.io_spec(), self.nodes[-1].backend.io_spec()
+        inputs = self.config.inputs or (first[0] if first else None)
+        outputs = self.config.outputs or (last[1] if last else None)
+        return inputs, outputs
+
+    def submit(self, item: dict[str, Any], on_done: ItemCallback, deadline: float | None = None) -> Request:
+        """Start ``item`` through the chain.  Raises (nothing queued) on bad input or a full queue.
+
+        ``deadline`` is a ``time.monotonic()`` value; the returned request may be cancelled.
+        """
+        item.pop("result", None)
+        original = item.get("data", _MISSING)
+
+        def finish(req: Request, error: TrtserveError | None) -> None:
+            if original is not _MISSING:
+                req.item["data"] = original
+            if error is not None:
+                req.item.pop("result", None)
+            self.stats.record(req.queue_ns, req.compute_ns, None if error is None else error.name)
+            on_done(req.item, error)
+
+        def advance(req: Request, error: TrtserveError | None) -> None:
+            position = req.context + 1
+            if error is not None or "result" not in req.item or position == len(self.nodes):
+                finish(req, error)
+                return
+            req.item["data"] = req.item.pop("result")
+            req.context = position
+            try:
+                self.nodes[position].submit(req)
+            except TrtserveError as exc:
+                finish(req, exc)
+
+        request = Request(item, advance, deadline=deadline, context=0)
+        try:
+            self.nodes[0].submit(request)
+        except TrtserveError as exc:
+            if original is not _MISSING:
+                item["data"] = original
+            self.stats.record(0, 0, exc.name)
+            raise
+        return request

@@ -1,0 +1,360 @@
+"""One scheduler per pipeline node: instance threads plus dynamic batching.
+
+Semantics (TorchPipe's, made precise):
+
+* Each of ``instance_num`` instances owns a thread; ``init`` and every ``forward`` of that
+  instance run on it.
+* A batch is formed only when an instance is free, so batches grow while instances are busy.
+  Among the free instances, the one whose ``[min, max]`` fits the queued work best is used:
+  the smallest ``max`` that holds all of it, else the largest ``max``.
+* A batch is dispatched when it fills the chosen instance's ``max``, when
+  ``batching_timeout`` ms have passed since its oldest request was queued, or at once when a
+  lone request arrives while no instance is busy (no latency penalty at low load).
+* A request counts ``backend.request_size(item)`` toward ``max`` (a tensor's first
+  dimension).  A request larger than every instance's ``max`` is refused at submit with
+  InvalidInputError; it is never split.
+* A batch never goes below an instance's ``min``; such requests wait for more work (or
+  until their own deadline).
+* An exception in ``forward`` fails every request of that batch with BackendError; a
+  request whose item has no ``result`` afterwards simply finishes without one.
+
+Dispatch decisions run inline on the thread that changed the state (the submitter or the
+instance that just finished), so a lone request costs one thread hand-off each way; a small
+timer thread only exists to honour ``batching_timeout`` and deadlines.
+"""
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+from .backend import Backend
+from .config import NodeConfig
+from .errors import (
+    BackendError,
+    DeadlineExceededError,
+    InvalidInputError,
+    ModelUnavailableError,
+    QueueFullError,
+    ShuttingDownError,
+    TrtserveError,
+)
+from .expression import instantiate
+from .stats import NodeStats
+
+DoneCallback = Callable[["Request", "TrtserveError | None"], None]
+
+
+class Request:
+    """One item travelling through a node; ``on_done`` is called exactly once."""
+
+    __slots__ = ("item", "size", "on_done", "enqueued", "deadline", "cancelled", "queue_ns", "compute_ns", "context")
+
+    def __init__(self, item: dict[str, Any], on_done: DoneCallback, deadline: float | None = None, context: Any = None):
+        self.item = item
+        self.size = 1
+        self.on_done = on_done
+        self.enqueued = 0.0
+        self.deadline = deadline  # time.monotonic() value, or None
+        self.cancelled = False  # set by a caller that gave up; the request is dropped unrun
+        self.queue_ns = 0
+        self.compute_ns = 0
+        self.context = context  # owner's bookkeeping (the pipeline's position, say)
+
+
+class _Instance:
+    def __init__(self, index: int, scheduler: "Scheduler") -> None:
+        self.index = index
+        self.scheduler = scheduler
+        self.inbox: queue.SimpleQueue[list[Request] | None] = queue.SimpleQueue()
+        self.backend: Backend | None = None
+        self.lo = self.hi = 1
+        self.busy = False
+        self.ready = threading.Event()
+        self.init_error: BaseException | None = None
+        self.thread = threading.Thread(
+            target=self._run, name=f"trtserve-{scheduler.node.name}-{index}", daemon=True
+        )
+
+    def _run(self) -> None:
+        node = self.scheduler.node
+        try:
+            backend = instantiate(node.expr, node.options)
+            backend.init(node.options, dict(self.scheduler.kwargs, instance_index=self.index))
+            self.lo, self.hi = int(backend.min()), int(backend.max())
+            if not 1 <= self.lo <= self.hi:
+                raise ModelUnavailableError(
+                    f"node {node.name!r}: backend {node.expr} reports min={self.lo} max={self.hi}; "
+                    "it needs 1 <= min <= max",
+                    node=node.name,
+                )
+            self.backend = backend
+        except BaseException as exc:  # reported to start(), which raises it to the loader
+            self.init_error = exc
+            self.ready.set()
+            return
+        self.ready.set()
+        try:
+            while (batch := self.inbox.get()) is not None:
+                self.scheduler._execute(self, batch)
+        finally:
+            backend.close()
+
+
+class Scheduler:
+    def __init__(self, node: NodeConfig, kwargs: dict[str, Any] | None = None) -> None:
+        self.node = node
+        self.kwargs = dict(kwargs or {}, node=node.name)
+        self.timeout_s = float(node.batching_timeout) / 1000.0
+        self.max_queue_size = int(node.max_queue_size)
+        self.queue_timeout_s = float(node.queue_timeout) / 1000.0
+        self.stats = NodeStats()
+        self._instances = [_Instance(i, self) for i in range(node.instance_num)]
+        self._queue: collections.deque[Request] = collections.deque()
+        self._queued_size = 0
+        self._busy = 0
+        self._lock = threading.Lock()
+        self._timer_wake = threading.Condition(self._lock)
+        self._wake_at: float | None = None
+        self._closed = False
+        self._timer = threading.Thread(target=self._timer_loop, name=f"trtserve-{node.name}-timer", daemon=True)
+        self.max_size = 1
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Start every instance and wait for their init; re-raise the first init failure."""
+        for inst in self._instances:
+            inst.thread.start()
+        for inst in self._instances:
+            inst.ready.wait()
+        failed = next((i.init_error for i in self._instances if i.init_error is not None), None)
+        if failed is not None:
+            self.close()
+            if isinstance(failed, TrtserveError):
+                raise failed
+            raise ModelUnavailableError(
+                f"node {self.node.name!r}: {self.node.expr} failed to initialise: {type(failed).__name__}: {failed}",
+                node=self.node.name,
+            ) from failed
+        self.max_size = max(i.hi for i in self._instances)
+        self._timer.start()
+
+    def close(self) -> None:
+        """Refuse new work, fail what is still queued, let running batches finish, join."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            leftovers = list(self._queue)
+            self._queue.clear()
+            self._queued_size = 0
+            self._timer_wake.notify_all()
+        error = ShuttingDownError(f"node {self.node.name!r} is shutting down", node=self.node.name)
+        for req in leftovers:
+            self._finish(req, error)
+        for inst in self._instances:
+            inst.inbox.put(None)
+        for inst in self._instances:
+            if inst.thread.is_alive() and inst.thread is not threading.current_thread():
+                inst.thread.join()
+        if self._timer.is_alive():
+            self._timer.join()
+
+    @property
+    def backend(self) -> Backend:
+        """An initialised instance's backend, for read-only questions (validate, io_spec)."""
+        backend = self._instances[0].backend
+        if backend is None:
+            raise ModelUnavailableError(f"node {self.node.name!r} is not started", node=self.node.name)
+        return backend
+
+    # -- submit ------------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        """Queue a request; raises at once (nothing queued) for bad input or a full queue."""
+        backend = self.backend
+        backend.validate(req.item)
+        req.size = backend.request_size(req.item) if self.max_size > 1 else 1
+        if req.size > self.max_size:
+            raise InvalidInputError(
+                f"node {self.node.name!r}: a request of size {req.size} exceeds the largest batch "
+                f"this node runs (max = {self.max_size}); send at most {self.max_size} rows per request",
+                node=self.node.name,
+                request_size=req.size,
+                max=self.max_size,
+            )
+        now = time.monotonic()
+        req.enqueued = now
+        if self.queue_timeout_s:
+            queue_deadline = now + self.queue_timeout_s
+            req.deadline = queue_deadline if req.deadline is None else min(req.deadline, queue_deadline)
+        with self._lock:
+            if self._closed:
+                raise ShuttingDownError(f"node {self.node.name!r} is shutting down", node=self.node.name)
+            if self.max_queue_size and len(self._queue) >= self.max_queue_size:
+                raise QueueFullError(
+                    f"node {self.node.name!r}: queue is full ({self.max_queue_size} requests waiting); "
+                    "retry later or raise max_queue_size",
+                    node=self.node.name,
+                    max_queue_size=self.max_queue_size,
+                )
+            self._queue.append(req)
+            self._queued_size += req.size
+            expired = self._dispatch(now)
+            if req.deadline is not None and self._queue:
+                self._timer_wake.notify()  # the timer fails it the moment its deadline passes
+        self._fail_expired(expired)
+
+    # -- batching (called with the lock held) ------------------------------------------
+    def _dispatch(self, now: float) -> list[Request]:
+        """Hand out every batch that is due; return requests whose deadline passed."""
+        expired = self._drop_dead_head(now)
+        while self._queue:
+            free = [i for i in self._instances if not i.busy]
+            if not free:
+                return expired
+            choice = self._best_fit(free)
+            if choice is None:  # below every free instance's min: wait for more work
+                return expired
+            inst, count, size = choice
+            oldest = self._queue[0].enqueued
+            due = (
+                size >= inst.hi
+                or (len(self._queue) == 1 and self._busy == 0)
+                or now >= oldest + self.timeout_s
+            )
+            if not due:
+                self._arm_timer(oldest + self.timeout_s)
+                return expired
+            batch = [self._queue.popleft() for _ in range(count)]
+            self._queued_size -= size
+            inst.busy = True
+            self._busy += 1
+            for req in batch:
+                req.queue_ns += int((now - req.enqueued) * 1e9)
+            inst.inbox.put(batch)
+            expired += self._drop_dead_head(now)
+        return expired
+
+    def _best_fit(self, free: list[_Instance]) -> tuple[_Instance, int, int] | None:
+        """The free instance that fits the queued work best, with its batch (count, size)."""
+        fits, largest = None, None
+        for inst in free:
+            count, size = self._take(inst.hi)
+            if count == 0 or size < inst.lo:
+                continue
+            if size == self._queued_size and (fits is None or inst.hi < fits[0].hi):
+                fits = (inst, count, size)
+            if largest is None or inst.hi > largest[0].hi:
+                largest = (inst, count, size)
+        return fits or largest
+
+    def _take(self, limit: int) -> tuple[int, int]:
+        count = size = 0
+        for req in self._queue:
+            if size + req.size > limit:
+                break
+            count += 1
+            size += req.size
+        return count, size
+
+    def _drop_dead_head(self, now: float) -> list[Request]:
+        """Remove cancelled and expired requests (anywhere in the queue)."""
+        if not any(r.cancelled or (r.deadline is not None and r.deadline <= now) for r in self._queue):
+            return []
+        keep, expired = collections.deque(), []
+        for req in self._queue:
+            if req.cancelled:
+                self._queued_size -= req.size
+            elif req.deadline is not None and req.deadline <= now:
+                self._queued_size -= req.size
+                expired.append(req)
+            else:
+                keep.append(req)
+        self._queue = keep
+        return expired
+
+    def _arm_timer(self, when: float) -> None:
+        if self._wake_at is None or when < self._wake_at:
+            self._wake_at = when
+            self._timer_wake.notify()
+
+    def _next_deadline(self) -> float | None:
+        deadlines = [r.deadline for r in self._queue if r.deadline is not None]
+        candidates = [t for t in (self._wake_at, min(deadlines, default=None)) if t is not None]
+        return min(candidates, default=None)
+
+    def _timer_loop(self) -> None:
+        with self._lock:
+            while not self._closed:
+                wake = self._next_deadline()
+                timeout = None if wake is None else max(wake - time.monotonic(), 0.0)
+                if timeout is None or timeout > 0:
+                    self._timer_wake.wait(timeout)
+                now = time.monotonic()
+                if self._wake_at is not None and now >= self._wake_at:
+                    self._wake_at = None
+                expired = self._dispatch(now)
+                if expired:
+                    self._lock.release()
+                    try:
+                        self._fail_expired(expired)
+                    finally:
+                        self._lock.acquire()
+
+    # -- execution (instance thread) ---------------------------------------------------
+    def _execute(self, inst: _Instance, batch: list[Request]) -> None:
+        items = [req.item for req in batch]
+        start = time.perf_counter_ns()
+        error: TrtserveError | None = None
+        try:
+            inst.backend.forward(items)
+        except TrtserveError as exc:
+            error = exc
+        except Exception as exc:
+            error = BackendError(
+                f"node {self.node.name!r}: {self.node.expr}.forward failed on a batch of {len(batch)}: "
+                f"{type(exc).__name__}: {exc}",
+                node=self.node.name,
+                exception=type(exc).__name__,
+                batch_size=len(batch),
+            )
+        elapsed = time.perf_counter_ns() - start
+        self.stats.record_batch(sum(r.size for r in batch), elapsed, failed=error is not None)
+        with self._lock:
+            inst.busy = False
+            self._busy -= 1
+            expired = self._dispatch(time.monotonic())
+        self._fail_expired(expired)
+        for req in batch:
+            req.compute_ns += elapsed
+            self._finish(req, error)
+
+    def _fail_expired(self, expired: list[Request]) -> None:
+        for req in expired:
+            self._finish(
+                req,
+                DeadlineExceededError(
+                    f"node {self.node.name!r}: request waited {(time.monotonic() - req.enqueued) * 1e3:.1f} ms "
+                    "in the queue and its deadline passed before it could run",
+                    node=self.node.name,
+                ),
+            )
+
+    def _finish(self, req: Request, error: TrtserveError | None) -> None:
+        try:
+            req.on_done(req, error)
+        except Exception:  # a broken callback must not kill the instance thread
+            import logging
+
+            logging.getLogger("trtserve.scheduler").exception("request callback failed")
+
+    # -- introspection -----------------------------------------------------------------
+    def queue_depth(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    def busy_instances(self) -> int:
+        with self._lock:
+            return self._busy
