@@ -1,0 +1,1 @@
+"""trtserve-bench: a load generator for trtserve in the spirit of perf_analyzer."""
