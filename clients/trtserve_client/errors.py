@@ -191,7 +191,10 @@ def error_from_wire(obj: Any) -> TrtserveError:
         return ProtocolError("malformed error object from peer", received=_wire_safe(obj))
     cls = error_class(obj["code"])
     details = obj.get("details")
-    err = cls(str(obj.get("message", "")), **(details if isinstance(details, dict) else {}))
+    err = cls(str(obj.get("message", "")))
+    # Set details after construction: a detail key named "message" must not clash with
+    # the constructor's positional argument.
+    err.details = {str(k): v for k, v in details.items()} if isinstance(details, dict) else {}
     if cls is TrtserveError:
         err.code = obj["code"]  # type: ignore[assignment]  # keep unknown future codes visible
     return err

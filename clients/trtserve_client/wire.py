@@ -7,6 +7,7 @@ data little-endian and C-ordered; raw byte inputs (a JPEG, say) travel as plain 
 """
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
@@ -49,6 +50,7 @@ DTYPES = (
     "float64",
 )
 _NUMPY_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}
+MAX_DIMS = 32  # numpy 1.x's limit; a peer must not be able to make reshape raise
 
 
 # --------------------------------------------------------------------------- framing
@@ -134,7 +136,9 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
         )
     if array.dtype.byteorder == ">" or not array.flags.c_contiguous:
         array = np.ascontiguousarray(array, dtype=_NUMPY_DTYPES[name])
-    return {"dtype": name, "shape": list(array.shape), "data": memoryview(array).cast("B")}
+    # memoryview.cast refuses shapes with a zero in them, and an empty tensor has no bytes.
+    data = memoryview(array).cast("B") if array.size else b""
+    return {"dtype": name, "shape": list(array.shape), "data": data}
 
 
 def decode_tensor(obj: Any, where: str = "tensor") -> np.ndarray:
@@ -148,16 +152,20 @@ def decode_tensor(obj: Any, where: str = "tensor") -> np.ndarray:
             where=where,
             dtype=repr(dtype),
         )
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
         raise InvalidInputError(
-            f"{where}: shape must be a list of non-negative integers, got {shape!r}",
+            f"{where}: shape must be a list of at most {MAX_DIMS} non-negative integers, got {shape!r}",
             where=where,
             shape=repr(shape),
         )
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidInputError(f"{where}: data must be msgpack bin, got {type(data).__name__}", where=where)
     np_dtype = _NUMPY_DTYPES[dtype]
-    expected = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    expected = math.prod(shape) * np_dtype.itemsize  # Python ints: huge dims cannot wrap to 0
     if expected != len(data):
         raise InvalidInputError(
             f"{where}: shape {shape} of {dtype} needs {expected} bytes but {len(data)} were sent",
