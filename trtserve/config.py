@@ -21,7 +21,7 @@ from trtserve_client.wire import DTYPES
 
 from .backend import Key, TensorSpec, backend_class, did_you_mean
 from .errors import ConfigError
-from .expression import Expr, parse, resolve
+from .expression import Expr, ExpressionError, parse, resolve
 
 
 def _positive(value: Any) -> str | None:
@@ -217,7 +217,10 @@ class _Validator:
     def expression(self, text: Any, prefix: str) -> Expr:
         if not isinstance(text, str):
             raise self.fail(f"{prefix}backend must be a string such as \"S[DecodeMat,ResizeMat]\", got {text!r}", key=prefix + "backend")
-        expr = parse(text)
+        try:
+            expr = parse(text)
+        except ExpressionError as exc:  # add the file and key the bare parser cannot know
+            raise ExpressionError(f"{self.where}: {prefix}backend: {exc.message}", file=self.where, key=prefix + "backend", **exc.details) from None
         resolve(expr, f"{self.where}: {prefix}backend")
         return expr
 

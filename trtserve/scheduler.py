@@ -221,6 +221,7 @@ class Scheduler:
             oldest = self._queue[0].enqueued
             due = (
                 size >= inst.hi
+                or count < len(self._queue)  # the next request does not fit: it cannot grow
                 or (len(self._queue) == 1 and self._busy == 0)
                 or now >= oldest + self.timeout_s
             )

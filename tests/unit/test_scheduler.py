@@ -1,0 +1,273 @@
+"""Scheduler semantics, gated by events: no test here depends on a sleep being long enough.
+
+A large batching_timeout (60 s) is used wherever a test must show that something happened
+*without* waiting: if the scheduler waited, the test would time out instead of passing.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import trtserve
+from trtserve.errors import (
+    BackendError,
+    DeadlineExceededError,
+    InvalidInputError,
+    QueueFullError,
+    ShuttingDownError,
+)
+
+FOREVER_MS = 60_000
+
+
+def submit(pipe, collector, key, data, **kw):
+    return pipe.pipeline.submit({"data": data}, collector.callback(key), **kw)
+
+
+def test_lone_item_is_sent_at_once_despite_a_long_timeout(make_pipe, probe):
+    models = make_pipe(max=8, batching_timeout=FOREVER_MS)
+    item = {"data": 1}
+    done = threading.Event()
+    threading.Thread(target=lambda: (models(item), done.set()), daemon=True).start()
+    assert done.wait(10), "a lone item waited for the batching timeout"
+    assert item["result"] == 1
+    assert probe.sizes() == [1]
+
+
+def test_batches_grow_while_the_instance_is_busy(make_pipe, probe, collector):
+    models = make_pipe(max=4, batching_timeout=FOREVER_MS)
+    probe.gate.clear()
+    submit(models, collector, 0, "A")
+    probe.wait_entered()  # A runs alone and holds the only instance
+    for key, data in enumerate("BCDEF", start=1):
+        submit(models, collector, key, data)
+    assert probe.sizes() == [1], "nothing may be dispatched while the instance is busy"
+    probe.gate.set()
+    collector.wait(0, 1, 2, 3, 4, 5)
+    # B..E fill max=4 and go at once; F is then a lone item with nothing running.
+    assert [batch for _, batch in probe.batches] == [["A"], ["B", "C", "D", "E"], ["F"]]
+
+
+def test_partial_batch_waits_for_fill_not_for_a_single_free_instance(make_pipe, probe, collector):
+    models = make_pipe(max=4, batching_timeout=FOREVER_MS)
+    probe.gate.clear()
+    submit(models, collector, 0, "A")
+    probe.wait_entered()
+    submit(models, collector, 1, "B")
+    submit(models, collector, 2, "C")
+    probe.gate.set()
+    collector.wait(0)  # the instance is free again and has decided about B, C
+    assert probe.sizes() == [1], "B and C must wait for the batch to fill or the timeout"
+    submit(models, collector, 3, "D")
+    submit(models, collector, 4, "E")
+    collector.wait(1, 2, 3, 4)
+    assert [batch for _, batch in probe.batches] == [["A"], ["B", "C", "D", "E"]]
+
+
+def test_timeout_sends_a_partial_batch(make_pipe, probe, collector):
+    models = make_pipe(max=8, batching_timeout=30)
+    probe.gate.clear()
+    submit(models, collector, 0, "A")
+    probe.wait_entered()
+    submit(models, collector, 1, "B")
+    submit(models, collector, 2, "C")
+    probe.gate.set()
+    collector.wait(1, 2)
+    assert [batch for _, batch in probe.batches] == [["A"], ["B", "C"]]
+
+
+def test_best_fit_prefers_the_smallest_max_that_holds_the_work(make_pipe, probe, collector):
+    probe.ranges = {0: (1, 8), 1: (1, 2)}
+    models = make_pipe(max=8, instance_num=2)
+    probe.gate.clear()
+    submit(models, collector, 0, np.zeros((1, 3)))
+    probe.wait_entered()
+    submit(models, collector, 1, np.zeros((5, 3)))  # only instance 0 holds 5 rows
+    probe.wait_entered()
+    probe.gate.set()
+    collector.wait(0, 1)
+    assert [(index, len(batch)) for index, batch in probe.batches] == [(1, 1), (0, 1)]
+
+
+def test_free_instances_are_chosen_by_tightest_fit_and_filled_to_their_max(make_pipe, probe, collector):
+    probe.ranges = {0: (1, 1), 1: (1, 4), 2: (1, 2)}
+    models = make_pipe(max=4, instance_num=3)
+    probe.gate.clear()
+    # One item at a time while the others are busy: tightest fit first (max 1, then 2, then 4).
+    for key in range(3):
+        submit(models, collector, key, f"busy{key}")
+        probe.wait_entered()
+    assert [index for index, _ in probe.batches] == [0, 2, 1]
+    for key in range(3, 12):
+        submit(models, collector, key, key)
+    probe.gate.set()
+    collector.wait(*range(12))
+    later = probe.batches[3:]
+    assert sum(len(batch) for _, batch in later) == 9
+    assert all(len(batch) <= probe.ranges[index][1] for index, batch in probe.batches)
+
+
+def test_rows_count_toward_max(make_pipe, probe, collector):
+    models = make_pipe(max=4, batching_timeout=FOREVER_MS)
+    probe.gate.clear()
+    submit(models, collector, 0, np.zeros((1, 2)))
+    probe.wait_entered()
+    submit(models, collector, 1, np.zeros((3, 2)))
+    submit(models, collector, 2, np.zeros((2, 2)))  # 3 + 2 > 4: cannot join the first
+    submit(models, collector, 3, np.zeros((1, 2)))
+    submit(models, collector, 4, np.zeros((1, 2)))
+    probe.gate.set()
+    collector.wait(0, 1, 2, 3, 4)
+    rows = [[d.shape[0] for d in batch] for _, batch in probe.batches]
+    # [3] goes alone because [2] cannot join it; then 2 + 1 + 1 fills max exactly.
+    assert rows == [[1], [3], [2, 1, 1]]
+
+
+def test_request_larger_than_max_is_refused_at_submit(make_pipe, probe):
+    models = make_pipe(max=4)
+    with pytest.raises(InvalidInputError) as info:
+        models({"data": np.zeros((5, 2))})
+    assert info.value.details["request_size"] == 5 and info.value.details["max"] == 4
+    assert "at most 4 rows" in info.value.message
+    item = {"data": np.zeros((4, 2))}
+    models(item)
+    assert item["result"].shape == (4, 2) and probe.sizes() == [1]
+
+
+def test_an_exception_fails_every_item_of_its_batch_and_the_node_goes_on(make_pipe, probe, collector):
+    models = make_pipe(max=4, batching_timeout=FOREVER_MS)
+    probe.gate.clear()
+    submit(models, collector, 0, "first")
+    probe.wait_entered()
+    for key, data in enumerate(["ok", "raise", "ok2", "ok3"], start=1):
+        submit(models, collector, key, data)
+    probe.gate.set()
+    collector.wait(0, 1, 2, 3, 4)
+    for key in (1, 2, 3, 4):
+        item, error = collector.done[key]
+        assert isinstance(error, BackendError) and "result" not in item
+        assert "probe asked to fail" in error.message
+    item = {"data": "after"}
+    models(item)
+    assert item["result"] == "after"
+
+
+def test_missing_result_fails_only_that_item(make_pipe, probe):
+    models = make_pipe(max=4)
+    items = [{"data": "a"}, {"data": "skip"}, {"data": "c"}]
+    models(items)
+    assert [it.get("result") for it in items] == ["a", None, "c"]
+    assert "result" not in items[1]
+
+
+def test_error_in_a_list_call_is_raised_after_all_items_finish(make_pipe, probe):
+    models = make_pipe(max=1)
+    items = [{"data": "a"}, {"data": "raise"}, {"data": "c"}]
+    with pytest.raises(BackendError):
+        models(items)
+    assert items[0]["result"] == "a" and items[2]["result"] == "c" and "result" not in items[1]
+
+
+def test_init_and_forward_run_on_the_instance_thread(make_pipe, probe):
+    models = make_pipe(max=1, instance_num=3)
+    probe.gate.clear()
+    threads = [threading.Thread(target=models, args=({"data": i},)) for i in range(3)]
+    for t in threads:
+        t.start()
+    probe.wait_entered(3)  # all three instances busy at once
+    probe.gate.set()
+    for t in threads:
+        t.join(10)
+    assert {i for i, _ in probe.batches} == {0, 1, 2}
+    for index, idents in probe.forward_threads.items():
+        assert idents == {probe.init_threads[index]}
+    assert len(set(probe.init_threads.values())) == 3
+
+
+def test_queue_full_is_raised_at_submit(make_pipe, probe, collector):
+    models = make_pipe(max=1, max_queue_size=1)
+    probe.gate.clear()
+    submit(models, collector, 0, "running")
+    probe.wait_entered()
+    submit(models, collector, 1, "queued")
+    with pytest.raises(QueueFullError) as info:
+        submit(models, collector, 2, "refused")
+    assert info.value.details["max_queue_size"] == 1
+    probe.gate.set()
+    collector.wait(0, 1)
+    assert 2 not in collector.done
+
+
+def test_queue_timeout_fires_while_the_instance_is_still_busy(make_pipe, probe, collector):
+    models = make_pipe(max=1, queue_timeout=50)
+    probe.gate.clear()
+    submit(models, collector, 0, "running")
+    probe.wait_entered()
+    submit(models, collector, 1, "waits too long")
+    collector.wait(1, timeout=10)  # answered before the gate opens
+    assert isinstance(collector.done[1][1], DeadlineExceededError)
+    probe.gate.set()
+    collector.wait(0)
+    assert probe.sizes() == [1]
+
+
+def test_cancelled_requests_are_dropped_unrun(make_pipe, probe, collector):
+    models = make_pipe(max=4, batching_timeout=FOREVER_MS)
+    probe.gate.clear()
+    submit(models, collector, 0, "running")
+    probe.wait_entered()
+    dropped = submit(models, collector, 1, "cancelled")
+    dropped.cancelled = True
+    submit(models, collector, 2, "kept")
+    probe.gate.set()
+    collector.wait(0, 2)
+    assert [batch for _, batch in probe.batches] == [["running"], ["kept"]]
+    assert 1 not in collector.done
+
+
+def test_close_fails_queued_requests_and_refuses_new_ones(probe, collector):
+    models = trtserve.pipe({"backend": "Probe", "probe": probe.key, "max": 1})
+    probe.gate.clear()
+    submit(models, collector, 0, "running")
+    probe.wait_entered()
+    submit(models, collector, 1, "queued")
+    closer = threading.Thread(target=models.close)
+    closer.start()
+    collector.wait(1)
+    assert isinstance(collector.done[1][1], ShuttingDownError)
+    probe.gate.set()
+    closer.join(10)
+    assert collector.done[0][0]["result"] == "running"  # in-flight work finished
+    with pytest.raises(ShuttingDownError):
+        models({"data": "late"})
+
+
+def test_pipe_is_safe_from_many_threads(make_pipe, probe):
+    models = make_pipe(max=8, instance_num=2, batching_timeout=1)
+    results, errors = {}, []
+
+    def worker(tid):
+        try:
+            for i in range(50):
+                if i % 2:
+                    item = {"data": (tid, i)}
+                    models(item)
+                    results[(tid, i)] = item["result"]
+                else:
+                    items = [{"data": (tid, i, j)} for j in range(3)]
+                    models(items)
+                    for it in items:
+                        results[it["data"]] = it["result"]
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert len(results) == 16 * (25 + 25 * 3)
+    assert all(key == value for key, value in results.items())
