@@ -1,6 +1,28 @@
-"""trtserve's client library: needs only msgpack and numpy."""
-from .errors import *  # noqa: F401,F403
-from .errors import ErrorCode, TrtserveError
-from .wire import PROTOCOL_VERSION
+"""trtserve's client library: needs only msgpack and numpy.
 
-__all__ = ["ErrorCode", "PROTOCOL_VERSION", "TrtserveError"]
+    from trtserve_client import Client
+    with Client("127.0.0.1", 8765) as client:
+        outputs = client.infer("tensor_mlp", batch)   # {"output": ndarray}
+
+``Client`` (blocking, thread-safe) wraps ``AsyncClient`` (asyncio); both pipeline many
+requests per connection over a pool of connections and raise the typed errors below,
+chosen by the wire error code.  docs/PROTOCOL.md specifies the wire format.
+"""
+from .aio import DEFAULT_HOST, DEFAULT_PORT, AsyncClient
+from .client import Client
+from .connection import Connection
+from .errors import *  # noqa: F401,F403
+from .errors import __all__ as _error_names
+from .wire import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
+
+__version__ = "0.1.0"
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "Connection",
+    "DEFAULT_HOST",
+    "DEFAULT_MAX_FRAME",
+    "DEFAULT_PORT",
+    "PROTOCOL_VERSION",
+    *_error_names,
+]

@@ -1,0 +1,247 @@
+"""AsyncClient: the asyncio client, a pool of pipelined connections.
+
+    async with AsyncClient("127.0.0.1", 8765, connections=4) as client:
+        outputs = await client.infer("tensor_mlp", np.zeros((1, 16), np.float32))
+
+Every operation of the protocol (docs/PROTOCOL.md) is one method.  Errors are the typed
+classes of :mod:`trtserve_client.errors`, chosen by the wire code.  The sync
+:class:`~trtserve_client.client.Client` runs this very class on a private event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any, Iterable, Mapping, Union
+
+import numpy as np
+
+from .connection import DEFAULT_CONNECT_TIMEOUT, Connection
+from .errors import InvalidArgumentError, InvalidInputError, ProtocolError, TrtserveError
+from .wire import DEFAULT_MAX_FRAME, decode_tensors, encode_tensors
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+#: Name used for a lone input when the model declares no inputs (the server then accepts any).
+ANONYMOUS_INPUT = "input"
+STRATEGIES = ("least_in_flight", "round_robin")
+
+Value = Union[np.ndarray, bytes]
+Inputs = Union[Mapping[str, Any], np.ndarray, bytes, bytearray, memoryview]
+
+
+class AsyncClient:
+    """A pool of ``connections`` pipelined connections to one server.
+
+    ``strategy`` picks the connection for each request: ``"least_in_flight"`` (default;
+    ties broken round-robin) or ``"round_robin"``.  ``timeout`` is the default per-request
+    timeout in seconds (None: wait as long as the server takes).  Connections open on first
+    use and reopen on the next call after a drop, so a client outlives server restarts.
+    """
+
+    def __init__(
+        self,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        *,
+        connections: int = 1,
+        strategy: str = "least_in_flight",
+        timeout: float | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        max_frame: int = DEFAULT_MAX_FRAME,
+    ) -> None:
+        if not isinstance(connections, int) or connections < 1:
+            raise InvalidArgumentError(f"connections must be an integer >= 1, got {connections!r}", connections=repr(connections))
+        if strategy not in STRATEGIES:
+            raise InvalidArgumentError(f"strategy must be one of {STRATEGIES}, got {strategy!r}", strategy=repr(strategy))
+        _check_timeout(timeout)
+        self.host, self.port = host, int(port)
+        self.strategy = strategy
+        self.timeout = timeout
+        self._pool = [
+            Connection(host, port, max_frame=max_frame, connect_timeout=connect_timeout) for _ in range(connections)
+        ]
+        self._turn = itertools.count()
+        self._input_names: dict[tuple[str, int | None], str] = {}
+
+    # -- pool --------------------------------------------------------------------------
+    @property
+    def connections(self) -> list[Connection]:
+        return list(self._pool)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(c.in_flight for c in self._pool)
+
+    def _pick(self) -> Connection:
+        start = next(self._turn) % len(self._pool)
+        if self.strategy == "round_robin":
+            return self._pool[start]
+        rotated = self._pool[start:] + self._pool[:start]  # rotation spreads ties evenly
+        return min(rotated, key=lambda c: c.in_flight)
+
+    async def request(self, op: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        """Send any operation with raw wire fields; returns the ``result`` map as received.
+
+        The escape hatch under the typed methods (e.g. an infer with an explicit
+        ``timeout_ms`` for the server but no client-side timeout).
+        """
+        timeout = self._timeout(timeout)
+        return await self._pick().request(op, fields, timeout)
+
+    # -- health and metadata -----------------------------------------------------------
+    async def live(self, timeout: float | None = None) -> bool:
+        """True when the server process is up and answering."""
+        return bool((await self.request("live", timeout))["live"])
+
+    async def ready(self, model: str | None = None, version: int | None = None, timeout: float | None = None) -> bool:
+        """Server readiness, or, given ``model``, whether that model (version) can serve."""
+        fields = _optional(model=model, version=version)
+        return bool((await self.request("ready", timeout, **fields))["ready"])
+
+    async def server_metadata(self, timeout: float | None = None) -> dict[str, Any]:
+        """``{"name", "version", "protocol", "operations", "max_frame", ...}``."""
+        return await self.request("server_metadata", timeout)
+
+    async def model_metadata(self, model: str, version: int | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """``{"name", "versions", "inputs", "outputs", "max_batch_size", "nodes"}``."""
+        return await self.request("model_metadata", timeout, model=_model(model), **_optional(version=version))
+
+    async def model_config(self, model: str, timeout: float | None = None) -> dict[str, Any]:
+        """``{"name", "source", "config"}``: the model's configuration as the server parsed it."""
+        return await self.request("model_config", timeout, model=_model(model))
+
+    async def repository_index(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """One row per model on disk or loaded: name, version, versions_on_disk, state, reason."""
+        return (await self.request("repository_index", timeout))["models"]
+
+    async def statistics(self, model: str | None = None, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Per-model counters (all loaded models, or only ``model``)."""
+        fields = _optional(model=None if model is None else _model(model))
+        return (await self.request("statistics", timeout, **fields))["models"]
+
+    # -- repository control ------------------------------------------------------------
+    async def load(self, model: str, timeout: float | None = None) -> dict[str, Any]:
+        """Load (or reload) a model's latest version; ``{"name", "version", "state"}``."""
+        self._forget(model)
+        return await self.request("load", timeout, model=_model(model))
+
+    async def unload(self, model: str, timeout: float | None = None) -> dict[str, Any]:
+        """Unload a model; ``{"name", "state": "UNLOADED"}``."""
+        self._forget(model)
+        return await self.request("unload", timeout, model=_model(model))
+
+    # -- inference ---------------------------------------------------------------------
+    async def infer(
+        self,
+        model: str,
+        inputs: Inputs,
+        version: int | None = None,
+        outputs: Iterable[str] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Value]:
+        """Run ``model`` on ``inputs`` and return ``{output name: ndarray or bytes}``.
+
+        ``inputs`` is a dict name -> array/bytes, or one array/bytes for a one-input model
+        (its name is looked up once in the model's metadata and cached).  Arrays carry
+        their batch dimension.  ``outputs`` selects output names.  ``timeout`` (seconds)
+        bounds the whole call and is also sent as ``timeout_ms`` so the server drops the
+        request instead of computing an answer nobody waits for.  Returned arrays are
+        read-only views over the received bytes (no copy); ``.copy()`` one to modify it.
+        """
+        model = _model(model)
+        timeout = self._timeout(timeout)
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        fields: dict[str, Any] = {"model": model, "inputs": encode_tensors(await self._named(model, version, inputs, timeout))}
+        fields.update(_optional(version=version, outputs=None if outputs is None else _names(outputs)))
+        remaining = _remaining(deadline)
+        if remaining is not None:
+            fields["timeout_ms"] = remaining * 1000.0
+        result = await self._pick().request("infer", fields, remaining)
+        return _decode_outputs(result)
+
+    async def _named(self, model: str, version: int | None, inputs: Inputs, timeout: float | None) -> Mapping[str, Any]:
+        if isinstance(inputs, Mapping):
+            return inputs
+        name = self._input_names.get((model, version))
+        if name is None:
+            name = _sole_input(await self.model_metadata(model, version, timeout))
+            self._input_names[(model, version)] = name
+        return {name: inputs}
+
+    def _forget(self, model: str) -> None:
+        # A (re)load may change the model's inputs; look its input name up again next time.
+        for key in [k for k in self._input_names if k[0] == model]:
+            del self._input_names[key]
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        _check_timeout(timeout)
+        return self.timeout if timeout is None else timeout
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def close(self) -> None:
+        """Close every connection; requests still pending fail with ConnectionFailedError."""
+        await asyncio.gather(*(c.close() for c in self._pool))
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.host!r}, {self.port}, connections={len(self._pool)}, strategy={self.strategy!r})"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+        raise InvalidArgumentError(f"timeout must be a number of seconds > 0 or None, got {timeout!r}", timeout=repr(timeout))
+
+
+def _remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    # Never 0: the server refuses timeout_ms <= 0, and an expired call still deserves its
+    # typed DeadlineExceededError from the client's own timer.
+    return max(deadline - asyncio.get_running_loop().time(), 1e-3)
+
+
+def _model(model: Any) -> str:
+    if not isinstance(model, str) or not model:
+        raise InvalidArgumentError(f"model must be a non-empty string, got {model!r}", field="model")
+    return model
+
+
+def _names(outputs: Iterable[str]) -> list[str]:
+    names = [outputs] if isinstance(outputs, str) else list(outputs)
+    if not all(isinstance(n, str) for n in names):
+        raise InvalidArgumentError(f"outputs must be output names (strings), got {names!r}", field="outputs")
+    return names
+
+
+def _optional(**fields: Any) -> dict[str, Any]:
+    """Optional wire fields are omitted, never sent as nil."""
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _sole_input(metadata: dict[str, Any]) -> str:
+    declared = [spec.get("name") for spec in metadata.get("inputs") or []]
+    if not declared:
+        return ANONYMOUS_INPUT
+    if len(declared) == 1 and isinstance(declared[0], str):
+        return declared[0]
+    raise InvalidInputError(
+        f"model {metadata.get('name')!r} has inputs {declared}; pass a dict name -> value instead of a single value",
+        model=metadata.get("name"),
+        expected=declared,
+    )
+
+
+def _decode_outputs(result: dict[str, Any]) -> dict[str, Value]:
+    try:
+        return decode_tensors(result.get("outputs"), "outputs")
+    except TrtserveError as exc:
+        # Our own request was fine; a tensor the server sent cannot be decoded.
+        raise ProtocolError(f"the server sent malformed outputs: {exc.message}", **exc.details) from None

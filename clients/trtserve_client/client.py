@@ -1,0 +1,108 @@
+"""Client: the blocking client, a thin wrapper over :class:`AsyncClient`.
+
+    with Client("127.0.0.1", 8765) as client:
+        outputs = client.infer("tensor_mlp", np.zeros((1, 16), np.float32))
+
+There is no second implementation of the protocol here: each method submits the
+AsyncClient coroutine of the same name to a private event loop running on its own daemon
+thread (``asyncio.run_coroutine_threadsafe``) and waits for it.  So the client is
+thread-safe, and requests from many threads pipeline over the same pooled connections.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import threading
+import weakref
+from typing import Any, Awaitable, Callable, TypeVar
+
+from .aio import AsyncClient
+from .errors import ConnectionFailedError
+
+T = TypeVar("T")
+_CLOSE_WAIT_S = 5.0  # closing sockets is quick; never hang interpreter exit on it
+
+
+def _blocking(coroutine_function: Callable[..., Awaitable[T]]) -> Callable[..., T]:
+    """The AsyncClient method of the same name, run to completion on the client's loop."""
+
+    @functools.wraps(coroutine_function)
+    def method(self: "Client", *args: Any, **kwargs: Any) -> T:
+        return self._run(coroutine_function(self._async, *args, **kwargs))
+
+    return method
+
+
+class Client:
+    """Blocking, thread-safe client; takes AsyncClient's arguments (host, port, connections,
+    strategy, timeout, connect_timeout, max_frame).  Use as a context manager or call close()."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._async = AsyncClient(*args, **kwargs)  # validates arguments before a thread starts
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="trtserve-client-loop", daemon=True)
+        self._thread.start()
+        # Runs on close() or when the client is garbage-collected / at interpreter exit.
+        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._thread, self._async)
+
+    def _run(self, coroutine: Awaitable[T]) -> T:
+        if not self._finalizer.alive:
+            coroutine.close()  # type: ignore[attr-defined]  # never awaited: silence the warning
+            raise ConnectionFailedError("this Client is closed; create a new one", address=self.address)
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)  # type: ignore[arg-type]
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # e.g. KeyboardInterrupt in the caller: stop waiting on the loop too
+            raise
+
+    @property
+    def address(self) -> str:
+        return f"{self._async.host}:{self._async.port}"
+
+    @property
+    def in_flight(self) -> int:
+        return self._async.in_flight
+
+    request = _blocking(AsyncClient.request)
+    live = _blocking(AsyncClient.live)
+    ready = _blocking(AsyncClient.ready)
+    server_metadata = _blocking(AsyncClient.server_metadata)
+    model_metadata = _blocking(AsyncClient.model_metadata)
+    model_config = _blocking(AsyncClient.model_config)
+    repository_index = _blocking(AsyncClient.repository_index)
+    statistics = _blocking(AsyncClient.statistics)
+    load = _blocking(AsyncClient.load)
+    unload = _blocking(AsyncClient.unload)
+    infer = _blocking(AsyncClient.infer)
+
+    def close(self) -> None:
+        """Close the connections and stop the loop thread.  Idempotent."""
+        self._finalizer()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "open" if self._finalizer.alive else "closed"
+        return f"Client({self._async.host!r}, {self._async.port}, connections={len(self._async.connections)}, {state})"
+
+
+def _shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread, client: AsyncClient) -> None:
+    # Holds no reference to the Client itself, so weakref.finalize can run it at collection.
+    if threading.current_thread() is thread:  # collected on the loop thread: cannot block here
+        loop.create_task(client.close()).add_done_callback(lambda _: loop.stop())
+        return
+    if loop.is_running():
+        try:
+            asyncio.run_coroutine_threadsafe(client.close(), loop).result(_CLOSE_WAIT_S)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            pass  # sockets are closed by the OS when the process goes; do not hang on them
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(_CLOSE_WAIT_S)
+    if not loop.is_running():
+        loop.close()
