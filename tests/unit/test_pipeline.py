@@ -1,0 +1,167 @@
+"""Sequential stages, multi-node pipelines, item lifecycle and model-folder backend.py."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import trtserve
+from trtserve.errors import BackendError, ConfigError
+
+
+class AddOne(trtserve.Backend):
+    def forward(self, items):
+        for item in items:
+            item["result"] = item["data"] + 1
+
+
+class DropOdd(trtserve.Backend):
+    """Leaves no result for odd numbers: they must leave the chain."""
+
+    seen: list = []
+
+    def forward(self, items):
+        DropOdd.seen.extend(item["data"] for item in items)
+        for item in items:
+            if item["data"] % 2 == 0:
+                item["result"] = item["data"]
+
+
+class Ranged(trtserve.Backend):
+    config_keys = {"lo": trtserve.Key(int, 1), "hi": trtserve.Key(int, 1)}
+
+    def min(self):
+        return self.config["lo"]
+
+    def max(self):
+        return self.config["hi"]
+
+    def forward(self, items):
+        for item in items:
+            item["result"] = item["data"]
+
+
+class Mark(trtserve.Backend):
+    """Adds a side key, as DecodeMat adds 'color'."""
+
+    def forward(self, items):
+        for item in items:
+            item["marked"] = True
+            item["result"] = item["data"] * 10
+
+
+for cls in (AddOne, DropOdd, Ranged, Mark):
+    trtserve.register(cls.__name__, cls)
+
+
+def test_sequential_moves_result_to_data_between_stages():
+    with trtserve.pipe({"backend": "S[AddOne,AddOne,AddOne]"}) as models:
+        item = {"data": 1}
+        models(item)
+        assert item == {"data": 1, "result": 4}
+
+
+def test_item_without_result_leaves_the_chain_while_others_go_on():
+    DropOdd.seen = []
+    with trtserve.pipe({"backend": "S[AddOne,DropOdd,AddOne]", "max": 4}) as models:
+        items = [{"data": i} for i in range(4)]
+        models(items)
+    assert [it.get("result") for it in items] == [None, 3, None, 5]
+    assert sorted(DropOdd.seen) == [1, 2, 3, 4]
+
+
+def test_sequential_range_is_the_intersection_of_non_trivial_ranges():
+    models = trtserve.pipe({"backend": "S[Identity,Ranged]", "hi": 6, "lo": 2, "max": 1})
+    node = models.pipeline.nodes[0]
+    backend = node.backend
+    assert (backend.min(), backend.max()) == (2, 6)
+    models.close()
+    with pytest.raises(ConfigError, match="disjoint batch ranges"):
+        # Identity follows the node's max (8); Ranged says [9, 12]: no overlap.
+        trtserve.pipe({"backend": "S[Identity,Ranged]", "max": 8, "lo": 9, "hi": 12})
+
+
+def test_multi_node_pipeline_batches_in_the_model_node():
+    config = {
+        "pre": {"backend": "S[AddOne,Mark]", "instance_num": 4, "next": "model"},
+        "model": {"backend": "AddOne", "max": 8, "batching_timeout": 5},
+    }
+    with trtserve.pipe(config) as models:
+        assert [n.node.name for n in models.pipeline.nodes] == ["pre", "model"]
+        results = {}
+
+        def worker(base):
+            for i in range(40):
+                item = {"data": np.array([base + i])}
+                models(item)
+                results[base + i] = (item["result"][0], item["marked"], item["data"][0])
+
+        threads = [threading.Thread(target=worker, args=(t * 1000,)) for t in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        stats = models.pipeline.nodes[1].stats.snapshot()
+    assert len(results) == 320
+    assert all(res == ((key + 1) * 10 + 1, True, key) for key, res in results.items())
+    assert max(int(size) for size in stats["batch_sizes"]) > 1, stats
+
+
+def test_stale_result_is_removed_and_original_data_restored():
+    with trtserve.pipe({"backend": "S[AddOne,DropOdd]"}) as models:
+        item = {"data": 2, "result": "stale"}
+        models(item)
+        assert item == {"data": 2}
+
+
+def test_error_in_a_later_node_reaches_the_caller():
+    class Boom(trtserve.Backend):
+        def forward(self, items):
+            raise ValueError("late failure")
+
+    trtserve.register("Boom", Boom)
+    config = {"a": {"backend": "AddOne", "next": "b"}, "b": {"backend": "Boom"}}
+    with trtserve.pipe(config) as models:
+        item = {"data": 1}
+        with pytest.raises(BackendError, match="late failure"):
+            models(item)
+        assert item == {"data": 1}
+        stats = models.pipeline.stats.snapshot()
+    assert stats["failure_by_reason"] == {"BACKEND_ERROR": 1}
+
+
+def test_init_failure_is_a_typed_load_error():
+    class BadInit(trtserve.Backend):
+        def init(self, config, kwargs):
+            raise OSError("device missing")
+
+    trtserve.register("BadInit", BadInit)
+    with pytest.raises(trtserve.ModelUnavailableError, match="BadInit failed to initialise: OSError: device missing"):
+        trtserve.pipe({"backend": "BadInit", "instance_num": 2})
+
+
+def test_model_folder_backend_py_registers_its_backends(tmp_path):
+    folder = tmp_path / "custom"
+    (folder / "1").mkdir(parents=True)
+    (folder / "backend.py").write_text(
+        "import trtserve\n"
+        "class Double(trtserve.Backend):\n"
+        "    def forward(self, items):\n"
+        "        for item in items:\n"
+        "            item['result'] = item['data'] * 2\n"
+        "trtserve.register('FolderDouble', Double)\n"
+    )
+    (folder / "config.toml").write_text('backend = "FolderDouble"\n')
+    with trtserve.pipe(folder / "config.toml") as models:
+        item = {"data": 21}
+        models(item)
+        assert item["result"] == 42
+
+
+def test_broken_backend_py_is_a_config_error_naming_the_file(tmp_path):
+    (tmp_path / "backend.py").write_text("raise ImportError('needs a package')\n")
+    (tmp_path / "config.toml").write_text('backend = "Identity"\n')
+    with pytest.raises(ConfigError) as info:
+        trtserve.pipe(tmp_path / "config.toml")
+    assert str(tmp_path / "backend.py") in info.value.message and "needs a package" in info.value.message
