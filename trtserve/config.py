@@ -42,6 +42,8 @@ NODE_KEYS: dict[str, Key] = {
     "next": Key(str, None, "name of the node that receives this node's results"),
     "max_queue_size": Key(int, 0, "queued requests before QUEUE_FULL; 0 = unbounded", check=_non_negative),
     "queue_timeout": Key((int, float), 0, "ms a request may wait in the queue; 0 = no limit", check=_non_negative),
+    "priority_levels": Key(int, 1, "number of priority levels; 1 is the highest", check=_positive),
+    "default_priority": Key(int, 0, "level for requests without a priority; 0 = the lowest", check=_non_negative),
 }
 MODEL_KEYS = {"input", "output"}
 TENSOR_KEYS = {"name", "dtype", "shape"}
@@ -209,6 +211,13 @@ class _Validator:
                 f"{prefix}min = {options['min']} is larger than {prefix}max = {options['max']}; make min <= max",
                 key=prefix + "min",
                 value=options["min"],
+            )
+        if options["default_priority"] > options["priority_levels"]:
+            raise self.fail(
+                f"{prefix}default_priority = {options['default_priority']} exceeds {prefix}priority_levels = "
+                f"{options['priority_levels']}; use a level between 1 and priority_levels (0 = the lowest)",
+                key=prefix + "default_priority",
+                value=options["default_priority"],
             )
         if options["model"] is not None:
             options["model"] = self.model_file(prefix, options["model"])

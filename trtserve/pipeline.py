@@ -41,10 +41,14 @@ class Pipeline:
             raise
         return self
 
-    def close(self) -> None:
-        """Stop accepting work; work already running finishes; queued work fails."""
+    def close(self, drain: bool = False) -> None:
+        """Stop accepting work; running work finishes; queued work fails, or runs if ``drain``.
+
+        Draining goes node by node from the entry, so every item an upstream node finishes
+        is still accepted downstream before that node closes in turn.
+        """
         for node in self.nodes:
-            node.close()
+            node.close(drain=drain)
 
     @property
     def max_batch(self) -> int:
@@ -57,10 +61,13 @@ class Pipeline:
         outputs = self.config.outputs or (last[1] if last else None)
         return inputs, outputs
 
-    def submit(self, item: dict[str, Any], on_done: ItemCallback, deadline: float | None = None) -> Request:
+    def submit(
+        self, item: dict[str, Any], on_done: ItemCallback, deadline: float | None = None, priority: int = 0
+    ) -> Request:
         """Start ``item`` through the chain.  Raises (nothing queued) on bad input or a full queue.
 
         ``deadline`` is a ``time.monotonic()`` value; the returned request may be cancelled.
+        ``priority`` applies at the entry node (1 = highest, 0 = default).
         """
         item.pop("result", None)
         original = item.get("data", _MISSING)
@@ -80,12 +87,13 @@ class Pipeline:
                 return
             req.item["data"] = req.item.pop("result")
             req.context = position
+            req.priority = 0  # downstream nodes use their own default level
             try:
                 self.nodes[position].submit(req)
             except TrtserveError as exc:
                 finish(req, exc)
 
-        request = Request(item, advance, deadline=deadline, context=0)
+        request = Request(item, advance, deadline=deadline, context=0, priority=priority)
         try:
             self.nodes[0].submit(request)
         except TrtserveError as exc:

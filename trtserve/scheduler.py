@@ -24,7 +24,6 @@ timer thread only exists to honour ``batching_timeout`` and deadlines.
 """
 from __future__ import annotations
 
-import collections
 import queue
 import threading
 import time
@@ -35,6 +34,7 @@ from .config import NodeConfig
 from .errors import (
     BackendError,
     DeadlineExceededError,
+    InvalidArgumentError,
     InvalidInputError,
     ModelUnavailableError,
     QueueFullError,
@@ -42,6 +42,7 @@ from .errors import (
     TrtserveError,
 )
 from .expression import instantiate
+from .queues import PriorityQueue
 from .stats import NodeStats
 
 DoneCallback = Callable[["Request", "TrtserveError | None"], None]
@@ -50,10 +51,20 @@ DoneCallback = Callable[["Request", "TrtserveError | None"], None]
 class Request:
     """One item travelling through a node; ``on_done`` is called exactly once."""
 
-    __slots__ = ("item", "size", "on_done", "enqueued", "deadline", "cancelled", "queue_ns", "compute_ns", "context")
+    __slots__ = (
+        "item", "size", "on_done", "enqueued", "deadline", "cancelled", "queue_ns", "compute_ns", "context", "priority"
+    )
 
-    def __init__(self, item: dict[str, Any], on_done: DoneCallback, deadline: float | None = None, context: Any = None):
+    def __init__(
+        self,
+        item: dict[str, Any],
+        on_done: DoneCallback,
+        deadline: float | None = None,
+        context: Any = None,
+        priority: int = 0,
+    ):
         self.item = item
+        self.priority = priority  # 1 = highest; 0 = the node's default level
         self.size = 1
         self.on_done = on_done
         self.enqueued = 0.0
@@ -112,13 +123,17 @@ class Scheduler:
         self.queue_timeout_s = float(node.queue_timeout) / 1000.0
         self.stats = NodeStats()
         self._instances = [_Instance(i, self) for i in range(node.instance_num)]
-        self._queue: collections.deque[Request] = collections.deque()
+        self.priority_levels = int(node.priority_levels)
+        self.default_priority = int(node.default_priority) or self.priority_levels
+        self._queue = PriorityQueue(self.priority_levels)
         self._queued_size = 0
         self._busy = 0
         self._lock = threading.Lock()
         self._timer_wake = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)
         self._wake_at: float | None = None
         self._closed = False
+        self._timer_stop = False
         self._timer = threading.Thread(target=self._timer_loop, name=f"trtserve-{node.name}-timer", daemon=True)
         self.max_size = 1
 
@@ -141,15 +156,23 @@ class Scheduler:
         self.max_size = max(i.hi for i in self._instances)
         self._timer.start()
 
-    def close(self) -> None:
-        """Refuse new work, fail what is still queued, let running batches finish, join."""
+    def close(self, drain: bool = False) -> None:
+        """Refuse new work and stop the instances once running batches finish.
+
+        With ``drain`` every queued request still runs first (a hot reload lets the old
+        version finish what it accepted); without it, queued requests fail with
+        ShuttingDownError.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            leftovers = list(self._queue)
-            self._queue.clear()
+            if drain:
+                self._timer_wake.notify_all()  # partial batches are due now: nothing more will come
+                self._idle.wait_for(lambda: not self._queue and self._busy == 0)
+            leftovers = self._queue.clear()
             self._queued_size = 0
+            self._timer_stop = True
             self._timer_wake.notify_all()
         error = ShuttingDownError(f"node {self.node.name!r} is shutting down", node=self.node.name)
         for req in leftovers:
@@ -184,6 +207,7 @@ class Scheduler:
                 request_size=req.size,
                 max=self.max_size,
             )
+        req.priority = self._priority(req.priority)
         now = time.monotonic()
         req.enqueued = now
         if self.queue_timeout_s:
@@ -218,11 +242,12 @@ class Scheduler:
             if choice is None:  # below every free instance's min: wait for more work
                 return expired
             inst, count, size = choice
-            oldest = self._queue[0].enqueued
+            oldest = self._queue.oldest_enqueued()
             due = (
                 size >= inst.hi
                 or count < len(self._queue)  # the next request does not fit: it cannot grow
                 or (len(self._queue) == 1 and self._busy == 0)
+                or self._closed  # draining: no more work will arrive to fill the batch
                 or now >= oldest + self.timeout_s
             )
             if not due:
@@ -261,20 +286,10 @@ class Scheduler:
         return count, size
 
     def _drop_dead_head(self, now: float) -> list[Request]:
-        """Remove cancelled and expired requests (anywhere in the queue)."""
-        if not any(r.cancelled or (r.deadline is not None and r.deadline <= now) for r in self._queue):
-            return []
-        keep, expired = collections.deque(), []
-        for req in self._queue:
-            if req.cancelled:
-                self._queued_size -= req.size
-            elif req.deadline is not None and req.deadline <= now:
-                self._queued_size -= req.size
-                expired.append(req)
-            else:
-                keep.append(req)
-        self._queue = keep
-        return expired
+        """Remove cancelled and expired requests (anywhere in the queue); return the expired."""
+        removed = self._queue.remove_if(lambda r: r.cancelled or (r.deadline is not None and r.deadline <= now))
+        self._queued_size -= sum(r.size for r in removed)
+        return [r for r in removed if not r.cancelled]
 
     def _arm_timer(self, when: float) -> None:
         if self._wake_at is None or when < self._wake_at:
@@ -288,7 +303,7 @@ class Scheduler:
 
     def _timer_loop(self) -> None:
         with self._lock:
-            while not self._closed:
+            while not self._timer_stop:
                 wake = self._next_deadline()
                 timeout = None if wake is None else max(wake - time.monotonic(), 0.0)
                 if timeout is None or timeout > 0:
@@ -327,10 +342,23 @@ class Scheduler:
             inst.busy = False
             self._busy -= 1
             expired = self._dispatch(time.monotonic())
+            if self._busy == 0 and not self._queue:
+                self._idle.notify_all()
         self._fail_expired(expired)
         for req in batch:
             req.compute_ns += elapsed
             self._finish(req, error)
+
+    def _priority(self, priority: int) -> int:
+        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= self.priority_levels:
+            raise InvalidArgumentError(
+                f"node {self.node.name!r}: priority {priority!r} is out of range; use 1 (highest) to "
+                f"{self.priority_levels} (lowest), or 0 for the default level {self.default_priority}",
+                node=self.node.name,
+                priority=repr(priority),
+                priority_levels=self.priority_levels,
+            )
+        return priority or self.default_priority
 
     def _fail_expired(self, expired: list[Request]) -> None:
         for req in expired:

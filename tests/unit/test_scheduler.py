@@ -271,3 +271,54 @@ def test_pipe_is_safe_from_many_threads(make_pipe, probe):
     assert not errors
     assert len(results) == 16 * (25 + 25 * 3)
     assert all(key == value for key, value in results.items())
+
+
+def test_higher_priority_is_served_first(make_pipe, probe, collector):
+    models = make_pipe(max=1, priority_levels=3)
+    probe.gate.clear()
+    submit(models, collector, 0, "running")
+    probe.wait_entered()
+    for key, (data, priority) in enumerate([("low", 3), ("default", 0), ("high", 1), ("mid", 2)], start=1):
+        submit(models, collector, key, data, priority=priority)
+    probe.gate.set()
+    collector.wait(0, 1, 2, 3, 4)
+    # FIFO within a level; the default level is the lowest (3).
+    assert [batch[0] for _, batch in probe.batches] == ["running", "high", "mid", "low", "default"]
+
+
+@pytest.mark.parametrize("priority", [4, -1, "1", True])
+def test_priority_out_of_range_is_refused(make_pipe, probe, collector, priority):
+    models = make_pipe(priority_levels=3)
+    with pytest.raises(trtserve.InvalidArgumentError, match="priority .* is out of range"):
+        submit(models, collector, 0, "x", priority=priority)
+
+
+def test_drain_runs_queued_work_before_closing(probe, collector):
+    models = trtserve.pipe({"backend": "Probe", "probe": probe.key, "max": 1})
+    probe.gate.clear()
+    submit(models, collector, 0, "running")
+    probe.wait_entered()
+    submit(models, collector, 1, "queued")
+    closer = threading.Thread(target=models.pipeline.close, kwargs={"drain": True})
+    closer.start()
+    probe.gate.set()
+    closer.join(10)
+    assert not closer.is_alive()
+    assert [collector.done[k][0].get("result") for k in (0, 1)] == ["running", "queued"]
+    with pytest.raises(ShuttingDownError):
+        models({"data": "late"})
+
+
+def test_drain_sends_partial_batches_without_waiting_for_the_timeout(probe, collector):
+    models = trtserve.pipe({"backend": "Probe", "probe": probe.key, "max": 4, "batching_timeout": FOREVER_MS})
+    probe.gate.clear()
+    submit(models, collector, 0, "running")
+    probe.wait_entered()
+    submit(models, collector, 1, "a")
+    submit(models, collector, 2, "b")
+    closer = threading.Thread(target=models.pipeline.close, kwargs={"drain": True})
+    closer.start()
+    probe.gate.set()
+    closer.join(10)
+    assert not closer.is_alive(), "drain waited for the batching timeout"
+    assert [batch for _, batch in probe.batches] == [["running"], ["a", "b"]]
