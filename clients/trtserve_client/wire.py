@@ -135,7 +135,8 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
             dtype=str(array.dtype),
         )
     if array.dtype.byteorder == ">" or not array.flags.c_contiguous:
-        array = np.ascontiguousarray(array, dtype=_NUMPY_DTYPES[name])
+        # astype, not ascontiguousarray: the latter turns a 0-d array into shape (1,).
+        array = array.astype(_NUMPY_DTYPES[name], order="C")
     # memoryview.cast refuses shapes with a zero in them, and an empty tensor has no bytes.
     data = memoryview(array).cast("B") if array.size else b""
     return {"dtype": name, "shape": list(array.shape), "data": data}
