@@ -32,6 +32,10 @@ Inputs = Union[Mapping[str, Any], np.ndarray, bytes, bytearray, memoryview]
 class AsyncClient:
     """A pool of ``connections`` pipelined connections to one server.
 
+    Each method is one protocol operation and returns that operation's ``result`` map as
+    docs/PROTOCOL.md defines it, except ``live``/``ready`` (a bool) and ``infer`` (the
+    decoded outputs).  Failures raise the typed errors of :mod:`trtserve_client.errors`.
+
     ``strategy`` picks the connection for each request: ``"least_in_flight"`` (default;
     ties broken round-robin) or ``"round_robin"``.  ``timeout`` is the default per-request
     timeout in seconds (None: wait as long as the server takes).  Connections open on first
@@ -79,6 +83,11 @@ class AsyncClient:
         rotated = self._pool[start:] + self._pool[:start]  # rotation spreads ties evenly
         return min(rotated, key=lambda c: c.in_flight)
 
+    async def connect(self) -> None:
+        """Open every pooled connection now (they otherwise open on first use), so that an
+        unreachable server fails here with ConnectionFailedError."""
+        await asyncio.gather(*(c.connect() for c in self._pool))
+
     async def request(self, op: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
         """Send any operation with raw wire fields; returns the ``result`` map as received.
 
@@ -110,14 +119,16 @@ class AsyncClient:
         """``{"name", "source", "config"}``: the model's configuration as the server parsed it."""
         return await self.request("model_config", timeout, model=_model(model))
 
-    async def repository_index(self, timeout: float | None = None) -> list[dict[str, Any]]:
-        """One row per model on disk or loaded: name, version, versions_on_disk, state, reason."""
-        return (await self.request("repository_index", timeout))["models"]
+    async def repository_index(self, timeout: float | None = None) -> dict[str, Any]:
+        """``{"models": [{"name", "version", "versions_on_disk", "state", "reason"}]}``:
+        every model on disk or loaded."""
+        return await self.request("repository_index", timeout)
 
-    async def statistics(self, model: str | None = None, timeout: float | None = None) -> list[dict[str, Any]]:
-        """Per-model counters (all loaded models, or only ``model``)."""
+    async def statistics(self, model: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """``{"models": [{"name", "version", "success_count", ...}]}``: every loaded model,
+        or only ``model``."""
         fields = _optional(model=None if model is None else _model(model))
-        return (await self.request("statistics", timeout, **fields))["models"]
+        return await self.request("statistics", timeout, **fields)
 
     # -- repository control ------------------------------------------------------------
     async def load(self, model: str, timeout: float | None = None) -> dict[str, Any]:

@@ -65,6 +65,7 @@ class Client:
     def in_flight(self) -> int:
         return self._async.in_flight
 
+    connect = _blocking(AsyncClient.connect)
     request = _blocking(AsyncClient.request)
     live = _blocking(AsyncClient.live)
     ready = _blocking(AsyncClient.ready)

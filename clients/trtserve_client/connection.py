@@ -120,6 +120,12 @@ class Connection:
         p = self._protocol
         return p is not None and p.transport is not None and not p.transport.is_closing()
 
+    async def connect(self) -> None:
+        """Open the connection now instead of on the first request."""
+        if self._closed:
+            raise ConnectionFailedError(f"connection to {self.address} is closed", address=self.address)
+        await self._ensure_connected()
+
     # -- requests ----------------------------------------------------------------------
     async def request(self, op: str, fields: dict[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
         """Send ``{"v", "id", "op", **fields}`` and return the response's ``result``."""
