@@ -1,0 +1,182 @@
+"""The server: load the repository, listen, serve, shut down gracefully.
+
+Shutdown (``stop``, or SIGINT/SIGTERM under ``serve_forever``):
+
+1. stop accepting connections; ``ready`` turns false; new infer/load/unload requests on
+   open connections get SHUTTING_DOWN (cheap queries are still answered);
+2. wait up to ``grace_s`` for every request in flight to be answered;
+3. answer whatever is still in flight with SHUTTING_DOWN, flush and close every connection;
+4. close the models (queued work fails, running batches finish, instance threads join).
+
+A second signal skips the rest of the grace period.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from trtserve_client.wire import DEFAULT_MAX_FRAME
+
+from ..errors import ConfigError, ShuttingDownError
+from ..repository import ModelRepository, ModelState
+from .handlers import Dispatcher
+from .protocol import ConnectionTracker, ServerProtocol
+
+log = logging.getLogger("trtserve.server")
+
+DEFAULT_MAX_IN_FLIGHT = 128  # per connection; enough to keep a batched model busy from one client
+DEFAULT_GRACE_S = 30.0  # as Triton's --exit-timeout-secs
+CLOSE_TIMEOUT_S = 5.0  # flushing answers to peers that stopped reading, after which they are cut
+CONTROL_WORKERS = 2  # threads for load/unload (backend inits block)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if type(value) is not int or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}", key=name, value=repr(value))
+    return value
+
+
+class Server:
+    """``Server(repository, host, port, ...)``; ``await start()``, then ``serve_forever()`` or
+    ``stop()``.  ``repository`` is a ModelRepository or a path to one; port 0 picks a free port
+    (read it from ``.port`` after start)."""
+
+    def __init__(
+        self,
+        repository: ModelRepository | str | Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_in_flight_per_connection: int = DEFAULT_MAX_IN_FLIGHT,
+        allow_model_control: bool = False,
+        grace_s: float = DEFAULT_GRACE_S,
+    ) -> None:
+        self.repository = repository if isinstance(repository, ModelRepository) else ModelRepository(repository)
+        self.host = host
+        self.port = port
+        self.max_frame = _positive_int("max_frame", max_frame)
+        self.max_in_flight = _positive_int("max_in_flight_per_connection", max_in_flight_per_connection)
+        self.allow_model_control = bool(allow_model_control)
+        self.grace_s = float(grace_s)
+        self.tracker = ConnectionTracker(self.max_frame, self.max_in_flight)
+        self.dispatcher: Dispatcher | None = None
+        self._listener: asyncio.AbstractServer | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._stop_requested = asyncio.Event()  # binds to a loop on first use (3.10+)
+        self._stopping: asyncio.Future | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    # -- start -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load every model (failures become UNAVAILABLE with their reason), then listen."""
+        from .. import __version__
+
+        loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(CONTROL_WORKERS, thread_name_prefix="trtserve-control")
+        await loop.run_in_executor(self._executor, self.repository.load_all)
+        self._log_models()
+        self.dispatcher = Dispatcher(
+            self.repository,
+            loop=loop,
+            executor=self._executor,
+            max_frame=self.max_frame,
+            allow_model_control=self.allow_model_control,
+            version=__version__,
+        )
+        dispatch, tracker = self.dispatcher.dispatch, self.tracker
+        try:
+            self._listener = await loop.create_server(
+                lambda: ServerProtocol(dispatch, tracker), self.host, self.port, reuse_address=True
+            )
+        except BaseException:
+            await loop.run_in_executor(None, self._close_models)
+            raise
+        self.port = self._listener.sockets[0].getsockname()[1]
+        self.dispatcher.ready = True
+        log.info("listening on %s:%d", self.host, self.port)
+
+    def _log_models(self) -> None:
+        rows = self.repository.index()  # the repository already logged each failure's reason
+        ready = [r["name"] for r in rows if r["state"] == ModelState.READY.value]
+        other = [f"{r['name']} ({r['state']})" for r in rows if r["state"] != ModelState.READY.value]
+        log.info("models READY: %s; not ready: %s", ", ".join(ready) or "none", ", ".join(other) or "none")
+
+    # -- run -----------------------------------------------------------------------------
+    async def serve_forever(self) -> None:
+        """Serve until SIGINT/SIGTERM (or ``request_stop()``), then shut down gracefully."""
+        if self._listener is None:
+            await self.start()
+        loop = asyncio.get_running_loop()
+        installed = self._install_signal_handlers(loop)
+        try:
+            await self._stop_requested.wait()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    def request_stop(self) -> None:
+        """Ask serve_forever to shut down; a second request skips the grace period."""
+        if self._stop_requested.is_set():
+            log.warning("second stop request: answering what is still in flight with SHUTTING_DOWN")
+            self.tracker.force_idle()
+        self._stop_requested.set()
+
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> list[int]:
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self._on_signal, sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                continue  # not the main thread (an embedded server): the owner stops it
+            installed.append(sig)
+        return installed
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("%s received: shutting down (grace %.0f s)", signal.Signals(sig).name, self.grace_s)
+        self.request_stop()
+
+    # -- stop ----------------------------------------------------------------------------
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let requests in flight finish (up to ``grace_s``), close models."""
+        if self._stopping is not None:
+            await asyncio.shield(self._stopping)
+            return
+        self._stopping = asyncio.get_running_loop().create_future()
+        try:
+            await self._shut_down(self.grace_s if grace_s is None else grace_s)
+        finally:
+            self._stopping.set_result(None)
+
+    async def _shut_down(self, grace_s: float) -> None:
+        self._stop_requested.set()  # a serve_forever in progress returns
+        if self.dispatcher is not None:
+            self.dispatcher.ready = False
+            self.dispatcher.draining = True
+        if self._listener is not None:
+            self._listener.close()
+        tracker = self.tracker
+        if not await tracker.wait_idle(grace_s):
+            log.warning("grace period over: answering %d request(s) still in flight with SHUTTING_DOWN", tracker.in_flight)
+        error = ShuttingDownError("the server shut down before this request was answered; retry on another server")
+        for conn in list(tracker.connections):
+            conn.shut_down(error)
+        if not await tracker.wait_disconnected(CLOSE_TIMEOUT_S):
+            for conn in list(tracker.connections):
+                conn.abort()  # peers that stopped reading: their answers cannot be delivered
+        if self._listener is not None:
+            await self._listener.wait_closed()
+        await asyncio.get_running_loop().run_in_executor(None, self._close_models)
+        log.info("stopped")
+
+    def _close_models(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)  # a load in progress finishes before models close
+        self.repository.close()

@@ -1,0 +1,205 @@
+"""The operation table: the envelope check, then one short function per operation.
+
+A handler returns either the result map (answered at once, on the loop thread) or a
+pending call with ``future`` and ``cancel()`` (answered when the future resolves).  Every
+refusal is a typed TrtserveError whose message names the field, the value and the fix.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+from concurrent.futures import Executor
+from typing import Any, Callable
+
+from trtserve_client.wire import OPERATIONS, PROTOCOL_VERSION
+
+from ..backend import did_you_mean
+from ..errors import (
+    InvalidArgumentError,
+    ModelUnavailableError,
+    PermissionDeniedError,
+    ShuttingDownError,
+    TrtserveError,
+    UnknownOperationError,
+    UnsupportedProtocolError,
+)
+from ..repository import ModelRepository
+from .infer import InferHandler, optional_version, require_model
+
+# Operations that start work; refused once the server is draining for shutdown.
+_WORK_OPS = frozenset({"infer", "load", "unload"})
+
+
+class Deferred:
+    """A blocking operation running in the control executor (load, unload)."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future) -> None:
+        self.future = future
+
+    def cancel(self) -> None:
+        self.future.cancel()  # the load itself goes on; only its answer is dropped
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        executor: Executor,
+        max_frame: int,
+        allow_model_control: bool,
+        version: str,
+    ) -> None:
+        self.repository = repository
+        self.loop = loop
+        self.executor = executor
+        self.max_frame = max_frame
+        self.allow_model_control = allow_model_control
+        self.version = version
+        self.ready = False  # serving: set once listening, cleared when draining starts
+        self.draining = False
+        self._ops: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "infer": InferHandler(repository, loop),
+            "live": self.live,
+            "ready": self.ready_op,
+            "server_metadata": self.server_metadata,
+            "model_metadata": self.model_metadata,
+            "model_config": self.model_config,
+            "repository_index": self.repository_index,
+            "statistics": self.statistics,
+            "load": self.load,
+            "unload": self.unload,
+        }
+        assert set(self._ops) == set(OPERATIONS), "the table must cover wire.OPERATIONS exactly"
+
+    def dispatch(self, message: dict[str, Any]) -> Any:
+        v = message.get("v")
+        if type(v) is not int or v != PROTOCOL_VERSION:
+            raise self._bad_version(v)
+        op = message.get("op")
+        handler = self._ops.get(op)  # type: ignore[arg-type]
+        if handler is None:
+            raise self._bad_op(op)
+        if self.draining and op in _WORK_OPS:
+            raise ShuttingDownError(
+                f"the server is shutting down and accepts no new {op!r} requests; retry on another server",
+                operation=op,
+            )
+        return handler(message)
+
+    @staticmethod
+    def _bad_version(v: Any) -> TrtserveError:
+        if type(v) is not int:
+            return InvalidArgumentError(
+                f"field 'v' (protocol version) must be the integer {PROTOCOL_VERSION}, got {type(v).__name__} {v!r}",
+                field="v",
+                value=repr(v),
+            )
+        return UnsupportedProtocolError(
+            f"protocol version {v} is not supported; this server speaks version {PROTOCOL_VERSION}",
+            version=v,
+            supported=[PROTOCOL_VERSION],
+        )
+
+    @staticmethod
+    def _bad_op(op: Any) -> TrtserveError:
+        if type(op) is not str:
+            return InvalidArgumentError(
+                f"field 'op' must be a string naming the operation, got {type(op).__name__} {op!r}; "
+                f"operations are {list(OPERATIONS)}",
+                field="op",
+                value=repr(op),
+            )
+        return UnknownOperationError(
+            f"unknown operation {op!r}{did_you_mean(op, list(OPERATIONS))}; operations are {list(OPERATIONS)}",
+            operation=op,
+            operations=list(OPERATIONS),
+        )
+
+    # -- health and metadata -----------------------------------------------------------
+    def live(self, message: dict[str, Any]) -> dict[str, Any]:
+        return {"live": True}
+
+    def ready_op(self, message: dict[str, Any]) -> dict[str, Any]:
+        name = message.get("model")
+        if name is None:
+            return {"ready": self.ready and not self.draining}
+        name = require_model(message)
+        version = optional_version(message)
+        try:
+            self.repository.get(name, version)
+        except ModelUnavailableError:
+            return {"ready": False}
+        return {"ready": not self.draining}
+
+    def server_metadata(self, message: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "name": "trtserve",
+            "version": self.version,
+            "protocol": PROTOCOL_VERSION,
+            "operations": list(OPERATIONS),
+            "max_frame": self.max_frame,
+        }
+
+    def model_metadata(self, message: dict[str, Any]) -> dict[str, Any]:
+        return self.repository.get(require_model(message), optional_version(message)).metadata()
+
+    def model_config(self, message: dict[str, Any]) -> dict[str, Any]:
+        model = self.repository.get(require_model(message))
+        return {"name": model.name, "source": model.config.source, "config": _plain(model.config.raw)}
+
+    def repository_index(self, message: dict[str, Any]) -> dict[str, Any]:
+        return {"models": self.repository.index()}
+
+    def statistics(self, message: dict[str, Any]) -> dict[str, Any]:
+        if message.get("model") is not None:
+            return {"models": [self.repository.get(require_model(message)).statistics()]}
+        models = []
+        for name in self.repository.loaded():
+            try:
+                models.append(self.repository.get(name).statistics())
+            except TrtserveError:
+                continue  # unloaded between the listing and the read
+        return {"models": models}
+
+    # -- model control -----------------------------------------------------------------
+    def load(self, message: dict[str, Any]) -> Deferred:
+        name = self._controlled(message, "load")
+
+        def run() -> dict[str, Any]:
+            model = self.repository.load(name)
+            return {"name": model.name, "version": model.version, "state": "READY"}
+
+        return Deferred(self.loop.run_in_executor(self.executor, run))
+
+    def unload(self, message: dict[str, Any]) -> Deferred:
+        name = self._controlled(message, "unload")
+
+        def run() -> dict[str, Any]:
+            self.repository.unload(name)
+            return {"name": name, "state": "UNLOADED"}
+
+        return Deferred(self.loop.run_in_executor(self.executor, run))
+
+    def _controlled(self, message: dict[str, Any], op: str) -> str:
+        if not self.allow_model_control:
+            raise PermissionDeniedError(
+                f"operation {op!r} is disabled on this server; start it with --allow-model-control "
+                "(Server(allow_model_control=True)) to let clients load and unload models",
+                operation=op,
+            )
+        return require_model(message)
+
+
+def _plain(value: Any) -> Any:
+    """TOML as parsed, reduced to msgpack types (TOML dates and times become ISO strings)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    return value

@@ -1,0 +1,273 @@
+"""The infer operation: wire inputs to an item, the item through the model, outputs back.
+
+There is one core: the model's callback pipeline.  ``InferCall.on_done`` runs on whichever
+scheduler thread finished the item and hands the item to the event loop with
+``loop.call_soon_threadsafe``, where the outputs are encoded and the call's asyncio future
+resolved.  No thread pool hop, no per-request task.
+
+``timeout_ms`` becomes both the scheduler deadline (a queued request is failed by the
+scheduler's timer and never runs) and a loop timer (the client gets DEADLINE_EXCEEDED on
+time even when the item is already running; its late result is dropped).
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any
+
+import numpy as np
+from trtserve_client.wire import decode_value, encode_value
+
+from ..backend import TensorSpec
+from ..errors import (
+    BackendError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    InvalidInputError,
+    NoResultError,
+    TrtserveError,
+)
+from ..repository import LoadedModel, ModelRepository
+from ..scheduler import Request
+
+DEFAULT_OUTPUT = "output"  # the output's name when a model declares none
+
+
+# --------------------------------------------------------------------------- fields
+
+
+def require_model(message: dict[str, Any]) -> str:
+    name = message.get("model")
+    if type(name) is not str or not name:
+        raise InvalidArgumentError(
+            f"field 'model' must be a non-empty string naming the model, got {type(name).__name__} {name!r}",
+            field="model",
+            value=repr(name),
+        )
+    return name
+
+
+def optional_version(message: dict[str, Any]) -> int | None:
+    version = message.get("version")
+    if version is None or (type(version) is int and version >= 1):
+        return version
+    raise InvalidArgumentError(
+        f"field 'version' must be a positive integer (or absent for the served version), got {version!r}",
+        field="version",
+        value=repr(version),
+    )
+
+
+def timeout_seconds(message: dict[str, Any]) -> float | None:
+    value = message.get("timeout_ms")
+    if value is None:
+        return None
+    if type(value) in (int, float) and value > 0 and math.isfinite(value):
+        return value / 1000.0
+    raise InvalidArgumentError(
+        f"field 'timeout_ms' must be a number of milliseconds > 0, got {value!r}",
+        field="timeout_ms",
+        value=repr(value),
+    )
+
+
+# --------------------------------------------------------------------------- model I/O
+
+
+class ModelIO:
+    """A served model's known inputs and outputs, and the mapping between wire and item."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        inputs, outputs = model.pipeline.io_spec()
+        self.name = model.name
+        self.inputs: dict[str, TensorSpec] | None = {t.name: t for t in inputs} if inputs else None
+        self.outputs: list[str] | None = [t.name for t in outputs] if outputs else None
+        self.single_output = self.outputs[0] if self.outputs else DEFAULT_OUTPUT
+
+    def item_data(self, raw: Any) -> Any:
+        """The item's ``data``: the value of a lone input, or a dict name -> value."""
+        if not isinstance(raw, dict) or not raw:
+            raise InvalidArgumentError(
+                f"field 'inputs' must be a non-empty map of input name to tensor or bytes, got {raw!r:.80}",
+                field="inputs",
+            )
+        values = {}
+        for name, obj in raw.items():
+            if type(name) is not str:
+                raise InvalidArgumentError(f"field 'inputs': input names must be strings, got {name!r}", field="inputs")
+            values[name] = decode_value(obj, f"inputs[{name!r}]")
+        if self.inputs is not None:
+            self._check(values)
+        if len(values) == 1 and (self.inputs is None or len(self.inputs) == 1):
+            return next(iter(values.values()))
+        return values
+
+    def _check(self, values: dict[str, Any]) -> None:
+        expected = list(self.inputs)
+        for name in values:
+            if name not in self.inputs:
+                raise InvalidInputError(
+                    f"model {self.name!r} has no input {name!r}; its inputs are {expected}",
+                    model=self.name, input=name, expected=expected,
+                )
+        missing = [name for name in expected if name not in values]
+        if missing:
+            raise InvalidInputError(
+                f"model {self.name!r} needs input(s) {missing}; send every one of {expected}",
+                model=self.name, missing=missing, expected=expected,
+            )
+        for name, value in values.items():
+            _check_tensor(self.name, self.inputs[name], value)
+
+    def output_filter(self, raw: Any) -> list[str] | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, list) or not all(type(n) is str for n in raw):
+            raise InvalidArgumentError(f"field 'outputs' must be a list of output names, got {raw!r:.80}", field="outputs")
+        if self.outputs is not None:
+            for name in raw:
+                if name not in self.outputs:
+                    raise self._unknown_output(name, self.outputs)
+        return raw
+
+    def encode(self, item: dict[str, Any], wanted: list[str] | None) -> dict[str, Any]:
+        if "result" not in item:
+            raise NoResultError(
+                f"model {self.name!r} finished the request without a result: a backend could not "
+                "handle this input (an undecodable image, say)",
+                model=self.name,
+            )
+        result = item["result"]
+        values = result if isinstance(result, dict) else {self.single_output: result}
+        if wanted is not None:
+            for name in wanted:
+                if name not in values:
+                    raise self._unknown_output(name, list(values))
+            values = {name: values[name] for name in wanted}
+        outputs = {}
+        for name, value in values.items():
+            try:
+                outputs[str(name)] = encode_value(value)
+            except InvalidInputError as exc:  # the model's output, not the client's input
+                raise BackendError(f"model {self.name!r} output {name!r}: {exc.message}", model=self.name, output=str(name)) from None
+        return outputs
+
+    def _unknown_output(self, name: str, known: list[str]) -> InvalidArgumentError:
+        return InvalidArgumentError(
+            f"field 'outputs': model {self.name!r} has no output {name!r}; its outputs are {known}",
+            field="outputs", model=self.name, output=name, expected=known,
+        )
+
+
+def _check_tensor(model: str, spec: TensorSpec, value: Any) -> None:
+    """Declared dtype and shape (the shape includes the leading batch dim; -1 = any size)."""
+    where = f"model {model!r} input {spec.name!r}"
+    if spec.dtype == "bytes":
+        if not isinstance(value, (bytes, bytearray)):
+            raise InvalidInputError(
+                f"{where} takes raw bytes (msgpack bin), got a {value.dtype} tensor of shape {list(value.shape)}",
+                model=model, input=spec.name, expected_dtype="bytes", dtype=str(value.dtype),
+            )
+        return
+    if not isinstance(value, np.ndarray):
+        raise InvalidInputError(
+            f"{where} takes a {spec.dtype} tensor, got raw bytes; send a tensor map {{dtype, shape, data}}",
+            model=model, input=spec.name, expected_dtype=spec.dtype, dtype="bytes",
+        )
+    if value.dtype.name != spec.dtype:
+        raise InvalidInputError(
+            f"{where} must be {spec.dtype}, got {value.dtype.name}; convert it (array.astype('{spec.dtype}'))",
+            model=model, input=spec.name, expected_dtype=spec.dtype, dtype=value.dtype.name,
+        )
+    shape = value.shape
+    if len(shape) != len(spec.shape) or any(want not in (-1, got) for want, got in zip(spec.shape, shape)):
+        raise InvalidInputError(
+            f"{where} must have shape {list(spec.shape)} (-1 = any size, batch dimension first), got {list(shape)}",
+            model=model, input=spec.name, expected_shape=list(spec.shape), shape=list(shape),
+        )
+
+
+# --------------------------------------------------------------------------- the call
+
+
+class InferCall:
+    """One infer request in flight: its asyncio future, scheduler request and deadline timer."""
+
+    __slots__ = ("loop", "future", "request", "timer", "io", "model", "wanted")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, model: LoadedModel, io: ModelIO, wanted: list[str] | None):
+        self.loop = loop
+        self.future: asyncio.Future = loop.create_future()
+        self.request: Request | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.io = io
+        self.model = model
+        self.wanted = wanted
+
+    def on_done(self, item: dict[str, Any], error: TrtserveError | None) -> None:
+        """Scheduler thread: hand the finished item to the loop."""
+        try:
+            self.loop.call_soon_threadsafe(self._resolve, item, error)
+        except RuntimeError:
+            pass  # the loop is closed: the server is gone and nobody waits for this answer
+
+    def _resolve(self, item: dict[str, Any], error: TrtserveError | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        future = self.future
+        if future.done():  # expired or cancelled: the late answer is dropped
+            return
+        if error is not None:
+            future.set_exception(error)
+            return
+        try:
+            future.set_result({"model": self.model.name, "version": self.model.version, "outputs": self.io.encode(item, self.wanted)})
+        except TrtserveError as exc:
+            future.set_exception(exc)
+
+    def expire(self, timeout_s: float) -> None:
+        if self.future.done():
+            return
+        if self.request is not None:
+            self.request.cancelled = True  # still queued: never run it
+        self.future.set_exception(DeadlineExceededError(
+            f"model {self.model.name!r} gave no answer within timeout_ms={timeout_s * 1e3:g}; "
+            "raise timeout_ms or lower the load",
+            model=self.model.name,
+            timeout_ms=timeout_s * 1e3,
+        ))
+
+    def cancel(self) -> None:
+        if self.request is not None:
+            self.request.cancelled = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.future.cancel()
+
+
+class InferHandler:
+    def __init__(self, repository: ModelRepository, loop: asyncio.AbstractEventLoop) -> None:
+        self.repository = repository
+        self.loop = loop
+        self._io: dict[str, tuple[LoadedModel, ModelIO]] = {}  # per model name, for the served object
+
+    def model_io(self, model: LoadedModel) -> ModelIO:
+        cached = self._io.get(model.name)
+        if cached is not None and cached[0] is model:
+            return cached[1]
+        io = ModelIO(model)
+        self._io[model.name] = (model, io)  # a reload replaces the entry: one per name
+        return io
+
+    def __call__(self, message: dict[str, Any]) -> InferCall:
+        model = self.repository.get(require_model(message), optional_version(message))
+        io = self.model_io(model)
+        item = {"data": io.item_data(message.get("inputs"))}
+        call = InferCall(self.loop, model, io, io.output_filter(message.get("outputs")))
+        timeout = timeout_seconds(message)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        call.request = model.submit(item, call.on_done, deadline)
+        if timeout is not None:
+            call.timer = self.loop.call_later(timeout, call.expire, timeout)
+        return call

@@ -1,0 +1,286 @@
+"""One asyncio Protocol per client connection: frames in, responses out, with backpressure.
+
+Reading stops (``transport.pause_reading``) while either
+
+* the connection has ``max_in_flight`` requests unanswered (decoded frames beyond that wait
+  in a backlog that can only hold what one read delivered), or
+* the transport's write buffer is over its high-water mark (the peer is not reading),
+
+and resumes when both clear: the pattern of aiohttp's ``base_protocol.py``.  A client can
+therefore never make the server hold more than one frame being received, ``max_in_flight``
+requests and their responses, however fast it writes or slowly it reads.
+
+A frame the server cannot attribute to a request (oversized, not msgpack, not a map, no
+valid ``id``, a truncated frame at EOF) is answered with ``"id": nil`` and only that
+connection is closed.  When a connection goes away, its requests in flight are cancelled
+(queued ones are never run) and their responses dropped.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import socket
+from typing import Any
+
+from trtserve_client.wire import FrameDecoder, pack
+
+from ..errors import InternalError, InvalidArgumentError, ProtocolError, TrtserveError
+
+log = logging.getLogger("trtserve.server")
+_MAX_ID = 2**64
+
+
+class ConnectionTracker:
+    """Server-wide bookkeeping shared by every connection: who is connected, what is in flight.
+
+    Everything here runs on the event loop thread, so plain ints and sets are enough.
+    """
+
+    def __init__(self, max_frame: int, max_in_flight: int) -> None:
+        self.max_frame = max_frame
+        self.max_in_flight = max_in_flight
+        self.connections: set[ServerProtocol] = set()
+        self.in_flight = 0
+        self._idle: asyncio.Event | None = None  # exists only while someone waits (shutdown)
+        self._empty: asyncio.Event | None = None
+
+    def request_done(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    def connection_closed(self, conn: "ServerProtocol") -> None:
+        self.connections.discard(conn)
+        if not self.connections and self._empty is not None:
+            self._empty.set()
+
+    def force_idle(self) -> None:
+        """End a wait_idle early (a second shutdown signal)."""
+        if self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False when ``timeout`` passed first."""
+        if self.in_flight == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._idle = None
+        return self.in_flight == 0
+
+    async def wait_disconnected(self, timeout: float) -> bool:
+        """Wait until every connection is closed; False when ``timeout`` passed first."""
+        if not self.connections:
+            return True
+        self._empty = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._empty.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._empty = None
+        return not self.connections
+
+
+class ServerProtocol(asyncio.Protocol):
+    """One client connection.  ``dispatch(message)`` answers at once (a dict) or later
+    (an object with ``future`` and ``cancel()``: see handlers.Deferred, infer.InferCall)."""
+
+    def __init__(self, dispatch: Any, tracker: ConnectionTracker) -> None:
+        self._dispatch = dispatch
+        self._tracker = tracker
+        self._limit = tracker.max_in_flight
+        self._decoder = FrameDecoder(tracker.max_frame)
+        self._transport: asyncio.Transport | None = None
+        self._pending: dict[int, Any] = {}  # request id -> its pending call
+        self._backlog: collections.deque[dict[str, Any]] = collections.deque()
+        self._reading_paused = False
+        self._writing_paused = False
+        self._closing = False
+        self._eof = False
+        self.peer: Any = None
+
+    # -- connection lifecycle ----------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        self.peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:  # small responses must leave at once, not wait for Nagle
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self._tracker.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._backlog.clear()
+        self._cancel_pending()
+        self._transport = None
+        self._tracker.connection_closed(self)
+
+    def eof_received(self) -> bool:
+        if self._decoder.pending_partial_frame():
+            self._fail(ProtocolError(
+                f"connection closed in the middle of a frame ({self._decoder.buffered} bytes of an "
+                "incomplete frame received); send whole frames: 4-byte length + that many bytes",
+                buffered=self._decoder.buffered,
+            ))
+            return False
+        self._eof = True
+        # A half-closed peer still reads: answer what it sent, then close (see _maybe_finish).
+        return bool(self._pending or self._backlog)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._drain()
+
+    # -- reading -----------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            messages = self._decoder.feed(data)
+        except TrtserveError as exc:
+            self._fail(exc)
+            return
+        self._backlog.extend(messages)
+        self._drain()
+
+    def _drain(self) -> None:
+        """Handle backlogged requests while under the in-flight limit, then (un)pause reading."""
+        backlog, pending, limit = self._backlog, self._pending, self._limit
+        while backlog and len(pending) < limit and not self._closing:
+            self._handle(backlog.popleft())
+        self._update_reading()
+        self._maybe_finish()
+
+    def _update_reading(self) -> None:
+        pause = self._writing_paused or bool(self._backlog) or len(self._pending) >= self._limit
+        if pause is self._reading_paused or self._closing or self._transport is None:
+            return
+        self._reading_paused = pause
+        if pause:
+            self._transport.pause_reading()
+        else:
+            self._transport.resume_reading()
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        req_id = message.get("id")
+        if type(req_id) is not int or not 0 <= req_id < _MAX_ID:
+            self._fail(InvalidArgumentError(
+                f"field 'id' must be an unsigned 64-bit integer, got {type(req_id).__name__} {req_id!r}; "
+                "a response cannot be matched to a request without it",
+                field="id",
+                value=repr(req_id),
+            ))
+            return
+        if req_id in self._pending:
+            self._fail(InvalidArgumentError(
+                f"id {req_id} is already in flight on this connection; ids must be unique among "
+                "unanswered requests, or responses cannot be told apart",
+                field="id",
+                value=req_id,
+            ))
+            return
+        try:
+            outcome = self._dispatch(message)
+        except TrtserveError as exc:
+            self._send_error(req_id, exc)
+            return
+        except Exception as exc:  # a bug must cost one request, not the connection
+            log.exception("operation %r failed unexpectedly", message.get("op"))
+            self._send_error(req_id, InternalError(f"internal error: {type(exc).__name__}: {exc}"))
+            return
+        if type(outcome) is dict:
+            self._send(req_id, {"id": req_id, "result": outcome})
+            return
+        self._pending[req_id] = outcome
+        self._tracker.in_flight += 1
+        outcome.future.add_done_callback(functools.partial(self._complete, req_id))
+
+    def _complete(self, req_id: int, future: asyncio.Future) -> None:
+        call = self._pending.get(req_id)
+        if call is None or call.future is not future:
+            return  # cancelled (connection lost, shutdown): its answer is dropped
+        del self._pending[req_id]
+        self._tracker.request_done()
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            self._send(req_id, {"id": req_id, "result": future.result()})
+        elif isinstance(exc, TrtserveError):
+            self._send_error(req_id, exc)
+        else:
+            log.error("operation failed unexpectedly", exc_info=exc)
+            self._send_error(req_id, InternalError(f"internal error: {type(exc).__name__}: {exc}"))
+        if self._backlog or self._reading_paused or self._eof:
+            self._drain()
+
+    def _maybe_finish(self) -> None:
+        if self._eof and not self._pending and not self._backlog and not self._closing:
+            self._closing = True
+            if self._transport is not None:
+                self._transport.close()
+
+    # -- writing -----------------------------------------------------------------------
+    def _send(self, req_id: int | None, message: dict[str, Any]) -> None:
+        if self._closing or self._transport is None:
+            return
+        try:
+            frame = pack(message)
+        except Exception as exc:  # a result holding a type msgpack cannot encode
+            log.error("cannot encode the response to request %s: %s", req_id, exc)
+            error = InternalError(f"the server could not encode its response: {type(exc).__name__}: {exc}")
+            frame = pack({"id": req_id, "error": error.to_wire()})
+        self._transport.write(frame)
+
+    def _send_error(self, req_id: int | None, exc: TrtserveError) -> None:
+        self._send(req_id, {"id": req_id, "error": exc.to_wire()})
+
+    def _fail(self, exc: TrtserveError) -> None:
+        """An unattributable frame: tell the peer why (id nil), then close this connection only."""
+        log.warning("closing connection from %s: %s", self.peer, exc.message)
+        self._send_error(None, exc)
+        self._close()
+
+    def _close(self) -> None:
+        self._closing = True
+        self._backlog.clear()
+        self._cancel_pending()
+        if self._transport is not None:
+            self._transport.close()  # flushes what is buffered, then closes
+
+    def _cancel_pending(self) -> None:
+        pending, self._pending = self._pending, {}
+        for call in pending.values():
+            call.cancel()
+            self._tracker.request_done()
+
+    # -- shutdown (called by the server) -----------------------------------------------
+    def shut_down(self, error: TrtserveError) -> None:
+        """Answer everything still unanswered with ``error``, then close."""
+        if self._closing:
+            return
+        for req_id in list(self._pending):
+            self._send_error(req_id, error)
+        for message in self._backlog:
+            req_id = message.get("id")
+            self._send_error(req_id if type(req_id) is int else None, error)
+        self._close()
+
+    def abort(self) -> None:
+        """Drop the connection without flushing (a peer that stopped reading during shutdown)."""
+        if self._transport is not None:
+            self._transport.abort()
