@@ -105,6 +105,15 @@ def parse_onnx(trt: ModuleType, path: Path) -> tuple[Any, Any, Any]:
             file=str(path),
             errors=problems,
         )
+    if network.num_inputs == 0 or network.num_outputs == 0:
+        # Protobuf parsing is lenient: some non-ONNX bytes decode as an empty model, which the
+        # parser accepts.  Such a "model" would only fail later, at build, with a vaguer error.
+        raise ConfigError(
+            f"{path}: parsed into a network with {network.num_inputs} inputs and {network.num_outputs} "
+            "outputs, so it is not a usable ONNX model (is it an ONNX file at all?); export the model "
+            "again and check it with onnx.checker.check_model",
+            file=str(path),
+        )
     return builder, network, parser
 
 
