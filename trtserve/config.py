@@ -22,6 +22,8 @@ from trtserve_client.wire import DTYPES
 from .backend import Key, TensorSpec, backend_class, did_you_mean
 from .errors import ConfigError
 from .expression import Expr, ExpressionError, parse, resolve
+from .versions import VersionPolicy, parse_policy
+from .warmup import WarmupSample, parse_warmup
 
 
 def _positive(value: Any) -> str | None:
@@ -45,7 +47,7 @@ NODE_KEYS: dict[str, Key] = {
     "priority_levels": Key(int, 1, "number of priority levels; 1 is the highest", check=_positive),
     "default_priority": Key(int, 0, "level for requests without a priority; 0 = the lowest", check=_non_negative),
 }
-MODEL_KEYS = {"input", "output"}
+MODEL_KEYS = {"input", "output", "version_policy", "warmup"}
 TENSOR_KEYS = {"name", "dtype", "shape"}
 TENSOR_DTYPES = DTYPES + ("bytes",)
 
@@ -71,6 +73,8 @@ class ModelConfig:
     outputs: list[TensorSpec] | None = None
     source: str = "<dict>"
     raw: dict[str, Any] = field(default_factory=dict)
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    warmup: list[WarmupSample] = field(default_factory=list)
 
     @property
     def entry(self) -> NodeConfig:
@@ -108,13 +112,15 @@ def load_config(
             f"config must be a dict or a path to a .toml file, got {type(source).__name__}",
             received=type(source).__name__,
         )
-    return _Validator(where, Path(model_dir)).model(raw, name)
+    folder = Path(source).parent if isinstance(source, (str, Path)) else Path(model_dir)
+    return _Validator(where, Path(model_dir), folder).model(raw, name)
 
 
 class _Validator:
-    def __init__(self, where: str, model_dir: Path) -> None:
+    def __init__(self, where: str, model_dir: Path, folder: Path) -> None:
         self.where = where
-        self.model_dir = model_dir
+        self.model_dir = model_dir  # the version folder: `model` paths resolve here
+        self.folder = folder  # the model folder: warmup files resolve here
 
     def fail(self, message: str, **details: Any) -> ConfigError:
         return ConfigError(f"{self.where}: {message}", file=self.where, **details)
@@ -133,6 +139,8 @@ class _Validator:
             outputs=self.tensors(raw.get("output"), "output"),
             source=self.where,
             raw=raw,
+            version_policy=parse_policy(raw.get("version_policy"), self.where),
+            warmup=parse_warmup(raw.get("warmup"), self.where, self.folder),
         )
 
     def node_tables(self, raw: dict[str, Any]) -> list[NodeConfig]:

@@ -1,9 +1,15 @@
 """The model repository: ``<root>/<name>/config.toml`` plus numbered version folders.
 
-Each model is loaded into a :class:`LoadedModel` (a started Pipeline for one version).
-A model that fails to load is UNAVAILABLE with the reason; the others keep serving.
-Loading runs backend inits (threads, sessions), so callers on an event loop should call
-``load``/``unload`` through an executor.
+Each served version is a :class:`LoadedModel` (a started Pipeline).  The versions served
+follow the model's ``version_policy`` (latest by default).  A model that fails to load is
+UNAVAILABLE with the reason; the others keep serving.
+
+Reload (Triton's semantics): the new versions are built and warmed up beside the old ones
+and swapped in only when all succeeded.  The old pipelines then drain: what they accepted
+finishes on them, and a request that raced the swap is re-sent to the new version.  A
+failed reload keeps the old versions serving and reports the error in the index.
+
+Loading runs backend inits (threads, sessions): event-loop callers use an executor.
 """
 from __future__ import annotations
 
@@ -20,11 +26,14 @@ from .errors import (
     ConfigError,
     ModelNotFoundError,
     ModelUnavailableError,
+    ShuttingDownError,
     TrtserveError,
     VersionNotFoundError,
 )
 from .pipeline import ItemCallback, Pipeline
 from .scheduler import Request
+from .versions import fingerprint
+from .warmup import run_warmup
 
 log = logging.getLogger("trtserve.repository")
 CONFIG_FILE = "config.toml"
@@ -58,15 +67,25 @@ class LoadedModel:
     folder: Path
     config: ModelConfig
     pipeline: Pipeline
+    entry: "_Entry | None" = field(default=None, repr=False)
 
-    def submit(self, item: dict[str, Any], on_done: ItemCallback, deadline: float | None = None) -> Request:
-        return self.pipeline.submit(item, on_done, deadline)
+    def submit(
+        self, item: dict[str, Any], on_done: ItemCallback, deadline: float | None = None, priority: int = 0
+    ) -> Request:
+        try:
+            return self.pipeline.submit(item, on_done, deadline, priority)
+        except ShuttingDownError:
+            successor = self.entry.models.get(self.version) if self.entry else None
+            if successor is None or successor is self:
+                raise
+            # This version was swapped out between lookup and submit: the new one answers.
+            return successor.submit(item, on_done, deadline, priority)
 
     def metadata(self) -> dict[str, Any]:
         inputs, outputs = self.pipeline.io_spec()
         return {
             "name": self.name,
-            "versions": [self.version],
+            "versions": sorted(self.entry.models) if self.entry else [self.version],
             "inputs": [t.to_dict() for t in inputs or []],
             "outputs": [t.to_dict() for t in outputs or []],
             "max_batch_size": self.pipeline.max_batch,
@@ -88,8 +107,14 @@ class LoadedModel:
 class _Entry:
     state: ModelState = ModelState.UNLOADED
     reason: str | None = None
-    model: LoadedModel | None = None
+    models: dict[int, LoadedModel] = field(default_factory=dict)  # served versions
+    fingerprint: str | None = None  # of the model folder when last loaded (poll mode)
+    failed_fingerprint: str | None = None  # of the files whose load failed: not retried unchanged
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def latest(self) -> LoadedModel | None:
+        return self.models[max(self.models)] if self.models else None
 
 
 class ModelRepository:
@@ -104,6 +129,7 @@ class ModelRepository:
         self.kwargs = dict(kwargs or {})
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
+        self._draining: list[threading.Thread] = []
 
     # -- discovery ---------------------------------------------------------------------
     def scan(self) -> list[str]:
@@ -124,7 +150,7 @@ class ModelRepository:
                 pass  # already recorded with its reason
 
     def load(self, name: str) -> LoadedModel:
-        """Load (or reload) ``name``'s latest version.  Raises the load error, recorded too."""
+        """Load or reload ``name``; returns its latest served version.  Errors are recorded too."""
         folder = self.root / name
         if not name or "/" in name or name.startswith(".") or not (folder / CONFIG_FILE).is_file():
             raise ModelNotFoundError(
@@ -134,29 +160,46 @@ class ModelRepository:
             )
         entry = self._entry(name)
         with entry.lock:
-            entry.state, entry.reason = ModelState.LOADING, None
+            if not entry.models:
+                entry.state = ModelState.LOADING
+            entry.reason = None
+            stamp = fingerprint(folder)
             try:
-                model = self._build(name, folder)
+                fresh = self._build_versions(name, folder, entry)
             except TrtserveError as exc:
-                entry.state, entry.reason = ModelState.UNAVAILABLE, exc.message
-                if entry.model is not None:  # a failed reload keeps the old version serving
-                    entry.state = ModelState.READY
-                log.warning("model %s is unavailable: %s", name, exc.message)
+                entry.reason = exc.message
+                entry.state = ModelState.READY if entry.models else ModelState.UNAVAILABLE
+                log.warning("model %s: load failed%s: %s", name, " (old versions keep serving)" if entry.models else "", exc.message)
                 raise
-            old, entry.model = entry.model, model
-            entry.state = ModelState.READY
-        if old is not None:
-            old.pipeline.close()
-        log.info("model %s version %d is READY", name, model.version)
-        return model
+            old, entry.models = entry.models, fresh
+            entry.state, entry.fingerprint, entry.failed_fingerprint = ModelState.READY, stamp, None
+        self._retire(list(old.values()))
+        log.info("model %s versions %s are READY", name, sorted(fresh))
+        return entry.latest
 
-    def _build(self, name: str, folder: Path) -> LoadedModel:
-        versions = version_dirs(folder)
-        version = max(versions, default=1)
-        version_dir = versions.get(version, folder)
+    def _build_versions(self, name: str, folder: Path, entry: _Entry) -> dict[int, LoadedModel]:
+        if (folder / "backend.py").is_file():
+            load_backend_file(folder / "backend.py")
+        on_disk = version_dirs(folder)
+        policy = load_config(folder / CONFIG_FILE, name=name, model_dir=folder).version_policy if on_disk else None
+        wanted = policy.select(list(on_disk)) if policy else [1]
+        if not wanted:
+            raise ModelUnavailableError(
+                f"model {name!r}: version_policy selects none of the versions on disk {sorted(on_disk)}",
+                model=name,
+                on_disk=sorted(on_disk),
+            )
+        built: dict[int, LoadedModel] = {}
         try:
-            if (folder / "backend.py").is_file():
-                load_backend_file(folder / "backend.py")
+            for version in wanted:
+                built[version] = self._build(name, folder, version, on_disk.get(version, folder), entry)
+        except BaseException:
+            self._retire(list(built.values()), drain=False)
+            raise
+        return built
+
+    def _build(self, name: str, folder: Path, version: int, version_dir: Path, entry: _Entry) -> LoadedModel:
+        try:
             config = load_config(folder / CONFIG_FILE, name=name, model_dir=version_dir)
             pipeline = Pipeline(config, dict(self.kwargs, version=version, model_dir=str(version_dir)))
             pipeline.start()
@@ -164,54 +207,99 @@ class ModelRepository:
             raise
         except Exception as exc:  # an unexpected loader failure still only takes this model down
             raise ModelUnavailableError(f"model {name!r} failed to load: {type(exc).__name__}: {exc}", model=name) from exc
-        return LoadedModel(name=name, version=version, folder=folder, config=config, pipeline=pipeline)
+        try:
+            run_warmup(pipeline, config.warmup, name)
+        except BaseException:
+            pipeline.close()
+            raise
+        return LoadedModel(name=name, version=version, folder=folder, config=config, pipeline=pipeline, entry=entry)
+
+    def _retire(self, models: list[LoadedModel], drain: bool = True) -> None:
+        """Close old pipelines; draining happens off the caller's thread."""
+        if not models:
+            return
+        if not drain:
+            for model in models:
+                model.pipeline.close()
+            return
+        thread = threading.Thread(
+            target=lambda: [m.pipeline.close(drain=True) for m in models], name="trtserve-retire", daemon=True
+        )
+        thread.start()
+        with self._lock:
+            self._draining = [t for t in self._draining if t.is_alive()] + [thread]
 
     def unload(self, name: str) -> None:
+        """Stop serving ``name``: new requests are refused, accepted ones finish first."""
         entry = self._entries.get(name)
-        if entry is None or entry.state is ModelState.UNLOADED:
+        if entry is None or not entry.models:
             raise ModelNotFoundError(f"model {name!r} is not loaded; loaded models are {self.loaded()}", model=name)
         with entry.lock:
-            model, entry.model = entry.model, None
-            entry.state, entry.reason = ModelState.UNLOADED, None
-        if model is not None:
-            model.pipeline.close()
+            old, entry.models = entry.models, {}
+            entry.state, entry.reason, entry.fingerprint = ModelState.UNLOADED, None, None
+        for model in old.values():
+            model.pipeline.close(drain=True)
+
+    def poll(self) -> dict[str, list[str]]:
+        """One poll-mode pass: load added models, unload removed ones, reload changed ones."""
+        on_disk = set(self.scan())
+        known = {n for n, e in self._entries.items() if e.models or e.state is ModelState.UNAVAILABLE}
+        changes: dict[str, list[str]] = {"loaded": [], "unloaded": [], "reloaded": [], "failed": []}
+        for name in sorted(known - on_disk):
+            if self._entries[name].models:
+                self.unload(name)
+            self._entries.pop(name, None)
+            changes["unloaded"].append(name)
+        for name in sorted(on_disk):
+            stamp = fingerprint(self.root / name)
+            entry = self._entries.get(name)
+            if entry is not None and stamp in (entry.fingerprint, entry.failed_fingerprint):
+                continue  # unchanged since the last load, or the same broken files as last time
+            kind = "reloaded" if entry is not None and entry.models else "loaded"
+            try:
+                self.load(name)
+                changes[kind].append(name)
+            except TrtserveError:
+                self._entry(name).failed_fingerprint = stamp
+                changes["failed"].append(name)
+        return changes
 
     def close(self) -> None:
-        for name in list(self._entries):
-            entry = self._entries[name]
-            if entry.model is not None:
-                entry.model.pipeline.close()
-                entry.model = None
+        for entry in list(self._entries.values()):
+            models, entry.models = entry.models, {}
+            for model in models.values():
+                model.pipeline.close()
             entry.state = ModelState.UNLOADED
+        for thread in self._draining:
+            thread.join()
 
     # -- queries -----------------------------------------------------------------------
     def loaded(self) -> list[str]:
-        return sorted(n for n, e in self._entries.items() if e.model is not None)
+        return sorted(n for n, e in self._entries.items() if e.models)
 
     def get(self, name: str, version: int | None = None) -> LoadedModel:
-        """The served model; typed errors for unknown names, versions and unavailable models."""
+        """The served model (latest version unless named); typed errors otherwise."""
         entry = self._entries.get(name)
         if entry is None:
-            raise ModelNotFoundError(
-                f"unknown model {name!r}; available models are {self.loaded()}",
-                model=name,
-            )
-        model = entry.model
-        if model is None:
+            raise ModelNotFoundError(f"unknown model {name!r}; available models are {self.loaded()}", model=name)
+        models = entry.models
+        if not models:
             raise ModelUnavailableError(
                 f"model {name!r} is {entry.state.value}" + (f": {entry.reason}" if entry.reason else ""),
                 model=name,
                 state=entry.state.value,
                 reason=entry.reason,
             )
-        if version is not None and version != model.version:
+        if version is None:
+            return models[max(models)]
+        if version not in models:
             raise VersionNotFoundError(
-                f"model {name!r} has no served version {version!r}; served versions are [{model.version}]",
+                f"model {name!r} has no served version {version!r}; served versions are {sorted(models)}",
                 model=name,
                 version=version,
-                served=[model.version],
+                served=sorted(models),
             )
-        return model
+        return models[version]
 
     def index(self) -> list[dict[str, Any]]:
         """Every model on disk or loaded, with its state and the reason when UNAVAILABLE."""
@@ -222,7 +310,8 @@ class ModelRepository:
             rows.append(
                 {
                     "name": name,
-                    "version": entry.model.version if entry.model else None,
+                    "version": max(entry.models) if entry.models else None,
+                    "versions": sorted(entry.models),
                     "versions_on_disk": sorted(version_dirs(self.root / name)),
                     "state": entry.state.value,
                     "reason": entry.reason,
