@@ -208,7 +208,8 @@ def test_every_example_loads_ready_with_metadata():
         meta = repository.get("classifier").metadata()
         assert meta["inputs"] == [{"name": "image", "dtype": "bytes", "shape": [-1]}]
         assert meta["outputs"] == [{"name": "probs", "dtype": "float32", "shape": [10]}]
-        assert repository.get("tensor_mlp").metadata()["inputs"] == [{"name": "x", "dtype": "float32", "shape": [-1, 16]}]
+        mlp_inputs = repository.get("tensor_mlp").metadata()["inputs"]
+        assert mlp_inputs == [{"name": "x", "dtype": "float32", "shape": [-1, 16]}]
     finally:
         repository.close()
 

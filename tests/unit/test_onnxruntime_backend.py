@@ -152,7 +152,10 @@ def test_output_without_batch_dim_fails_the_batch_clearly(models):
 def test_io_spec_reports_dynamic_dims_as_minus_one(models):
     inputs, outputs = _backend(models["multi"]).io_spec()
     assert [(t.name, t.dtype, t.shape) for t in inputs] == [("a", "float32", (-1, 3)), ("b", "int64", (-1, 2))]
-    assert [(t.name, t.dtype, t.shape) for t in outputs] == [("scaled", "float32", (-1, 3)), ("b_plus", "int64", (-1, 2))]
+    assert [(t.name, t.dtype, t.shape) for t in outputs] == [
+        ("scaled", "float32", (-1, 3)),
+        ("b_plus", "int64", (-1, 2)),
+    ]
 
 
 # --------------------------------------------------------------------------- input validation
@@ -244,7 +247,11 @@ def test_unloadable_model_file_names_the_file(tmp_path):
 
 @pytest.mark.parametrize(
     "extra, key",
-    [({"intra_op_threads": -1}, "intra_op_threads"), ({"providers": []}, "providers"), ({"inter_op_threads": 1.5}, "inter_op_threads")],
+    [
+        ({"intra_op_threads": -1}, "intra_op_threads"),
+        ({"providers": []}, "providers"),
+        ({"inter_op_threads": 1.5}, "inter_op_threads"),
+    ],
 )
 def test_bad_session_keys_fail_at_load(extra, key):
     with pytest.raises(ConfigError) as info:

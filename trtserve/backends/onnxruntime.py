@@ -98,7 +98,9 @@ class OnnxRuntime(Backend):
     config_keys = {
         "intra_op_threads": Key(int, 1, "threads inside one operator, per instance", check=_threads),
         "inter_op_threads": Key(int, 1, "threads across operators; > 1 enables parallel execution", check=_threads),
-        "providers": Key(list, None, "onnxruntime execution providers, default [\"CPUExecutionProvider\"]", check=_provider_list),
+        "providers": Key(
+            list, None, 'onnxruntime execution providers, default ["CPUExecutionProvider"]', check=_provider_list
+        ),
     }
 
     # -- lifecycle ---------------------------------------------------------------------
