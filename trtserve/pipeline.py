@@ -77,7 +77,8 @@ class Pipeline:
                 req.item["data"] = original
             if error is not None:
                 req.item.pop("result", None)
-            self.stats.record(req.queue_ns, req.compute_ns, None if error is None else error.name)
+            outcome = error.name if error is not None else None if "result" in req.item else "NO_RESULT"
+            self.stats.record(req.queue_ns, req.compute_ns, outcome)
             on_done(req.item, error)
 
         def advance(req: Request, error: TrtserveError | None) -> None:

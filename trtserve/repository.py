@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .backend import load_backend_file
-from .config import ModelConfig, load_config
+from .config import ModelConfig, load_config, read_toml
 from .errors import (
     ConfigError,
     ModelNotFoundError,
@@ -32,7 +32,7 @@ from .errors import (
 )
 from .pipeline import ItemCallback, Pipeline
 from .scheduler import Request
-from .versions import fingerprint
+from .versions import fingerprint, parse_policy
 from .warmup import run_warmup
 
 log = logging.getLogger("trtserve.repository")
@@ -181,8 +181,9 @@ class ModelRepository:
         if (folder / "backend.py").is_file():
             load_backend_file(folder / "backend.py")
         on_disk = version_dirs(folder)
-        policy = load_config(folder / CONFIG_FILE, name=name, model_dir=folder).version_policy if on_disk else None
-        wanted = policy.select(list(on_disk)) if policy else [1]
+        config_path = folder / CONFIG_FILE
+        policy = parse_policy(read_toml(config_path).get("version_policy"), str(config_path))
+        wanted = policy.select(list(on_disk)) if on_disk else [1]  # no version folders: serve the folder as 1
         if not wanted:
             raise ModelUnavailableError(
                 f"model {name!r}: version_policy selects none of the versions on disk {sorted(on_disk)}",

@@ -67,8 +67,10 @@ def test_item_without_result_leaves_the_chain_while_others_go_on():
     with trtserve.pipe({"backend": "S[AddOne,DropOdd,AddOne]", "max": 4}) as models:
         items = [{"data": i} for i in range(4)]
         models(items)
+        stats = models.pipeline.stats.snapshot()
     assert [it.get("result") for it in items] == [None, 3, None, 5]
     assert sorted(DropOdd.seen) == [1, 2, 3, 4]
+    assert (stats["success_count"], stats["failure_by_reason"]) == (2, {"NO_RESULT": 2})
 
 
 def test_sequential_range_is_the_intersection_of_non_trivial_ranges():

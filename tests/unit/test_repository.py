@@ -95,6 +95,18 @@ def test_version_policy(tmp_path, repo, policy, served):
     assert info.value.details["served"] == served
 
 
+def test_model_files_resolve_in_each_version_folder(tmp_path, repo):
+    folder = make_model(tmp_path, "m", 'version_policy = "all"\nbackend = "Tagged"\nmodel = "weights.bin"\n', versions=(1, 2))
+    (folder / "1" / "weights.bin").write_bytes(b"one")
+    (folder / "2" / "weights.bin").write_bytes(b"two")
+    repo.load("m")
+    for version in (1, 2):
+        assert repo.get("m", version).config.entry.model == str((folder / str(version) / "weights.bin").resolve())
+    (folder / "2" / "weights.bin").unlink()
+    with pytest.raises(ConfigError, match="weights.bin"):
+        repo.load("m")
+
+
 @pytest.mark.parametrize("policy", ['"newest"', "{ latest = 0 }", "{ specific = [] }", "{ latest = 1, all = 2 }"])
 def test_bad_version_policy(tmp_path, repo, policy):
     make_model(tmp_path, "m", f'version_policy = {policy}\nbackend = "Tagged"\n')
