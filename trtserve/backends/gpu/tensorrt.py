@@ -1,0 +1,155 @@
+"""TensorrtTensor: a TensorRT engine as a batched backend (TorchPipe's TensorrtTensor).
+
+``model`` is an ONNX file (built into an engine with one profile ``min..max`` on the batch
+dimension and cached next to it, see trtserve.tensorrt.cache) or a prebuilt ``.plan`` /
+``.engine`` file (loaded as is).  Each instance, on its own thread, deserializes the engine,
+creates one execution context and allocates its buffers once for ``max`` rows.  Inside
+``SyncTensor[TensorrtTensor]`` it enqueues on SyncTensor's stream; alone, on its own.
+
+Items follow the OnnxRuntime backend's conventions (see trtserve.tensorrt.items), so a
+model can move between the two without its clients noticing.  Without a CUDA GPU the
+model fails to load with ModelUnavailableError saying so; nothing crashes.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ...backend import Backend, Key, TensorSpec
+from ...errors import ConfigError, ModelUnavailableError
+
+log = logging.getLogger("trtserve.tensorrt")
+ONNX_SUFFIXES = (".onnx",)
+PLAN_SUFFIXES = (".plan", ".engine", ".trt")
+
+
+def _workspace(value: int) -> str | None:
+    return None if value >= 0 else "must be >= 0 (MB of builder workspace; 0 = the builder's default)"
+
+
+def _input_shapes(value: dict) -> str | None:
+    for name, shape in value.items():
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 1 for d in shape):
+            return f"must map input names to per-row shapes of positive integers, e.g. {{ images = [3, 224, 224] }}; {name} = {shape!r}"
+    return None
+
+
+class TensorrtTensor(Backend):
+    config_keys = {
+        "precision": Key(str, "fp32", "fp32 or fp16 (see docs/tensorrt.md for strongly typed builders)", choices=("fp32", "fp16")),
+        "workspace_mb": Key(int, 1024, "builder workspace limit in MB; 0 = the builder's default", check=_workspace),
+        "trt_module": Key(str, "auto", "TensorRT package: auto, tensorrt or tensorrt_rtx", choices=("auto", "tensorrt", "tensorrt_rtx")),
+        "engine_cache": Key(bool, True, "cache the built engine next to the ONNX model"),
+        "input_shapes": Key(dict, None, "per-row shapes of inputs with dynamic non-batch dims", check=_input_shapes),
+    }
+
+    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        super().init(config, kwargs)
+        self.runner = None
+        self._keep: tuple[Any, ...] = ()
+        path = self._model_path(config)
+        from ... import cuda
+
+        if not cuda.is_available():
+            raise ModelUnavailableError(
+                f"TensorrtTensor needs a CUDA GPU: {cuda.unavailable_reason()}; model {path} cannot load on "
+                "this machine (run it where an NVIDIA GPU, its driver and cuda-python are installed, or serve "
+                "the ONNX model with the OnnxRuntime backend on CPU)",
+                backend="TensorrtTensor",
+                model_file=str(path),
+            )
+        cuda.raise_if_poisoned()
+        cuda.ensure_device()
+        from ...tensorrt import import_tensorrt
+        from ...tensorrt.io import engine_io
+
+        trt = import_tensorrt(config["trt_module"])
+        runtime, engine, artifact = self._engine(trt, path, config)
+        io = artifact.io if artifact.io is not None else engine_io(trt, engine, str(path))
+        from ...tensorrt.execution import EngineRunner
+        from ...tensorrt.items import ItemChecker
+
+        self.runner = EngineRunner(trt, engine, io, int(config["min"]), int(config["max"]), str(path))
+        self._keep = (runtime, engine)  # the runtime must outlive the engine, the engine its context
+        self.io = io
+        self.checker = ItemChecker(self.runner.bounds, int(config["max"]), str(path))
+        log.info("TensorrtTensor %s ready (%s engine, %s, batch %d..%d)", path, artifact.source,
+                 trt.__name__, config["min"], config["max"])
+
+    def _model_path(self, config: dict[str, Any]) -> Path:
+        model = config.get("model")
+        if not model:
+            raise ConfigError(
+                "TensorrtTensor needs the config key 'model'; add model = \"model.onnx\" (or a .plan "
+                "file) relative to the version folder",
+                key="model",
+                backend="TensorrtTensor",
+            )
+        path = Path(model)
+        if path.suffix.lower() not in ONNX_SUFFIXES + PLAN_SUFFIXES:
+            raise ConfigError(
+                f"TensorrtTensor model = {model!r}: unknown file type {path.suffix!r}; use an ONNX model "
+                f"({', '.join(ONNX_SUFFIXES)}) or a serialized engine ({', '.join(PLAN_SUFFIXES)})",
+                key="model",
+                value=model,
+            )
+        return path
+
+    def _engine(self, trt: Any, path: Path, config: dict[str, Any]):
+        """(runtime, engine, artifact); a cached engine TensorRT refuses is rebuilt once."""
+        from ...tensorrt import BuildSpec, deserialize_engine, ensure_engine, load_plan
+        from ...tensorrt.runtime import EngineRejected
+
+        if path.suffix.lower() in PLAN_SUFFIXES:
+            for key in ("input_shapes",):
+                if config.get(key):
+                    raise ConfigError(f"{key} applies to ONNX models only; {path} is a prebuilt engine", key=key)
+            artifact = load_plan(path)
+            return (*deserialize_engine(trt, artifact), artifact)
+        spec = BuildSpec(
+            min_batch=int(config["min"]),
+            max_batch=int(config["max"]),
+            precision=config["precision"],
+            workspace_mb=int(config["workspace_mb"]),
+            input_shapes={k: tuple(v) for k, v in (config.get("input_shapes") or {}).items()},
+        )
+        artifact = ensure_engine(trt, path, spec, use_cache=bool(config["engine_cache"]))
+        try:
+            return (*deserialize_engine(trt, artifact), artifact)
+        except EngineRejected as exc:
+            if artifact.source != "cache":
+                raise
+            # The bytes were verified, so the runtime refuses what the key could not see
+            # (a driver update, say): build afresh once, and let a second refusal stand.
+            log.warning("cached engine %s was refused (%s); rebuilding it", artifact.path, exc.message)
+            artifact = ensure_engine(trt, path, spec, force_rebuild=True)
+            return (*deserialize_engine(trt, artifact), artifact)
+
+    # -- read-only questions (caller's thread) -----------------------------------------
+    def validate(self, item: dict[str, Any]) -> None:
+        self.checker.prepare(item)
+
+    def request_size(self, item: dict[str, Any]) -> int:
+        return self.checker.prepare(item).rows
+
+    def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        return self.io.specs()
+
+    # -- execution (instance thread) ---------------------------------------------------
+    def forward(self, items: list[dict[str, Any]]) -> None:
+        from ...tensorrt.items import group, split
+
+        # Checked again: inside S[...] only the first stage's validate runs before queueing.
+        prepared = [self.checker.prepare(item) for item in items]
+        for indices in group(prepared):
+            members = [prepared[i] for i in indices]
+            outputs = self.runner.run(members)
+            for index, result in zip(indices, split(outputs, members, self.checker.where)):
+                items[index]["result"] = result
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
+        self._keep = ()  # engine, then runtime, released after the context
