@@ -1,0 +1,330 @@
+"""GPU image backends: DecodeTensor, ResizeTensor, CvtColorTensor, FusedPreprocessTensor.
+
+They mirror the CPU DecodeMat / ResizeMat / CvtColorMat (same keys, same results within
+1 LSB) but keep images on the GPU: between stages ``data``/``result`` is an HWC uint8
+:class:`~trtserve.cuda.DeviceArray` and ``item["color"]`` records the channel order.
+FusedPreprocessTensor ends the chain with the [1, 3, H, W] float32 tensor a model node
+consumes directly.
+
+Every kernel is enqueued on ``current_stream()``, the instance stream SyncTensor binds, and
+nothing here waits for the device: wrap the chain as ``SyncTensor[S[DecodeTensor, ...]]``.
+Each item is one image, so ``request_size`` is 1.
+
+Decoding: with nvImageCodec installed (``from nvidia import nvimgcodec``) DecodeTensor
+decodes on the GPU (RGB output, so ``color`` becomes "rgb").  Otherwise it decodes with
+``cv2.imdecode`` on the instance thread (the GIL is released) and uploads through the
+instance's pinned staging buffer, asynchronously on the stream.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ...backend import Backend, Key, TensorSpec
+from ...cuda import DeviceArray, HostStaging, current_stream
+from ...errors import ConfigError, InvalidInputError, ModelUnavailableError
+from . import kernels
+
+COLORS = ("rgb", "bgr")
+_IMAGE = TensorSpec("image", "uint8", (-1, -1, 3))
+
+
+def _at_least_one(value: int) -> str | None:
+    return None if value >= 1 else "must be at least 1 (pixels)"
+
+
+def _three_numbers(value: Any) -> str | None:
+    try:
+        numbers = parse_triplet(value, "value")
+    except ConfigError as exc:
+        return exc.message
+    return None if len(numbers) == 3 else "needs 1 or 3 numbers"
+
+
+def parse_triplet(value: Any, key: str) -> tuple[float, float, float]:
+    """``[a, b, c]``, ``[a]``, ``"a, b, c"`` or a number -> three floats (TorchPipe writes strings)."""
+    if isinstance(value, str):
+        parts = [p for p in value.replace(",", " ").split() if p]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [value]
+    try:
+        numbers = [float(p) for p in parts if not isinstance(p, bool)]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} = {value!r} must be 1 or 3 numbers, e.g. [123.675, 116.28, 103.53]", key=key) from None
+    if len(numbers) != len(parts) or len(numbers) not in (1, 3):
+        raise ConfigError(f"{key} = {value!r} must be 1 or 3 numbers, e.g. [123.675, 116.28, 103.53]", key=key)
+    return tuple(numbers * 3 if len(numbers) == 1 else numbers)  # type: ignore[return-value]
+
+
+def _describe(data: Any) -> str:
+    if isinstance(data, (np.ndarray, DeviceArray)):
+        return f"{type(data).__name__}(dtype={data.dtype}, shape={tuple(data.shape)})"
+    return type(data).__name__
+
+
+def _is_image(data: Any) -> bool:
+    return (
+        isinstance(data, (np.ndarray, DeviceArray))
+        and data.dtype == np.uint8
+        and data.ndim == 3
+        and data.shape[2] == 3
+        and data.shape[0] > 0
+        and data.shape[1] > 0
+    )
+
+
+class _GpuImage(Backend):
+    """Shared: one image per item; needs the instance stream; uploads host images itself."""
+
+    kernel_names: tuple[str, ...] = ()  # compiled at init
+
+    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        super().init(config, kwargs)
+        name = type(self).__name__
+        stream = current_stream()
+        if stream is None:
+            raise ConfigError(
+                f"{name} enqueues GPU work on the instance's CUDA stream, and none is bound: "
+                f"wrap the chain in SyncTensor, e.g. backend = \"SyncTensor[S[DecodeTensor,{name}]]\"",
+                backend=name,
+            )
+        self.device = stream.device
+        self.staging: HostStaging | None = None
+        for kernel_name in self.kernel_names:  # compile at load, not on the first request
+            kernels.kernel(kernel_name, self.device)
+
+    def request_size(self, item: dict[str, Any]) -> int:
+        return 1
+
+    def validate(self, item: dict[str, Any]) -> None:
+        self.image(item)
+
+    def image(self, item: dict[str, Any]) -> DeviceArray | np.ndarray:
+        data = item.get("data")
+        if not _is_image(data):
+            name = type(self).__name__
+            raise InvalidInputError(
+                f"{name} takes an HWC uint8 image with 3 channels (a DeviceArray from DecodeTensor, or a "
+                f"numpy array), got {_describe(data)}; decode images with DecodeTensor first",
+                backend=name,
+                received=_describe(data),
+                expected="uint8 (H, W, 3)",
+            )
+        return data
+
+    def device_images(self, items: list[dict[str, Any]]) -> list[DeviceArray]:
+        """Every item's image on the device; host images go up in one staged upload."""
+        images = [self.image(item) for item in items]
+        host = [i for i, img in enumerate(images) if isinstance(img, np.ndarray)]
+        if host:
+            if self.staging is None:
+                self.staging = HostStaging(device=self.device)
+            for i, dev in zip(host, self.staging.upload([images[i] for i in host])):
+                images[i] = dev
+        return images  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if self.staging is not None:
+            self.staging.close()
+        super().close()
+
+
+def _require(config: dict[str, Any], key: str, backend: str, example: str) -> Any:
+    value = config.get(key)
+    if value is None:
+        raise ConfigError(f"{backend} needs the config key {key!r}; add {example} to the node's config", key=key, backend=backend)
+    return value
+
+
+def _source_color(item: dict[str, Any], backend: str) -> str:
+    color = item.get("color", "bgr")
+    if color not in COLORS:
+        raise InvalidInputError(
+            f"{backend}: item['color'] = {color!r} is not one of {list(COLORS)}; set it to the image's "
+            "channel order or leave it out for bgr",
+            backend=backend,
+            received=repr(color),
+        )
+    return color
+
+
+class DecodeTensor(_GpuImage):
+    """Encoded image bytes -> HWC uint8 DeviceArray; sets ``item["color"]``.
+
+    Undecodable bytes are a soft failure (no ``result``), as in DecodeMat.
+    """
+
+    config_keys = {
+        "decoder": Key(str, "auto", "auto: nvImageCodec when installed, else OpenCV on the host", choices=("auto", "nvimgcodec", "opencv")),
+    }
+
+    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        super().init(config, kwargs)
+        choice = config.get("decoder") or "auto"
+        self.nvimgcodec = None
+        if choice in ("auto", "nvimgcodec"):
+            try:
+                from nvidia import nvimgcodec  # type: ignore[import-not-found]
+            except ImportError:
+                if choice == "nvimgcodec":
+                    raise ModelUnavailableError(
+                        "DecodeTensor: decoder = \"nvimgcodec\" but nvImageCodec is not installed; "
+                        "pip install nvidia-nvimgcodec-cu12 (or -cu13), or use decoder = \"auto\"",
+                        backend="DecodeTensor",
+                    ) from None
+            else:
+                self.nvimgcodec = nvimgcodec
+                self.decoder = nvimgcodec.Decoder(device_id=self.device)
+        if self.nvimgcodec is None:
+            from ..opencv import DecodeMat
+
+            self.host_decode = DecodeMat.decode
+            self.staging = HostStaging(device=self.device)
+
+    def validate(self, item: dict[str, Any]) -> None:
+        data = item.get("data")
+        if isinstance(data, (bytes, bytearray)) or (isinstance(data, memoryview) and data.c_contiguous):
+            return
+        if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1:
+            return
+        raise InvalidInputError(
+            f"DecodeTensor takes encoded image bytes (bytes, bytearray, contiguous memoryview or a 1-D uint8 "
+            f"array), got {_describe(data)}; send the file's bytes, e.g. open(path, 'rb').read()",
+            backend="DecodeTensor",
+            received=_describe(data),
+            expected="bytes",
+        )
+
+    def forward(self, items: list[dict[str, Any]]) -> None:
+        if self.nvimgcodec is not None:
+            self._forward_nvimgcodec(items)
+            return
+        decoded = [(item, self.host_decode(item.get("data"))) for item in items]
+        decoded = [(item, image) for item, image in decoded if image is not None]
+        if not decoded:
+            return
+        uploaded = self.staging.upload([image for _, image in decoded])
+        for (item, _), image in zip(decoded, uploaded):
+            item["result"] = image
+            item["color"] = "bgr"
+
+    def _forward_nvimgcodec(self, items: list[dict[str, Any]]) -> None:
+        stream = current_stream()
+        sources = [bytes(item.get("data")) for item in items]
+        params = self.nvimgcodec.DecodeParams(color_spec=self.nvimgcodec.ColorSpec.RGB)
+        try:
+            images = self.decoder.decode(sources, params=params, cuda_stream=stream.handle)
+        except Exception:  # one bad image can fail the batch call: isolate it per item
+            images = []
+            for source in sources:
+                try:
+                    images.append(self.decoder.decode(source, params=params, cuda_stream=stream.handle))
+                except Exception:
+                    images.append(None)
+        for item, image in zip(items, images):
+            if image is None:
+                continue  # undecodable: soft failure, as DecodeMat
+            array = DeviceArray.from_cuda_array(image, stream)
+            if array.ndim == 3 and array.shape[2] == 3 and array.dtype == np.uint8:
+                item["result"] = array
+                item["color"] = "rgb"
+
+    def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        return [TensorSpec("image", "bytes", (-1,))], [_IMAGE]
+
+
+class ResizeTensor(_GpuImage):
+    """Bilinear resize to ``resize_h`` x ``resize_w`` (OpenCV INTER_LINEAR within 1 LSB)."""
+
+    kernel_names = ("resize_linear_u8",)
+    config_keys = {
+        "resize_h": Key(int, None, "output height in pixels (required)", check=_at_least_one),
+        "resize_w": Key(int, None, "output width in pixels (required)", check=_at_least_one),
+    }
+
+    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        super().init(config, kwargs)
+        self.height = _require(config, "resize_h", "ResizeTensor", "resize_h = 224")
+        self.width = _require(config, "resize_w", "ResizeTensor", "resize_w = 224")
+
+    def forward(self, items: list[dict[str, Any]]) -> None:
+        for item, image in zip(items, self.device_images(items)):
+            if image.shape[:2] == (self.height, self.width):
+                item["result"] = image  # already that size: no copy, as ResizeMat
+            else:
+                item["result"] = kernels.resize_u8(image, self.height, self.width)
+
+    def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        return [_IMAGE], [TensorSpec("image", "uint8", (self.height, self.width, 3))]
+
+
+class CvtColorTensor(_GpuImage):
+    """Reorder channels to ``color`` ("rgb"/"bgr") from ``item["color"]`` (default "bgr")."""
+
+    kernel_names = ("swap_rb_u8",)
+    config_keys = {"color": Key(str, None, "target channel order (required)", choices=COLORS)}
+
+    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        super().init(config, kwargs)
+        self.color = _require(config, "color", "CvtColorTensor", 'color = "rgb"')
+
+    def validate(self, item: dict[str, Any]) -> None:
+        super().validate(item)
+        _source_color(item, "CvtColorTensor")
+
+    def forward(self, items: list[dict[str, Any]]) -> None:
+        for item, image in zip(items, self.device_images(items)):
+            if _source_color(item, "CvtColorTensor") == self.color:
+                item["result"] = image
+            else:
+                item["result"] = kernels.swap_rb_u8(image)
+            item["color"] = self.color
+
+    def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        return [_IMAGE], [_IMAGE]
+
+
+class FusedPreprocessTensor(_GpuImage):
+    """Resize + colour order + ``(v - mean) / std`` + HWC->CHW in one kernel.
+
+    Output: a [1, 3, resize_h, resize_w] float32 DeviceArray, channels in ``color`` order
+    (the source order when ``color`` is unset); ``mean``/``std`` are in 0-255 units and
+    indexed in the output order.
+    """
+
+    kernel_names = ("fused_preprocess",)
+    config_keys = {
+        "resize_h": ResizeTensor.config_keys["resize_h"],
+        "resize_w": ResizeTensor.config_keys["resize_w"],
+        "color": Key(str, None, "target channel order (required for CvtColor*, optional here)", choices=COLORS),
+        "mean": Key((list, str, int, float), None, "per-channel mean in 0-255 units, e.g. [123.675, 116.28, 103.53]", check=_three_numbers),
+        "std": Key((list, str, int, float), None, "per-channel std in 0-255 units, e.g. [58.395, 57.12, 57.375]", check=_three_numbers),
+    }
+
+    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        super().init(config, kwargs)
+        self.height = _require(config, "resize_h", "FusedPreprocessTensor", "resize_h = 224")
+        self.width = _require(config, "resize_w", "FusedPreprocessTensor", "resize_w = 224")
+        self.color = config.get("color")
+        mean, std = config.get("mean"), config.get("std")
+        self.mean = parse_triplet(mean, "mean") if mean is not None else (0.0, 0.0, 0.0)
+        self.std = parse_triplet(std, "std") if std is not None else (1.0, 1.0, 1.0)
+        if 0.0 in self.std:
+            raise ConfigError(f"std = {std!r} contains 0; every channel's std must be non-zero", key="std")
+
+    def validate(self, item: dict[str, Any]) -> None:
+        super().validate(item)
+        _source_color(item, "FusedPreprocessTensor")
+
+    def forward(self, items: list[dict[str, Any]]) -> None:
+        for item, image in zip(items, self.device_images(items)):
+            source = _source_color(item, "FusedPreprocessTensor")
+            target = self.color or source
+            item["result"] = kernels.fused_preprocess(image, self.height, self.width, self.mean, self.std, source != target)
+            item["color"] = target
+
+    def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        return [_IMAGE], [TensorSpec("input", "float32", (1, 3, self.height, self.width))]

@@ -1,0 +1,115 @@
+"""SyncTensor[X]: owns the instance's CUDA stream; X enqueues on it; one wait per batch.
+
+At init (on the instance thread) SyncTensor creates the instance's stream and makes it the
+thread's current stream *before* X initialises, so X can bind to it (TorchScriptTensor
+wraps it as a torch ExternalStream, image backends enqueue on it).  Each forward runs
+X.forward with that stream current, records a blocking-sync event and waits on it: the
+instance thread sleeps in the driver (GIL released) instead of spinning, and every result
+X produced is complete when forward returns.  Two instances never share a stream, so their
+batches overlap on the GPU and their results cannot mix.
+
+Sticky CUDA errors (illegal address, launch failure, ...) poison the process: the batch
+fails with a DeviceError (``details['sticky']``), and every later forward of every GPU
+instance is refused at once with a DeviceError naming the original error.  An exception
+from a framework that does not speak cuda-python (torch raises RuntimeError) is followed by
+a synchronise of the instance stream, so a sticky error behind it is classified by its
+code, never by message text.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ... import cuda
+from ...backend import Backend, Key
+from ...errors import ModelUnavailableError, TrtserveError
+
+
+def _expression(backend: Backend) -> str:
+    """The backend tree as an expression, for messages: SyncTensor[Sequential[DecodeTensor,...]]."""
+    name = type(backend).__name__
+    if not backend.children:
+        return name
+    return f"{name}[{','.join(_expression(c) for c in backend.children)}]"
+
+
+def _non_negative(value: int) -> str | None:
+    return None if value >= 0 else "must be a CUDA device ordinal (0, 1, ...)"
+
+
+class SyncTensor(Backend):
+    children_arity = 1
+    config_keys = {"device_id": Key(int, 0, "CUDA device this node's instances run on", check=_non_negative)}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stream: cuda.Stream | None = None
+        self.done: cuda.Event | None = None
+
+    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        self.config = config
+        if not cuda.is_available():
+            raise ModelUnavailableError(
+                f"no CUDA device: {cuda.unavailable_reason()}. {_expression(self)} needs an NVIDIA "
+                "GPU with its driver and cuda-python (pip install 'trtserve[gpu]'); on a CPU-only machine use "
+                "the CPU backends (DecodeMat, ResizeMat, CvtColorMat, OnnxRuntime)",
+                backend="SyncTensor",
+                node=kwargs.get("node"),
+                reason=cuda.unavailable_reason(),
+            )
+        cuda.raise_if_poisoned()
+        ordinal = int(config.get("device_id") or 0)
+        cuda.require_device(ordinal)
+        cuda.ensure_device(ordinal)
+        self.stream = cuda.Stream(device=ordinal)
+        self.done = cuda.Event(blocking=True, device=ordinal)
+        # Current for the rest of this instance thread's life: X binds to it in init and
+        # any work X does outside forward (close, say) lands on it too.
+        cuda.set_current_stream(self.stream)
+        try:
+            for child in self.children:
+                child.init(config, kwargs)
+        except BaseException:
+            self._release()
+            raise
+
+    def forward(self, items: list[dict[str, Any]]) -> None:
+        cuda.raise_if_poisoned()
+        with cuda.use_stream(self.stream):
+            try:
+                self.children[0].forward(items)
+                self.done.record(self.stream)
+                self.done.synchronize()
+            except TrtserveError:
+                raise  # CudaError included: check() already poisoned the process if sticky
+            except Exception as exc:
+                self._raise_if_device_failed(exc)
+                raise
+
+    def _raise_if_device_failed(self, exc: Exception) -> None:
+        """After a foreign exception, surface a CUDA error on this stream as a typed one."""
+        try:
+            self.stream.synchronize()
+        except cuda.CudaError as device_error:
+            raise device_error from exc
+
+    def close(self) -> None:
+        try:
+            if self.stream is not None:
+                with cuda.use_stream(self.stream):
+                    super().close()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Free the event and stream; after a sticky error the dead context is left alone."""
+        if cuda.current_stream() is self.stream:
+            cuda.set_current_stream(None)
+        for resource in (self.done, self.stream):
+            if resource is None:
+                continue
+            try:
+                resource.close()
+            except cuda.CudaError:
+                if not cuda.is_poisoned():
+                    raise
+        self.done = self.stream = None

@@ -1,0 +1,243 @@
+"""TorchScriptTensor: a TorchScript model (``model`` key), batched, on the instance stream.
+
+On CUDA it must sit inside SyncTensor (``SyncTensor[TorchScriptTensor]``): the model runs
+on the instance's stream through ``torch.cuda.ExternalStream``, so it overlaps with other
+instances and SyncTensor's one wait covers it.  DeviceArray inputs (from the GPU image
+backends) are read in place through ``__cuda_array_interface__``; numpy inputs go up
+through a pinned tensor.  Results are numpy arrays by default, copied to pinned host
+memory on the stream (complete when SyncTensor returns); ``result_device = "device"``
+keeps them on the GPU as DeviceArrays for a following GPU node.
+
+Without CUDA (``device = "cpu"``, or ``"auto"`` on a machine without a GPU) it runs on the
+CPU with numpy in and out, no SyncTensor needed.  PyTorch is an optional extra
+(``pip install 'trtserve[torch]'``) imported only when an instance initialises.
+
+Batching: the items' inputs are concatenated along the first dimension, the model runs
+once, and each output is split back by the items' row counts.  ``add_batch_dim = true``
+is for items that are single samples without a batch dimension (HWC images from
+ResizeTensor): each counts 1 toward ``max``, gets a leading dimension of 1, and its
+results come back without it.  A dict input is passed positionally in key order; tuple
+outputs become ``{"output0": ..., "output1": ...}``, dict outputs keep their names.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+
+from ... import cuda
+from ...backend import Backend, Key
+from ...errors import BackendError, ConfigError, InvalidInputError, ModelUnavailableError
+
+
+def _describe(data: Any) -> str:
+    shape = getattr(data, "shape", None)
+    return f"{type(data).__name__}(shape={tuple(shape)})" if shape is not None else type(data).__name__
+
+
+class TorchScriptTensor(Backend):
+    config_keys = {
+        "device": Key(str, "auto", "auto: cuda when PyTorch sees a GPU, else cpu", choices=("auto", "cuda", "cpu")),
+        "add_batch_dim": Key(bool, False, "items are single samples: add (and remove) a batch dimension of 1"),
+        "result_device": Key(str, "host", "host: numpy results; device: DeviceArray results on the GPU", choices=("host", "device")),
+    }
+
+    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
+        super().init(config, kwargs)
+        try:
+            import torch
+        except ImportError:
+            raise ModelUnavailableError(
+                "TorchScriptTensor needs PyTorch, which is not installed: pip install 'trtserve[torch]'",
+                backend="TorchScriptTensor",
+            ) from None
+        self.torch = torch
+        path = config.get("model")
+        if not path:
+            raise ConfigError("TorchScriptTensor needs the config key 'model' (a TorchScript .pt file)", key="model")
+        self.add_batch_dim = bool(config.get("add_batch_dim"))
+        self.result_on_device = config.get("result_device") == "device"
+        self.stream = None
+        self.torch_stream = None
+        choice = config.get("device") or "auto"
+        use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
+        if use_cuda:
+            self._bind_cuda(choice)
+            self.device = torch.device("cuda", self.stream.device)
+        else:
+            self.device = torch.device("cpu")
+            if self.result_on_device:
+                raise ConfigError("TorchScriptTensor: result_device = \"device\" needs CUDA; this instance runs on the CPU", key="result_device")
+        try:
+            self.model = torch.jit.load(path, map_location=self.device)
+        except Exception as exc:
+            raise ModelUnavailableError(
+                f"TorchScriptTensor: cannot load {path} as TorchScript ({type(exc).__name__}: {exc}); "
+                "save it with torch.jit.save(torch.jit.trace(model, example), path)",
+                backend="TorchScriptTensor",
+                file=str(path),
+            ) from None
+        self.model.eval()
+
+    def _bind_cuda(self, choice: str) -> None:
+        torch = self.torch
+        if not torch.cuda.is_available():
+            raise ModelUnavailableError(
+                f"no CUDA device: TorchScriptTensor has device = {choice!r} but PyTorch sees no GPU "
+                "(torch.cuda.is_available() is False); use device = \"cpu\" or \"auto\"",
+                backend="TorchScriptTensor",
+            )
+        self.stream = cuda.current_stream()
+        if self.stream is None:
+            raise ConfigError(
+                "TorchScriptTensor on CUDA runs on the instance's stream, and none is bound: "
+                "wrap it, backend = \"SyncTensor[TorchScriptTensor]\" (or set device = \"cpu\")",
+                backend="TorchScriptTensor",
+            )
+        torch.cuda.set_device(self.stream.device)
+        self.torch_stream = torch.cuda.ExternalStream(self.stream.handle, device=torch.device("cuda", self.stream.device))
+
+    # -- item checks -------------------------------------------------------------------
+    def request_size(self, item: dict[str, Any]) -> int:
+        if self.add_batch_dim:
+            return 1
+        return super().request_size(item)
+
+    def validate(self, item: dict[str, Any]) -> None:
+        data = item.get("data")
+        tensors = list(data.values()) if isinstance(data, dict) else [data]
+        for tensor in tensors:
+            shape = getattr(tensor, "shape", None)
+            if shape is None or not (hasattr(tensor, "__cuda_array_interface__") or isinstance(tensor, np.ndarray) or self._is_torch(tensor)):
+                raise InvalidInputError(
+                    f"TorchScriptTensor takes a numpy array, a DeviceArray or a torch tensor (or a dict of them), "
+                    f"got {_describe(tensor)}",
+                    backend="TorchScriptTensor",
+                    received=_describe(tensor),
+                )
+            if not self.add_batch_dim and len(shape) == 0:
+                raise InvalidInputError(
+                    "TorchScriptTensor inputs need a leading batch dimension; send shape (n, ...) "
+                    "or set add_batch_dim = true",
+                    backend="TorchScriptTensor",
+                    received=_describe(tensor),
+                )
+
+    def _is_torch(self, value: Any) -> bool:
+        return isinstance(value, self.torch.Tensor)
+
+    # -- forward -----------------------------------------------------------------------
+    def forward(self, items: list[dict[str, Any]]) -> None:
+        torch = self.torch
+        with torch.inference_mode(), (torch.cuda.stream(self.torch_stream) if self.torch_stream else contextlib.nullcontext()):
+            names, columns = self._columns(items)
+            rows = [int(col.shape[0]) for col in columns[0]]
+            inputs = [self._batch(col) for col in columns]
+            outputs = self._named_outputs(self.model(*inputs))
+            total = sum(rows)
+            for name, out in outputs.items():
+                if out.ndim == 0 or out.shape[0] != total:
+                    raise BackendError(
+                        f"TorchScriptTensor: output {name!r} has shape {tuple(out.shape)}, expected a first dimension "
+                        f"of {total} (the batch's rows); the model must keep the batch dimension",
+                        backend="TorchScriptTensor",
+                    )
+            per_item = {name: self._split(out, rows) for name, out in outputs.items()}
+        for index, item in enumerate(items):
+            results = {name: parts[index] for name, parts in per_item.items()}
+            item["result"] = results["output0"] if list(results) == ["output0"] else results
+
+    def _columns(self, items: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+        """Per model input, every item's tensor (as a torch tensor with a batch dimension)."""
+        first = items[0]["data"]
+        names = list(first) if isinstance(first, dict) else ["input"]
+        columns: list[list[Any]] = [[] for _ in names]
+        for item in items:
+            data = item["data"]
+            if isinstance(first, dict) != isinstance(data, dict) or (isinstance(data, dict) and list(data) != names):
+                raise InvalidInputError(
+                    f"TorchScriptTensor: items batched together must have the same inputs; the first has "
+                    f"{names if isinstance(first, dict) else 'one tensor'}, another has {_describe(data)}",
+                    backend="TorchScriptTensor",
+                )
+            values = [data[n] for n in names] if isinstance(data, dict) else [data]
+            for column, value in zip(columns, values):
+                tensor = self._as_tensor(value)
+                column.append(tensor.unsqueeze(0) if self.add_batch_dim else tensor)
+        return names, columns
+
+    def _as_tensor(self, value: Any) -> Any:
+        torch = self.torch
+        if self._is_torch(value):
+            return value
+        if isinstance(value, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(value))
+        if hasattr(value, "__cuda_array_interface__"):
+            if self.device.type != "cuda":
+                return torch.from_numpy(cuda.to_host(value))
+            return torch.as_tensor(value, device=self.device)  # zero-copy view of device memory
+        raise InvalidInputError(f"TorchScriptTensor cannot use {_describe(value)} as a tensor", backend="TorchScriptTensor")
+
+    def _batch(self, column: list[Any]) -> Any:
+        """One input tensor of the whole batch, on the model's device."""
+        torch = self.torch
+        if self.device.type == "cpu":
+            return column[0] if len(column) == 1 else torch.cat(column)
+        host = [t for t in column if t.device.type == "cpu"]
+        if host:
+            # Stage host rows in one pinned tensor so the upload is async on the stream;
+            # torch's pinned allocator keeps it until that copy has run.
+            shape = (sum(int(t.shape[0]) for t in host),) + tuple(host[0].shape[1:])
+            pinned = torch.cat(host, out=torch.empty(shape, dtype=host[0].dtype, pin_memory=True))
+            uploaded = pinned.to(self.device, non_blocking=True)
+            parts, offset = [], 0
+            for t in column:
+                if t.device.type == "cpu":
+                    n = int(t.shape[0])
+                    parts.append(uploaded[offset : offset + n])
+                    offset += n
+                else:
+                    parts.append(t)
+            column = parts
+        return column[0] if len(column) == 1 else torch.cat(column)
+
+    def _named_outputs(self, out: Any) -> dict[str, Any]:
+        if isinstance(out, dict):
+            return {str(k): v for k, v in out.items()}
+        if isinstance(out, (tuple, list)):
+            return {f"output{i}": v for i, v in enumerate(out)}
+        return {"output0": out}
+
+    def _split(self, out: Any, rows: list[int]) -> list[Any]:
+        """Per-item results: numpy on the host, or DeviceArrays on the GPU."""
+        torch = self.torch
+        out = out.contiguous()
+        if self.device.type == "cpu":
+            whole = out.numpy()
+        elif self.result_on_device:
+            # Copy into stream-ordered memory of our own: torch's allocator could otherwise
+            # hand the block to new work on this stream while a consumer still reads it.
+            whole_dev = cuda.DeviceArray.empty(tuple(out.shape), _numpy_dtype(out), self.stream)
+            cuda.copy_async(whole_dev.ptr, out.data_ptr(), whole_dev.nbytes, "dtod", self.stream)
+            return self._slices(whole_dev, rows, lambda a, s, e: a.rows(s, e))
+        else:
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)  # complete once SyncTensor's wait returns
+            whole = host.numpy()
+        return self._slices(whole, rows, lambda a, s, e: a[s:e])
+
+    def _slices(self, whole: Any, rows: list[int], take) -> list[Any]:
+        parts, offset = [], 0
+        for n in rows:
+            part = take(whole, offset, offset + n)
+            if self.add_batch_dim:
+                part = part.reshape(part.shape[1:]) if isinstance(part, cuda.DeviceArray) else part[0]
+            parts.append(part)
+            offset += n
+        return parts
+
+
+def _numpy_dtype(tensor: Any) -> np.dtype:
+    return np.dtype(str(tensor.dtype).replace("torch.", ""))
+
