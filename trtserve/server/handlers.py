@@ -156,14 +156,20 @@ class Dispatcher:
 
     def statistics(self, message: dict[str, Any]) -> dict[str, Any]:
         if message.get("model") is not None:
-            return {"models": [self.repository.get(require_model(message)).statistics()]}
+            return {"models": self._served_stats(require_model(message))}
         models = []
         for name in self.repository.loaded():
             try:
-                models.append(self.repository.get(name).statistics())
+                models += self._served_stats(name)
             except TrtserveError:
                 continue  # unloaded between the listing and the read
         return {"models": models}
+
+    def _served_stats(self, name: str) -> list[dict[str, Any]]:
+        """One row per served version (a version policy may serve several)."""
+        latest = self.repository.get(name)
+        served = dict(latest.entry.models) if latest.entry is not None else {latest.version: latest}
+        return [served[v].statistics() for v in sorted(served)]
 
     # -- model control -----------------------------------------------------------------
     def load(self, message: dict[str, Any]) -> Deferred:

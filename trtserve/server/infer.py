@@ -59,6 +59,20 @@ def optional_version(message: dict[str, Any]) -> int | None:
     )
 
 
+def optional_priority(message: dict[str, Any]) -> int:
+    """0 (absent) = the model's default level; the scheduler checks the range (1 = highest)."""
+    priority = message.get("priority")
+    if priority is None:
+        return 0
+    if type(priority) is int and priority >= 0:
+        return priority
+    raise InvalidArgumentError(
+        f"field 'priority' must be an integer level >= 0 (1 = highest, 0 = the model's default), got {priority!r}",
+        field="priority",
+        value=repr(priority),
+    )
+
+
 def timeout_seconds(message: dict[str, Any]) -> float | None:
     value = message.get("timeout_ms")
     if value is None:
@@ -250,14 +264,16 @@ class InferHandler:
     def __init__(self, repository: ModelRepository, loop: asyncio.AbstractEventLoop) -> None:
         self.repository = repository
         self.loop = loop
-        self._io: dict[str, tuple[LoadedModel, ModelIO]] = {}  # per model name, for the served object
+        self._io: dict[tuple[str, int], tuple[LoadedModel, ModelIO]] = {}
 
     def model_io(self, model: LoadedModel) -> ModelIO:
-        cached = self._io.get(model.name)
+        """Known inputs/outputs, computed once per served model object (a reload replaces it)."""
+        key = (model.name, model.version)
+        cached = self._io.get(key)
         if cached is not None and cached[0] is model:
             return cached[1]
         io = ModelIO(model)
-        self._io[model.name] = (model, io)  # a reload replaces the entry: one per name
+        self._io[key] = (model, io)
         return io
 
     def __call__(self, message: dict[str, Any]) -> InferCall:
@@ -265,9 +281,10 @@ class InferHandler:
         io = self.model_io(model)
         item = {"data": io.item_data(message.get("inputs"))}
         call = InferCall(self.loop, model, io, io.output_filter(message.get("outputs")))
+        priority = optional_priority(message)
         timeout = timeout_seconds(message)
         deadline = None if timeout is None else time.monotonic() + timeout
-        call.request = model.submit(item, call.on_done, deadline)
+        call.request = model.submit(item, call.on_done, deadline, priority)
         if timeout is not None:
             call.timer = self.loop.call_later(timeout, call.expire, timeout)
         return call
