@@ -77,6 +77,7 @@ class FakeEngine:
     compute: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
     fail: dict[str, object] = field(default_factory=dict)  # which call misbehaves, and how
     contexts: list["FakeContext"] = field(default_factory=list)
+    context_class: type = None  # FakeContext unless a test computes elsewhere (on a GPU)
 
     @property
     def num_io_tensors(self) -> int:
@@ -107,7 +108,7 @@ class FakeEngine:
     def create_execution_context(self):
         if self.fail.get("context"):
             return None
-        self.contexts.append(FakeContext(self))
+        self.contexts.append((self.context_class or FakeContext)(self))
         return self.contexts[-1]
 
 
