@@ -228,3 +228,57 @@ def test_bf16_tensors_are_refused_with_a_fix(gpu, plan):
     gpu.engine.outputs["scaled"] = fake.Tensor(fake.DataType.BF16, (-1, 3))
     with pytest.raises(ConfigError, match="no numpy equivalent.*Cast node"):
         _pipe(plan)
+
+
+def test_build_keys_on_a_prebuilt_plan_are_refused(gpu, plan):
+    with pytest.raises(ConfigError, match="precision = 'fp16' applies to ONNX models only"):
+        _pipe(plan, precision="fp16")
+    with pytest.raises(ConfigError, match="input_shapes = .* applies to ONNX models only"):
+        _pipe(plan, input_shapes={"a": [3]})
+
+
+def test_onnx_model_goes_through_the_cache_and_must_match_the_engine(gpu, tmp_path, monkeypatch):
+    from trtserve.tensorrt.cache import EngineArtifact
+    from trtserve.tensorrt.io import EngineIO, TensorInfo
+
+    calls = []
+
+    def ensure(trt, path, spec, use_cache=True, force_rebuild=False):
+        calls.append((spec, use_cache, force_rebuild))
+        io = EngineIO((TensorInfo("a", "float32", (-1, 3)), TensorInfo("b", "int32", (-1, 2))),
+                      (TensorInfo("scaled", "float32", (-1, 3)), TensorInfo("b_plus", "int32", (-1, 2))))
+        return EngineArtifact(b"engine", io, "built", path)
+
+    monkeypatch.setattr("trtserve.tensorrt.ensure_engine", ensure)
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"onnx")
+    models = trtserve.pipe({"backend": "TensorrtTensor", "model": str(model), "max": 8, "min": 2, "precision": "fp16",
+                            "workspace_mb": 64, "engine_cache": False})
+    models.close()
+    spec, use_cache, _ = calls[0]
+    assert (spec.min_batch, spec.max_batch, spec.precision, spec.workspace_mb, use_cache) == (2, 8, "fp16", 64, False)
+    gpu.engine.outputs = {"renamed": gpu.engine.outputs.pop("scaled"), **gpu.engine.outputs}
+    with pytest.raises(ModelUnavailableError, match="differ from those recorded at build"):
+        trtserve.pipe({"backend": "TensorrtTensor", "model": str(model), "max": 8})
+
+
+def test_refused_cached_engine_is_rebuilt_once(gpu, tmp_path, monkeypatch):
+    from trtserve.tensorrt.cache import EngineArtifact
+    from trtserve.tensorrt.runtime import EngineRejected
+
+    sources = iter(["cache", "built"])
+    monkeypatch.setattr("trtserve.tensorrt.ensure_engine",
+                        lambda trt, path, spec, use_cache=True, force_rebuild=False: EngineArtifact(b"e", None, next(sources), path))
+    attempts = []
+
+    def deserialize(trt, artifact):
+        attempts.append(artifact.source)
+        if artifact.source == "cache":
+            raise EngineRejected("stale for this driver")
+        return object(), gpu.engine
+
+    monkeypatch.setattr("trtserve.tensorrt.deserialize_engine", deserialize)
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"onnx")
+    trtserve.pipe({"backend": "TensorrtTensor", "model": str(model), "max": 8}).close()
+    assert attempts == ["cache", "built"]

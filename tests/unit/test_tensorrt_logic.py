@@ -242,6 +242,7 @@ def test_concurrent_instances_build_once(tmp_path, fake_build):
 def test_cache_file_is_self_describing(tmp_path, fake_build):
     model = _model(tmp_path)
     ensure_engine(FAKE_TRT, model, BuildSpec(2, 8, "fp16", 64))
+    assert cache_path(model).stat().st_mode & 0o777 == 0o644  # readable by a server running as another user
     blob = cache_path(model).read_bytes()
     length = int.from_bytes(blob[len(MAGIC) : len(MAGIC) + 4], "little")
     header = json.loads(blob[len(MAGIC) + 4 : len(MAGIC) + 4 + length])

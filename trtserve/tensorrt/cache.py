@@ -187,6 +187,7 @@ def write_cache(path: Path, header: dict[str, Any], plan: bytes) -> None:
     head = json.dumps(header, sort_keys=True).encode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; the server may run as another user than the builder
         with os.fdopen(fd, "wb") as fh:
             fh.write(MAGIC + _LEN.pack(len(head)) + head)
             fh.write(plan)

@@ -72,8 +72,8 @@ class EngineRunner:
 
     def _bounds(self, tensor: Any, min_rows: int, max_rows: int) -> Bounds:
         """The profile-0 range of an input, narrowed to the node's batch range."""
-        if -1 not in self.engine.get_tensor_shape(tensor.name):
-            shape = tuple(self.engine.get_tensor_shape(tensor.name))
+        shape = tuple(self.engine.get_tensor_shape(tensor.name))
+        if -1 not in shape:
             lo, hi = shape, shape
         else:
             lo, _opt, hi = (tuple(d) for d in self.engine.get_tensor_profile_shape(tensor.name, 0))
@@ -124,8 +124,12 @@ class EngineRunner:
             if nbytes > self.capacity[tensor.name]:
                 raise BackendError(f"{self.where}: output {tensor.name!r} needs {nbytes} bytes, its buffer holds {self.capacity[tensor.name]}")
         with logger(self.trt).capture() as errors:
-            if not self.context.execute_async_v3(stream.handle):
-                raise BackendError(f"{self.where}: execute_async_v3 failed for a batch of {total} rows: {quote_errors(errors)}")
+            enqueued = self.context.execute_async_v3(stream.handle)
+        if not enqueued:
+            # A sticky CUDA error behind the failure surfaces (typed, poisoning) on this wait.
+            self.done.record(stream)
+            self.done.synchronize()
+            raise BackendError(f"{self.where}: execute_async_v3 failed for a batch of {total} rows: {quote_errors(errors)}")
         results = {}
         for tensor in self.io.outputs:
             dtype = np.dtype(tensor.dtype)

@@ -22,6 +22,7 @@ from ...errors import ConfigError, ModelUnavailableError
 log = logging.getLogger("trtserve.tensorrt")
 ONNX_SUFFIXES = (".onnx",)
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
+BUILD_KEYS = ("precision", "workspace_mb", "engine_cache", "input_shapes")  # meaningless for a prebuilt plan
 
 
 def _workspace(value: int) -> str | None:
@@ -66,7 +67,17 @@ class TensorrtTensor(Backend):
 
         trt = import_tensorrt(config["trt_module"])
         runtime, engine, artifact = self._engine(trt, path, config)
-        io = artifact.io if artifact.io is not None else engine_io(trt, engine, str(path))
+        io = engine_io(trt, engine, str(path))
+        if artifact.io is not None:
+            # The build recorded shapes with input_shapes applied; the engine must agree on the rest.
+            if [(t.name, t.dtype) for t in artifact.io.inputs + artifact.io.outputs] != [(t.name, t.dtype) for t in io.inputs + io.outputs]:
+                raise ModelUnavailableError(
+                    f"{path}: the engine's tensors {[(t.name, t.dtype) for t in io.inputs + io.outputs]} differ from "
+                    f"those recorded at build {[(t.name, t.dtype) for t in artifact.io.inputs + artifact.io.outputs]}; "
+                    f"delete {artifact.path} to rebuild",
+                    model_file=str(path),
+                )
+            io = artifact.io
         from ...tensorrt.execution import EngineRunner
         from ...tensorrt.items import ItemChecker
 
@@ -102,9 +113,14 @@ class TensorrtTensor(Backend):
         from ...tensorrt.runtime import EngineRejected
 
         if path.suffix.lower() in PLAN_SUFFIXES:
-            for key in ("input_shapes",):
-                if config.get(key):
-                    raise ConfigError(f"{key} applies to ONNX models only; {path} is a prebuilt engine", key=key)
+            for key in BUILD_KEYS:
+                if config.get(key) != self.config_keys[key].default:
+                    raise ConfigError(
+                        f"{key} = {config.get(key)!r} applies to ONNX models only; {path} is a prebuilt engine, "
+                        f"loaded as built: remove {key}, or point model at the ONNX file",
+                        key=key,
+                        value=repr(config.get(key)),
+                    )
             artifact = load_plan(path)
             return (*deserialize_engine(trt, artifact), artifact)
         spec = BuildSpec(
