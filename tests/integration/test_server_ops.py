@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
 import threading
 
@@ -11,7 +12,7 @@ from trtserve_client.wire import DEFAULT_MAX_FRAME, OPERATIONS
 
 import trtserve
 
-from .conftest import array, tensor, write_model
+from .conftest import array, tensor, trtserve_command, write_model
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -227,3 +228,21 @@ def test_python_dash_m(process_factory):
         assert conn.result("server_metadata")["max_frame"] == 4096
         out = conn.result("infer", model="identity", inputs={"input": tensor(ROWS)})["outputs"]["output"]
         np.testing.assert_array_equal(array(out), ROWS)
+
+
+def test_console_script_refuses_a_missing_repository(tmp_path):
+    done = subprocess.run(trtserve_command() + ["serve", "--repository", str(tmp_path / "nope"), "--port", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "is not a directory" in done.stderr and done.stdout == ""
+
+
+def test_console_script_reports_a_busy_port(repository):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(trtserve_command() + ["serve", "--repository", str(repository), "--port", str(port)],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and done.stdout == ""

@@ -117,6 +117,7 @@ class Server:
         installed = self._install_signal_handlers(loop)
         try:
             await self._stop_requested.wait()
+            await self.stop()  # the handlers stay: a second signal cuts the grace period short
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)

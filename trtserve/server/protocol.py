@@ -106,6 +106,23 @@ class ServerProtocol(asyncio.Protocol):
         self._eof = False
         self.peer: Any = None
 
+    # -- introspection (tests, debugging) ------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    @property
+    def backlogged(self) -> int:
+        return len(self._backlog)
+
+    @property
+    def reading_paused(self) -> bool:
+        return self._reading_paused
+
+    @property
+    def write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() if self._transport is not None else 0
+
     # -- connection lifecycle ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
