@@ -178,6 +178,10 @@ def test_imports_never_touch_cuda_or_torch_and_report_why_unavailable():
     assert "cuda-python is not installed" in out.stdout
 
 
+needs_no_gpu = pytest.mark.skipif(cuda.is_available(), reason="checks the CPU-only behaviour; this machine has a GPU")
+
+
+@needs_no_gpu
 def test_is_available_never_raises_here():
     assert cuda.is_available() is False  # CI and development machines have no GPU
     assert cuda.unavailable_reason()
@@ -314,6 +318,7 @@ def test_mean_std_parsing():
 # --------------------------------------------------------------------------- GPU models here
 
 
+@needs_no_gpu
 @pytest.mark.parametrize(
     "backend",
     [

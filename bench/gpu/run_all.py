@@ -1,0 +1,398 @@
+"""One command on a GPU machine: the GPU test suite, then the GPU benchmarks, then a report.
+
+    python3 bench/gpu/run_all.py --out OUTDIR [--skip-tests] [--seconds 2.0]
+
+Writes OUTDIR/gpu-tests.txt (pytest output), OUTDIR/report.json (every number) and
+OUTDIR/report.md (the tables, also printed last).  Benchmarks:
+
+1. Copies: H2D from pinned vs pageable memory; D2D copy bandwidth (bytes read + written).
+2. FusedPreprocessTensor's kernel: effective bandwidth (source read + output written once)
+   against the measured D2D bandwidth; and per-image time at a typical 1080p -> 224 size.
+3. Preprocessing images/s: the GPU ops on device-resident images vs OpenCV on the CPU,
+   and the whole JPEG -> 224x224 RGB chain through trtserve.pipe on GPU vs CPU backends.
+4. ResNet-18 (random weights) as SyncTensor[TorchScriptTensor], instance_num 2, max 8, at
+   concurrency 1..64 (closed loop, host inputs), against the raw traced model at batch 8
+   on its own stream with its input already on the GPU: the ratio is what the serving
+   layer keeps of the GPU's throughput.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "clients")]
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+import importlib.util  # noqa: E402
+
+import trtserve  # noqa: E402
+from trtserve import cuda  # noqa: E402
+from trtserve.backends.gpu import kernels  # noqa: E402
+
+
+def _load_support():
+    # By path: an installed distribution that ships a top-level "tests" package would
+    # shadow this repository's tests/ namespace package.
+    spec = importlib.util.spec_from_file_location("trtserve_gpu_support", ROOT / "tests" / "gpu" / "support.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+support = _load_support()
+
+GIB = 1 << 30
+
+
+def median_ms(fn: Callable[[], float], repeats: int) -> float:
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def event_time_ms(stream: cuda.Stream, body: Callable[[], None], inner: int) -> float:
+    """Milliseconds per ``body()`` call, timed with events around ``inner`` calls."""
+    start, end = cuda.Event(timing=True), cuda.Event(timing=True)
+    start.record(stream)
+    for _ in range(inner):
+        body()
+    end.record(stream)
+    end.synchronize()
+    ms = start.elapsed_ms(end) / inner
+    start.close()
+    end.close()
+    return ms
+
+
+# --------------------------------------------------------------------------- 1. copies
+
+
+def bench_copies() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    nbytes = 256 << 20
+    host = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
+    with cuda.Stream() as stream, cuda.PinnedBuffer(nbytes) as pinned, cuda.DeviceBuffer(nbytes) as dev:
+        pinned.as_numpy()[:] = host
+        done = cuda.Event()
+
+        def timed(src_ptr: int) -> float:
+            t0 = time.perf_counter()
+            cuda.copy_async(dev.ptr, src_ptr, nbytes, "htod", stream)
+            returned = time.perf_counter() - t0
+            done.record(stream)
+            done.synchronize()
+            timed.returned.append(returned)
+            return (time.perf_counter() - t0) * 1e3
+
+        timed.returned = []
+        for label, ptr in (("pageable", host.ctypes.data), ("pinned", pinned.ptr)):
+            timed.returned.clear()
+            timed(ptr)
+            ms = median_ms(lambda: timed(ptr), 5)
+            out[f"h2d_{label}_GBps"] = nbytes / ms / 1e6
+            out[f"h2d_{label}_call_returned_after_ms"] = statistics.median(timed.returned) * 1e3
+        done.close()
+    size = GIB
+    with cuda.Stream() as stream, cuda.DeviceBuffer(size) as a, cuda.DeviceBuffer(size) as b:
+        cuda.copy_async(b.ptr, a.ptr, size, "dtod", stream)
+        ms = median_ms(lambda: event_time_ms(stream, lambda: cuda.copy_async(b.ptr, a.ptr, size, "dtod", stream), 5), 5)
+        out["d2d_GBps_read_plus_write"] = 2 * size / ms / 1e6
+    return out
+
+
+# --------------------------------------------------------------------------- 2. fused kernel
+
+
+def bench_fused(d2d_gbps: float | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with cuda.Stream() as stream, cuda.use_stream(stream):
+        for label, (sh, sw), (dh, dw), count in (
+            ("4k_to_4k", (2160, 3840), (2160, 3840), 4),
+            ("1080p_to_224", (1080, 1920), (224, 224), 8),
+        ):
+            sources = [cuda.to_device(support.photo(sh, sw, seed=i)) for i in range(count)]
+            calls = iter(range(1 << 30))
+
+            def body() -> None:
+                src = sources[next(calls) % count]  # rotate: a 25 MB 4K source would sit in L2
+                kernels.fused_preprocess(src, dh, dw, support.MEAN, support.STD, True, stream)
+
+            event_time_ms(stream, body, 5)  # compile + warm the pool
+            ms = median_ms(lambda: event_time_ms(stream, body, 20), 5)
+            moved = sh * sw * 3 + 3 * dh * dw * 4
+            out[label] = {"us_per_image": ms * 1e3, "effective_GBps": moved / ms / 1e6, "bytes_per_image": moved}
+            if d2d_gbps:
+                out[label]["fraction_of_d2d"] = out[label]["effective_GBps"] / d2d_gbps
+    return out
+
+
+# --------------------------------------------------------------------------- 3. preprocessing
+
+
+def closed_loop(call: Callable[[int], None], concurrency: int, seconds: float) -> dict[str, float]:
+    stop = time.perf_counter() + seconds
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    errors: list[str] = []
+
+    def worker(i: int) -> None:
+        try:
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                call(i)
+                latencies[i].append(time.perf_counter() - t0)
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    flat = sorted(x for per in latencies for x in per)
+    if errors:
+        raise RuntimeError(f"{len(errors)} calls failed, first: {errors[0]}")
+    return {
+        "per_s": len(flat) / elapsed,
+        "p50_ms": flat[len(flat) // 2] * 1e3 if flat else float("nan"),
+        "p99_ms": flat[min(len(flat) - 1, int(len(flat) * 0.99))] * 1e3 if flat else float("nan"),
+        "count": len(flat),
+    }
+
+
+def bench_preprocess(seconds: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    frames = [support.photo(1080, 1920, seed=i) for i in range(8)]
+    # GPU ops on device-resident 1080p BGR frames -> 224x224 RGB
+    with cuda.Stream() as stream, cuda.use_stream(stream):
+        dev = [cuda.to_device(f) for f in frames]
+        calls = iter(range(1 << 30))
+
+        def unfused() -> None:
+            kernels.swap_rb_u8(kernels.resize_u8(dev[next(calls) % 8], 224, 224))
+
+        def fused() -> None:
+            kernels.fused_preprocess(dev[next(calls) % 8], 224, 224, support.MEAN, support.STD, True)
+
+        for label, body in (("gpu_resize_cvtcolor", unfused), ("gpu_fused", fused)):
+            event_time_ms(stream, body, 10)
+            ms = median_ms(lambda: event_time_ms(stream, body, 200), 3)
+            out[f"{label}_images_per_s"] = 1e3 / ms
+    # OpenCV on the CPU, same work
+    def cv_ops(i: int) -> None:
+        cv2.cvtColor(cv2.resize(frames[i % 8], (224, 224), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
+
+    out["cpu_opencv_resize_cvtcolor_1_thread_images_per_s"] = closed_loop(cv_ops, 1, seconds)["per_s"]
+    out["cpu_opencv_resize_cvtcolor_16_threads_images_per_s"] = closed_loop(cv_ops, 16, seconds)["per_s"]
+    # Whole chain from JPEG bytes through trtserve.pipe
+    jpegs = [support.jpeg(f) for f in frames]
+    chains = {
+        "pipe_gpu_chain": {"backend": "SyncTensor[S[DecodeTensor,ResizeTensor,CvtColorTensor]]", "instance_num": 8,
+                           "resize_h": 224, "resize_w": 224, "color": "rgb"},
+        "pipe_cpu_chain": {"backend": "S[DecodeMat,ResizeMat,CvtColorMat]", "instance_num": 8,
+                           "resize_h": 224, "resize_w": 224, "color": "rgb"},
+    }
+    for label, config in chains.items():
+        with trtserve.pipe(config) as pipe:
+            run = lambda i: pipe({"data": jpegs[i % 8]})  # noqa: E731
+            closed_loop(run, 16, 0.5)
+            out[label] = closed_loop(run, 16, seconds)
+    out["jpeg_source"] = "1920x1080 synthetic photo, JPEG quality 90"
+    out["cpu_cores"] = os.cpu_count()
+    return out
+
+
+# --------------------------------------------------------------------------- 4. ResNet
+
+
+def bench_resnet(seconds: float, workdir: Path) -> dict[str, Any]:
+    import torch
+
+    models = support.build_models(workdir)
+    path = models["paths"]["chw"]
+    out: dict[str, Any] = {"model": models["source"], "precision": "float32 (cuDNN TF32 default)"}
+    # raw: the traced model on its own stream, input already on the GPU
+    net = torch.jit.load(str(path), map_location="cuda").eval()
+    raw_stream = torch.cuda.Stream()
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, 224, 224, device="cuda")
+        with torch.inference_mode(), torch.cuda.stream(raw_stream):
+            for _ in range(20):
+                net(x)
+            raw_stream.synchronize()
+            times = []
+            for _ in range(5):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(raw_stream)
+                for _ in range(50):
+                    net(x)
+                end.record(raw_stream)
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 50)
+        ms = statistics.median(times)
+        out[f"raw_batch{batch}"] = {"ms_per_batch": ms, "images_per_s": batch * 1e3 / ms}
+    raw = out["raw_batch8"]["images_per_s"]
+    config = {"backend": "SyncTensor[TorchScriptTensor]", "model": str(path), "instance_num": 2, "max": 8, "batching_timeout": 1}
+    inputs = [np.random.default_rng(i).standard_normal((1, 3, 224, 224)).astype(np.float32) for i in range(16)]
+    levels = []
+    with trtserve.pipe(config) as pipe:
+        closed_loop(lambda i: pipe({"data": inputs[i % 16]}), 16, 1.0)  # warm-up: cuDNN picks kernels
+        node = pipe.pipeline.nodes[0]
+        for concurrency in (1, 2, 4, 8, 16, 32, 64):
+            before = node.stats.snapshot()["batches"]
+            row = closed_loop(lambda i: pipe({"data": inputs[i % 16]}), concurrency, seconds)
+            batches = node.stats.snapshot()["batches"] - before
+            row.update(concurrency=concurrency, mean_batch=row["count"] / max(batches, 1), ratio_to_raw_b8=row["per_s"] / raw)
+            levels.append(row)
+        # the same with inputs already on the GPU (DeviceArray): no H2D in the serving path
+        with cuda.Stream() as up:
+            dev_inputs = [cuda.to_device(x, up) for x in inputs]
+            up.synchronize()
+            for concurrency in (16, 64):
+                row = closed_loop(lambda i: pipe({"data": dev_inputs[i % 16]}), concurrency, seconds)
+                row.update(concurrency=concurrency, inputs="DeviceArray", ratio_to_raw_b8=row["per_s"] / raw)
+                out.setdefault("device_inputs", []).append(row)
+    out["pipe_host_inputs"] = levels
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def environment() -> dict[str, Any]:
+    env: dict[str, Any] = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    env["python"] = platform.python_version()
+    info = cuda.device_info(0)
+    env["gpu"] = f"{info.name} (cc {info.compute_capability[0]}.{info.compute_capability[1]}, {info.multiprocessors} SMs)"
+    for name in ("torch", "torchvision", "cupy", "cv2", "numpy"):
+        try:
+            env[name] = __import__(name).__version__
+        except Exception as exc:
+            env[name] = f"not available ({type(exc).__name__})"
+    try:
+        from cuda import bindings
+
+        env["cuda-bindings"] = bindings.__version__
+    except Exception as exc:
+        env["cuda-bindings"] = f"unknown ({exc})"
+    try:
+        env["nvidia-smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception as exc:
+        env["nvidia-smi"] = f"unavailable ({exc})"
+    return env
+
+
+def run_tests(out: Path) -> dict[str, Any]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "clients"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "pytest", "tests/gpu", "tests/unit/test_cuda_logic.py", "-q", "-rs", "-s",
+           "-p", "no:cacheprovider", f"--junitxml={out / 'gpu-tests.xml'}"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=330)
+    text = proc.stdout + proc.stderr
+    (out / "gpu-tests.txt").write_text(text)
+    lines = [l for l in text.strip().splitlines() if l.strip()]
+    summary = next((l for l in reversed(lines) if " passed" in l or " failed" in l or " error" in l), lines[-1] if lines else "")
+    notes = [l for l in lines if l.startswith(("fused:", "hwc:"))]
+    return {"command": " ".join(cmd), "returncode": proc.returncode, "summary": summary.strip("= "), "seconds": time.perf_counter() - t0, "notes": notes}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env, lines = report["environment"], []
+    lines += ["# trtserve GPU report", "", f"- date: {env['date_utc']}", f"- GPU: {env['gpu']}; nvidia-smi: {env.get('nvidia-smi')}",
+              f"- torch {env['torch']}, torchvision {env['torchvision']}, cuda-bindings {env['cuda-bindings']}, cupy {env['cupy']}, OpenCV {env['cv2']}"]
+    if "tests" in report:
+        t = report["tests"]
+        lines += ["", "## GPU tests", "", f"`{t['command']}`", "", f"**{t['summary']}** (exit {t['returncode']}, {t['seconds']:.0f} s)"]
+        lines += [f"- {n}" for n in t["notes"]]
+    c = report.get("copies", {})
+    if "d2d_GBps_read_plus_write" in c:
+        lines += ["", "## Copies (256 MiB H2D, 1 GiB D2D)", "", "| copy | GB/s | call returned after (ms) |", "|---|---|---|",
+                  f"| H2D pageable | {c['h2d_pageable_GBps']:.1f} | {c['h2d_pageable_call_returned_after_ms']:.2f} |",
+                  f"| H2D pinned | {c['h2d_pinned_GBps']:.1f} | {c['h2d_pinned_call_returned_after_ms']:.3f} |",
+                  f"| D2D (read+write) | {c['d2d_GBps_read_plus_write']:.0f} | - |"]
+    f = report.get("fused", {})
+    if "4k_to_4k" in f:
+        lines += ["", "## Fused preprocessing kernel (resize + BGR->RGB + normalise + CHW float32)", "",
+                  "| case | us/image | effective GB/s | of D2D |", "|---|---|---|---|"]
+        for k in ("4k_to_4k", "1080p_to_224"):
+            r = f[k]
+            lines.append(f"| {k} | {r['us_per_image']:.1f} | {r['effective_GBps']:.0f} | {100 * r.get('fraction_of_d2d', float('nan')):.0f}% |")
+    p = report.get("preprocess", {})
+    if "pipe_gpu_chain" in p:
+        lines += ["", "## Preprocessing, 1080p -> 224x224 RGB (images/s)", "", "| what | images/s |", "|---|---|",
+                  f"| GPU resize+cvtColor kernels (device-resident frames) | {p['gpu_resize_cvtcolor_images_per_s']:.0f} |",
+                  f"| GPU fused kernel (device-resident frames) | {p['gpu_fused_images_per_s']:.0f} |",
+                  f"| OpenCV resize+cvtColor, 1 thread | {p['cpu_opencv_resize_cvtcolor_1_thread_images_per_s']:.0f} |",
+                  f"| OpenCV resize+cvtColor, 16 threads | {p['cpu_opencv_resize_cvtcolor_16_threads_images_per_s']:.0f} |",
+                  f"| pipe: JPEG -> SyncTensor[S[DecodeTensor,ResizeTensor,CvtColorTensor]] x8, 16 clients | {p['pipe_gpu_chain']['per_s']:.0f} |",
+                  f"| pipe: JPEG -> S[DecodeMat,ResizeMat,CvtColorMat] x8, 16 clients | {p['pipe_cpu_chain']['per_s']:.0f} |"]
+    r = report.get("resnet", {})
+    if "pipe_host_inputs" in r:
+        lines += ["", f"## ResNet-18 ({r['model']}, {r['precision']})", "",
+                  f"Raw traced model on its own stream, input on GPU: batch 1 {r['raw_batch1']['images_per_s']:.0f} img/s, "
+                  f"batch 8 {r['raw_batch8']['images_per_s']:.0f} img/s ({r['raw_batch8']['ms_per_batch']:.2f} ms/batch).", "",
+                  "SyncTensor[TorchScriptTensor], instance_num 2, max 8, batching_timeout 1 ms; each request one [1,3,224,224] float32 numpy input:", "",
+                  "| concurrency | req/s | p50 ms | p99 ms | mean batch | ratio to raw b8 |", "|---|---|---|---|---|---|"]
+        for row in r["pipe_host_inputs"]:
+            lines.append(f"| {row['concurrency']} | {row['per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['mean_batch']:.2f} | {row['ratio_to_raw_b8']:.2f} |")
+        for row in r.get("device_inputs", []):
+            lines.append(f"| {row['concurrency']} (DeviceArray inputs) | {row['per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | - | {row['ratio_to_raw_b8']:.2f} |")
+    for name, err in report.get("errors", {}).items():
+        lines += ["", f"**{name} failed:** `{err.splitlines()[-1] if err else ''}`"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per throughput measurement")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not cuda.is_available():
+        print(f"no CUDA device: {cuda.unavailable_reason()}", file=sys.stderr)
+        return 2
+    report: dict[str, Any] = {"environment": environment(), "errors": {}}
+    print(json.dumps(report["environment"], indent=1), flush=True)
+    if not args.skip_tests:
+        report["tests"] = run_tests(args.out)
+        print("tests:", report["tests"]["summary"], flush=True)
+    steps = [
+        ("copies", bench_copies),
+        ("fused", lambda: bench_fused(report.get("copies", {}).get("d2d_GBps_read_plus_write"))),
+        ("preprocess", lambda: bench_preprocess(args.seconds)),
+        ("resnet", lambda: bench_resnet(args.seconds, Path(tempfile.mkdtemp(prefix="trtserve-resnet-")))),
+    ]
+    for name, step in steps:
+        t0 = time.perf_counter()
+        try:
+            report[name] = step()
+            print(f"{name}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+        except Exception:
+            report["errors"][name] = traceback.format_exc()
+            print(f"{name}: FAILED\n{report['errors'][name]}", flush=True)
+        (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    text = markdown(report)
+    (args.out / "report.md").write_text(text)
+    print(text, flush=True)
+    tests_ok = args.skip_tests or report["tests"]["returncode"] == 0
+    return 0 if tests_ok and not report["errors"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
