@@ -149,12 +149,14 @@ class AsyncClient:
         version: int | None = None,
         outputs: Iterable[str] | None = None,
         timeout: float | None = None,
+        priority: int | None = None,
     ) -> dict[str, Value]:
         """Run ``model`` on ``inputs`` and return ``{output name: ndarray or bytes}``.
 
         ``inputs`` is a dict name -> array/bytes, or one array/bytes for a one-input model
         (its name is looked up once in the model's metadata and cached).  Arrays carry
-        their batch dimension.  ``outputs`` selects output names.  ``timeout`` (seconds)
+        their batch dimension.  ``outputs`` selects output names.  ``priority`` is the
+        queue level (1 = highest; None = the model's default).  ``timeout`` (seconds)
         bounds the whole call and is also sent as ``timeout_ms`` so the server drops the
         request instead of computing an answer nobody waits for.  Returned arrays are
         read-only views over the received bytes (no copy); ``.copy()`` one to modify it.
@@ -163,7 +165,7 @@ class AsyncClient:
         timeout = self._timeout(timeout)
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         fields: dict[str, Any] = {"model": model, "inputs": encode_tensors(await self._named(model, version, inputs, timeout))}
-        fields.update(_optional(version=version, outputs=None if outputs is None else _names(outputs)))
+        fields.update(_optional(version=version, outputs=None if outputs is None else _names(outputs), priority=priority))
         remaining = _remaining(deadline)
         if remaining is not None:
             fields["timeout_ms"] = remaining * 1000.0

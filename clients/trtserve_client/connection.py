@@ -5,9 +5,10 @@ are matched to futures by id in whatever order the server sends them.  Every fai
 typed :class:`~trtserve_client.errors.TrtserveError` chosen by the wire ``code`` alone.
 
 Lifecycle: the connection opens on the first request.  When it drops (server restart,
-network error, a server-side protocol error) every request still pending fails with
-:class:`ConnectionFailedError` (or with the server's own connection-level error when it
-sent one) and the next request opens a new connection.  Requests are never retried
+network error, a connection-level error from the server, garbage from the peer) every
+request still pending fails with :class:`ConnectionFailedError`, whose ``__cause__`` is the
+server's own error when it sent one (``"id": nil``), and the next request opens a new
+connection.  Requests are never retried
 behind the caller's back: whether one ran on the server is unknowable once the link is gone.
 """
 from __future__ import annotations
@@ -54,7 +55,7 @@ class _Protocol(asyncio.Protocol):
         try:
             messages = self.decoder.feed(data)
         except TrtserveError as exc:  # garbage from the server: nothing after it can be trusted
-            self.owner._abort(self, exc)
+            self.owner._abort(self, self.owner._failure("the server sent an invalid frame", exc))
             return
         for message in messages:
             self.owner._dispatch(self, message)
@@ -215,13 +216,25 @@ class Connection:
         request_id = message.get("id")
         if request_id is None:
             # A connection-level error: the server could not attribute a frame and is closing.
-            self._abort(protocol, _connection_error(message))
+            # It is not about any one pending request, so each gets ConnectionFailedError.
+            cause = _connection_error(message)
+            self._abort(protocol, self._failure("the server closed the connection after an error", cause))
             return
         protocol.sent.discard(request_id)
         future = self._pending.get(request_id)
         if future is not None and not future.done():
             future.set_result(message)
         # Otherwise the caller timed out or was cancelled: the late response is dropped.
+
+    def _failure(self, what: str, cause: TrtserveError) -> ConnectionFailedError:
+        error = ConnectionFailedError(
+            f"connection to {self.address} failed: {what}: {cause.name}: {cause.message}",
+            address=self.address,
+            cause_code=int(cause.code),
+            cause=cause.name,
+        )
+        error.__cause__ = cause
+        return error
 
     def _abort(self, protocol: _Protocol, error: TrtserveError) -> None:
         self._fail_pending(protocol, error)
@@ -275,4 +288,5 @@ def _copy(error: TrtserveError) -> TrtserveError:
     clone = type(error)(error.message)
     clone.details = dict(error.details)
     clone.code = error.code
+    clone.__cause__ = error.__cause__
     return clone
