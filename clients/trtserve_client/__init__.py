@@ -1,7 +1,7 @@
 """trtserve's client library: needs only msgpack and numpy.
 
     from trtserve_client import Client
-    with Client("127.0.0.1", 8765) as client:
+    with Client("127.0.0.1", 8001) as client:
         outputs = client.infer("tensor_mlp", batch)   # {"output": ndarray}
 
 ``Client`` (blocking, thread-safe) wraps ``AsyncClient`` (asyncio); both pipeline many

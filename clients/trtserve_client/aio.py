@@ -1,6 +1,6 @@
 """AsyncClient: the asyncio client, a pool of pipelined connections.
 
-    async with AsyncClient("127.0.0.1", 8765, connections=4) as client:
+    async with AsyncClient("127.0.0.1", 8001, connections=4) as client:
         outputs = await client.infer("tensor_mlp", np.zeros((1, 16), np.float32))
 
 Every operation of the protocol (docs/PROTOCOL.md) is one method.  Errors are the typed
@@ -20,7 +20,7 @@ from .errors import InvalidArgumentError, InvalidInputError, ProtocolError, Trts
 from .wire import DEFAULT_MAX_FRAME, decode_tensors, encode_tensors
 
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8765
+DEFAULT_PORT = 8001
 #: Name used for a lone input when the model declares no inputs (the server then accepts any).
 ANONYMOUS_INPUT = "input"
 STRATEGIES = ("least_in_flight", "round_robin")

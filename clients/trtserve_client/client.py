@@ -1,6 +1,6 @@
 """Client: the blocking client, a thin wrapper over :class:`AsyncClient`.
 
-    with Client("127.0.0.1", 8765) as client:
+    with Client("127.0.0.1", 8001) as client:
         outputs = client.infer("tensor_mlp", np.zeros((1, 16), np.float32))
 
 There is no second implementation of the protocol here: each method submits the
