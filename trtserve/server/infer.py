@@ -95,7 +95,7 @@ class ModelIO:
     def __init__(self, model: LoadedModel) -> None:
         inputs, outputs = model.pipeline.io_spec()
         self.name = model.name
-        self.inputs: dict[str, TensorSpec] | None = {t.name: t for t in inputs} if inputs else None
+        self.inputs: dict[str, _Declared] | None = {t.name: _Declared(model.name, t) for t in inputs} if inputs else None
         self.outputs: list[str] | None = [t.name for t in outputs] if outputs else None
         self.single_output = self.outputs[0] if self.outputs else DEFAULT_OUTPUT
 
@@ -132,7 +132,7 @@ class ModelIO:
                 model=self.name, missing=missing, expected=expected,
             )
         for name, value in values.items():
-            _check_tensor(self.name, self.inputs[name], value)
+            self.inputs[name].check(value)
 
     def output_filter(self, raw: Any) -> list[str] | None:
         if raw is None:
@@ -174,6 +174,35 @@ class ModelIO:
         )
 
 
+class _Declared:
+    """One declared input, prepared for a cheap per-request check (dtype objects compare in C)."""
+
+    __slots__ = ("model", "spec", "dtype", "shape")
+
+    def __init__(self, model: str, spec: TensorSpec) -> None:
+        self.model = model
+        self.spec = spec
+        self.dtype = None if spec.dtype == "bytes" else np.dtype(spec.dtype)
+        self.shape = tuple(spec.shape)
+
+    def check(self, value: Any) -> None:
+        if self.dtype is None:
+            if isinstance(value, (bytes, bytearray)):
+                return
+        elif isinstance(value, np.ndarray) and value.dtype == self.dtype and _shape_fits(value.shape, self.shape):
+            return
+        _check_tensor(self.model, self.spec, value)  # the slow path names exactly what is wrong
+
+
+def _shape_fits(shape: tuple[int, ...], declared: tuple[int, ...]) -> bool:
+    if len(shape) != len(declared):
+        return False
+    for got, want in zip(shape, declared):
+        if want != -1 and want != got:
+            return False
+    return True
+
+
 def _check_tensor(model: str, spec: TensorSpec, value: Any) -> None:
     """Declared dtype and shape (the shape includes the leading batch dim; -1 = any size)."""
     where = f"model {model!r} input {spec.name!r}"
@@ -195,7 +224,7 @@ def _check_tensor(model: str, spec: TensorSpec, value: Any) -> None:
             model=model, input=spec.name, expected_dtype=spec.dtype, dtype=value.dtype.name,
         )
     shape = value.shape
-    if len(shape) != len(spec.shape) or any(want not in (-1, got) for want, got in zip(spec.shape, shape)):
+    if not _shape_fits(shape, tuple(spec.shape)):
         raise InvalidInputError(
             f"{where} must have shape {list(spec.shape)} (-1 = any size, batch dimension first), got {list(shape)}",
             model=model, input=spec.name, expected_shape=list(spec.shape), shape=list(shape),
