@@ -58,7 +58,9 @@ class AsyncClient:
         if strategy not in STRATEGIES:
             raise InvalidArgumentError(f"strategy must be one of {STRATEGIES}, got {strategy!r}", strategy=repr(strategy))
         _check_timeout(timeout)
-        self.host, self.port = host, int(port)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise InvalidArgumentError(f"port must be an integer in 1..65535, got {port!r}", port=repr(port))
+        self.host, self.port = host, port
         self.strategy = strategy
         self.timeout = timeout
         self._pool = [
@@ -164,12 +166,19 @@ class AsyncClient:
         model = _model(model)
         timeout = self._timeout(timeout)
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-        fields: dict[str, Any] = {"model": model, "inputs": encode_tensors(await self._named(model, version, inputs, timeout))}
-        fields.update(_optional(version=version, outputs=None if outputs is None else _names(outputs), priority=priority))
+        named = await self._named(model, version, inputs, timeout)
+        fields = _infer_fields(model, named, version, outputs, priority)
         remaining = _remaining(deadline)
         if remaining is not None:
             fields["timeout_ms"] = remaining * 1000.0
-        result = await self._pick().request("infer", fields, remaining)
+        try:
+            result = await self._pick().request("infer", fields, remaining)
+        except InvalidInputError:
+            if not isinstance(inputs, Mapping):
+                # The cached input name may be stale (another client reloaded the model with
+                # new inputs): look it up again on the next call.
+                self._input_names.pop((model, version), None)
+            raise
         return _decode_outputs(result)
 
     async def _named(self, model: str, version: int | None, inputs: Inputs, timeout: float | None) -> Mapping[str, Any]:
@@ -237,6 +246,14 @@ def _names(outputs: Iterable[str]) -> list[str]:
 def _optional(**fields: Any) -> dict[str, Any]:
     """Optional wire fields are omitted, never sent as nil."""
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def _infer_fields(
+    model: str, inputs: Mapping[str, Any], version: int | None, outputs: Iterable[str] | None, priority: int | None
+) -> dict[str, Any]:
+    fields = {"model": model, "inputs": encode_tensors(inputs)}
+    fields.update(_optional(version=version, outputs=None if outputs is None else _names(outputs), priority=priority))
+    return fields
 
 
 def _sole_input(metadata: dict[str, Any]) -> str:

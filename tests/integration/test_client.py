@@ -615,6 +615,9 @@ def test_invalid_client_arguments_are_refused_before_sending():
     for options in ({"connections": 0}, {"strategy": "random"}, {"timeout": 0}, {"timeout": -1}):
         with pytest.raises(InvalidArgumentError):
             AsyncClient("127.0.0.1", 1, **options)
+    for port in (0, 70000, "8001", None):
+        with pytest.raises(InvalidArgumentError):
+            AsyncClient("127.0.0.1", port)
     with pytest.raises(InvalidArgumentError):
         Client("127.0.0.1", 1, connections=0)
 
