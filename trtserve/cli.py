@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="unanswered requests per connection before the server stops reading it (default: %(default)s)")
     serve.add_argument("--grace-period", type=_seconds, default=DEFAULT_GRACE_S, metavar="SECONDS",
                        help="on SIGINT/SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
+    serve.add_argument("--poll-interval", type=_seconds, default=0.0, metavar="SECONDS",
+                       help="poll mode: rescan the repository this often, loading added, reloading changed and "
+                            "unloading removed models (default: 0 = off)")
     serve.add_argument("--allow-model-control", action="store_true",
                        help="let clients load and unload models (refused with PERMISSION_DENIED otherwise)")
     serve.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, help="(default: %(default)s)")
@@ -95,6 +98,7 @@ async def serve(args: argparse.Namespace) -> int:
         max_in_flight_per_connection=args.max_in_flight,
         allow_model_control=args.allow_model_control,
         grace_s=args.grace_period,
+        poll_interval_s=args.poll_interval or None,
     )
     await server.start()
     print(f"trtserve listening on {server.host}:{server.port}", flush=True)

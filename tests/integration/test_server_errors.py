@@ -81,11 +81,13 @@ def test_bad_fields_name_the_field(server, op, fields, field):
     assert_serving(server.host, server.port)
 
 
-def test_op_must_be_a_string(server):
+@pytest.mark.parametrize("op", [17, ["infer"], None])
+def test_op_must_be_a_string(server, op):
     with server.connect() as conn:
-        conn.send({"v": 1, "id": 5, "op": 17})
+        conn.send({"v": 1, "id": 5, "op": op})
         message = conn.recv()
-        assert message["id"] == 5 and message["error"]["details"]["field"] == "op"
+        assert message["id"] == 5 and message["error"]["name"] == "INVALID_ARGUMENT"
+        assert message["error"]["details"]["field"] == "op"
 
 
 def test_unknown_output_name(server):

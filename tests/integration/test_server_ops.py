@@ -1,10 +1,12 @@
 """Every operation against a real server: in-process, and a smoke subset through the console script."""
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -202,6 +204,25 @@ def test_load_failure_is_reported_and_recorded(server):
         rows = {r["name"]: r for r in conn.result("repository_index")["models"]}
         assert rows["broken"]["state"] == "UNAVAILABLE"
         assert conn.result("ready", model="identity") == {"ready": True}
+
+
+def test_poll_mode_follows_the_repository(server_factory, repository):
+    handle = server_factory(poll_interval_s=0.05)
+    with handle.connect() as conn:
+        write_model(repository, "polled", 'backend = "Identity"\n')
+        wait_until(lambda: conn.result("repository_index")["models"], lambda rows: any(r["name"] == "polled" and r["state"] == "READY" for r in rows))
+        assert conn.result("infer", model="polled", inputs={"x": b"p"})["outputs"] == {"output": b"p"}
+        shutil.rmtree(repository / "polled")
+        wait_until(lambda: conn.result("repository_index")["models"], lambda rows: all(r["name"] != "polled" for r in rows))
+        assert conn.error("infer", model="polled", inputs={"x": b"p"})["name"] == "MODEL_NOT_FOUND"
+
+
+def wait_until(read, check, timeout: float = 10.0):
+    give_up = time.monotonic() + timeout
+    while not check(value := read()):
+        assert time.monotonic() < give_up, f"never satisfied: {value}"
+        time.sleep(0.02)
+    return value
 
 
 # --------------------------------------------------------------------------- the console script

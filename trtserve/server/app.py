@@ -54,6 +54,7 @@ class Server:
         max_in_flight_per_connection: int = DEFAULT_MAX_IN_FLIGHT,
         allow_model_control: bool = False,
         grace_s: float = DEFAULT_GRACE_S,
+        poll_interval_s: float | None = None,
     ) -> None:
         self.repository = repository if isinstance(repository, ModelRepository) else ModelRepository(repository)
         self.host = host
@@ -62,6 +63,10 @@ class Server:
         self.max_in_flight = _positive_int("max_in_flight_per_connection", max_in_flight_per_connection)
         self.allow_model_control = bool(allow_model_control)
         self.grace_s = float(grace_s)
+        if poll_interval_s is not None and not poll_interval_s > 0:
+            raise ConfigError(f"poll_interval_s must be > 0 seconds (or None: no polling), got {poll_interval_s!r}", key="poll_interval_s")
+        self.poll_interval_s = poll_interval_s
+        self._poller: asyncio.Task | None = None
         self.tracker = ConnectionTracker(self.max_frame, self.max_in_flight)
         self.dispatcher: Dispatcher | None = None
         self._listener: asyncio.AbstractServer | None = None
@@ -100,6 +105,8 @@ class Server:
             raise
         self.port = self._listener.sockets[0].getsockname()[1]
         self.dispatcher.ready = True
+        if self.poll_interval_s is not None:
+            self._poller = loop.create_task(self._poll_forever(self.poll_interval_s))
         log.info("listening on %s:%d", self.host, self.port)
 
     def _log_models(self) -> None:
@@ -107,6 +114,19 @@ class Server:
         ready = [r["name"] for r in rows if r["state"] == ModelState.READY.value]
         other = [f"{r['name']} ({r['state']})" for r in rows if r["state"] != ModelState.READY.value]
         log.info("models READY: %s; not ready: %s", ", ".join(ready) or "none", ", ".join(other) or "none")
+
+    async def _poll_forever(self, interval_s: float) -> None:
+        """Poll mode: rescan the repository; load added, reload changed, unload removed models."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                changes = await loop.run_in_executor(self._executor, self.repository.poll)
+            except Exception:  # a poll that breaks must not end polling (or the server)
+                log.exception("repository poll failed")
+                continue
+            if any(changes.values()):
+                log.info("repository poll: %s", {k: v for k, v in changes.items() if v})
 
     # -- run -----------------------------------------------------------------------------
     async def serve_forever(self) -> None:
@@ -161,6 +181,8 @@ class Server:
         if self.dispatcher is not None:
             self.dispatcher.ready = False
             self.dispatcher.draining = True
+        if self._poller is not None:
+            self._poller.cancel()  # a poll already running in the executor finishes below
         if self._listener is not None:
             self._listener.close()
         tracker = self.tracker

@@ -80,7 +80,7 @@ class Dispatcher:
         if type(v) is not int or v != PROTOCOL_VERSION:
             raise self._bad_version(v)
         op = message.get("op")
-        handler = self._ops.get(op)  # type: ignore[arg-type]
+        handler = self._ops.get(op) if type(op) is str else None
         if handler is None:
             raise self._bad_op(op)
         if self.draining and op in _WORK_OPS:
