@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import inspect
 import threading
 import weakref
 from typing import Any, Awaitable, Callable, TypeVar
@@ -91,6 +92,10 @@ class Client:
     def __repr__(self) -> str:
         state = "open" if self._finalizer.alive else "closed"
         return f"Client({self._async.host!r}, {self._async.port}, connections={len(self._async.connections)}, {state})"
+
+
+# help(Client) and IDEs show AsyncClient's parameters, which __init__ passes through.
+Client.__init__.__signature__ = inspect.signature(AsyncClient.__init__)  # type: ignore[attr-defined]
 
 
 def _shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread, client: AsyncClient) -> None:
