@@ -215,7 +215,7 @@ def item_size(item: dict[str, Any]) -> int:
     if isinstance(data, dict):
         data = next(iter(data.values()), None)
     shape = getattr(data, "shape", None)
-    if shape and not isinstance(data, (bytes, bytearray)):
+    if shape and not isinstance(data, (bytes, bytearray, memoryview)):
         return max(int(shape[0]), 1)
     return 1
 
