@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import sys
@@ -19,7 +18,7 @@ from trtserve_client.errors import TrtserveError, UnknownOperationError
 from .drivers import ClientDriver, Driver, RawDriver
 from .inputs import build_inputs
 from .logic import parse_shape_option
-from .runner import Settings, settings_dict, sweep
+from .runner import Settings, run_sync, settings_dict, sweep
 from .serverproc import ServerProcess, trtserve_argv
 
 DEFAULT_CONCURRENCY = "1,2,4,8,16,32,64"
@@ -178,12 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_loop(coro: Any) -> int:
-    """uvloop when installed: the client must cost as little CPU as possible."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+    return run_sync(coro)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,20 @@ COLUMNS = (
 )
 
 
+SUMMARY_KEYS = ("throughput", "count", "errors", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "stable", "windows",
+                "client_cpu", "client_saturated", "server_queue_us", "server_compute_us", "server_avg_batch")
+
+
+def summary(row: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a measured row worth keeping (pytest-benchmark extra_info), floats rounded."""
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k in SUMMARY_KEYS}
+
+
+def best(rows: list[dict[str, Any]], key: str = "throughput", lowest: bool = False) -> dict[str, Any]:
+    """The least disturbed of repeated measurements: highest throughput, or lowest latency."""
+    return (min if lowest else max)(rows, key=lambda r: r.get(key, 0.0))
+
+
 def csv_text(rows: Iterable[dict[str, Any]]) -> str:
     """Rows as CSV with a header; missing values are empty, floats keep 4 decimals."""
     out = io.StringIO()

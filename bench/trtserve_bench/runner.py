@@ -244,5 +244,36 @@ async def sweep(
     return rows
 
 
+def run_sync(coro: Any) -> Any:
+    """Run a coroutine on uvloop when installed: the client must cost as little CPU as possible."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def measure(
+    make_driver: Callable[[], Driver],
+    model: str,
+    values: list[dict[str, Any]],
+    settings: Settings,
+    concurrency: int | None = None,
+    rate: float | None = None,
+) -> dict[str, Any]:
+    """One load level from synchronous code: open a driver, measure, close it."""
+
+    async def level() -> dict[str, Any]:
+        driver = make_driver()
+        await driver.open()
+        try:
+            requests = [driver.prepare(v) for v in values]
+            return await run_level(driver, model, requests, settings, concurrency=concurrency, rate=rate)
+        finally:
+            await driver.close()
+
+    return run_sync(level())
+
+
 def settings_dict(settings: Settings) -> dict[str, Any]:
     return asdict(settings)

@@ -52,15 +52,27 @@ class ServerProcess:
         return Path(self.log.name).read_text(errors="replace")
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGINT first (a clean shutdown), then SIGKILL if it will not go."""
+        """SIGINT first (a clean shutdown), then SIGKILL if it will not go.
+
+        Signals go to the child's whole process group (it was started in a new session), so
+        helpers it spawned (PyTriton's tritonserver and its Python stubs) stop with it.
+        """
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self._signal(signal.SIGINT)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self._signal(signal.SIGKILL)
                 self.proc.wait()
+        if self.proc is not None:
+            self._signal(signal.SIGKILL)  # stragglers of the group, if the leader left them behind
         self.log.close()
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
     def cleanup(self) -> None:
         self.stop()

@@ -1,0 +1,97 @@
+"""trtserve over TCP against its floors, each pair measured in the same test.
+
+* Identity, one client in flight: p50/p99 vs the echo server (same framing, same client).
+  Target: trtserve p50 <= 2x echo p50.
+* Identity, many requests pipelined over 4 connections: throughput vs echo with the same
+  client.  Target: >= 0.5x echo.
+* tensor_mlp (batched) through the server at high concurrency vs in-process ``pipe()`` at
+  the same concurrency.  Target: >= 0.8x pipe() throughput.
+
+Both servers are child processes (bench/conftest.py) so the client and the server do not
+share a GIL, as in production; the load generator is trtserve-bench's raw pipelined driver.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import trtserve
+from trtserve_bench.drivers import RawDriver
+from trtserve_bench.inproc import pipe_statistics, threaded_level
+from trtserve_bench.output import best, summary
+from trtserve_bench.runner import measure
+
+pytestmark = pytest.mark.timeout(280)
+
+ROW = {"input": np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)}
+CONNECTIONS = 4
+
+
+def over_wire(server, model: str, concurrency: int, settings, values=None) -> dict:
+    values = values or [ROW]
+    return measure(lambda: RawDriver(server.host, server.port, model, connections=CONNECTIONS), model, values, settings, concurrency=concurrency)
+
+
+def alternate(repeats: int, *measurements):
+    """Run each measurement in turn, ``repeats`` times; one list of rows per measurement."""
+    results = [[] for _ in measurements]
+    for _ in range(repeats):
+        for rows, run in zip(results, measurements):
+            rows.append(run())
+    return results
+
+
+def test_identity_latency_vs_echo(benchmark, target, trtserve_server, echo_server, settings, repeats):
+    trt_rows, echo_rows = benchmark.pedantic(
+        alternate,
+        args=(repeats, lambda: over_wire(trtserve_server, "identity", 1, settings), lambda: over_wire(echo_server, "identity", 1, settings)),
+        rounds=1,
+        iterations=1,
+    )
+    trt, echo = best(trt_rows, "p50_ms", lowest=True), best(echo_rows, "p50_ms", lowest=True)
+    benchmark.extra_info.update(trtserve=summary(trt), echo=summary(echo), p50_ms=trt["p50_ms"], p99_ms=trt["p99_ms"], rps=round(trt["throughput"], 1))
+    benchmark.extra_info["p99_ratio_to_echo"] = round(trt["p99_ms"] / echo["p99_ms"], 4)
+    target("p50_ratio_to_echo", trt["p50_ms"] / echo["p50_ms"], "<=", 2.0)
+    assert trt["errors"] == 0 and echo["errors"] == 0
+
+
+def test_identity_pipelined_vs_echo(benchmark, target, trtserve_server, echo_server, settings, repeats):
+    concurrency = 64
+    trt_rows, echo_rows = benchmark.pedantic(
+        alternate,
+        args=(repeats, lambda: over_wire(trtserve_server, "identity", concurrency, settings), lambda: over_wire(echo_server, "identity", concurrency, settings)),
+        rounds=1,
+        iterations=1,
+    )
+    trt, echo = best(trt_rows), best(echo_rows)
+    benchmark.extra_info.update(concurrency=concurrency, connections=CONNECTIONS, trtserve=summary(trt), echo=summary(echo), rps=round(trt["throughput"], 1))
+    target("throughput_ratio_to_echo", trt["throughput"] / echo["throughput"], ">=", 0.5)
+    assert trt["errors"] == 0 and echo["errors"] == 0
+
+
+@pytest.fixture(scope="module")
+def mlp_pipe(repository):
+    models = trtserve.pipe(repository / "tensor_mlp" / "config.toml")
+    yield models
+    models.close()
+
+
+def in_process(models, concurrency: int, settings) -> dict:
+    x = ROW["input"]
+    return threaded_level(lambda _: lambda: models({"data": x}), concurrency, settings, statistics=lambda: pipe_statistics(models))
+
+
+def test_batched_model_server_vs_pipe(benchmark, target, trtserve_server, mlp_pipe, settings, repeats):
+    concurrency = 32
+    values = [{"x": ROW["input"]}]
+    server_rows, pipe_rows = benchmark.pedantic(
+        alternate,
+        args=(repeats, lambda: over_wire(trtserve_server, "tensor_mlp", concurrency, settings, values), lambda: in_process(mlp_pipe, concurrency, settings)),
+        rounds=1,
+        iterations=1,
+    )
+    server, pipe = best(server_rows), best(pipe_rows)
+    benchmark.extra_info.update(concurrency=concurrency, server=summary(server), pipe=summary(pipe), rps=round(server["throughput"], 1),
+                                p50_ms=server["p50_ms"], p99_ms=server["p99_ms"])
+    target("throughput_ratio_to_pipe", server["throughput"] / pipe["throughput"], ">=", 0.8)
+    assert server["errors"] == 0
