@@ -54,7 +54,7 @@ class DeviceArray:
         self.ptr = int(ptr)
         self.shape = tuple(int(d) for d in shape)
         self.dtype = np.dtype(dtype)
-        self.stream = stream
+        self._stream = stream
         self.owner = owner  # a DeviceBuffer, a torch tensor, another DeviceArray, ...
         self.device = device if device is not None else (stream.device if stream is not None else 0)
 
@@ -76,6 +76,21 @@ class DeviceArray:
             raise ValueError(f"only C-contiguous device arrays are supported, got strides {strides} for shape {shape}")
         return cls(cai["data"][0], shape, dtype, stream, owner=obj)
 
+    @property
+    def stream(self) -> Stream | None:
+        """The stream the data is being produced on; None once that work is known complete.
+
+        SyncTensor clears it on the results it returns (they are complete, and a consumer
+        must not order itself after the producer's *next* batch), and a closed stream
+        (an unloaded model's) reads as None, so no one ever enqueues on a destroyed handle.
+        """
+        stream = self._stream
+        return None if stream is None or stream.closed else stream
+
+    @stream.setter
+    def stream(self, stream: Stream | None) -> None:
+        self._stream = stream
+
     # -- numpy-like attributes ---------------------------------------------------------
     @property
     def ndim(self) -> int:
@@ -91,7 +106,8 @@ class DeviceArray:
 
     @property
     def __cuda_array_interface__(self) -> dict[str, Any]:
-        return cuda_array_interface(self.ptr, self.shape, self.dtype, self.stream.handle if self.stream else None)
+        stream = self.stream
+        return cuda_array_interface(self.ptr, self.shape, self.dtype, stream.handle if stream is not None else None)
 
     def __len__(self) -> int:
         if not self.shape:

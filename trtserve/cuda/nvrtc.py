@@ -94,6 +94,9 @@ def _dims(value: int | Sequence[int], what: str) -> tuple[int, int, int]:
 def _param(arg: Any, index: int, kernel: str) -> ctypes._SimpleCData:
     if isinstance(arg, ctypes._SimpleCData):
         return arg
+    ptr = getattr(arg, "ptr", None)  # DeviceArray / DeviceBuffer: skip building the whole interface dict
+    if isinstance(ptr, int):
+        return ctypes.c_void_p(ptr)
     if hasattr(arg, "__cuda_array_interface__"):
         return ctypes.c_void_p(int(arg.__cuda_array_interface__["data"][0]))
     raise TypeError(

@@ -32,6 +32,16 @@ def _expression(backend: Backend) -> str:
     return f"{name}[{','.join(_expression(c) for c in backend.children)}]"
 
 
+def _mark_complete(items: list[dict[str, Any]]) -> None:
+    """Results leaving SyncTensor are complete: drop their producer stream, so a consumer on
+    another stream (torch, cupy, the next node) never waits on this instance's next batch."""
+    for item in items:
+        result = item.get("result")
+        for value in result.values() if isinstance(result, dict) else (result,):
+            if isinstance(value, cuda.DeviceArray):
+                value.stream = None
+
+
 def _non_negative(value: int) -> str | None:
     return None if value >= 0 else "must be a CUDA device ordinal (0, 1, ...)"
 
@@ -79,6 +89,7 @@ class SyncTensor(Backend):
                 self.children[0].forward(items)
                 self.done.record(self.stream)
                 self.done.synchronize()
+                _mark_complete(items)
             except TrtserveError:
                 raise  # CudaError included: check() already poisoned the process if sticky
             except Exception as exc:
