@@ -263,6 +263,28 @@ def test_kernel_arguments_must_name_their_c_type():
         _dims((0, 1), "grid")
 
 
+def _nvrtc_loads() -> bool:
+    try:
+        from cuda.bindings import nvrtc
+
+        return int(nvrtc.nvrtcVersion()[0]) == 0
+    except Exception:  # no cuda-python, or no libnvrtc (pip install nvidia-cuda-nvrtc)
+        return False
+
+
+@pytest.mark.skipif(not _nvrtc_loads(), reason="NVRTC not loadable here (pip install cuda-python nvidia-cuda-nvrtc)")
+def test_gpu_kernel_sources_compile_for_hopper_without_a_gpu():
+    """NVRTC needs no device: every kernel trtserve ships compiles for sm_90 (cubin) and to PTX."""
+    from trtserve.cuda.nvrtc import compile_to_image
+
+    for name in kernels.NAMES:
+        assert len(compile_to_image(kernels.SOURCE, name, (), "--gpu-architecture=sm_90")) > 1000
+    assert b".entry fused_preprocess" in compile_to_image(kernels.SOURCE, "fused_preprocess", (), "--gpu-architecture=compute_90")
+    with pytest.raises(cuda.CudaError) as info:
+        compile_to_image('extern "C" __global__ void k(float* p) { p[0] = nope; }', "k", (), "--gpu-architecture=sm_90")
+    assert "nope" in info.value.details["log"] and not info.value.sticky
+
+
 # --------------------------------------------------------------------------- the resize arithmetic
 
 

@@ -123,14 +123,24 @@ def compile_kernel(source: str, name: str, options: Sequence[str] = (), device: 
 def _build(source: str, name: str, options: tuple[str, ...], ordinal: int, cc: tuple[int, int]) -> Kernel:
     driver, _, nvrtc = bindings()
     supported = check(nvrtc.nvrtcGetSupportedArchs(), "nvrtcGetSupportedArchs")
-    arch, cubin = arch_option(cc, [int(a) for a in supported])
+    arch, _ = arch_option(cc, [int(a) for a in supported])
+    image = compile_to_image(source, name, options, arch)
+    module = check(driver.cuModuleLoadData(image), f"cuModuleLoadData({name})")
+    function = check(driver.cuModuleGetFunction(module, name.encode()), f"cuModuleGetFunction({name})")
+    return Kernel(name, module, function, ordinal)
+
+
+def compile_to_image(source: str, name: str, options: Sequence[str], arch: str) -> bytes:
+    """NVRTC only (no device needed): a cubin for ``--gpu-architecture=sm_XX``, PTX for
+    ``compute_XX``.  Raises CudaError with the compiler log on a compile error."""
+    _, _, nvrtc = bindings()
     program = check(nvrtc.nvrtcCreateProgram(source.encode(), f"{name}.cu".encode(), 0, [], []), "nvrtcCreateProgram")
     try:
-        opts = [o.encode() for o in (arch,) + BASE_OPTIONS + options]
+        opts = [o.encode() for o in (arch,) + BASE_OPTIONS + tuple(options)]
         err = nvrtc.nvrtcCompileProgram(program, len(opts), opts)[0]
         if int(err) != 0:
             raise _compile_error(program, err, name, opts)
-        if cubin:
+        if "=sm_" in arch:
             size = check(nvrtc.nvrtcGetCUBINSize(program), "nvrtcGetCUBINSize")
             image = b" " * size
             check(nvrtc.nvrtcGetCUBIN(program, image), "nvrtcGetCUBIN")
@@ -140,9 +150,7 @@ def _build(source: str, name: str, options: tuple[str, ...], ordinal: int, cc: t
             check(nvrtc.nvrtcGetPTX(program, image), "nvrtcGetPTX")
     finally:
         check(nvrtc.nvrtcDestroyProgram(program), "nvrtcDestroyProgram")
-    module = check(driver.cuModuleLoadData(image), f"cuModuleLoadData({name})")
-    function = check(driver.cuModuleGetFunction(module, name.encode()), f"cuModuleGetFunction({name})")
-    return Kernel(name, module, function, ordinal)
+    return image
 
 
 def _compile_error(program: Any, err: Any, name: str, opts: list[bytes]) -> CudaError:

@@ -71,12 +71,14 @@ extern "C" __global__ void swap_rb_u8(const unsigned char* __restrict__ src,
 }
 
 // Resize + channel order + (v - mean) / std + HWC -> CHW float, in one pass: the resized
-// uint8 values are exactly ResizeTensor's, so the fused and unfused chains agree.
-extern "C" __global__ void fused_preprocess(
+// uint8 values are exactly ResizeTensor's, so the fused and unfused chains agree.  The host
+// passes 1/std: a multiply instead of an IEEE division (~20 instructions) per channel; the
+// result differs from (v - mean) / std by at most an ulp or two.
+extern "C" __global__ void __launch_bounds__(256) fused_preprocess(
         const unsigned char* __restrict__ src, int sh, int sw,
         float* __restrict__ dst, int dh, int dw,
         double scale_y, double scale_x, int swap_rb,
-        float m0, float m1, float m2, float s0, float s1, float s2) {
+        float m0, float m1, float m2, float inv0, float inv1, float inv2) {
     int x = blockIdx.x * blockDim.x + threadIdx.x;
     int y = blockIdx.y * blockDim.y + threadIdx.y;
     if (x >= dw || y >= dh) return;
@@ -88,9 +90,9 @@ extern "C" __global__ void fused_preprocess(
     float v2 = (float)lerp_u8(r0, r1, tx, ty, 2, 3);
     if (swap_rb) { float t = v0; v0 = v2; v2 = t; }
     size_t plane = (size_t)dh * dw, at = (size_t)y * dw + x;
-    dst[at] = (v0 - m0) / s0;
-    dst[plane + at] = (v1 - m1) / s1;
-    dst[2 * plane + at] = (v2 - m2) / s2;
+    dst[at] = (v0 - m0) * inv0;
+    dst[plane + at] = (v1 - m1) * inv1;
+    dst[2 * plane + at] = (v2 - m2) * inv2;
 }
 """
 
@@ -156,7 +158,7 @@ def fused_preprocess(
     sh, sw, _ = _hwc_u8(src, "fused preprocessing", (3,))
     stream = stream or current_stream()
     dst = DeviceArray.empty((1, 3, height, width), np.float32, stream)
-    floats = [ctypes.c_float(v) for v in list(mean) + list(std)]
+    floats = [ctypes.c_float(v) for v in list(mean) + [1.0 / s for s in std]]
     kernel("fused_preprocess", dst.device).launch(
         _grid(width, height),
         _BLOCK_2D,
