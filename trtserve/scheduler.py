@@ -52,7 +52,8 @@ class Request:
     """One item travelling through a node; ``on_done`` is called exactly once."""
 
     __slots__ = (
-        "item", "size", "on_done", "enqueued", "deadline", "cancelled", "queue_ns", "compute_ns", "context", "priority"
+        "item", "size", "on_done", "enqueued", "deadline", "_cancelled", "queue_ns", "compute_ns", "context",
+        "priority", "owner",
     )
 
     def __init__(
@@ -69,10 +70,23 @@ class Request:
         self.on_done = on_done
         self.enqueued = 0.0
         self.deadline = deadline  # time.monotonic() value, or None
-        self.cancelled = False  # set by a caller that gave up; the request is dropped unrun
+        self._cancelled = False
+        self.owner: Scheduler | None = None  # the node whose queue holds it, while queued
         self.queue_ns = 0
         self.compute_ns = 0
-        self.context = context  # owner's bookkeeping (the pipeline's position, say)
+        self.context = context  # the pipeline's bookkeeping (its position in the chain)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    @cancelled.setter
+    def cancelled(self, value: bool) -> None:
+        """A caller that gave up sets this; a queued request is then dropped unrun at once."""
+        self._cancelled = value
+        owner = self.owner
+        if value and owner is not None:
+            owner._forget(self)
 
 
 class _Instance:
@@ -127,6 +141,7 @@ class Scheduler:
         self.default_priority = int(node.default_priority) or self.priority_levels
         self._queue = PriorityQueue(self.priority_levels)
         self._queued_size = 0
+        self._timed = 0  # queued requests with a deadline: expiry scans run only when > 0
         self._busy = 0
         self._lock = threading.Lock()
         self._timer_wake = threading.Condition(self._lock)
@@ -170,8 +185,8 @@ class Scheduler:
             if drain:
                 self._timer_wake.notify_all()  # partial batches are due now: nothing more will come
                 self._idle.wait_for(lambda: not self._queue and self._busy == 0)
-            leftovers = self._queue.clear()
-            self._queued_size = 0
+            leftovers = [r for r in self._queue.clear() if not r.cancelled]
+            self._queued_size = self._timed = 0
             self._timer_stop = True
             self._timer_wake.notify_all()
         error = ShuttingDownError(f"node {self.node.name!r} is shutting down", node=self.node.name)
@@ -224,7 +239,9 @@ class Scheduler:
                     max_queue_size=self.max_queue_size,
                 )
             self._queue.append(req)
+            req.owner = self
             self._queued_size += req.size
+            self._timed += req.deadline is not None
             expired = self._dispatch(now)
             if req.deadline is not None and self._queue:
                 self._timer_wake.notify()  # the timer fails it the moment its deadline passes
@@ -253,8 +270,15 @@ class Scheduler:
             if not due:
                 self._arm_timer(oldest + self.timeout_s)
                 return expired
-            batch = [self._queue.popleft() for _ in range(count)]
+            popped = [self._queue.popleft() for _ in range(count)]
+            for req in popped:
+                req.owner = None
             self._queued_size -= size
+            self._timed -= sum(r.deadline is not None for r in popped)
+            # Cancelled requests (their caller went away) are dropped here, unrun.
+            batch = [r for r in popped if not r.cancelled]
+            if not batch:
+                continue
             inst.busy = True
             self._busy += 1
             for req in batch:
@@ -286,10 +310,25 @@ class Scheduler:
         return count, size
 
     def _drop_dead_head(self, now: float) -> list[Request]:
-        """Remove cancelled and expired requests (anywhere in the queue); return the expired."""
-        removed = self._queue.remove_if(lambda r: r.cancelled or (r.deadline is not None and r.deadline <= now))
+        """Remove and return queued requests whose deadline has passed (anywhere in the queue)."""
+        if not self._timed:
+            return []
+        removed = self._queue.remove_if(lambda r: r.deadline is not None and r.deadline <= now)
         self._queued_size -= sum(r.size for r in removed)
+        self._timed -= len(removed)
         return [r for r in removed if not r.cancelled]
+
+    def _forget(self, req: Request) -> None:
+        """Drop a cancelled request from the queue; what remains may now be due."""
+        with self._lock:
+            removed = self._queue.remove_if(lambda r: r is req)
+            if not removed:
+                return  # already running, finished, or dropped
+            req.owner = None
+            self._queued_size -= req.size
+            self._timed -= req.deadline is not None
+            expired = self._dispatch(time.monotonic())
+        self._fail_expired(expired)
 
     def _arm_timer(self, when: float) -> None:
         if self._wake_at is None or when < self._wake_at:
@@ -297,7 +336,7 @@ class Scheduler:
             self._timer_wake.notify()
 
     def _next_deadline(self) -> float | None:
-        deadlines = [r.deadline for r in self._queue if r.deadline is not None]
+        deadlines = [r.deadline for r in self._queue if r.deadline is not None] if self._timed else []
         candidates = [t for t in (self._wake_at, min(deadlines, default=None)) if t is not None]
         return min(candidates, default=None)
 

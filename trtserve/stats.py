@@ -1,9 +1,14 @@
-"""Counters in Triton's spirit: per node batches, per model requests; cheap and thread-safe."""
+"""Counters in Triton's spirit: per node batches, per model requests; cheap and thread-safe.
+
+Both classes accept listeners (``add_listener``), called after each record on the thread
+that recorded it; the Prometheus exporter subscribes this way, so serving code never
+depends on the metrics library.
+"""
 from __future__ import annotations
 
 import threading
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 
 class NodeStats:
@@ -15,6 +20,10 @@ class NodeStats:
         self.failed_batches = 0
         self.compute_ns = 0
         self.batch_sizes: Counter[int] = Counter()
+        self.listeners: list[Callable[[int, int, bool], None]] = []  # (size, compute_ns, failed)
+
+    def add_listener(self, listener: Callable[[int, int, bool], None]) -> None:
+        self.listeners.append(listener)
 
     def record_batch(self, size: int, compute_ns: int, failed: bool) -> None:
         with self._lock:
@@ -22,6 +31,8 @@ class NodeStats:
             self.failed_batches += failed
             self.compute_ns += compute_ns
             self.batch_sizes[size] += 1
+        for listener in self.listeners:
+            listener(size, compute_ns, failed)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -42,7 +53,10 @@ class ModelStats:
         self.failure: Counter[str] = Counter()
         self.queue_ns = 0
         self.compute_ns = 0
-        self.last_inference_ms = 0
+        self.listeners: list[Callable[[int, int, str | None], None]] = []  # (queue_ns, compute_ns, error)
+
+    def add_listener(self, listener: Callable[[int, int, str | None], None]) -> None:
+        self.listeners.append(listener)
 
     def record(self, queue_ns: int, compute_ns: int, error_name: str | None) -> None:
         with self._lock:
@@ -52,6 +66,8 @@ class ModelStats:
                 self.failure[error_name] += 1
             self.queue_ns += queue_ns
             self.compute_ns += compute_ns
+        for listener in self.listeners:
+            listener(queue_ns, compute_ns, error_name)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -84,10 +85,25 @@ def test_sequential_range_is_the_intersection_of_non_trivial_ranges():
         trtserve.pipe({"backend": "S[Identity,Ranged]", "max": 8, "lo": 9, "hi": 12})
 
 
+class HoldFirst(trtserve.Backend):
+    """AddOne whose first batch waits for the test, so later work queues up behind it."""
+
+    release = threading.Event()
+
+    def forward(self, items):
+        HoldFirst.release.wait(30)
+        for item in items:
+            item["result"] = item["data"] + 1
+
+
+trtserve.register("HoldFirst", HoldFirst)
+
+
 def test_multi_node_pipeline_batches_in_the_model_node():
+    HoldFirst.release.clear()
     config = {
         "pre": {"backend": "S[AddOne,Mark]", "instance_num": 4, "next": "model"},
-        "model": {"backend": "AddOne", "max": 8, "batching_timeout": 5},
+        "model": {"backend": "HoldFirst", "max": 8, "batching_timeout": 5},
     }
     with trtserve.pipe(config) as models:
         assert [n.node.name for n in models.pipeline.nodes] == ["pre", "model"]
@@ -102,12 +118,17 @@ def test_multi_node_pipeline_batches_in_the_model_node():
         threads = [threading.Thread(target=worker, args=(t * 1000,)) for t in range(8)]
         for t in threads:
             t.start()
+        model_node = models.pipeline.nodes[1]
+        deadline = time.monotonic() + 10
+        while model_node.queue_depth() < 4 and time.monotonic() < deadline:
+            time.sleep(0.001)  # polling a condition, not timing: the assertion below needs a queue
+        HoldFirst.release.set()
         for t in threads:
             t.join(60)
-        stats = models.pipeline.nodes[1].stats.snapshot()
+        stats = model_node.stats.snapshot()
     assert len(results) == 320
     assert all(res == ((key + 1) * 10 + 1, True, key) for key, res in results.items())
-    assert max(int(size) for size in stats["batch_sizes"]) > 1, stats
+    assert max(int(size) for size in stats["batch_sizes"]) >= 4, stats
 
 
 def test_stale_result_is_removed_and_original_data_restored():
@@ -167,3 +188,13 @@ def test_broken_backend_py_is_a_config_error_naming_the_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         trtserve.pipe(tmp_path / "config.toml")
     assert str(tmp_path / "backend.py") in info.value.message and "needs a package" in info.value.message
+
+
+def test_stats_listeners_see_every_request_and_batch():
+    with trtserve.pipe({"backend": "S[AddOne,DropOdd]", "max": 4}) as models:
+        requests, batches = [], []
+        models.pipeline.stats.add_listener(lambda q, c, err: requests.append(err))
+        models.pipeline.nodes[0].stats.add_listener(lambda size, c, failed: batches.append((size, failed)))
+        models([{"data": 1}, {"data": 2}])
+    assert sorted(requests, key=str) == ["NO_RESULT", None]
+    assert sum(size for size, _ in batches) == 2 and not any(failed for _, failed in batches)
