@@ -95,6 +95,9 @@ STICKY_SCRIPT = textwrap.dedent(
         def forward(self, items):
             k = cuda.compile_kernel(SOURCE, "illegal_write")
             k.launch(1, 32, [ctypes.c_void_p(8)])  # address 8: never mapped
+            if {via_torch!r}:
+                import torch  # torch sees the fault first and raises its own exception type
+                torch.cuda.synchronize()
             for item in items:
                 item["result"] = 1
 
@@ -120,8 +123,11 @@ STICKY_SCRIPT = textwrap.dedent(
 )
 
 
-def test_sticky_error_poisons_and_later_work_is_refused_in_a_subprocess():
-    script = STICKY_SCRIPT.format(root=str(ROOT))
+@pytest.mark.parametrize("via_torch", [False, True], ids=["cuda-python-wait", "torch-raises-first"])
+def test_sticky_error_poisons_and_later_work_is_refused_in_a_subprocess(via_torch):
+    if via_torch:
+        pytest.importorskip("torch")
+    script = STICKY_SCRIPT.format(root=str(ROOT), via_torch=via_torch)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
