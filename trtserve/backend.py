@@ -54,8 +54,9 @@ class Backend:
     #: Keys this backend reads from its node's config, beyond the scheduler's own keys.
     config_keys: ClassVar[dict[str, Key]] = {}
     #: How many inner backends the expression may give it: 0 (a leaf), 1 (a wrapper such as
-    #: ``SyncTensor[X]``), or None for one or more (``S[A,B,C]``).
-    children_arity: ClassVar[int | None] = 0
+    #: ``SyncTensor[X]``), None for one or more (``S[A,B,C]``), or a tuple of the allowed
+    #: counts when a backend has several forms (SyncTensor: ``(0, 1)``).
+    children_arity: ClassVar[int | None | tuple[int, ...]] = 0
 
     def __init__(self) -> None:
         self.children: list[Backend] = []

@@ -121,6 +121,15 @@ def resolve(expr: Expr, source: str = "") -> None:
             position=expr.position,
         ) from None
     arity, given = cls.children_arity, len(expr.children)
+    if isinstance(arity, tuple):  # several forms, e.g. SyncTensor and SyncTensor[X]
+        if given not in arity:
+            raise ExpressionError(
+                f"{where}{expr.name} at position {expr.position} takes {' or '.join(map(str, arity))} "
+                f"inner backends, got {given}",
+                backend=expr.name,
+                position=expr.position,
+            )
+        arity = given
     if arity == 0 and given:
         raise ExpressionError(
             f"{where}{expr.name} at position {expr.position} does not wrap other backends; "

@@ -37,9 +37,13 @@ def _photos(n: int, h: int = 360, w: int = 480) -> list[bytes]:
     return [support.jpeg(support.photo(h + 7 * i, w + 5 * i, seed=i)) for i in range(n)]
 
 
-def test_decode_resize_cvtcolor_chain_matches_the_opencv_chain():
+@pytest.mark.parametrize(
+    "expression",
+    ["SyncTensor[S[DecodeTensor,ResizeTensor,CvtColorTensor]]", "S[DecodeTensor,ResizeTensor,CvtColorTensor,SyncTensor]"],
+)
+def test_decode_resize_cvtcolor_chain_matches_the_opencv_chain(expression):
     images = _photos(6)
-    config = {"backend": "SyncTensor[S[DecodeTensor,ResizeTensor,CvtColorTensor]]", "resize_h": 224, "resize_w": 200,
+    config = {"backend": expression, "resize_h": 224, "resize_w": 200,
               "color": "rgb", "instance_num": 2, "max": 4, "batching_timeout": 2}
     with trtserve.pipe(config) as models:
         items = [{"data": data} for data in images]

@@ -48,9 +48,10 @@ PIPELINES = {
         "model": {"backend": "SyncTensor[TorchScriptTensor]", "model": str(path), "instance_num": 2, "max": 8,
                   "batching_timeout": 2},
     },
-    # TorchPipe's classic chain: HWC uint8 RGB images into a model that normalises inside
+    # TorchPipe's classic chain, in its own spelling (SyncTensor as the last stage): HWC
+    # uint8 RGB images into a model that normalises inside
     "hwc": lambda path: {
-        "pre": {"backend": "SyncTensor[S[DecodeTensor,ResizeTensor,CvtColorTensor]]", "instance_num": 4,
+        "pre": {"backend": "S[DecodeTensor,ResizeTensor,CvtColorTensor,SyncTensor]", "instance_num": 4,
                 "resize_h": 224, "resize_w": 224, "color": "rgb", "next": "model"},
         "model": {"backend": "SyncTensor[TorchScriptTensor]", "model": str(path), "instance_num": 2, "max": 8,
                   "batching_timeout": 2, "add_batch_dim": True},

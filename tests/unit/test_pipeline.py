@@ -198,3 +198,34 @@ def test_stats_listeners_see_every_request_and_batch():
         models([{"data": 1}, {"data": 2}])
     assert sorted(requests, key=str) == ["NO_RESULT", None]
     assert sum(size for size, _ in batches) == 2 and not any(failed for _, failed in batches)
+
+
+def test_sequential_initialises_stages_last_to_first():
+    order = []
+
+    class Stage(trtserve.Backend):
+        def init(self, config, kwargs):
+            super().init(config, kwargs)
+            order.append(self.name)
+
+        def forward(self, items):
+            for item in items:
+                item["result"] = item["data"] + [self.name]
+
+    for name in ("First", "Second", "Third"):
+        trtserve.register(name, type(name, (Stage,), {"name": name}))
+    with trtserve.pipe({"backend": "S[First,Second,Third]"}) as models:
+        item = {"data": []}
+        models(item)
+    # TorchPipe's order: a trailing SyncTensor binds the stream before the stages use it.
+    assert order == ["Third", "Second", "First"]
+    assert item["result"] == ["First", "Second", "Third"]
+
+
+def test_synctensor_has_a_leaf_and_a_wrapper_form():
+    from trtserve.expression import ExpressionError, parse, resolve
+
+    resolve(parse("S[DecodeTensor,ResizeTensor,CvtColorTensor,SyncTensor]"))
+    resolve(parse("SyncTensor[TorchScriptTensor]"))
+    with pytest.raises(ExpressionError, match="takes 0 or 1 inner backends, got 2"):
+        resolve(parse("SyncTensor[Identity,Identity]"))

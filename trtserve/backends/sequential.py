@@ -4,6 +4,10 @@ Between stages ``result`` becomes ``data``.  An item a stage leaves without ``re
 leaves the chain (it ends with no result) while the others go on.  The range is the
 intersection of the stages' non-trivial ``[min, max]`` (a stage reporting [1, 1] accepts
 whatever it is given, one item at a time or a list).
+
+As in TorchPipe, stages are initialised last to first: in
+``S[DecodeTensor,ResizeTensor,SyncTensor]`` the trailing SyncTensor creates the instance's
+CUDA stream and makes it current before the stages that enqueue on it initialise.
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ class Sequential(Backend):
     children_arity = None
 
     def init(self, config, kwargs):
-        super().init(config, kwargs)
+        self.config = config
+        for child in reversed(self.children):
+            child.init(config, kwargs)
         ranges = [(c.min(), c.max()) for c in self.children if (c.min(), c.max()) != (1, 1)]
         self._lo = max((lo for lo, _ in ranges), default=1)
         self._hi = min((hi for _, hi in ranges), default=1)

@@ -1,5 +1,11 @@
 """SyncTensor[X]: owns the instance's CUDA stream; X enqueues on it; one wait per batch.
 
+The leaf form, TorchPipe's ``S[DecodeTensor,ResizeTensor,CvtColorTensor,SyncTensor]``, does
+the same for the stages before it: Sequential initialises its stages last to first, so
+SyncTensor makes its stream current on the instance thread before they initialise; they
+enqueue on it during forward, and SyncTensor, the last stage, passes ``data`` through as
+``result`` after waiting for the stream.
+
 At init (on the instance thread) SyncTensor creates the instance's stream and makes it the
 thread's current stream *before* X initialises, so X can bind to it (TorchScriptTensor
 wraps it as a torch ExternalStream, image backends enqueue on it).  Each forward runs
@@ -47,7 +53,7 @@ def _non_negative(value: int) -> str | None:
 
 
 class SyncTensor(Backend):
-    children_arity = 1
+    children_arity = (0, 1)
     config_keys = {"device_id": Key(int, 0, "CUDA device this node's instances run on", check=_non_negative)}
 
     def __init__(self) -> None:
@@ -86,7 +92,11 @@ class SyncTensor(Backend):
         cuda.raise_if_poisoned()
         with cuda.use_stream(self.stream):
             try:
-                self.children[0].forward(items)
+                if self.children:
+                    self.children[0].forward(items)
+                else:  # the leaf form: the stages before this one enqueued on our stream
+                    for item in items:
+                        item["result"] = item["data"]
                 self.done.record(self.stream)
                 self.done.synchronize()
                 _mark_complete(items)
