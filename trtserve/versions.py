@@ -49,7 +49,14 @@ def parse_policy(raw: Any, where: str) -> VersionPolicy:
 def fingerprint(folder: Path) -> str:
     """A digest of every file's path, size and mtime under a model folder: cheap to poll."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not _generated(p)):
         stat = path.stat()
         digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def _generated(path: Path) -> bool:
+    """Files trtserve or Python write themselves (engine caches, their temporary files,
+    bytecode) are not model changes: counting them would reload a model after its first load."""
+    name = path.name
+    return "__pycache__" in path.parts or name.endswith(".trtcache") or (name.startswith(".") and name.endswith(".tmp"))

@@ -229,3 +229,17 @@ def test_unload_finishes_accepted_work_and_load_unload_cycles_do_not_leak(tmp_pa
         repo.load("m")
         repo.unload("m")
     assert threading.active_count() <= threads_before + 1  # every instance and timer thread joined
+
+
+def test_generated_files_do_not_look_like_model_changes(tmp_path):
+    from trtserve.versions import fingerprint
+
+    folder = make_model(tmp_path, "m", 'backend = "Tagged"\n')
+    before = fingerprint(folder)
+    (folder / "1" / "model.onnx.trtcache").write_bytes(b"engine")
+    (folder / "1" / ".model.onnx.trtcache.tmp").write_bytes(b"partial")
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "backend.cpython-311.pyc").write_bytes(b"pyc")
+    assert fingerprint(folder) == before
+    (folder / "1" / "model.onnx").write_bytes(b"new weights")
+    assert fingerprint(folder) != before
