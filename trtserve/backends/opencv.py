@@ -17,55 +17,22 @@ import cv2
 import numpy as np
 
 from ..backend import Backend, Key, TensorSpec
-from ..errors import ConfigError, InvalidInputError
-
-COLORS = ("rgb", "bgr")
-_ANY_IMAGE = TensorSpec("image", "uint8", (-1, -1, 3))
-
-
-def _at_least_one(value: int) -> str | None:
-    return None if value >= 1 else "must be at least 1 (pixels)"
-
-
-def _describe(data: Any) -> str:
-    """A short description of a value for error messages (never the whole payload)."""
-    if isinstance(data, np.ndarray):
-        return f"ndarray(dtype={data.dtype}, shape={tuple(data.shape)})"
-    return type(data).__name__
-
-
-def _require(config: dict[str, Any], key: str, backend: str, example: str) -> Any:
-    """A key the node must set; config.py fills absent keys with None."""
-    value = config.get(key)
-    if value is None:
-        raise ConfigError(
-            f"{backend} needs the config key {key!r}; add {example} to the node's config",
-            key=key,
-            backend=backend,
-        )
-    return value
-
+from .imagecheck import (
+    ANY_IMAGE,
+    COLORS,
+    ENCODED_IMAGE,
+    at_least_one,
+    check_encoded,
+    check_hwc_image,
+    require_key,
+    source_color,
+)
 
 def check_image(item: dict[str, Any], backend: str) -> np.ndarray:
-    """The item's data as an HWC uint8 3-channel image, or InvalidInputError saying why not."""
-    data = item.get("data")
-    ok = (
-        isinstance(data, np.ndarray)
-        and data.dtype == np.uint8
-        and data.ndim == 3
-        and data.shape[2] == 3
-        and data.shape[0] > 0
-        and data.shape[1] > 0
+    """The item's data as an HWC uint8 3-channel numpy image, or InvalidInputError saying why not."""
+    return check_hwc_image(
+        item.get("data"), backend, "decode images with DecodeMat first, or send np.uint8 data shaped (height, width, 3)"
     )
-    if not ok:
-        raise InvalidInputError(
-            f"{backend} takes an HWC uint8 image with 3 channels, got {_describe(data)}; "
-            "decode images with DecodeMat first, or send np.uint8 data shaped (height, width, 3)",
-            backend=backend,
-            received=_describe(data),
-            expected="uint8 (H, W, 3)",
-        )
-    return data
 
 
 class _ImageBackend(Backend):
@@ -79,20 +46,7 @@ class DecodeMat(_ImageBackend):
     """Encoded image bytes (JPEG, PNG, ...) -> BGR HWC uint8; sets ``item["color"] = "bgr"``."""
 
     def validate(self, item: dict[str, Any]) -> None:
-        data = item.get("data")
-        if isinstance(data, (bytes, bytearray)):
-            return
-        if isinstance(data, memoryview) and data.c_contiguous:
-            return
-        if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1:
-            return
-        raise InvalidInputError(
-            f"DecodeMat takes encoded image bytes (bytes, bytearray, contiguous memoryview or a 1-D "
-            f"uint8 array), got {_describe(data)}; send the file's bytes, e.g. open(path, 'rb').read()",
-            backend="DecodeMat",
-            received=_describe(data),
-            expected="bytes",
-        )
+        check_encoded(item.get("data"), "DecodeMat")
 
     def forward(self, items: list[dict[str, Any]]) -> None:
         for item in items:
@@ -116,21 +70,21 @@ class DecodeMat(_ImageBackend):
         return image
 
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        return [TensorSpec("image", "bytes", (-1,))], [_ANY_IMAGE]
+        return [ENCODED_IMAGE], [ANY_IMAGE]
 
 
 class ResizeMat(_ImageBackend):
     """Resize to ``resize_h`` x ``resize_w`` with bilinear interpolation (cv2.INTER_LINEAR)."""
 
     config_keys = {
-        "resize_h": Key(int, None, "output height in pixels (required)", check=_at_least_one),
-        "resize_w": Key(int, None, "output width in pixels (required)", check=_at_least_one),
+        "resize_h": Key(int, None, "output height in pixels (required)", check=at_least_one),
+        "resize_w": Key(int, None, "output width in pixels (required)", check=at_least_one),
     }
 
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         super().init(config, kwargs)
-        self.height = _require(config, "resize_h", "ResizeMat", "resize_h = 224")
-        self.width = _require(config, "resize_w", "ResizeMat", "resize_w = 224")
+        self.height = require_key(config, "resize_h", "ResizeMat", "resize_h = 224")
+        self.width = require_key(config, "resize_w", "ResizeMat", "resize_w = 224")
 
     def validate(self, item: dict[str, Any]) -> None:
         check_image(item, "ResizeMat")
@@ -145,7 +99,7 @@ class ResizeMat(_ImageBackend):
                 item["result"] = cv2.resize(image, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
 
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        return [_ANY_IMAGE], [TensorSpec("image", "uint8", (self.height, self.width, 3))]
+        return [ANY_IMAGE], [TensorSpec("image", "uint8", (self.height, self.width, 3))]
 
 
 class CvtColorMat(_ImageBackend):
@@ -155,7 +109,7 @@ class CvtColorMat(_ImageBackend):
 
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         super().init(config, kwargs)
-        self.color = _require(config, "color", "CvtColorMat", 'color = "rgb"')
+        self.color = require_key(config, "color", "CvtColorMat", 'color = "rgb"')
 
     def validate(self, item: dict[str, Any]) -> None:
         check_image(item, "CvtColorMat")
@@ -172,16 +126,7 @@ class CvtColorMat(_ImageBackend):
 
     @staticmethod
     def source_color(item: dict[str, Any]) -> str:
-        color = item.get("color", "bgr")
-        if color not in COLORS:
-            raise InvalidInputError(
-                f"CvtColorMat: item['color'] = {color!r} is not one of {list(COLORS)}; "
-                "set it to the image's channel order or leave it out for bgr",
-                backend="CvtColorMat",
-                received=repr(color),
-                expected=list(COLORS),
-            )
-        return color
+        return source_color(item, "CvtColorMat")
 
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        return [_ANY_IMAGE], [_ANY_IMAGE]
+        return [ANY_IMAGE], [ANY_IMAGE]

@@ -23,16 +23,18 @@ import numpy as np
 
 from ...backend import Backend, Key, TensorSpec
 from ...cuda import DeviceArray, HostStaging, current_stream
-from ...errors import ConfigError, InvalidInputError, ModelUnavailableError
+from ...errors import ConfigError, ModelUnavailableError
+from ..imagecheck import (
+    ANY_IMAGE,
+    COLORS,
+    ENCODED_IMAGE,
+    at_least_one,
+    check_encoded,
+    check_hwc_image,
+    require_key,
+    source_color,
+)
 from . import kernels
-
-COLORS = ("rgb", "bgr")
-_IMAGE = TensorSpec("image", "uint8", (-1, -1, 3))
-
-
-def _at_least_one(value: int) -> str | None:
-    return None if value >= 1 else "must be at least 1 (pixels)"
-
 
 def _three_numbers(value: Any) -> str | None:
     try:
@@ -57,23 +59,6 @@ def parse_triplet(value: Any, key: str) -> tuple[float, float, float]:
     if len(numbers) != len(parts) or len(numbers) not in (1, 3):
         raise ConfigError(f"{key} = {value!r} must be 1 or 3 numbers, e.g. [123.675, 116.28, 103.53]", key=key)
     return tuple(numbers * 3 if len(numbers) == 1 else numbers)  # type: ignore[return-value]
-
-
-def _describe(data: Any) -> str:
-    if isinstance(data, (np.ndarray, DeviceArray)):
-        return f"{type(data).__name__}(dtype={data.dtype}, shape={tuple(data.shape)})"
-    return type(data).__name__
-
-
-def _is_image(data: Any) -> bool:
-    return (
-        isinstance(data, (np.ndarray, DeviceArray))
-        and data.dtype == np.uint8
-        and data.ndim == 3
-        and data.shape[2] == 3
-        and data.shape[0] > 0
-        and data.shape[1] > 0
-    )
 
 
 class _GpuImage(Backend):
@@ -103,17 +88,8 @@ class _GpuImage(Backend):
         self.image(item)
 
     def image(self, item: dict[str, Any]) -> DeviceArray | np.ndarray:
-        data = item.get("data")
-        if not _is_image(data):
-            name = type(self).__name__
-            raise InvalidInputError(
-                f"{name} takes an HWC uint8 image with 3 channels (a DeviceArray from DecodeTensor, or a "
-                f"numpy array), got {_describe(data)}; decode images with DecodeTensor first",
-                backend=name,
-                received=_describe(data),
-                expected="uint8 (H, W, 3)",
-            )
-        return data
+        hint = "decode images with DecodeTensor first"
+        return check_hwc_image(item.get("data"), type(self).__name__, hint, types=(np.ndarray, DeviceArray))
 
     def device_images(self, items: list[dict[str, Any]]) -> list[DeviceArray]:
         """Every item's image on the device; host images go up in one staged upload."""
@@ -130,25 +106,6 @@ class _GpuImage(Backend):
         if self.staging is not None:
             self.staging.close()
         super().close()
-
-
-def _require(config: dict[str, Any], key: str, backend: str, example: str) -> Any:
-    value = config.get(key)
-    if value is None:
-        raise ConfigError(f"{backend} needs the config key {key!r}; add {example} to the node's config", key=key, backend=backend)
-    return value
-
-
-def _source_color(item: dict[str, Any], backend: str) -> str:
-    color = item.get("color", "bgr")
-    if color not in COLORS:
-        raise InvalidInputError(
-            f"{backend}: item['color'] = {color!r} is not one of {list(COLORS)}; set it to the image's "
-            "channel order or leave it out for bgr",
-            backend=backend,
-            received=repr(color),
-        )
-    return color
 
 
 class DecodeTensor(_GpuImage):
@@ -185,18 +142,7 @@ class DecodeTensor(_GpuImage):
             self.staging = HostStaging(device=self.device)
 
     def validate(self, item: dict[str, Any]) -> None:
-        data = item.get("data")
-        if isinstance(data, (bytes, bytearray)) or (isinstance(data, memoryview) and data.c_contiguous):
-            return
-        if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1:
-            return
-        raise InvalidInputError(
-            f"DecodeTensor takes encoded image bytes (bytes, bytearray, contiguous memoryview or a 1-D uint8 "
-            f"array), got {_describe(data)}; send the file's bytes, e.g. open(path, 'rb').read()",
-            backend="DecodeTensor",
-            received=_describe(data),
-            expected="bytes",
-        )
+        check_encoded(item.get("data"), "DecodeTensor")
 
     def forward(self, items: list[dict[str, Any]]) -> None:
         if self.nvimgcodec is not None:
@@ -233,7 +179,7 @@ class DecodeTensor(_GpuImage):
                 item["color"] = "rgb"
 
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        return [TensorSpec("image", "bytes", (-1,))], [_IMAGE]
+        return [ENCODED_IMAGE], [ANY_IMAGE]
 
 
 class ResizeTensor(_GpuImage):
@@ -241,14 +187,14 @@ class ResizeTensor(_GpuImage):
 
     kernel_names = ("resize_linear_u8",)
     config_keys = {
-        "resize_h": Key(int, None, "output height in pixels (required)", check=_at_least_one),
-        "resize_w": Key(int, None, "output width in pixels (required)", check=_at_least_one),
+        "resize_h": Key(int, None, "output height in pixels (required)", check=at_least_one),
+        "resize_w": Key(int, None, "output width in pixels (required)", check=at_least_one),
     }
 
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         super().init(config, kwargs)
-        self.height = _require(config, "resize_h", "ResizeTensor", "resize_h = 224")
-        self.width = _require(config, "resize_w", "ResizeTensor", "resize_w = 224")
+        self.height = require_key(config, "resize_h", "ResizeTensor", "resize_h = 224")
+        self.width = require_key(config, "resize_w", "ResizeTensor", "resize_w = 224")
 
     def forward(self, items: list[dict[str, Any]]) -> None:
         for item, image in zip(items, self.device_images(items)):
@@ -258,7 +204,7 @@ class ResizeTensor(_GpuImage):
                 item["result"] = kernels.resize_u8(image, self.height, self.width)
 
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        return [_IMAGE], [TensorSpec("image", "uint8", (self.height, self.width, 3))]
+        return [ANY_IMAGE], [TensorSpec("image", "uint8", (self.height, self.width, 3))]
 
 
 class CvtColorTensor(_GpuImage):
@@ -269,22 +215,22 @@ class CvtColorTensor(_GpuImage):
 
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         super().init(config, kwargs)
-        self.color = _require(config, "color", "CvtColorTensor", 'color = "rgb"')
+        self.color = require_key(config, "color", "CvtColorTensor", 'color = "rgb"')
 
     def validate(self, item: dict[str, Any]) -> None:
         super().validate(item)
-        _source_color(item, "CvtColorTensor")
+        source_color(item, "CvtColorTensor")
 
     def forward(self, items: list[dict[str, Any]]) -> None:
         for item, image in zip(items, self.device_images(items)):
-            if _source_color(item, "CvtColorTensor") == self.color:
+            if source_color(item, "CvtColorTensor") == self.color:
                 item["result"] = image
             else:
                 item["result"] = kernels.swap_rb_u8(image)
             item["color"] = self.color
 
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        return [_IMAGE], [_IMAGE]
+        return [ANY_IMAGE], [ANY_IMAGE]
 
 
 class FusedPreprocessTensor(_GpuImage):
@@ -306,8 +252,8 @@ class FusedPreprocessTensor(_GpuImage):
 
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         super().init(config, kwargs)
-        self.height = _require(config, "resize_h", "FusedPreprocessTensor", "resize_h = 224")
-        self.width = _require(config, "resize_w", "FusedPreprocessTensor", "resize_w = 224")
+        self.height = require_key(config, "resize_h", "FusedPreprocessTensor", "resize_h = 224")
+        self.width = require_key(config, "resize_w", "FusedPreprocessTensor", "resize_w = 224")
         self.color = config.get("color")
         mean, std = config.get("mean"), config.get("std")
         self.mean = parse_triplet(mean, "mean") if mean is not None else (0.0, 0.0, 0.0)
@@ -317,14 +263,14 @@ class FusedPreprocessTensor(_GpuImage):
 
     def validate(self, item: dict[str, Any]) -> None:
         super().validate(item)
-        _source_color(item, "FusedPreprocessTensor")
+        source_color(item, "FusedPreprocessTensor")
 
     def forward(self, items: list[dict[str, Any]]) -> None:
         for item, image in zip(items, self.device_images(items)):
-            source = _source_color(item, "FusedPreprocessTensor")
+            source = source_color(item, "FusedPreprocessTensor")
             target = self.color or source
             item["result"] = kernels.fused_preprocess(image, self.height, self.width, self.mean, self.std, source != target)
             item["color"] = target
 
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        return [_IMAGE], [TensorSpec("input", "float32", (1, 3, self.height, self.width))]
+        return [ANY_IMAGE], [TensorSpec("input", "float32", (1, 3, self.height, self.width))]
