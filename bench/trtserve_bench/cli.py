@@ -112,7 +112,7 @@ async def run(args: argparse.Namespace, port: int) -> int:
     driver = make_driver(args, port)
     await driver.open()
     try:
-        metadata = None if args.input_data and not args.shape else await _metadata(driver, args.model)
+        metadata = await _metadata(driver, args.model)
         shapes = dict(parse_shape_option(s) for s in args.shape)
         values = build_inputs(metadata, shapes, args.batch_size, args.dtype, args.input_data, seed=args.seed)
         requests = [driver.prepare(v) for v in values]

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trtserve_bench import logic, output
+from trtserve_bench import logic, output, summarize
 from trtserve_bench.drivers import Driver
 from trtserve_bench.inputs import build_inputs
 from trtserve_bench.runner import Settings, run_level
@@ -237,6 +237,12 @@ def test_progress_line_and_table_flag_saturation():
     assert "c=8" in line and "w 2/10" in line and "p99" in line and "50%" in line
     text = output.table([{"label": "c=1", "throughput": 1.0, "client_cpu": 0.95, "client_saturated": True, "errors": 0}])
     assert "may be the bottleneck" in text
+
+
+def test_summarize_lists_numbers_and_target_verdicts():
+    document = {"benchmarks": [{"name": "test_x", "extra_info": {"rps": 10.5, "targets": {"ratio": {"value": 0.4, "target": ">= 0.5", "met": False}}}}]}
+    text = summarize.table(document)
+    assert "| test_x | rps=10.5 | ratio = 0.400 (target >= 0.5: MISSED) |" in text
 
 
 # --------------------------------------------------------------------------- the engine, on a fake driver
