@@ -6,7 +6,9 @@ line to stdout once it accepts connections::
     trtserve listening on 127.0.0.1:8001
 
 (scripts and tests wait for it; logs go to stderr).  SIGINT/SIGTERM shut down gracefully
-and exit 0.  Exit status 2: bad arguments or repository; 1: cannot listen.
+and exit 0.  Exit status 2: bad arguments, repository, token or TLS files; 1: cannot listen.
+docs/server.md lists the flags; docs/operations.md explains model control, metrics and
+access control.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import sys
 
 from trtserve_client.wire import DEFAULT_MAX_FRAME
 
-from .errors import TrtserveError
+from .errors import ConfigError, TrtserveError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -52,8 +54,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _optional_port(text: str) -> int | None:
+    return None if text.lower() == "off" else _port(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .server.app import DEFAULT_GRACE_S, DEFAULT_MAX_IN_FLIGHT
+    from .server.auth import DEFAULT_AUTH_TIMEOUT_S
+    from .server.control import DEFAULT_POLL_INTERVAL_S, MODES
+    from .server.tracker import DEFAULT_MAX_CONNECTIONS
 
     parser = argparse.ArgumentParser(prog="trtserve", description="A small, fast model server for TensorRT and ONNX models.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -67,13 +76,34 @@ def build_parser() -> argparse.ArgumentParser:
                        help="unanswered requests per connection before the server stops reading it (default: %(default)s)")
     serve.add_argument("--grace-period", type=_seconds, default=DEFAULT_GRACE_S, metavar="SECONDS",
                        help="on SIGINT/SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
-    serve.add_argument("--poll-interval", type=_seconds, default=0.0, metavar="SECONDS",
-                       help="poll mode: rescan the repository this often, loading added, reloading changed and "
-                            "unloading removed models (default: 0 = off)")
-    serve.add_argument("--allow-model-control", action="store_true",
-                       help="let clients load and unload models (refused with PERMISSION_DENIED otherwise)")
+    _model_control_flags(serve, MODES, DEFAULT_POLL_INTERVAL_S)
+    serve.add_argument("--max-connections", type=_positive_int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                       help="open connections beyond this are refused with RESOURCE_EXHAUSTED (default: %(default)s)")
+    serve.add_argument("--token-file", metavar="PATH",
+                       help="require this shared token (the file's content) in an auth request first on every connection")
+    serve.add_argument("--auth-timeout", type=_seconds, default=DEFAULT_AUTH_TIMEOUT_S, metavar="SECONDS",
+                       help="with --token-file: close connections that have not authenticated by then (default: %(default)s)")
+    serve.add_argument("--tls-cert", metavar="PATH", help="serve TLS with this PEM certificate chain (needs --tls-key)")
+    serve.add_argument("--tls-key", metavar="PATH", help="the PEM private key of --tls-cert")
+    serve.add_argument("--metrics-port", type=_optional_port, default=None, metavar="PORT",
+                       help="serve Prometheus metrics over HTTP on --host:PORT (default: off)")
     serve.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, help="(default: %(default)s)")
     return parser
+
+
+def _model_control_flags(serve: argparse.ArgumentParser, modes: tuple[str, ...], poll_default: float) -> None:
+    serve.add_argument("--model-control", choices=modes, default=None,
+                       help="none: load every model at start, refuse load/unload; poll: also rescan the repository; "
+                            "explicit: load only --load-model models at start, then only through load/unload "
+                            "(default: none, or what --poll-interval / --allow-model-control imply)")
+    serve.add_argument("--load-model", action="append", metavar="NAME",
+                       help="explicit mode: load this model at start (repeatable; '*' = every model)")
+    serve.add_argument("--poll-interval", type=_seconds, default=None, metavar="SECONDS",
+                       help=f"poll mode: rescan the repository this often (default: {poll_default:g}); "
+                            "given without --model-control it selects poll mode")
+    serve.add_argument("--allow-model-control", action="store_true",
+                       help="let clients load and unload models; alone it means --model-control explicit "
+                            "--load-model '*' (every model still loads at start)")
 
 
 def use_uvloop() -> bool:
@@ -89,7 +119,10 @@ def use_uvloop() -> bool:
 async def serve(args: argparse.Namespace) -> int:
     from .repository import ModelRepository
     from .server import Server
+    from .server.auth import read_token_file, server_ssl_context
 
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together: give both (a PEM certificate and its key) or neither")
     server = Server(
         ModelRepository(args.repository),
         host=args.host,
@@ -98,7 +131,15 @@ async def serve(args: argparse.Namespace) -> int:
         max_in_flight_per_connection=args.max_in_flight,
         allow_model_control=args.allow_model_control,
         grace_s=args.grace_period,
+        # 0 kept its old meaning (no polling) so existing command lines still start
         poll_interval_s=args.poll_interval or None,
+        model_control=args.model_control,
+        load_models=args.load_model,
+        max_connections=args.max_connections,
+        token=None if args.token_file is None else read_token_file(args.token_file),
+        auth_timeout_s=args.auth_timeout,
+        ssl_context=None if args.tls_cert is None else server_ssl_context(args.tls_cert, args.tls_key),
+        metrics_port=args.metrics_port,
     )
     await server.start()
     print(f"trtserve listening on {server.host}:{server.port}", flush=True)

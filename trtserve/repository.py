@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .backend import load_backend_file
 from .config import ModelConfig, load_config, read_toml
@@ -130,6 +130,9 @@ class ModelRepository:
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._draining: list[threading.Thread] = []
+        # Called with each newly built version after its warmup, before it serves (the
+        # metrics exporter subscribes to its statistics here, so no request is missed).
+        self.load_hooks: list[Callable[[LoadedModel], None]] = []
 
     # -- discovery ---------------------------------------------------------------------
     def scan(self) -> list[str]:
@@ -171,6 +174,9 @@ class ModelRepository:
                 entry.state = ModelState.READY if entry.models else ModelState.UNAVAILABLE
                 log.warning("model %s: load failed%s: %s", name, " (old versions keep serving)" if entry.models else "", exc.message)
                 raise
+            for model in fresh.values():
+                for hook in self.load_hooks:
+                    hook(model)
             old, entry.models = entry.models, fresh
             entry.state, entry.fingerprint, entry.failed_fingerprint = ModelState.READY, stamp, None
         self._retire(list(old.values()))

@@ -32,6 +32,7 @@ OPERATIONS = (
     "statistics",
     "load",
     "unload",
+    "auth",
 )
 
 # Wire dtype names are numpy's canonical names; the bytes are always little-endian.

@@ -9,21 +9,30 @@ Shutdown (``stop``, or SIGINT/SIGTERM under ``serve_forever``):
 4. close the models (queued work fails, running batches finish, instance threads join).
 
 A second signal skips the rest of the grace period.
+
+Model control modes live in control.py, access control in auth.py and protocol.py, the
+Prometheus exporter in metrics.py; docs/operations.md describes them for operators.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterable
 
 from trtserve_client.wire import DEFAULT_MAX_FRAME
 
 from ..errors import ConfigError, ShuttingDownError
 from ..repository import ModelRepository, ModelState
+from .auth import DEFAULT_AUTH_TIMEOUT_S, PRE_AUTH_MAX_FRAME, Authenticator
+from .control import ModelControl, poll_forever
 from .handlers import Dispatcher
-from .protocol import ConnectionTracker, ServerProtocol
+from .metrics import Metrics
+from .protocol import ServerProtocol
+from .tracker import DEFAULT_MAX_CONNECTIONS, ConnectionTracker
 
 log = logging.getLogger("trtserve.server")
 
@@ -39,10 +48,23 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
+def _port(name: str, value: object) -> int | None:
+    if value is not None and (type(value) is not int or not 0 <= value <= 65535):
+        raise ConfigError(f"{name} must be a port number 0-65535 (0 = any free port) or None, got {value!r}", key=name)
+    return value
+
+
 class Server:
     """``Server(repository, host, port, ...)``; ``await start()``, then ``serve_forever()`` or
     ``stop()``.  ``repository`` is a ModelRepository or a path to one; port 0 picks a free port
-    (read it from ``.port`` after start)."""
+    (read it from ``.port`` after start).
+
+    Model control: ``model_control`` ("none", "poll" or "explicit"; control.py), with
+    ``load_models`` (explicit), ``poll_interval_s`` (poll) and ``allow_model_control``.
+    Access: ``token`` (str/bytes; the ``auth`` operation), ``ssl_context`` (TLS),
+    ``max_connections``, ``max_in_flight_per_connection``, ``max_frame``.  Metrics:
+    ``metrics_port`` (None = off; 0 = any free port, read ``.metrics_port`` after start).
+    """
 
     def __init__(
         self,
@@ -55,19 +77,36 @@ class Server:
         allow_model_control: bool = False,
         grace_s: float = DEFAULT_GRACE_S,
         poll_interval_s: float | None = None,
+        model_control: str | None = None,
+        load_models: Iterable[str] | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        token: str | bytes | None = None,
+        auth_timeout_s: float = DEFAULT_AUTH_TIMEOUT_S,
+        ssl_context: ssl.SSLContext | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         self.repository = repository if isinstance(repository, ModelRepository) else ModelRepository(repository)
         self.host = host
         self.port = port
         self.max_frame = _positive_int("max_frame", max_frame)
         self.max_in_flight = _positive_int("max_in_flight_per_connection", max_in_flight_per_connection)
-        self.allow_model_control = bool(allow_model_control)
+        self.control = ModelControl.resolve(model_control, allow_model_control, poll_interval_s, load_models)
         self.grace_s = float(grace_s)
-        if poll_interval_s is not None and not poll_interval_s > 0:
-            raise ConfigError(f"poll_interval_s must be > 0 seconds (or None: no polling), got {poll_interval_s!r}", key="poll_interval_s")
-        self.poll_interval_s = poll_interval_s
+        if not auth_timeout_s > 0:
+            raise ConfigError(f"auth_timeout_s must be > 0 seconds, got {auth_timeout_s!r}", key="auth_timeout_s")
+        self.authenticator = None if token is None else Authenticator(token)
+        self.ssl_context = ssl_context
+        self.metrics_port = _port("metrics_port", metrics_port)
         self._poller: asyncio.Task | None = None
-        self.tracker = ConnectionTracker(self.max_frame, self.max_in_flight)
+        self.tracker = ConnectionTracker(
+            self.max_frame,
+            self.max_in_flight,
+            max_connections=_positive_int("max_connections", max_connections),
+            auth_required=self.authenticator is not None,
+            auth_timeout_s=float(auth_timeout_s),
+            pre_auth_max_frame=PRE_AUTH_MAX_FRAME,
+        )
+        self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self._listener: asyncio.AbstractServer | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -78,6 +117,15 @@ class Server:
     def address(self) -> tuple[str, int]:
         return self.host, self.port
 
+    @property
+    def allow_model_control(self) -> bool:
+        """Whether clients may load and unload models (the mode decides: control.py)."""
+        return self.control.operations
+
+    @property
+    def poll_interval_s(self) -> float | None:
+        return self.control.poll_interval_s
+
     # -- start -------------------------------------------------------------------------
     async def start(self) -> None:
         """Load every model (failures become UNAVAILABLE with their reason), then listen."""
@@ -85,48 +133,54 @@ class Server:
 
         loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(CONTROL_WORKERS, thread_name_prefix="trtserve-control")
-        await loop.run_in_executor(self._executor, self.repository.load_all)
-        self._log_models()
-        self.dispatcher = Dispatcher(
-            self.repository,
-            loop=loop,
-            executor=self._executor,
-            max_frame=self.max_frame,
-            allow_model_control=self.allow_model_control,
-            version=__version__,
-        )
-        dispatch, tracker = self.dispatcher.dispatch, self.tracker
+        if self.metrics_port is not None:  # before loading, so every version is subscribed as it is built
+            self.metrics = Metrics(self.tracker, self._serving)
+            self.metrics.watch(self.repository)
         try:
-            self._listener = await loop.create_server(
-                lambda: ServerProtocol(dispatch, tracker), self.host, self.port, reuse_address=True
+            await loop.run_in_executor(self._executor, self.control.load_at_start, self.repository)
+            self._log_models()
+            self.dispatcher = Dispatcher(
+                self.repository,
+                loop=loop,
+                executor=self._executor,
+                max_frame=self.max_frame,
+                control=self.control,
+                version=__version__,
+                authenticator=self.authenticator,
+                metrics=self.metrics,
             )
+            await self._listen(loop, self.dispatcher.dispatch)
         except BaseException:
             await loop.run_in_executor(None, self._close_models)
             raise
-        self.port = self._listener.sockets[0].getsockname()[1]
         self.dispatcher.ready = True
-        if self.poll_interval_s is not None:
-            self._poller = loop.create_task(self._poll_forever(self.poll_interval_s))
-        log.info("listening on %s:%d", self.host, self.port)
+        if self.control.poll_interval_s is not None:
+            self._poller = loop.create_task(poll_forever(self.repository, self._executor, self.control.poll_interval_s))
+        log.info("listening on %s:%d (model control: %s%s%s)", self.host, self.port, self.control.mode,
+                 ", TLS" if self.ssl_context else "", ", token required" if self.authenticator else "")
+
+    def _serving(self) -> bool:
+        dispatcher = self.dispatcher
+        return dispatcher is not None and dispatcher.ready and not dispatcher.draining
+
+    async def _listen(self, loop: asyncio.AbstractEventLoop, dispatch) -> None:
+        tracker = self.tracker
+        self._listener = await loop.create_server(
+            lambda: ServerProtocol(dispatch, tracker), self.host, self.port, reuse_address=True, ssl=self.ssl_context
+        )
+        self.port = self._listener.sockets[0].getsockname()[1]
+        if self.metrics is not None:
+            try:
+                self.metrics_port = self.metrics.serve(self.host, self.metrics_port)
+            except OSError:
+                self._listener.close()
+                raise
 
     def _log_models(self) -> None:
         rows = self.repository.index()  # the repository already logged each failure's reason
         ready = [r["name"] for r in rows if r["state"] == ModelState.READY.value]
         other = [f"{r['name']} ({r['state']})" for r in rows if r["state"] != ModelState.READY.value]
         log.info("models READY: %s; not ready: %s", ", ".join(ready) or "none", ", ".join(other) or "none")
-
-    async def _poll_forever(self, interval_s: float) -> None:
-        """Poll mode: rescan the repository; load added, reload changed, unload removed models."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                changes = await loop.run_in_executor(self._executor, self.repository.poll)
-            except Exception:  # a poll that breaks must not end polling (or the server)
-                log.exception("repository poll failed")
-                continue
-            if any(changes.values()):
-                log.info("repository poll: %s", {k: v for k, v in changes.items() if v})
 
     # -- run -----------------------------------------------------------------------------
     async def serve_forever(self) -> None:
@@ -200,6 +254,8 @@ class Server:
         log.info("stopped")
 
     def _close_models(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)  # a load in progress finishes before models close
         self.repository.close()

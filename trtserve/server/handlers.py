@@ -17,13 +17,14 @@ from ..backend import did_you_mean
 from ..errors import (
     InvalidArgumentError,
     ModelUnavailableError,
-    PermissionDeniedError,
     ShuttingDownError,
     TrtserveError,
     UnknownOperationError,
     UnsupportedProtocolError,
 )
 from ..repository import ModelRepository
+from .auth import Authenticator
+from .control import ModelControl
 from .infer import InferHandler, optional_version, require_model
 
 # Operations that start work; refused once the server is draining for shutdown.
@@ -50,19 +51,23 @@ class Dispatcher:
         loop: asyncio.AbstractEventLoop,
         executor: Executor,
         max_frame: int,
-        allow_model_control: bool,
+        control: ModelControl,
         version: str,
+        authenticator: Authenticator | None = None,
+        metrics: Any = None,
     ) -> None:
         self.repository = repository
         self.loop = loop
         self.executor = executor
         self.max_frame = max_frame
-        self.allow_model_control = allow_model_control
+        self.control = control
+        self.authenticator = authenticator
         self.version = version
         self.ready = False  # serving: set once listening, cleared when draining starts
         self.draining = False
         self._ops: dict[str, Callable[[dict[str, Any]], Any]] = {
-            "infer": InferHandler(repository, loop),
+            "auth": self.auth,
+            "infer": InferHandler(repository, loop, metrics),
             "live": self.live,
             "ready": self.ready_op,
             "server_metadata": self.server_metadata,
@@ -118,6 +123,15 @@ class Dispatcher:
             operation=op,
             operations=list(OPERATIONS),
         )
+
+    # -- access ------------------------------------------------------------------------
+    def auth(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Check the token (UNAUTHENTICATED closes the connection: server/protocol.py).
+        Without a configured token every connection is already admitted."""
+        if self.authenticator is None:
+            return {"authenticated": True, "required": False}
+        self.authenticator.check(message)
+        return {"authenticated": True, "required": True}
 
     # -- health and metadata -----------------------------------------------------------
     def live(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -191,12 +205,8 @@ class Dispatcher:
         return Deferred(self.loop.run_in_executor(self.executor, run))
 
     def _controlled(self, message: dict[str, Any], op: str) -> str:
-        if not self.allow_model_control:
-            raise PermissionDeniedError(
-                f"operation {op!r} is disabled on this server; start it with --allow-model-control "
-                "(Server(allow_model_control=True)) to let clients load and unload models",
-                operation=op,
-            )
+        if not self.control.operations:
+            raise self.control.denial(op)
         return require_model(message)
 
 

@@ -8,6 +8,10 @@ resolved.  No thread pool hop, no per-request task.
 ``timeout_ms`` becomes both the scheduler deadline (a queued request is failed by the
 scheduler's timer and never runs) and a loop timer (the client gets DEADLINE_EXCEEDED on
 time even when the item is already running; its late result is dropped).
+
+With metrics on, every answer is counted once, as the client sees it (success, or failure
+by error name) and its duration observed, through the served model's meter
+(server/metrics.py), which ``ModelIO`` caches next to the model's inputs.
 """
 from __future__ import annotations
 
@@ -25,8 +29,10 @@ from ..errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     InvalidInputError,
+    ModelUnavailableError,
     NoResultError,
     TrtserveError,
+    VersionNotFoundError,
 )
 from ..repository import LoadedModel, ModelRepository
 from ..scheduler import Request
@@ -98,6 +104,7 @@ class ModelIO:
         self.inputs: dict[str, _Declared] | None = {t.name: _Declared(model.name, t) for t in inputs} if inputs else None
         self.outputs: list[str] | None = [t.name for t in outputs] if outputs else None
         self.single_output = self.outputs[0] if self.outputs else DEFAULT_OUTPUT
+        self.meter: Any = None  # the model version's metrics (server/metrics.ModelMeter), when on
 
     def item_data(self, raw: Any) -> Any:
         """The item's ``data``: the value of a lone input, or a dict name -> value."""
@@ -237,9 +244,12 @@ def _check_tensor(model: str, spec: TensorSpec, value: Any) -> None:
 class InferCall:
     """One infer request in flight: its asyncio future, scheduler request and deadline timer."""
 
-    __slots__ = ("loop", "future", "request", "timer", "io", "model", "wanted")
+    __slots__ = ("loop", "future", "request", "timer", "io", "model", "wanted", "started")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, model: LoadedModel, io: ModelIO, wanted: list[str] | None):
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, model: LoadedModel, io: ModelIO, wanted: list[str] | None, started: float
+    ):
+        self.started = started  # time.perf_counter() when the request was read
         self.loop = loop
         self.future: asyncio.Future = loop.create_future()
         self.request: Request | None = None
@@ -263,11 +273,20 @@ class InferCall:
             return
         if error is not None:
             future.set_exception(error)
+            self._count(error.name)
             return
         try:
             future.set_result({"model": self.model.name, "version": self.model.version, "outputs": self.io.encode(item, self.wanted)})
         except TrtserveError as exc:
             future.set_exception(exc)
+            self._count(exc.name)
+            return
+        self._count(None)
+
+    def _count(self, reason: str | None) -> None:
+        meter = self.io.meter
+        if meter is not None:
+            meter.done(reason, time.perf_counter() - self.started)
 
     def expire(self, timeout_s: float) -> None:
         if self.future.done():
@@ -280,6 +299,7 @@ class InferCall:
             model=self.model.name,
             timeout_ms=timeout_s * 1e3,
         ))
+        self._count("DEADLINE_EXCEEDED")
 
     def cancel(self) -> None:
         if self.request is not None:
@@ -290,9 +310,10 @@ class InferCall:
 
 
 class InferHandler:
-    def __init__(self, repository: ModelRepository, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, repository: ModelRepository, loop: asyncio.AbstractEventLoop, metrics: Any = None) -> None:
         self.repository = repository
         self.loop = loop
+        self.metrics = metrics  # server/metrics.Metrics, or None when metrics are off
         self._io: dict[tuple[str, int], tuple[LoadedModel, ModelIO]] = {}
 
     def model_io(self, model: LoadedModel) -> ModelIO:
@@ -302,18 +323,37 @@ class InferHandler:
         if cached is not None and cached[0] is model:
             return cached[1]
         io = ModelIO(model)
+        if self.metrics is not None:
+            io.meter = self.metrics.meter(model)
         self._io[key] = (model, io)
         return io
 
     def __call__(self, message: dict[str, Any]) -> InferCall:
-        model = self.repository.get(require_model(message), optional_version(message))
-        io = self.model_io(model)
-        item = {"data": io.item_data(message.get("inputs"))}
-        call = InferCall(self.loop, model, io, io.output_filter(message.get("outputs")))
-        priority = optional_priority(message)
-        timeout = timeout_seconds(message)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        call.request = model.submit(item, call.on_done, deadline, priority)
+        started = time.perf_counter()
+        io = None
+        try:
+            model = self.repository.get(require_model(message), optional_version(message))
+            io = self.model_io(model)
+            item = {"data": io.item_data(message.get("inputs"))}
+            call = InferCall(self.loop, model, io, io.output_filter(message.get("outputs")), started)
+            priority = optional_priority(message)
+            timeout = timeout_seconds(message)
+            # The scheduler keeps the earlier of this deadline and the model's queue_timeout.
+            deadline = None if timeout is None else time.monotonic() + timeout
+            call.request = model.submit(item, call.on_done, deadline, priority)
+        except TrtserveError as exc:
+            if self.metrics is not None:
+                self._count_refusal(message, io, exc)
+            raise
         if timeout is not None:
             call.timer = self.loop.call_later(timeout, call.expire, timeout)
         return call
+
+    def _count_refusal(self, message: dict[str, Any], io: ModelIO | None, exc: TrtserveError) -> None:
+        """A request refused before it was queued.  Only names the server knows become label
+        values, so a peer sending made-up model names cannot grow the metrics without bound."""
+        if io is not None:
+            io.meter.failed(exc.name)
+            return
+        known = isinstance(exc, (ModelUnavailableError, VersionNotFoundError))
+        self.metrics.refused_request(message.get("model") if known else "", exc.name)

@@ -12,7 +12,9 @@ requests and their responses, however fast it writes or slowly it reads.
 
 A frame the server cannot attribute to a request (oversized, not msgpack, not a map, no
 valid ``id``, a truncated frame at EOF) is answered with ``"id": nil`` and only that
-connection is closed.  When a connection goes away, its requests in flight are cancelled
+connection is closed.  So is a connection over ``max_connections`` (RESOURCE_EXHAUSTED).
+With a token configured, the first request must be ``auth`` (server/auth.py); anything
+else, a wrong token or no auth within the timeout is UNAUTHENTICATED, then close.  When a connection goes away, its requests in flight are cancelled
 (queued ones are never run) and their responses dropped.
 """
 from __future__ import annotations
@@ -26,66 +28,31 @@ from typing import Any
 
 from trtserve_client.wire import FrameDecoder, pack
 
-from ..errors import InternalError, InvalidArgumentError, ProtocolError, TrtserveError
+from ..errors import (
+    ErrorCode,
+    FrameTooLargeError,
+    InternalError,
+    InvalidArgumentError,
+    ProtocolError,
+    ResourceExhaustedError,
+    TrtserveError,
+    UnauthenticatedError,
+)
+from .tracker import ConnectionTracker
+
+__all__ = ["ConnectionTracker", "ServerProtocol"]
 
 log = logging.getLogger("trtserve.server")
 _MAX_ID = 2**64
-
-
-class ConnectionTracker:
-    """Server-wide bookkeeping shared by every connection: who is connected, what is in flight.
-
-    Everything here runs on the event loop thread, so plain ints and sets are enough.
-    """
-
-    def __init__(self, max_frame: int, max_in_flight: int) -> None:
-        self.max_frame = max_frame
-        self.max_in_flight = max_in_flight
-        self.connections: set[ServerProtocol] = set()
-        self.in_flight = 0
-        self._idle: asyncio.Event | None = None  # exists only while someone waits (shutdown)
-        self._empty: asyncio.Event | None = None
-
-    def request_done(self) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0 and self._idle is not None:
-            self._idle.set()
-
-    def connection_closed(self, conn: "ServerProtocol") -> None:
-        self.connections.discard(conn)
-        if not self.connections and self._empty is not None:
-            self._empty.set()
-
-    def force_idle(self) -> None:
-        """End a wait_idle early (a second shutdown signal)."""
-        if self._idle is not None:
-            self._idle.set()
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no request is in flight; False when ``timeout`` passed first."""
-        if self.in_flight == 0:
-            return True
-        self._idle = asyncio.Event()
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            self._idle = None
-        return self.in_flight == 0
-
-    async def wait_disconnected(self, timeout: float) -> bool:
-        """Wait until every connection is closed; False when ``timeout`` passed first."""
-        if not self.connections:
-            return True
-        self._empty = asyncio.Event()
-        try:
-            await asyncio.wait_for(self._empty.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            self._empty = None
-        return not self.connections
+# Refusals counted in the metrics (trtserve_refusals_total{type}), by error code.
+_REFUSALS = {
+    ErrorCode.UNAUTHENTICATED: "auth",
+    ErrorCode.RESOURCE_EXHAUSTED: "connection_limit",
+    ErrorCode.FRAME_TOO_LARGE: "frame_too_large",
+    ErrorCode.PROTOCOL_ERROR: "protocol_error",
+    ErrorCode.INVALID_ARGUMENT: "protocol_error",  # only connection-level ones reach _fail
+    ErrorCode.PERMISSION_DENIED: "permission_denied",
+}
 
 
 class ServerProtocol(asyncio.Protocol):
@@ -104,6 +71,8 @@ class ServerProtocol(asyncio.Protocol):
         self._writing_paused = False
         self._closing = False
         self._eof = False
+        self._authenticated = not tracker.auth_required
+        self._auth_timer: asyncio.TimerHandle | None = None
         self.peer: Any = None
 
     # -- introspection (tests, debugging) ------------------------------------------------
@@ -133,10 +102,37 @@ class ServerProtocol(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        self._tracker.connections.add(self)
+        tracker = self._tracker
+        if len(tracker.connections) >= tracker.max_connections:
+            self._fail(ResourceExhaustedError(
+                f"the server already serves {len(tracker.connections)} connections (--max-connections "
+                f"{tracker.max_connections}); retry later, reuse connections, or raise --max-connections",
+                max_connections=tracker.max_connections,
+            ))
+            return
+        tracker.connections.add(self)
+        if not self._authenticated:
+            # Until auth succeeds only small frames are read, and only for auth_timeout_s.
+            self._decoder.max_frame = tracker.pre_auth_max_frame
+            self._auth_timer = asyncio.get_running_loop().call_later(tracker.auth_timeout_s, self._auth_expired)
+
+    def _auth_expired(self) -> None:
+        if not self._authenticated and not self._closing:
+            self._fail(UnauthenticatedError(
+                f"no auth request within {self._tracker.auth_timeout_s:g} s of connecting; the first request "
+                "on a connection to this server must be {op: 'auth', token: ...}",
+            ))
+
+    def _authenticated_now(self) -> None:
+        self._authenticated = True
+        self._decoder.max_frame = self._tracker.max_frame
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
         self._backlog.clear()
         self._cancel_pending()
         self._transport = None
@@ -169,6 +165,12 @@ class ServerProtocol(asyncio.Protocol):
         try:
             messages = self._decoder.feed(data)
         except TrtserveError as exc:
+            if not self._authenticated and exc.code == ErrorCode.FRAME_TOO_LARGE:
+                exc = FrameTooLargeError(
+                    f"{exc.message} (before authentication frames are limited to {self._decoder.max_frame} "
+                    "bytes: send auth first and wait for its answer)",
+                    **exc.details,
+                )
             self._fail(exc)
             return
         self._backlog.extend(messages)
@@ -188,6 +190,7 @@ class ServerProtocol(asyncio.Protocol):
             return
         self._reading_paused = pause
         if pause:
+            self._tracker.paused("write_buffer" if self._writing_paused else "in_flight")
             self._transport.pause_reading()
         else:
             self._transport.resume_reading()
@@ -210,9 +213,21 @@ class ServerProtocol(asyncio.Protocol):
                 value=req_id,
             ))
             return
+        if not self._authenticated and message.get("op") != "auth":
+            self._fail(UnauthenticatedError(
+                f"this server requires authentication: the first request on a connection must be "
+                f"{{op: 'auth', token: ...}}, got op {message.get('op')!r}; pass token= to the client",
+                operation=repr(message.get("op")),
+            ), req_id)
+            return
         try:
             outcome = self._dispatch(message)
         except TrtserveError as exc:
+            if exc.code == ErrorCode.UNAUTHENTICATED:
+                self._fail(exc, req_id)  # a wrong token: nothing more is read from this peer
+                return
+            if exc.code == ErrorCode.PERMISSION_DENIED:
+                self._tracker.refused("permission_denied")
             self._send_error(req_id, exc)
             return
         except Exception as exc:  # a bug must cost one request, not the connection
@@ -220,6 +235,8 @@ class ServerProtocol(asyncio.Protocol):
             self._send_error(req_id, InternalError(f"internal error: {type(exc).__name__}: {exc}"))
             return
         if type(outcome) is dict:
+            if not self._authenticated:
+                self._authenticated_now()  # the gate above let only an auth request through
             self._send(req_id, {"id": req_id, "result": outcome})
             return
         self._pending[req_id] = outcome
@@ -266,10 +283,12 @@ class ServerProtocol(asyncio.Protocol):
     def _send_error(self, req_id: int | None, exc: TrtserveError) -> None:
         self._send(req_id, {"id": req_id, "error": exc.to_wire()})
 
-    def _fail(self, exc: TrtserveError) -> None:
-        """An unattributable frame: tell the peer why (id nil), then close this connection only."""
+    def _fail(self, exc: TrtserveError, req_id: int | None = None) -> None:
+        """A refused connection or an unattributable frame: tell the peer why (``id`` nil
+        unless the refusal answers one request), count it, then close this connection only."""
         log.warning("closing connection from %s: %s", self.peer, exc.message)
-        self._send_error(None, exc)
+        self._tracker.refused(_REFUSALS.get(exc.code, "protocol_error"))
+        self._send_error(req_id, exc)
         self._close()
 
     def _close(self) -> None:

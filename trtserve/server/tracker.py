@@ -1,0 +1,90 @@
+"""Server-wide connection bookkeeping and limits, shared by every connection.
+
+Everything here runs on the event loop thread, so plain ints and sets are enough.  The
+metrics exporter reads ``len(connections)`` and ``in_flight`` from its own thread (single
+reads of an int or a set's size, which the GIL keeps whole) and sets ``refused`` and
+``paused`` to count refusals and backpressure.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from .protocol import ServerProtocol
+
+DEFAULT_MAX_CONNECTIONS = 1024  # each is a file descriptor: keep the process's LimitNOFILE above this
+
+
+def _ignore(kind: str) -> None:
+    """The default for ``refused``/``paused``: nothing counts them (metrics off)."""
+
+
+class ConnectionTracker:
+    """Who is connected, what is in flight, and the limits every connection obeys."""
+
+    def __init__(
+        self,
+        max_frame: int,
+        max_in_flight: int,
+        *,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        auth_required: bool = False,
+        auth_timeout_s: float = 10.0,
+        pre_auth_max_frame: int = 64 * 1024,
+    ) -> None:
+        self.max_frame = max_frame
+        self.max_in_flight = max_in_flight
+        self.max_connections = max_connections
+        self.auth_required = auth_required
+        self.auth_timeout_s = auth_timeout_s
+        self.pre_auth_max_frame = min(pre_auth_max_frame, max_frame)
+        self.connections: set[ServerProtocol] = set()
+        self.in_flight = 0
+        # refused(type): a connection or request was refused (auth, connection_limit,
+        # frame_too_large, protocol_error, permission_denied); paused(cause): reading stopped.
+        self.refused: Callable[[str], None] = _ignore
+        self.paused: Callable[[str], None] = _ignore
+        self._idle: asyncio.Event | None = None  # exists only while someone waits (shutdown)
+        self._empty: asyncio.Event | None = None
+
+    def request_done(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    def connection_closed(self, conn: "ServerProtocol") -> None:
+        self.connections.discard(conn)
+        if not self.connections and self._empty is not None:
+            self._empty.set()
+
+    def force_idle(self) -> None:
+        """End a wait_idle early (a second shutdown signal)."""
+        if self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False when ``timeout`` passed first."""
+        if self.in_flight == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._idle = None
+        return self.in_flight == 0
+
+    async def wait_disconnected(self, timeout: float) -> bool:
+        """Wait until every connection is closed; False when ``timeout`` passed first."""
+        if not self.connections:
+            return True
+        self._empty = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._empty.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._empty = None
+        return not self.connections
