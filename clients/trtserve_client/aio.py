@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl as _ssl
 from typing import Any, Iterable, Mapping, Union
 
 import numpy as np
@@ -40,6 +41,12 @@ class AsyncClient:
     ties broken round-robin) or ``"round_robin"``.  ``timeout`` is the default per-request
     timeout in seconds (None: wait as long as the server takes).  Connections open on first
     use and reopen on the next call after a drop, so a client outlives server restarts.
+
+    Access control: ``token`` (str or bytes) is sent in an ``auth`` request first on every
+    new connection, reconnects included; a wrong one raises UnauthenticatedError.  TLS:
+    ``ssl=`` an ``ssl.SSLContext`` (or True for the system's CAs), or ``tls=True`` with
+    ``ca_file=`` the PEM file that signed the server's certificate (a self-signed
+    certificate is its own CA); ``server_hostname`` overrides the name checked.
     """
 
     def __init__(
@@ -52,6 +59,11 @@ class AsyncClient:
         timeout: float | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         max_frame: int = DEFAULT_MAX_FRAME,
+        token: str | bytes | None = None,
+        ssl: _ssl.SSLContext | bool | None = None,
+        tls: bool = False,
+        ca_file: str | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         if not isinstance(connections, int) or connections < 1:
             raise InvalidArgumentError(f"connections must be an integer >= 1, got {connections!r}", connections=repr(connections))
@@ -63,8 +75,13 @@ class AsyncClient:
         self.host, self.port = host, port
         self.strategy = strategy
         self.timeout = timeout
+        if token is not None and (not isinstance(token, (str, bytes)) or not token):
+            raise InvalidArgumentError(f"token must be a non-empty str or bytes, got {type(token).__name__}", field="token")
+        context = _ssl_context(ssl, tls, ca_file)
         self._pool = [
-            Connection(host, port, max_frame=max_frame, connect_timeout=connect_timeout) for _ in range(connections)
+            Connection(host, port, max_frame=max_frame, connect_timeout=connect_timeout, token=token, ssl=context,
+                       server_hostname=server_hostname or (host if context is not None else None))
+            for _ in range(connections)
         ]
         self._turn = itertools.count()
         self._input_names: dict[tuple[str, int | None], str] = {}
@@ -215,6 +232,22 @@ class AsyncClient:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _ssl_context(ssl: _ssl.SSLContext | bool | None, tls: bool, ca_file: str | None) -> _ssl.SSLContext | None:
+    """The TLS context for ``ssl=``/``tls=``/``ca_file=``, or None for plain TCP."""
+    if isinstance(ssl, _ssl.SSLContext):
+        if tls or ca_file is not None:
+            raise InvalidArgumentError("give either ssl=<SSLContext> or tls=True/ca_file=, not both", field="ssl")
+        return ssl
+    if ssl not in (None, True, False):
+        raise InvalidArgumentError(f"ssl must be an ssl.SSLContext, True or None, got {type(ssl).__name__}", field="ssl")
+    if not (ssl or tls or ca_file is not None):
+        return None
+    try:  # verifies the certificate and the host name, TLS 1.2 or later
+        return _ssl.create_default_context(cafile=ca_file)
+    except (OSError, _ssl.SSLError) as exc:
+        raise InvalidArgumentError(f"ca_file={ca_file!r} cannot be loaded ({exc}); give a PEM file of CA certificates", field="ca_file") from None
 
 
 def _check_timeout(timeout: float | None) -> None:

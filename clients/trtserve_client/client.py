@@ -37,7 +37,8 @@ def _blocking(coroutine_function: Callable[..., Awaitable[T]]) -> Callable[..., 
 
 class Client:
     """Blocking, thread-safe client; takes AsyncClient's arguments (host, port, connections,
-    strategy, timeout, connect_timeout, max_frame).  Use as a context manager or call close()."""
+    strategy, timeout, connect_timeout, max_frame, token, ssl, tls, ca_file, server_hostname).
+    Use as a context manager or call close()."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._async = AsyncClient(*args, **kwargs)  # validates arguments before a thread starts

@@ -10,12 +10,18 @@ request still pending fails with :class:`ConnectionFailedError`, whose ``__cause
 server's own error when it sent one (``"id": nil``), and the next request opens a new
 connection.  Requests are never retried
 behind the caller's back: whether one ran on the server is unknowable once the link is gone.
+
+Access control: with ``token``, every new connection (the first and each reconnect) sends
+``{"op": "auth", "token": ...}`` and waits for its answer before any other request goes out
+(a wrong token raises UnauthenticatedError).  With ``ssl`` (an ``ssl.SSLContext``) the
+connection is TLS, verified against ``server_hostname`` (default: the host).
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import socket
+import ssl as _ssl
 from typing import Any
 
 from .errors import (
@@ -96,11 +102,17 @@ class Connection:
         *,
         max_frame: int = DEFAULT_MAX_FRAME,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        token: str | bytes | None = None,
+        ssl: _ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         self.host = host
         self.port = int(port)
         self.max_frame = int(max_frame)
         self.connect_timeout = connect_timeout
+        self.token = token
+        self.ssl = ssl
+        self.server_hostname = server_hostname if ssl is not None else None
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -196,13 +208,23 @@ class Connection:
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
+        protocol: _Protocol | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, protocol = await loop.create_connection(lambda: _Protocol(self), self.host, self.port)
-        except (OSError, TimeoutError) as exc:
+                _, protocol = await loop.create_connection(
+                    lambda: _Protocol(self), self.host, self.port, ssl=self.ssl, server_hostname=self.server_hostname
+                )
+                if self.token is not None:
+                    await self._authenticate(protocol)
+        except (OSError, TimeoutError, TrtserveError) as exc:
+            if protocol is not None and protocol.transport is not None:
+                protocol.transport.close()
+            if isinstance(exc, TrtserveError) and not isinstance(exc, ConnectionFailedError):
+                raise  # the server's own answer to auth (UNAUTHENTICATED): a typed error
             raise ConnectionFailedError(
                 f"cannot connect to trtserve at {self.address}: {type(exc).__name__}: {exc}; "
-                "is the server running and listening on that address?",
+                "is the server running and listening on that address"
+                + (" with TLS?" if self.ssl is not None else "?"),
                 address=self.address,
             ) from None
         if self._closed:
@@ -210,6 +232,20 @@ class Connection:
             raise ConnectionFailedError(f"connection to {self.address} is closed", address=self.address)
         self._protocol = protocol
         return protocol
+
+    async def _authenticate(self, protocol: _Protocol) -> None:
+        """Send ``auth`` on a new connection and wait for its answer.  Until then the
+        connection is not ``self._protocol``, so no other request can go out before it."""
+        request_id = next(self._ids) % _ID_SPACE
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            protocol.transport.write(pack({"v": PROTOCOL_VERSION, "id": request_id, "op": "auth", "token": self.token}))
+            protocol.sent.add(request_id)
+            _result_of(await future)
+        finally:
+            self._pending.pop(request_id, None)
+            protocol.sent.discard(request_id)
 
     # -- callbacks from _Protocol ------------------------------------------------------
     def _dispatch(self, protocol: _Protocol, message: dict[str, Any]) -> None:
