@@ -95,6 +95,13 @@ class Backend:
         if len(self.children) >= 1:
             self.children[0].validate(item)
 
+    def admit(self, item: dict[str, Any], sized: bool) -> int:
+        """What the scheduler calls at submit: ``validate``, then (on a batching node, ``sized``)
+        ``request_size``.  One entry point lets a backend that parses its input for both
+        (OnnxRuntime) parse each request once; the default simply calls the two."""
+        self.validate(item)
+        return self.request_size(item) if sized else 1
+
     def request_size(self, item: dict[str, Any]) -> int:
         """How much of ``max`` this item uses; by default its first dimension (see item_size).
 

@@ -212,8 +212,7 @@ class Scheduler:
     def submit(self, req: Request) -> None:
         """Queue a request; raises at once (nothing queued) for bad input or a full queue."""
         backend = self.backend
-        backend.validate(req.item)
-        req.size = backend.request_size(req.item) if self.max_size > 1 else 1
+        req.size = backend.admit(req.item, sized=self.max_size > 1)
         if req.size > self.max_size:
             raise InvalidInputError(
                 f"node {self.node.name!r}: a request of size {req.size} exceeds the largest batch "

@@ -188,6 +188,12 @@ class OnnxRuntime(Backend):
     def request_size(self, item: dict[str, Any]) -> int:
         return self.prepare(item).rows
 
+    def admit(self, item: dict[str, Any], sized: bool) -> int:
+        # validate() + request_size() parsed the item twice on the submitting thread (the
+        # server's event loop): prepare() was 27% of GIL time under load (docs/performance.md).
+        rows = self.prepare(item).rows
+        return rows if sized else 1
+
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         return [p.spec() for p in self.inputs], [p.spec() for p in self.outputs]
 
