@@ -46,6 +46,7 @@ class _Protocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.decoder = FrameDecoder(owner.max_frame)
         self.sent: set[int] = set()  # ids written on this connection and not yet answered
+        self.failure: TrtserveError | None = None  # why the server closed it (an "id": nil error)
         self.can_write = asyncio.Event()
         self.can_write.set()
         self.closed = asyncio.get_running_loop().create_future()
@@ -186,6 +187,8 @@ class Connection:
         await protocol.can_write.wait()
         transport = protocol.transport
         if transport is None or transport.is_closing() or protocol is not self._protocol:
+            if protocol.failure is not None:  # e.g. refused at once: over the server's connection limit
+                raise _copy(protocol.failure)
             raise ConnectionFailedError(f"connection to {self.address} was lost before sending", address=self.address)
         transport.write(frame)
         protocol.sent.add(request_id)
@@ -219,8 +222,8 @@ class Connection:
         except (OSError, TimeoutError, TrtserveError) as exc:
             if protocol is not None and protocol.transport is not None:
                 protocol.transport.close()
-            if isinstance(exc, TrtserveError) and not isinstance(exc, ConnectionFailedError):
-                raise  # the server's own answer to auth (UNAUTHENTICATED): a typed error
+            if isinstance(exc, TrtserveError) and (not isinstance(exc, ConnectionFailedError) or exc.__cause__):
+                raise  # the server's own answer (UNAUTHENTICATED, or a refusal as the cause): typed
             raise ConnectionFailedError(
                 f"cannot connect to trtserve at {self.address}: {type(exc).__name__}: {exc}; "
                 "is the server running and listening on that address"
@@ -273,6 +276,7 @@ class Connection:
         return error
 
     def _abort(self, protocol: _Protocol, error: TrtserveError) -> None:
+        protocol.failure = error
         self._fail_pending(protocol, error)
         if protocol.transport is not None:
             protocol.transport.close()

@@ -20,24 +20,19 @@ import math
 import time
 from typing import Any
 
-import numpy as np
-from trtserve_client.wire import decode_value, encode_value
-
-from ..backend import TensorSpec
 from ..errors import (
-    BackendError,
     DeadlineExceededError,
     InvalidArgumentError,
-    InvalidInputError,
     ModelUnavailableError,
-    NoResultError,
     TrtserveError,
     VersionNotFoundError,
 )
 from ..repository import LoadedModel, ModelRepository
 from ..scheduler import Request
+from .modelio import DEFAULT_OUTPUT, ModelIO
 
-DEFAULT_OUTPUT = "output"  # the output's name when a model declares none
+__all__ = ["DEFAULT_OUTPUT", "InferCall", "InferHandler", "ModelIO", "optional_priority", "optional_version",
+           "require_model", "timeout_seconds"]
 
 
 # --------------------------------------------------------------------------- fields
@@ -90,152 +85,6 @@ def timeout_seconds(message: dict[str, Any]) -> float | None:
         field="timeout_ms",
         value=repr(value),
     )
-
-
-# --------------------------------------------------------------------------- model I/O
-
-
-class ModelIO:
-    """A served model's known inputs and outputs, and the mapping between wire and item."""
-
-    def __init__(self, model: LoadedModel) -> None:
-        inputs, outputs = model.pipeline.io_spec()
-        self.name = model.name
-        self.inputs: dict[str, _Declared] | None = {t.name: _Declared(model.name, t) for t in inputs} if inputs else None
-        self.outputs: list[str] | None = [t.name for t in outputs] if outputs else None
-        self.single_output = self.outputs[0] if self.outputs else DEFAULT_OUTPUT
-        self.meter: Any = None  # the model version's metrics (server/metrics.ModelMeter), when on
-
-    def item_data(self, raw: Any) -> Any:
-        """The item's ``data``: the value of a lone input, or a dict name -> value."""
-        if not isinstance(raw, dict) or not raw:
-            raise InvalidArgumentError(
-                f"field 'inputs' must be a non-empty map of input name to tensor or bytes, got {raw!r:.80}",
-                field="inputs",
-            )
-        values = {}
-        for name, obj in raw.items():
-            if type(name) is not str:
-                raise InvalidArgumentError(f"field 'inputs': input names must be strings, got {name!r}", field="inputs")
-            values[name] = decode_value(obj, f"inputs[{name!r}]")
-        if self.inputs is not None:
-            self._check(values)
-        if len(values) == 1 and (self.inputs is None or len(self.inputs) == 1):
-            return next(iter(values.values()))
-        return values
-
-    def _check(self, values: dict[str, Any]) -> None:
-        expected = list(self.inputs)
-        for name in values:
-            if name not in self.inputs:
-                raise InvalidInputError(
-                    f"model {self.name!r} has no input {name!r}; its inputs are {expected}",
-                    model=self.name, input=name, expected=expected,
-                )
-        missing = [name for name in expected if name not in values]
-        if missing:
-            raise InvalidInputError(
-                f"model {self.name!r} needs input(s) {missing}; send every one of {expected}",
-                model=self.name, missing=missing, expected=expected,
-            )
-        for name, value in values.items():
-            self.inputs[name].check(value)
-
-    def output_filter(self, raw: Any) -> list[str] | None:
-        if raw is None:
-            return None
-        if not isinstance(raw, list) or not all(type(n) is str for n in raw):
-            raise InvalidArgumentError(f"field 'outputs' must be a list of output names, got {raw!r:.80}", field="outputs")
-        if self.outputs is not None:
-            for name in raw:
-                if name not in self.outputs:
-                    raise self._unknown_output(name, self.outputs)
-        return raw
-
-    def encode(self, item: dict[str, Any], wanted: list[str] | None) -> dict[str, Any]:
-        if "result" not in item:
-            raise NoResultError(
-                f"model {self.name!r} finished the request without a result: a backend could not "
-                "handle this input (an undecodable image, say)",
-                model=self.name,
-            )
-        result = item["result"]
-        values = result if isinstance(result, dict) else {self.single_output: result}
-        if wanted is not None:
-            for name in wanted:
-                if name not in values:
-                    raise self._unknown_output(name, list(values))
-            values = {name: values[name] for name in wanted}
-        outputs = {}
-        for name, value in values.items():
-            try:
-                outputs[str(name)] = encode_value(value)
-            except InvalidInputError as exc:  # the model's output, not the client's input
-                raise BackendError(f"model {self.name!r} output {name!r}: {exc.message}", model=self.name, output=str(name)) from None
-        return outputs
-
-    def _unknown_output(self, name: str, known: list[str]) -> InvalidArgumentError:
-        return InvalidArgumentError(
-            f"field 'outputs': model {self.name!r} has no output {name!r}; its outputs are {known}",
-            field="outputs", model=self.name, output=name, expected=known,
-        )
-
-
-class _Declared:
-    """One declared input, prepared for a cheap per-request check (dtype objects compare in C)."""
-
-    __slots__ = ("model", "spec", "dtype", "shape")
-
-    def __init__(self, model: str, spec: TensorSpec) -> None:
-        self.model = model
-        self.spec = spec
-        self.dtype = None if spec.dtype == "bytes" else np.dtype(spec.dtype)
-        self.shape = tuple(spec.shape)
-
-    def check(self, value: Any) -> None:
-        if self.dtype is None:
-            if isinstance(value, (bytes, bytearray)):
-                return
-        elif isinstance(value, np.ndarray) and value.dtype == self.dtype and _shape_fits(value.shape, self.shape):
-            return
-        _check_tensor(self.model, self.spec, value)  # the slow path names exactly what is wrong
-
-
-def _shape_fits(shape: tuple[int, ...], declared: tuple[int, ...]) -> bool:
-    if len(shape) != len(declared):
-        return False
-    for got, want in zip(shape, declared):
-        if want != -1 and want != got:
-            return False
-    return True
-
-
-def _check_tensor(model: str, spec: TensorSpec, value: Any) -> None:
-    """Declared dtype and shape (the shape includes the leading batch dim; -1 = any size)."""
-    where = f"model {model!r} input {spec.name!r}"
-    if spec.dtype == "bytes":
-        if not isinstance(value, (bytes, bytearray)):
-            raise InvalidInputError(
-                f"{where} takes raw bytes (msgpack bin), got a {value.dtype} tensor of shape {list(value.shape)}",
-                model=model, input=spec.name, expected_dtype="bytes", dtype=str(value.dtype),
-            )
-        return
-    if not isinstance(value, np.ndarray):
-        raise InvalidInputError(
-            f"{where} takes a {spec.dtype} tensor, got raw bytes; send a tensor map {{dtype, shape, data}}",
-            model=model, input=spec.name, expected_dtype=spec.dtype, dtype="bytes",
-        )
-    if value.dtype.name != spec.dtype:
-        raise InvalidInputError(
-            f"{where} must be {spec.dtype}, got {value.dtype.name}; convert it (array.astype('{spec.dtype}'))",
-            model=model, input=spec.name, expected_dtype=spec.dtype, dtype=value.dtype.name,
-        )
-    shape = value.shape
-    if not _shape_fits(shape, tuple(spec.shape)):
-        raise InvalidInputError(
-            f"{where} must have shape {list(spec.shape)} (-1 = any size, batch dimension first), got {list(shape)}",
-            model=model, input=spec.name, expected_shape=list(spec.shape), shape=list(shape),
-        )
 
 
 # --------------------------------------------------------------------------- the call

@@ -177,9 +177,11 @@ class ServerProtocol(asyncio.Protocol):
         self._drain()
 
     def _drain(self) -> None:
-        """Handle backlogged requests while under the in-flight limit, then (un)pause reading."""
+        """Handle backlogged requests while under the in-flight limit and while the peer reads
+        its answers (a backlog of tiny requests must not become megabytes of unsent answers),
+        then (un)pause reading."""
         backlog, pending, limit = self._backlog, self._pending, self._limit
-        while backlog and len(pending) < limit and not self._closing:
+        while backlog and len(pending) < limit and not self._writing_paused and not self._closing:
             self._handle(backlog.popleft())
         self._update_reading()
         self._maybe_finish()
