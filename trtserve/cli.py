@@ -131,8 +131,8 @@ async def serve(args: argparse.Namespace) -> int:
         max_in_flight_per_connection=args.max_in_flight,
         allow_model_control=args.allow_model_control,
         grace_s=args.grace_period,
-        # 0 kept its old meaning (no polling) so existing command lines still start
-        poll_interval_s=args.poll_interval or None,
+        # Without --model-control, 0 keeps its old meaning (no polling): old command lines still start.
+        poll_interval_s=args.poll_interval if args.model_control else args.poll_interval or None,
         model_control=args.model_control,
         load_models=args.load_model,
         max_connections=args.max_connections,

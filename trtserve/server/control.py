@@ -104,7 +104,7 @@ def _interval(mode: str, poll_interval_s: float | None) -> float | None:
     if poll_interval_s is None:
         return DEFAULT_POLL_INTERVAL_S
     if not poll_interval_s > 0:
-        raise ConfigError(f"poll_interval_s must be > 0 seconds, got {poll_interval_s!r}", key="poll_interval_s")
+        raise ConfigError(f"poll_interval_s (--poll-interval) must be > 0 seconds, got {poll_interval_s!r}", key="poll_interval_s")
     return float(poll_interval_s)
 
 
