@@ -151,7 +151,7 @@ def decode_tensor(obj: Any, where: str = "tensor") -> np.ndarray:
     if not isinstance(obj, dict):
         raise InvalidInputError(f"{where}: expected a tensor map, got {type(obj).__name__}", where=where)
     dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
-    if dtype not in _NUMPY_DTYPES:
+    if type(dtype) is not str or dtype not in _NUMPY_DTYPES:  # a map or list is unhashable
         raise InvalidInputError(
             f"{where}: unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}",
             where=where,

@@ -31,7 +31,12 @@ def test_in_flight_limit_stops_reading(server_factory, gates):
     handle = server_factory(max_in_flight_per_connection=2)
     gate = gates["gate_wide"]  # 4 instances: without the limit all 4 requests would start
     with handle.connect() as conn:
-        ids = [conn.request("infer", model="gate_wide", inputs={"x": b"%d" % i}) for i in range(4)]
+        # One write: the four frames arrive together, so the two over the limit are read and
+        # backlogged before reading pauses (separate writes could leave them in the socket).
+        ids = [1, 2, 3, 4]
+        conn.send_bytes(b"".join(
+            pack({"v": 1, "id": i, "op": "infer", "model": "gate_wide", "inputs": {"x": b"%d" % (i - 1)}})
+            for i in ids))
         gate.wait_started(2)
         wait_for(lambda: connection_state(handle) == [(2, 2, True, 0)])
         assert sum(gate.started()) == 2
