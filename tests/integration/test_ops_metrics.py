@@ -138,12 +138,14 @@ def test_refusals_are_counted_by_type(server_factory):
     handle = server_factory(metrics_port=0, token=TOKEN, max_connections=2)
     with handle.connect() as conn:
         assert conn.error("live")["name"] == "UNAUTHENTICATED"  # no auth first
+    wait_disconnected(handle)
     with handle.connect() as conn:
         conn.result("auth", token=TOKEN)
         assert conn.error("load", model="echo")["name"] == "PERMISSION_DENIED"
         with handle.connect() as second, handle.connect() as third:
             second.result("auth", token=TOKEN)
             assert third.recv()["error"]["name"] == "RESOURCE_EXHAUSTED"
+    wait_disconnected(handle)  # else the next connection may still count against the limit
     with handle.connect() as conn:
         conn.send_bytes(struct.pack(">I", 1 << 20))  # over the 64 KiB allowed before auth
         assert conn.recv()["error"]["name"] == "FRAME_TOO_LARGE"
