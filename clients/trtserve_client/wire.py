@@ -76,34 +76,54 @@ class FrameDecoder:
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
+        self._parsed = 0  # bytes of complete frames in what _parse last saw
 
     @property
     def buffered(self) -> int:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
+        # Frames are parsed in place through a memoryview: slicing and then bytes() copied
+        # every frame twice (3.3x slower on a 4 MB tensor).  In the common case, nothing
+        # buffered, the received bytes are parsed where they lie and only what follows the
+        # last complete frame is kept, also when a frame is refused.  A view of the buffer
+        # is released before the buffer is resized (a live export would make that fail).
+        messages: list[dict[str, Any]] = []
         buf = self._buf
-        buf += data
-        messages = []
-        pos = 0  # consume by offset and compact once: many small frames stay O(n)
-        try:
-            while len(buf) - pos >= HEADER_SIZE:
-                (length,) = HEADER.unpack_from(buf, pos)
-                if length > self.max_frame:
-                    raise FrameTooLargeError(
-                        f"frame of {length} bytes exceeds the maximum of {self.max_frame} bytes; "
-                        "send smaller requests or raise the server's --max-frame",
-                        length=length,
-                        max_frame=self.max_frame,
-                    )
-                end = pos + HEADER_SIZE + length
-                if len(buf) < end:
-                    break
-                messages.append(unpack_payload(bytes(buf[pos + HEADER_SIZE : end])))
-                pos = end
-        finally:
-            del buf[:pos]
+        if buf:
+            buf += data
+            try:
+                with memoryview(buf) as view:
+                    self._parse(view, messages)
+            finally:
+                del buf[: self._parsed]
+        else:
+            with memoryview(data) as view:
+                try:
+                    self._parse(view, messages)
+                finally:
+                    if self._parsed < len(view):
+                        buf += view[self._parsed :]
         return messages
+
+    def _parse(self, view: memoryview, messages: list[dict[str, Any]]) -> None:
+        """Append the complete frames at the start of ``view``; ``_parsed`` = bytes they span."""
+        self._parsed = pos = 0
+        size = len(view)
+        while size - pos >= HEADER_SIZE:
+            (length,) = HEADER.unpack_from(view, pos)
+            if length > self.max_frame:
+                raise FrameTooLargeError(
+                    f"frame of {length} bytes exceeds the maximum of {self.max_frame} bytes; "
+                    "send smaller requests or raise the server's --max-frame",
+                    length=length,
+                    max_frame=self.max_frame,
+                )
+            end = pos + HEADER_SIZE + length
+            if size < end:
+                break
+            messages.append(unpack_payload(view[pos + HEADER_SIZE : end]))
+            self._parsed = pos = end
 
     def pending_partial_frame(self) -> bool:
         """True when bytes of an incomplete frame are buffered (a truncated frame at EOF)."""
