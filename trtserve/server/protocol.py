@@ -71,6 +71,7 @@ class ServerProtocol(asyncio.Protocol):
         self._writing_paused = False
         self._closing = False
         self._eof = False
+        self._outgoing: list[bytes] = []  # answers of this loop turn, written by one _flush
         self._authenticated = not tracker.auth_required
         self._auth_timer: asyncio.TimerHandle | None = None
         self.peer: Any = None
@@ -148,7 +149,10 @@ class ServerProtocol(asyncio.Protocol):
             return False
         self._eof = True
         # A half-closed peer still reads: answer what it sent, then close (see _maybe_finish).
-        return bool(self._pending or self._backlog)
+        if self._pending or self._backlog:
+            return True
+        self._flush()  # returning False closes the transport: answers queued this turn first
+        return False
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -245,7 +249,7 @@ class ServerProtocol(asyncio.Protocol):
         self._tracker.in_flight += 1
         outcome.future.add_done_callback(functools.partial(self._complete, req_id))
 
-    def _complete(self, req_id: int, future: asyncio.Future) -> None:
+    def _complete(self, req_id: int, future: Any) -> None:  # an asyncio.Future or a Reply
         call = self._pending.get(req_id)
         if call is None or call.future is not future:
             return  # cancelled (connection lost, shutdown): its answer is dropped
@@ -266,6 +270,7 @@ class ServerProtocol(asyncio.Protocol):
 
     def _maybe_finish(self) -> None:
         if self._eof and not self._pending and not self._backlog and not self._closing:
+            self._flush()
             self._closing = True
             if self._transport is not None:
                 self._transport.close()
@@ -280,7 +285,20 @@ class ServerProtocol(asyncio.Protocol):
             log.error("cannot encode the response to request %s: %s", req_id, exc)
             error = InternalError(f"the server could not encode its response: {type(exc).__name__}: {exc}")
             frame = pack({"id": req_id, "error": error.to_wire()})
-        self._transport.write(frame)
+        # One write per loop turn instead of one send() per answer: under pipelining the
+        # syscall was the largest single cost of _send (docs/performance.md).  A lone answer
+        # (nothing else in flight on this connection) still leaves at once: latency first.
+        if not self._outgoing and not self._pending:
+            self._transport.write(frame)
+            return
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outgoing.append(frame)
+
+    def _flush(self) -> None:
+        frames, self._outgoing = self._outgoing, []
+        if frames and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     def _send_error(self, req_id: int | None, exc: TrtserveError) -> None:
         self._send(req_id, {"id": req_id, "error": exc.to_wire()})
@@ -294,6 +312,7 @@ class ServerProtocol(asyncio.Protocol):
         self._close()
 
     def _close(self) -> None:
+        self._flush()  # answers queued this turn go out before the close
         self._closing = True
         self._backlog.clear()
         self._cancel_pending()
