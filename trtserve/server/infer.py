@@ -1,9 +1,10 @@
 """The infer operation: wire inputs to an item, the item through the model, outputs back.
 
 There is one core: the model's callback pipeline.  ``InferCall.on_done`` runs on whichever
-scheduler thread finished the item and hands the item to the event loop with
-``loop.call_soon_threadsafe``, where the outputs are encoded and the call's asyncio future
-resolved.  No thread pool hop, no per-request task.
+scheduler thread finished the item and hands the item to the event loop through the
+handler's doorbell (server/doorbell.py: one loop wake-up per burst of finished items),
+where the outputs are encoded and the call's reply (server/reply.py) resolved.  No thread pool hop,
+no per-request task.
 
 ``timeout_ms`` becomes both the scheduler deadline (a queued request is failed by the
 scheduler's timer and never runs) and a loop timer (the client gets DEADLINE_EXCEEDED on
@@ -29,7 +30,9 @@ from ..errors import (
 )
 from ..repository import LoadedModel, ModelRepository
 from ..scheduler import Request
+from .doorbell import Doorbell
 from .modelio import DEFAULT_OUTPUT, ModelIO
+from .reply import Reply
 
 __all__ = ["DEFAULT_OUTPUT", "InferCall", "InferHandler", "ModelIO", "optional_priority", "optional_version",
            "require_model", "timeout_seconds"]
@@ -91,16 +94,14 @@ def timeout_seconds(message: dict[str, Any]) -> float | None:
 
 
 class InferCall:
-    """One infer request in flight: its asyncio future, scheduler request and deadline timer."""
+    """One infer request in flight: its reply, scheduler request and deadline timer."""
 
-    __slots__ = ("loop", "future", "request", "timer", "io", "model", "wanted", "started")
+    __slots__ = ("bell", "future", "request", "timer", "io", "model", "wanted", "started")
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, model: LoadedModel, io: ModelIO, wanted: list[str] | None, started: float
-    ):
+    def __init__(self, bell: Doorbell, model: LoadedModel, io: ModelIO, wanted: list[str] | None, started: float):
         self.started = started  # time.perf_counter() when the request was read
-        self.loop = loop
-        self.future: asyncio.Future = loop.create_future()
+        self.bell = bell
+        self.future = Reply()
         self.request: Request | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.io = io
@@ -109,10 +110,7 @@ class InferCall:
 
     def on_done(self, item: dict[str, Any], error: TrtserveError | None) -> None:
         """Scheduler thread: hand the finished item to the loop."""
-        try:
-            self.loop.call_soon_threadsafe(self._resolve, item, error)
-        except RuntimeError:
-            pass  # the loop is closed: the server is gone and nobody waits for this answer
+        self.bell.post(self._resolve, item, error)
 
     def _resolve(self, item: dict[str, Any], error: TrtserveError | None) -> None:
         if self.timer is not None:
@@ -163,6 +161,7 @@ class InferHandler:
         self.repository = repository
         self.loop = loop
         self.metrics = metrics  # server/metrics.Metrics, or None when metrics are off
+        self.bell = Doorbell(loop)
         self._io: dict[tuple[str, int], tuple[LoadedModel, ModelIO]] = {}
 
     def model_io(self, model: LoadedModel) -> ModelIO:
@@ -184,7 +183,7 @@ class InferHandler:
             model = self.repository.get(require_model(message), optional_version(message))
             io = self.model_io(model)
             item = {"data": io.item_data(message.get("inputs"))}
-            call = InferCall(self.loop, model, io, io.output_filter(message.get("outputs")), started)
+            call = InferCall(self.bell, model, io, io.output_filter(message.get("outputs")), started)
             priority = optional_priority(message)
             timeout = timeout_seconds(message)
             # The scheduler keeps the earlier of this deadline and the model's queue_timeout.

@@ -1,0 +1,96 @@
+"""The event-loop plumbing of the server: the doorbell and the reply slot."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from trtserve.server.doorbell import Doorbell
+from trtserve.server.reply import Reply
+
+
+def test_doorbell_runs_every_post_once_on_the_loop_thread():
+    posters, per_poster = 8, 2000
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        bell = Doorbell(loop)
+        seen: list[tuple[int, int]] = []
+        threads_seen: set[int] = set()
+        all_done = asyncio.Event()
+
+        def record(poster: int, n: int) -> None:
+            threads_seen.add(threading.get_ident())
+            seen.append((poster, n))
+            if len(seen) == posters * per_poster:
+                all_done.set()
+
+        def post_many(poster: int) -> None:
+            for n in range(per_poster):
+                bell.post(record, poster, n)
+
+        threads = [threading.Thread(target=post_many, args=(p,)) for p in range(posters)]
+        for t in threads:
+            t.start()
+        await asyncio.wait_for(all_done.wait(), 30)
+        for t in threads:
+            t.join()
+        await asyncio.sleep(0.01)  # a late duplicate run would show up here
+        return seen, threads_seen, threading.get_ident()
+
+    seen, threads_seen, loop_thread = asyncio.run(scenario())
+    assert len(seen) == posters * per_poster and len(set(seen)) == len(seen)
+    for poster in range(posters):  # each poster's calls run in the order it posted them
+        assert [n for p, n in seen if p == poster] == list(range(per_poster))
+    assert threads_seen == {loop_thread}
+
+
+def test_doorbell_keeps_draining_after_a_failing_call(caplog):
+    async def scenario():
+        bell = Doorbell(asyncio.get_running_loop())
+        ran = []
+        bell.post(lambda: 1 / 0)
+        bell.post(ran.append, "after")
+        await asyncio.sleep(0.05)
+        return ran
+
+    assert asyncio.run(scenario()) == ["after"]
+    assert "a completion handed to the event loop failed" in caplog.text
+
+
+def test_doorbell_on_a_closed_loop_drops_the_call():
+    loop = asyncio.new_event_loop()
+    bell = Doorbell(loop)
+    loop.close()
+    bell.post(print, "never")  # no exception: nobody waits for this answer any more
+
+
+def test_reply_calls_back_at_once_with_the_result():
+    reply, calls = Reply(), []
+    reply.add_done_callback(calls.append)
+    assert not reply.done() and calls == []
+    reply.set_result({"x": 1})
+    assert calls == [reply] and reply.done() and not reply.cancelled()
+    assert reply.result() == {"x": 1} and reply.exception() is None
+
+
+def test_reply_set_before_the_callback_calls_it_on_registration():
+    reply, calls = Reply(), []
+    error = ValueError("bad")
+    reply.set_exception(error)
+    reply.add_done_callback(calls.append)
+    assert calls == [reply] and reply.exception() is error
+    with pytest.raises(ValueError):
+        reply.result()
+
+
+def test_reply_cancel_and_double_set():
+    reply, calls = Reply(), []
+    reply.add_done_callback(calls.append)
+    assert reply.cancel() is True and reply.cancelled() and calls == [reply]
+    assert reply.cancel() is False
+    with pytest.raises(RuntimeError, match="already done"):
+        reply.set_result(1)
+    with pytest.raises(RuntimeError, match="one callback"):
+        reply.add_done_callback(calls.append)
