@@ -168,6 +168,25 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
 
 def decode_tensor(obj: Any, where: str = "tensor") -> np.ndarray:
     """A wire tensor as a read-only numpy view over the received bytes (no copy)."""
+    if type(obj) is dict:
+        # The fast path: a well-formed non-empty tensor passes exact type checks and one
+        # size product (the full checks below cost 2.4 us a tensor on the server's loop).
+        dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
+        np_dtype = _NUMPY_DTYPES.get(dtype) if type(dtype) is str else None
+        if np_dtype is not None and type(shape) is list and type(data) is bytes and len(shape) <= MAX_DIMS:
+            size = np_dtype.itemsize
+            for d in shape:
+                if type(d) is not int or d <= 0:
+                    break
+                size *= d
+            else:  # every dim a positive int: the size bounds them all, no overflow possible
+                if size == len(data):
+                    return np.frombuffer(data, dtype=np_dtype).reshape(shape)
+    return _decode_tensor_checked(obj, where)
+
+
+def _decode_tensor_checked(obj: Any, where: str) -> np.ndarray:
+    """decode_tensor for every other case: empty tensors, and errors that name the problem."""
     if not isinstance(obj, dict):
         raise InvalidInputError(f"{where}: expected a tensor map, got {type(obj).__name__}", where=where)
     dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
