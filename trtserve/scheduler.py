@@ -80,13 +80,14 @@ class Request:
     def cancelled(self) -> bool:
         return self._cancelled
 
-    @cancelled.setter
-    def cancelled(self, value: bool) -> None:
-        """A caller that gave up sets this; a queued request is then dropped unrun at once."""
-        self._cancelled = value
+    def cancel(self, error: TrtserveError | None = None) -> None:
+        """The caller gave up: a request still queued is dropped unrun at once.  With ``error``
+        a dropped request is also finished with it, so the pipeline counts the failure in its
+        statistics (the caller, who gave up, ignores the late callback)."""
+        self._cancelled = True
         owner = self.owner
-        if value and owner is not None:
-            owner._forget(self)
+        if owner is not None:
+            owner._forget(self, error)
 
 
 class _Instance:
@@ -317,7 +318,7 @@ class Scheduler:
         self._timed -= len(removed)
         return [r for r in removed if not r.cancelled]
 
-    def _forget(self, req: Request) -> None:
+    def _forget(self, req: Request, error: TrtserveError | None) -> None:
         """Drop a cancelled request from the queue; what remains may now be due."""
         with self._lock:
             removed = self._queue.remove_if(lambda r: r is req)
@@ -327,6 +328,8 @@ class Scheduler:
             self._queued_size -= req.size
             self._timed -= req.deadline is not None
             expired = self._dispatch(time.monotonic())
+        if error is not None:
+            self._finish(req, error)
         self._fail_expired(expired)
 
     def _arm_timer(self, when: float) -> None:

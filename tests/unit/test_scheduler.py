@@ -219,12 +219,32 @@ def test_cancelled_requests_are_dropped_unrun(make_pipe, probe, collector):
     submit(models, collector, 0, "running")
     probe.wait_entered()
     dropped = submit(models, collector, 1, "cancelled")
-    dropped.cancelled = True
+    dropped.cancel()
     submit(models, collector, 2, "kept")
     probe.gate.set()
     collector.wait(0, 2)
     assert [batch for _, batch in probe.batches] == [["running"], ["kept"]]
     assert 1 not in collector.done
+    assert dropped.cancelled
+
+
+def test_a_request_cancelled_with_a_reason_is_finished_with_it_and_counted(make_pipe, probe, collector):
+    models = make_pipe(max=4, batching_timeout=FOREVER_MS)
+    probe.gate.clear()
+    submit(models, collector, 0, "running")
+    probe.wait_entered()
+    dropped = submit(models, collector, 1, "given up")
+    reason = DeadlineExceededError("the caller's own deadline passed")
+    dropped.cancel(reason)
+    collector.wait(1, timeout=10)  # finished at once, while the instance is still busy
+    assert collector.done[1][1] is reason
+    probe.gate.set()
+    collector.wait(0)
+    assert [batch for _, batch in probe.batches] == [["running"]]
+    stats = models.pipeline.stats.snapshot()
+    assert stats["success_count"] == 1 and stats["failure_by_reason"] == {"DEADLINE_EXCEEDED": 1}
+    dropped.cancel(reason)  # cancelling again, or after the end, finishes nothing twice
+    assert models.pipeline.stats.snapshot()["failure_count"] == 1
 
 
 def test_close_fails_queued_requests_and_refuses_new_ones(probe, collector):

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from ..errors import (
+    ConnectionFailedError,
     DeadlineExceededError,
     InvalidArgumentError,
     ModelUnavailableError,
@@ -92,6 +93,9 @@ def timeout_seconds(message: dict[str, Any]) -> float | None:
 
 # --------------------------------------------------------------------------- the call
 
+# Why a queued request of a vanished client failed, as the model's statistics count it.
+_DISCONNECTED = ConnectionFailedError("the client disconnected (or the server shut down) before the request ran")
+
 
 class InferCall:
     """One infer request in flight: its reply, scheduler request and deadline timer."""
@@ -138,19 +142,20 @@ class InferCall:
     def expire(self, timeout_s: float) -> None:
         if self.future.done():
             return
-        if self.request is not None:
-            self.request.cancelled = True  # still queued: never run it
-        self.future.set_exception(DeadlineExceededError(
+        error = DeadlineExceededError(
             f"model {self.model.name!r} gave no answer within timeout_ms={timeout_s * 1e3:g}; "
             "raise timeout_ms or lower the load",
             model=self.model.name,
             timeout_ms=timeout_s * 1e3,
-        ))
+        )
+        self.future.set_exception(error)
         self._count("DEADLINE_EXCEEDED")
+        if self.request is not None:
+            self.request.cancel(error)  # still queued: never run it, and count the failure
 
     def cancel(self) -> None:
         if self.request is not None:
-            self.request.cancelled = True
+            self.request.cancel(_DISCONNECTED)  # still queued: never run it, count the failure
         if self.timer is not None:
             self.timer.cancel()
         self.future.cancel()
