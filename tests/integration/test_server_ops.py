@@ -267,3 +267,23 @@ def test_console_script_reports_a_busy_port(repository):
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and done.stdout == ""
+
+
+def test_a_sticky_cuda_error_makes_the_server_not_live_nor_ready(server):
+    """After a sticky CUDA error the process's GPU is unusable until a restart: live and
+    ready turn false (with the reason) so an orchestrator restarts it; CPU models still serve."""
+    from trtserve.cuda import errors as cuda_errors
+
+    error = cuda_errors.CudaError("cudaEventSynchronize: CUDA call failed with cudaErrorIllegalAddress",
+                                  api="runtime", error="cudaErrorIllegalAddress", code=700, sticky=True)
+    with server.connect() as conn:
+        assert conn.result("live") == {"live": True} and conn.result("ready") == {"ready": True}
+        cuda_errors.poison(error)
+        try:
+            live = conn.result("live")
+            assert live["live"] is False and "cudaErrorIllegalAddress" in live["reason"]
+            assert conn.result("ready") == {"ready": False}
+            assert conn.result("infer", model="echo", inputs={"x": b"cpu"})["outputs"] == {"output": b"cpu"}
+        finally:
+            cuda_errors._clear_poison_for_tests()
+        assert conn.result("live") == {"live": True} and conn.result("ready") == {"ready": True}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import sys
 from concurrent.futures import Executor
 from typing import Any, Callable
 
@@ -29,6 +30,13 @@ from .infer import InferHandler, optional_version, require_model
 
 # Operations that start work; refused once the server is draining for shutdown.
 _WORK_OPS = frozenset({"infer", "load", "unload"})
+
+
+def cuda_poisoned() -> Any:
+    """The sticky CUDA error that made this process's GPU unusable, or None.  Looked up only
+    when the cuda layer was ever imported, so a CPU-only server never imports it."""
+    errors = sys.modules.get("trtserve.cuda.errors")
+    return errors.poisoned_error() if errors is not None else None
 
 
 class Deferred:
@@ -135,12 +143,17 @@ class Dispatcher:
 
     # -- health and metadata -----------------------------------------------------------
     def live(self, message: dict[str, Any]) -> dict[str, Any]:
+        # A sticky CUDA error makes the process's GPU unusable until it restarts: report not
+        # live so that an orchestrator's liveness probe restarts it (CPU models still serve).
+        poisoned = cuda_poisoned()
+        if poisoned is not None:
+            return {"live": False, "reason": poisoned.message}
         return {"live": True}
 
     def ready_op(self, message: dict[str, Any]) -> dict[str, Any]:
         name = message.get("model")
         if name is None:
-            return {"ready": self.ready and not self.draining}
+            return {"ready": self.ready and not self.draining and cuda_poisoned() is None}
         name = require_model(message)
         version = optional_version(message)
         try:
