@@ -152,6 +152,7 @@ class Scheduler:
         self._timer_stop = False
         self._timer = threading.Thread(target=self._timer_loop, name=f"trtserve-{node.name}-timer", daemon=True)
         self.max_size = 1
+        self._by_max: list[_Instance] = []
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -170,6 +171,7 @@ class Scheduler:
                 node=self.node.name,
             ) from failed
         self.max_size = max(i.hi for i in self._instances)
+        self._by_max = sorted(self._instances, key=lambda i: i.hi)  # best fit for a lone request
         self._timer.start()
 
     def close(self, drain: bool = False) -> None:
@@ -238,6 +240,8 @@ class Scheduler:
                     node=self.node.name,
                     max_queue_size=self.max_queue_size,
                 )
+            if not self._queue and self._busy == 0 and self._start_lone(req, now):
+                return
             self._queue.append(req)
             req.owner = self
             self._queued_size += req.size
@@ -279,13 +283,25 @@ class Scheduler:
             batch = [r for r in popped if not r.cancelled]
             if not batch:
                 continue
-            inst.busy = True
-            self._busy += 1
-            for req in batch:
-                req.queue_ns += int((now - req.enqueued) * 1e9)
-            inst.inbox.put(batch)
+            self._start(inst, batch, now)
             expired += self._drop_dead_head(now)
         return expired
+
+    def _start_lone(self, req: Request, now: float) -> bool:
+        """The lone-item rule without the queue: nothing queued, nothing running, so ``req``
+        alone is due at once, on the free instance that fits it best (the smallest max)."""
+        for inst in self._by_max:
+            if inst.lo <= req.size <= inst.hi:
+                self._start(inst, [req], now)
+                return True
+        return False  # below every instance's min: it waits in the queue for more work
+
+    def _start(self, inst: _Instance, batch: list[Request], now: float) -> None:
+        inst.busy = True
+        self._busy += 1
+        for req in batch:
+            req.queue_ns += int((now - req.enqueued) * 1e9)
+        inst.inbox.put(batch)
 
     def _best_fit(self, free: list[_Instance]) -> tuple[_Instance, int, int] | None:
         """The free instance that fits the queued work best, with its batch (count, size)."""
