@@ -32,6 +32,7 @@ from .errors import (
     TrtserveError,
     error_from_wire,
 )
+from .writer import CoalescingWriter
 from .wire import DEFAULT_MAX_FRAME, HEADER_SIZE, PROTOCOL_VERSION, FrameDecoder, pack
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -50,26 +51,11 @@ class _Protocol(asyncio.Protocol):
         self.can_write = asyncio.Event()
         self.can_write.set()
         self.closed = asyncio.get_running_loop().create_future()
-        self.outgoing: list[bytes] = []  # frames written this loop turn, sent by one flush
-
-    def send(self, frame: bytes, alone: bool) -> None:
-        """Write at once when this is the only request in flight (latency); otherwise queue
-        the frame and send everything queued in this loop turn with one write (throughput:
-        one send() per request was the client's largest cost under pipelining)."""
-        if alone and not self.outgoing:
-            self.transport.write(frame)  # type: ignore[union-attr]
-            return
-        if not self.outgoing:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self.outgoing.append(frame)
-
-    def flush(self) -> None:
-        frames, self.outgoing = self.outgoing, []
-        if frames and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        self.writer: CoalescingWriter | None = None  # one write per loop turn when pipelining
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.writer = CoalescingWriter(self.transport, asyncio.get_running_loop())
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Small request frames must not wait for Nagle: latency matters more here.
@@ -214,7 +200,7 @@ class Connection:
             if protocol.failure is not None:  # e.g. refused at once: over the server's connection limit
                 raise _copy(protocol.failure)
             raise ConnectionFailedError(f"connection to {self.address} was lost before sending", address=self.address)
-        protocol.send(frame, alone=len(self._pending) == 1)
+        protocol.writer.write(frame, alone=len(self._pending) == 1)  # type: ignore[union-attr]
         protocol.sent.add(request_id)
 
     # -- connecting --------------------------------------------------------------------

@@ -94,3 +94,41 @@ def test_reply_cancel_and_double_set():
         reply.set_result(1)
     with pytest.raises(RuntimeError, match="one callback"):
         reply.add_done_callback(calls.append)
+
+
+class RecordingTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.closing = False
+
+    def write(self, data) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+def test_writer_sends_a_lone_frame_at_once_and_coalesces_the_rest():
+    from trtserve_client.writer import CoalescingWriter
+
+    async def scenario():
+        transport = RecordingTransport()
+        writer = CoalescingWriter(transport, asyncio.get_running_loop())
+        writer.write(b"lone", alone=True)
+        assert transport.writes == [b"lone"]  # no loop turn needed
+        writer.write(b"a", alone=False)
+        writer.write(b"b", alone=True)  # alone, but frames are queued: keeps the order
+        writer.write(b"c", alone=False)
+        assert transport.writes == [b"lone"]
+        await asyncio.sleep(0)
+        assert transport.writes == [b"lone", b"abc"]  # one write for the turn
+        writer.write(b"d", alone=False)
+        writer.flush()  # what a close does first
+        assert transport.writes[-1] == b"d"
+        transport.closing = True
+        writer.write(b"late", alone=False)
+        await asyncio.sleep(0)
+        return transport.writes
+
+    assert asyncio.run(scenario()) == [b"lone", b"abc", b"d"]  # nothing written once closing

@@ -27,6 +27,7 @@ import socket
 from typing import Any
 
 from trtserve_client.wire import FrameDecoder, pack
+from trtserve_client.writer import CoalescingWriter
 
 from ..errors import (
     ErrorCode,
@@ -71,7 +72,7 @@ class ServerProtocol(asyncio.Protocol):
         self._writing_paused = False
         self._closing = False
         self._eof = False
-        self._outgoing: list[bytes] = []  # answers of this loop turn, written by one _flush
+        self._writer: CoalescingWriter | None = None  # answers of one loop turn: one write
         self._authenticated = not tracker.auth_required
         self._auth_timer: asyncio.TimerHandle | None = None
         self.peer: Any = None
@@ -96,6 +97,7 @@ class ServerProtocol(asyncio.Protocol):
     # -- connection lifecycle ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        self._writer = CoalescingWriter(self._transport, asyncio.get_running_loop())
         self.peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -285,20 +287,12 @@ class ServerProtocol(asyncio.Protocol):
             log.error("cannot encode the response to request %s: %s", req_id, exc)
             error = InternalError(f"the server could not encode its response: {type(exc).__name__}: {exc}")
             frame = pack({"id": req_id, "error": error.to_wire()})
-        # One write per loop turn instead of one send() per answer: under pipelining the
-        # syscall was the largest single cost of _send (docs/performance.md).  A lone answer
-        # (nothing else in flight on this connection) still leaves at once: latency first.
-        if not self._outgoing and not self._pending:
-            self._transport.write(frame)
-            return
-        if not self._outgoing:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._outgoing.append(frame)
+        # A lone answer (nothing else in flight on this connection) leaves at once.
+        self._writer.write(frame, alone=not self._pending)  # type: ignore[union-attr]
 
     def _flush(self) -> None:
-        frames, self._outgoing = self._outgoing, []
-        if frames and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        if self._writer is not None:
+            self._writer.flush()
 
     def _send_error(self, req_id: int | None, exc: TrtserveError) -> None:
         self._send(req_id, {"id": req_id, "error": exc.to_wire()})
