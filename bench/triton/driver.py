@@ -7,6 +7,7 @@ breakdown comes out of the same code.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import numpy as np
@@ -53,17 +54,21 @@ def trtserve_statistics(triton: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-class TritonGrpcDriver(Driver):
-    name = "triton-grpc"
+class _TritonDriver(Driver):
+    """One driver for both tritonclient protocols; subclasses name what differs."""
+
+    client_module = ""  # "tritonclient.grpc" or "tritonclient.http" (its .aio holds the client)
+    data_kwargs: dict[str, Any] = {}  # extra InferInput.set_data_from_numpy arguments
+    json_kwargs: dict[str, Any] = {}  # what makes the client answer with plain dicts
+    config_wrapped = False  # the model config comes as {"config": {...}}
 
     def __init__(self, url: str, model: str, connections: int = 4) -> None:
         self.url, self.model, self.connection_count = url, model, connections
         self.clients: list[Any] = []
 
     async def open(self) -> None:
-        from tritonclient.grpc.aio import InferenceServerClient
-
-        self.clients = [InferenceServerClient(self.url) for _ in range(self.connection_count)]
+        client_class = importlib.import_module(f"{self.client_module}.aio").InferenceServerClient
+        self.clients = [client_class(self.url) for _ in range(self.connection_count)]
 
     async def close(self) -> None:
         for client in self.clients:
@@ -71,13 +76,13 @@ class TritonGrpcDriver(Driver):
         self.clients = []
 
     def prepare(self, values: dict[str, Any]) -> list[Any]:
-        import tritonclient.grpc as grpcclient
         from tritonclient.utils import np_to_triton_dtype
 
+        infer_input = importlib.import_module(self.client_module).InferInput
         inputs = []
         for name, array in values.items():
-            tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(np.ascontiguousarray(array))
+            tensor = infer_input(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(np.ascontiguousarray(array), **self.data_kwargs)
             inputs.append(tensor)
         return inputs
 
@@ -86,59 +91,30 @@ class TritonGrpcDriver(Driver):
         result.as_numpy("y")  # decode, as the trtserve drivers decode their outputs
 
     async def metadata(self, model: str) -> dict[str, Any] | None:
-        meta = await self.clients[0].get_model_metadata(model, as_json=True)
-        config = await self.clients[0].get_model_config(model, as_json=True)
-        return _with_batch_dim(trtserve_metadata(meta, int(config["config"].get("max_batch_size", 0))))
-
-    async def statistics(self, model: str) -> dict[str, Any] | None:
-        return trtserve_statistics(await self.clients[0].get_inference_statistics(model, as_json=True))
-
-    async def server_info(self) -> dict[str, Any]:
-        return await self.clients[0].get_server_metadata(as_json=True)
-
-
-class TritonHttpDriver(Driver):
-    name = "triton-http"
-
-    def __init__(self, url: str, model: str, connections: int = 4) -> None:
-        self.url, self.model, self.connection_count = url, model, connections
-        self.clients: list[Any] = []
-
-    async def open(self) -> None:
-        from tritonclient.http.aio import InferenceServerClient
-
-        self.clients = [InferenceServerClient(self.url) for _ in range(self.connection_count)]
-
-    async def close(self) -> None:
-        for client in self.clients:
-            await client.close()
-        self.clients = []
-
-    def prepare(self, values: dict[str, Any]) -> list[Any]:
-        import tritonclient.http as httpclient
-        from tritonclient.utils import np_to_triton_dtype
-
-        inputs = []
-        for name, array in values.items():
-            tensor = httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(np.ascontiguousarray(array), binary_data=True)
-            inputs.append(tensor)
-        return inputs
-
-    async def infer(self, slot: int, prepared: list[Any]) -> None:
-        result = await self.clients[slot % len(self.clients)].infer(self.model, prepared)
-        result.as_numpy("y")
-
-    async def metadata(self, model: str) -> dict[str, Any] | None:
-        meta = await self.clients[0].get_model_metadata(model)
-        config = await self.clients[0].get_model_config(model)
+        meta = await self.clients[0].get_model_metadata(model, **self.json_kwargs)
+        config = await self.clients[0].get_model_config(model, **self.json_kwargs)
+        if self.config_wrapped:
+            config = config["config"]
         return _with_batch_dim(trtserve_metadata(meta, int(config.get("max_batch_size", 0))))
 
     async def statistics(self, model: str) -> dict[str, Any] | None:
-        return trtserve_statistics(await self.clients[0].get_inference_statistics(model))
+        return trtserve_statistics(await self.clients[0].get_inference_statistics(model, **self.json_kwargs))
 
     async def server_info(self) -> dict[str, Any]:
-        return await self.clients[0].get_server_metadata()
+        return await self.clients[0].get_server_metadata(**self.json_kwargs)
+
+
+class TritonGrpcDriver(_TritonDriver):
+    name = "triton-grpc"
+    client_module = "tritonclient.grpc"
+    json_kwargs = {"as_json": True}  # protobuf messages otherwise
+    config_wrapped = True
+
+
+class TritonHttpDriver(_TritonDriver):
+    name = "triton-http"
+    client_module = "tritonclient.http"
+    data_kwargs = {"binary_data": True}
 
 
 def _with_batch_dim(metadata: dict[str, Any]) -> dict[str, Any]:
