@@ -54,6 +54,20 @@ def write_model(root: Path, name: str, config: str, versions: tuple[int, ...] = 
     return folder
 
 
+# The identity model's config: float32 input [-1, 4] -> output, max 8 (ops_support.py uses it too).
+IDENTITY_CONFIG = """backend = "Identity"
+max = 8
+[[input]]
+name = "input"
+dtype = "float32"
+shape = [-1, 4]
+[[output]]
+name = "output"
+dtype = "float32"
+shape = [-1, 4]
+"""
+
+
 def build_test_repository(root: Path) -> Path:
     """Small models whose behaviour tests know exactly.
 
@@ -67,17 +81,7 @@ def build_test_repository(root: Path) -> Path:
     broken    names a backend that does not exist: UNAVAILABLE with the reason
     """
     root.mkdir(parents=True, exist_ok=True)
-    write_model(root, "identity", """backend = "Identity"
-max = 8
-[[input]]
-name = "input"
-dtype = "float32"
-shape = [-1, 4]
-[[output]]
-name = "output"
-dtype = "float32"
-shape = [-1, 4]
-""", versions=(1, 2))
+    write_model(root, "identity", IDENTITY_CONFIG, versions=(1, 2))
     write_model(root, "echo", 'backend = "Identity"\n')
     write_model(root, "pair", """backend = "Identity"
 [[input]]

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .conftest import ServerProcess, array, tensor, write_model
+from .conftest import IDENTITY_CONFIG, ServerProcess, array, tensor, write_model
 
 OPS_BACKENDS = Path(__file__).with_name("ops_backends.py")
 
@@ -22,18 +22,6 @@ OPS_BACKENDS = Path(__file__).with_name("ops_backends.py")
 # report of a failed callback or task, or a thread that died.
 LOG_PROBLEMS = ("Traceback", "Unhandled", "Task exception was never retrieved", "Exception in callback",
                 "Exception in thread", "exception was never retrieved")
-
-IDENTITY_CONFIG = """backend = "Identity"
-max = 8
-[[input]]
-name = "input"
-dtype = "float32"
-shape = [-1, 4]
-[[output]]
-name = "output"
-dtype = "float32"
-shape = [-1, 4]
-"""
 
 
 # --------------------------------------------------------------------------- processes
