@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import TensorSpec
+from ..backend import Key, TensorSpec
 from ..errors import ConfigError, InvalidInputError
 
 COLORS = ("rgb", "bgr")
@@ -21,6 +21,21 @@ ENCODED_IMAGE = TensorSpec("image", "bytes", (-1,))
 
 def at_least_one(value: int) -> str | None:
     return None if value >= 1 else "must be at least 1 (pixels)"
+
+
+# ResizeMat's and ResizeTensor's keys, and how both read them.
+RESIZE_KEYS = {
+    "resize_h": Key(int, None, "output height in pixels (required)", check=at_least_one),
+    "resize_w": Key(int, None, "output width in pixels (required)", check=at_least_one),
+}
+
+
+def resize_size(config: dict[str, Any], backend: str) -> tuple[int, int]:
+    """(height, width) from a resize node's required ``resize_h`` and ``resize_w``."""
+    return (
+        require_key(config, "resize_h", backend, "resize_h = 224"),
+        require_key(config, "resize_w", backend, "resize_w = 224"),
+    )
 
 
 def describe(data: Any) -> str:

@@ -21,10 +21,11 @@ from .imagecheck import (
     ANY_IMAGE,
     COLORS,
     ENCODED_IMAGE,
-    at_least_one,
+    RESIZE_KEYS,
     check_encoded,
     check_hwc_image,
     require_key,
+    resize_size,
     source_color,
 )
 
@@ -76,15 +77,11 @@ class DecodeMat(_ImageBackend):
 class ResizeMat(_ImageBackend):
     """Resize to ``resize_h`` x ``resize_w`` with bilinear interpolation (cv2.INTER_LINEAR)."""
 
-    config_keys = {
-        "resize_h": Key(int, None, "output height in pixels (required)", check=at_least_one),
-        "resize_w": Key(int, None, "output width in pixels (required)", check=at_least_one),
-    }
+    config_keys = RESIZE_KEYS
 
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         super().init(config, kwargs)
-        self.height = require_key(config, "resize_h", "ResizeMat", "resize_h = 224")
-        self.width = require_key(config, "resize_w", "ResizeMat", "resize_w = 224")
+        self.height, self.width = resize_size(config, "ResizeMat")
 
     def validate(self, item: dict[str, Any]) -> None:
         check_image(item, "ResizeMat")

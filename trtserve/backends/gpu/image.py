@@ -28,10 +28,11 @@ from ..imagecheck import (
     ANY_IMAGE,
     COLORS,
     ENCODED_IMAGE,
-    at_least_one,
+    RESIZE_KEYS,
     check_encoded,
     check_hwc_image,
     require_key,
+    resize_size,
     source_color,
 )
 from . import kernels
@@ -186,15 +187,11 @@ class ResizeTensor(_GpuImage):
     """Bilinear resize to ``resize_h`` x ``resize_w`` (OpenCV INTER_LINEAR within 1 LSB)."""
 
     kernel_names = ("resize_linear_u8",)
-    config_keys = {
-        "resize_h": Key(int, None, "output height in pixels (required)", check=at_least_one),
-        "resize_w": Key(int, None, "output width in pixels (required)", check=at_least_one),
-    }
+    config_keys = RESIZE_KEYS
 
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         super().init(config, kwargs)
-        self.height = require_key(config, "resize_h", "ResizeTensor", "resize_h = 224")
-        self.width = require_key(config, "resize_w", "ResizeTensor", "resize_w = 224")
+        self.height, self.width = resize_size(config, "ResizeTensor")
 
     def forward(self, items: list[dict[str, Any]]) -> None:
         for item, image in zip(items, self.device_images(items)):
