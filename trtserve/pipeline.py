@@ -86,6 +86,10 @@ class Pipeline:
             if error is not None or "result" not in req.item or position == len(self.nodes):
                 finish(req, error)
                 return
+            if req.cancelled:  # the caller gave up while a stage ran: the rest never runs
+                if req.cancel_error is not None:
+                    finish(req, req.cancel_error)  # counted, as a queued cancel is
+                return
             req.item["data"] = req.item.pop("result")
             req.context = position
             req.priority = 0  # downstream nodes use their own default level

@@ -52,8 +52,8 @@ class Request:
     """One item travelling through a node; ``on_done`` is called exactly once."""
 
     __slots__ = (
-        "item", "size", "on_done", "enqueued", "deadline", "_cancelled", "queue_ns", "compute_ns", "context",
-        "priority", "owner",
+        "item", "size", "on_done", "enqueued", "deadline", "_cancelled", "cancel_error", "queue_ns", "compute_ns",
+        "context", "priority", "owner",
     )
 
     def __init__(
@@ -71,6 +71,7 @@ class Request:
         self.enqueued = 0.0
         self.deadline = deadline  # time.monotonic() value, or None
         self._cancelled = False
+        self.cancel_error: TrtserveError | None = None  # why the caller gave up, when it said
         self.owner: Scheduler | None = None  # the node whose queue holds it, while queued
         self.queue_ns = 0
         self.compute_ns = 0
@@ -84,7 +85,10 @@ class Request:
         """The caller gave up: a request still queued is dropped unrun at once.  With ``error``
         a dropped request is also finished with it, so the pipeline counts the failure in its
         statistics (the caller, who gave up, ignores the late callback)."""
+        if self._cancelled:
+            return
         self._cancelled = True
+        self.cancel_error = error
         owner = self.owner
         if owner is not None:
             owner._forget(self, error)
@@ -240,7 +244,8 @@ class Scheduler:
                     node=self.node.name,
                     max_queue_size=self.max_queue_size,
                 )
-            if not self._queue and self._busy == 0 and self._start_lone(req, now):
+            if (not self._queue and self._busy == 0 and not req.cancelled
+                    and (req.deadline is None or req.deadline > now) and self._start_lone(req, now)):
                 return
             self._queue.append(req)
             req.owner = self

@@ -6,6 +6,7 @@ A large batching_timeout (60 s) is used wherever a test must show that something
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -342,3 +343,45 @@ def test_drain_sends_partial_batches_without_waiting_for_the_timeout(probe, coll
     closer.join(10)
     assert not closer.is_alive(), "drain waited for the batching timeout"
     assert [batch for _, batch in probe.batches] == [["running"], ["a", "b"]]
+
+
+def two_nodes(probe):
+    """Probe (gated) -> Identity, each node with its own scheduler."""
+    return trtserve.pipe({"first": {"backend": "Probe", "probe": probe.key, "next": "second"},
+                          "second": {"backend": "Identity"}})
+
+
+def test_a_request_cancelled_while_a_stage_runs_never_enters_the_next(probe, collector):
+    models = two_nodes(probe)
+    try:
+        probe.gate.clear()
+        req = submit(models, collector, 0, "given up mid-way")
+        probe.wait_entered()
+        reason = DeadlineExceededError("the caller's own deadline passed")
+        req.cancel(reason)
+        probe.gate.set()
+        collector.wait(0)
+        item, error = collector.done[0]
+        assert error is reason and "result" not in item
+        assert models.pipeline.nodes[1].stats.snapshot()["batches"] == 0, "the second node ran it"
+        assert models.pipeline.stats.snapshot()["failure_by_reason"] == {"DEADLINE_EXCEEDED": 1}
+    finally:
+        probe.gate.set()
+        models.close()
+
+
+def test_a_request_whose_deadline_passed_in_a_stage_fails_at_the_next(probe, collector):
+    """Even when the next node is idle with an empty queue (its fast start path)."""
+    models = two_nodes(probe)
+    try:
+        probe.gate.clear()
+        submit(models, collector, 0, "late", deadline=time.monotonic() + 0.05)
+        probe.wait_entered()
+        time.sleep(0.1)  # the deadline passes while the first stage runs
+        probe.gate.set()
+        collector.wait(0)
+        assert isinstance(collector.done[0][1], DeadlineExceededError)
+        assert models.pipeline.nodes[1].stats.snapshot()["batches"] == 0, "the second node ran it"
+    finally:
+        probe.gate.set()
+        models.close()
