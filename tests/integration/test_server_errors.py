@@ -226,6 +226,7 @@ def test_truncated_frame_at_eof(server):
 def test_disconnect_with_requests_in_flight(server, gates):
     """A client that drops the connection: its queued requests never run, nothing stays in flight."""
     gate = gates["gate_wide"]
+    before = gate_wide_counts(server)
     conn = server.connect()
     for i in range(6):
         conn.request("infer", model="gate_wide", inputs={"x": b"%d" % i})
@@ -238,7 +239,18 @@ def test_disconnect_with_requests_in_flight(server, gates):
     with server.connect() as conn:
         assert conn.result("infer", model="gate_wide", inputs={"x": b"after"})["outputs"] == {"output": b"after"}
     assert sum(gate.started()) == 5  # the 4 that were running, then this one; never the 2 queued
+    success, failures = gate_wide_counts(server)
+    # The 4 that ran count as successes (their answers had nowhere to go); the 2 dropped
+    # from the queue count as CONNECTION_ERROR.
+    assert success - before[0] == 5
+    assert failures.get("CONNECTION_ERROR", 0) - before[1].get("CONNECTION_ERROR", 0) == 2, failures
     assert_serving(server.host, server.port)
+
+
+def gate_wide_counts(server) -> tuple[int, dict[str, int]]:
+    with server.connect() as conn:
+        stats = conn.result("statistics", model="gate_wide")["models"][0]
+    return stats["success_count"], stats["failure_by_reason"]
 
 
 def test_closed_client_with_requests_in_flight(server, gates):

@@ -132,3 +132,40 @@ def test_writer_sends_a_lone_frame_at_once_and_coalesces_the_rest():
         return transport.writes
 
     assert asyncio.run(scenario()) == [b"lone", b"abc", b"d"]  # nothing written once closing
+
+
+def test_the_server_deadline_timer_drops_a_queued_request_and_counts_it(tmp_path, probe):
+    """InferCall.expire (the loop timer) on a request still queued, with no scheduler
+    deadline to race it: answered DEADLINE_EXCEEDED, never run, counted once."""
+    from trtserve.errors import DeadlineExceededError
+    from trtserve.repository import ModelRepository
+    from trtserve.server.infer import InferHandler
+
+    folder = tmp_path / "gated" / "1"
+    folder.mkdir(parents=True)
+    (tmp_path / "gated" / "config.toml").write_text(f'backend = "Probe"\nprobe = "{probe.key}"\nmax = 1\n')
+    repository = ModelRepository(tmp_path)
+    repository.load_all()
+
+    async def scenario():
+        handler = InferHandler(repository, asyncio.get_running_loop())
+        message = {"model": "gated", "inputs": {"x": b"first"}}
+        probe.gate.clear()
+        running = handler(message)
+        probe.wait_entered()
+        queued = handler({"model": "gated", "inputs": {"x": b"second"}})  # no timeout_ms
+        queued.expire(0.05)  # what the loop timer does when timeout_ms passes
+        assert isinstance(queued.future.exception(), DeadlineExceededError)
+        probe.gate.set()
+        while not running.future.done():
+            await asyncio.sleep(0.005)
+        return running.future.result()
+
+    try:
+        assert asyncio.run(scenario())["outputs"] == {"output": b"first"}
+        stats = repository.get("gated").statistics()
+        assert stats["success_count"] == 1 and stats["failure_by_reason"] == {"DEADLINE_EXCEEDED": 1}
+        assert [data for _, data in probe.batches] == [[b"first"]]
+    finally:
+        probe.gate.set()
+        repository.close()
