@@ -164,8 +164,8 @@ class ModelRepository:
         entry = self._entry(name)
         with entry.lock:
             if not entry.models:
-                entry.state = ModelState.LOADING
-            entry.reason = None
+                entry.state, entry.reason = ModelState.LOADING, None
+            # A served model keeps the reason of its last failed reload until one succeeds.
             stamp = fingerprint(folder)
             try:
                 fresh = self._build_versions(name, folder, entry)
@@ -179,6 +179,7 @@ class ModelRepository:
                     hook(model)
             old, entry.models = entry.models, fresh
             entry.state, entry.fingerprint, entry.failed_fingerprint = ModelState.READY, stamp, None
+            entry.reason = None
         self._retire(list(old.values()))
         log.info("model %s versions %s are READY", name, sorted(fresh))
         return entry.latest
