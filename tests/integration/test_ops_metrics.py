@@ -84,6 +84,9 @@ def test_request_counters_histograms_and_batches_move(metered):
     for family in ("trtserve_request_duration_seconds", "trtserve_request_queue_seconds", "trtserve_request_compute_seconds"):
         assert value(samples, f"{family}_count", **identity()) == 3
         assert value(samples, f"{family}_bucket", **identity(le="10.0")) == 3
+    # Identity computes nothing, yet its forward and a round trip take some time: sums move.
+    assert value(samples, "trtserve_request_duration_seconds_sum", **identity()) > 0
+    assert value(samples, "trtserve_request_compute_seconds_sum", **identity()) > 0
     assert value(samples, "trtserve_batch_size_count", **identity(node="identity")) == 3
     assert value(samples, "trtserve_batch_size_sum", **identity(node="identity")) == 6  # 3 batches of 2 rows
     assert value(samples, "trtserve_batch_size_bucket", **identity(node="identity", le="2.0")) == 3

@@ -385,3 +385,24 @@ def test_a_request_whose_deadline_passed_in_a_stage_fails_at_the_next(probe, col
     finally:
         probe.gate.set()
         models.close()
+
+
+def test_queue_and_compute_time_are_measured(make_pipe, probe, collector):
+    """B waits in the queue while A's forward is held: the statistics' queue time covers at
+    least B's wait and the compute time at least A's hold, both measured by the test."""
+    models = make_pipe(max=1)
+    probe.gate.clear()
+    submit(models, collector, 0, "A")
+    probe.wait_entered()
+    held_from = time.monotonic()
+    submit(models, collector, 1, "B")
+    queued_from = time.monotonic()
+    time.sleep(0.05)
+    held_for = time.monotonic() - held_from
+    queued_for = time.monotonic() - queued_from
+    probe.gate.set()
+    collector.wait(0, 1)
+    stats = models.pipeline.stats.snapshot()
+    assert stats["queue_ns"] >= queued_for * 1e9, stats
+    assert stats["compute_ns"] >= held_for * 1e9, stats
+    assert stats["queue_ns"] < 10e9 and stats["compute_ns"] < 10e9, stats  # not garbage either
