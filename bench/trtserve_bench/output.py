@@ -163,11 +163,19 @@ def plot_png(rows: list[dict[str, Any]], path: str | Path, title: str = "trtserv
             "--plot needs matplotlib, which is not installed: pip install 'trtserve[bench]' (or pip install matplotlib)"
         ) from None
     points = [r for r in rows if r.get("count")]
+    systems = list(dict.fromkeys(r.get("system") for r in points))  # compare.py rows name theirs
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, style in (("p50_ms", "o-"), ("p99_ms", "s--")):
-        ax.plot([r["throughput"] for r in points], [r[key] for r in points], style, label=key.replace("_ms", ""))
-    for row in points:
-        ax.annotate(str(row.get("label", "")), (row["throughput"], row["p99_ms"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, system in enumerate(systems):
+        mine = [r for r in points if r.get("system") == system]
+        color = palette[index % len(palette)]
+        for key, style in (("p50_ms", "o-"), ("p99_ms", "s--")):
+            label = key.replace("_ms", "") if system is None else f"{system} {key.replace('_ms', '')}"
+            ax.plot([r["throughput"] for r in mine], [r[key] for r in mine], style, label=label, color=color)
+        for row in mine:
+            ax.annotate(str(row.get("label", "")), (row["throughput"], row["p99_ms"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if len(systems) > 1:
+        ax.set_yscale("log")  # the systems' latencies differ by an order of magnitude
     ax.set_xlabel("throughput (infer/s)")
     ax.set_ylabel("latency (ms)")
     ax.set_title(title)

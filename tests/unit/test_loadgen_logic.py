@@ -296,3 +296,19 @@ def test_every_request_failing_stops_with_the_reason():
 def test_level_needs_exactly_one_load_kind():
     with pytest.raises(ValueError):
         asyncio.run(run_level(FakeDriver(), "m", [{}], FAST))
+
+
+def test_plot_cli_draws_a_comparison_with_one_series_per_system(tmp_path):
+    pytest.importorskip("matplotlib")  # an optional extra (bench); CI skips this
+    from trtserve_bench import plot
+
+    rows = [{"system": system, "label": f"c={c}", "count": 10, "throughput": t, "p50_ms": p, "p99_ms": 2 * p}
+            for system, points in (("trtserve", [(1, 4000, 0.2), (8, 8000, 1.0)]), ("pytriton", [(1, 200, 4.0), (8, 1600, 5.0)]))
+            for c, t, p in points]
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"levels": rows}))
+    assert plot.main([str(run), str(tmp_path / "out.png")]) == 0
+    assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run.write_text(json.dumps({"results": []}))
+    with pytest.raises(SystemExit):  # no rows: a usage error that names both layouts
+        plot.main([str(run), str(tmp_path / "empty.png")])
