@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import tensor
+from .test_ops_access import certificate  # noqa: F401  (the self-signed certificate fixture)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -198,3 +199,30 @@ def test_metrics_port_is_released_at_stop(server_factory, repository):
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((handle.host, port))  # nothing listens there any more
+
+
+def test_failed_tls_handshakes_are_counted(server_factory, certificate):
+    """A plaintext client and one that rejects the certificate fail the handshake inside the
+    SSL layer; each counts once as tls_handshake. A good TLS connection does not count."""
+    import gc
+    import ssl
+
+    from trtserve_client import Client
+    from trtserve.server.auth import server_ssl_context
+
+    cert, key = certificate
+    handle = server_factory(metrics_port=0, ssl_context=server_ssl_context(cert, key))
+    with Client(handle.host, handle.port, tls=True, ca_file=str(cert), timeout=10) as client:
+        assert client.live() is True
+    with socket.create_connection((handle.host, handle.port), timeout=5) as plain:
+        plain.sendall(b"\x00\x00\x00\x05hello")  # not a TLS ClientHello
+        assert plain.recv(100) == b""  # the server hangs up
+    with socket.create_connection((handle.host, handle.port), timeout=5) as raw:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")  # untrusted
+    give_up = time.monotonic() + 10
+    while value(scrape(handle), "trtserve_refusals_total", type="tls_handshake") < 2:
+        assert time.monotonic() < give_up, "failed handshakes were not counted"
+        handle.call(gc.collect)  # the default asyncio loop frees them later than uvloop does
+        time.sleep(0.05)
+    assert value(scrape(handle), "trtserve_refusals_total", type="tls_handshake") == 2

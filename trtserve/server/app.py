@@ -19,6 +19,7 @@ import asyncio
 import logging
 import signal
 import ssl
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
@@ -165,9 +166,16 @@ class Server:
 
     async def _listen(self, loop: asyncio.AbstractEventLoop, dispatch) -> None:
         tracker = self.tracker
-        self._listener = await loop.create_server(
-            lambda: ServerProtocol(dispatch, tracker), self.host, self.port, reuse_address=True, ssl=self.ssl_context
-        )
+
+        def accept() -> ServerProtocol:
+            protocol = ServerProtocol(dispatch, tracker)
+            if self.ssl_context is not None:
+                # A failed TLS handshake ends inside the SSL layer: this protocol is never
+                # connected, only dropped.  Its finalizer is the one place that sees it.
+                weakref.finalize(protocol, _count_failed_handshake, protocol.connected, tracker)
+            return protocol
+
+        self._listener = await loop.create_server(accept, self.host, self.port, reuse_address=True, ssl=self.ssl_context)
         self.port = self._listener.sockets[0].getsockname()[1]
         if self.metrics is not None:
             try:
@@ -259,3 +267,8 @@ class Server:
         if self._executor is not None:
             self._executor.shutdown(wait=True)  # a load in progress finishes before models close
         self.repository.close()
+
+
+def _count_failed_handshake(connected: list[bool], tracker: ConnectionTracker) -> None:
+    if not connected[0]:
+        tracker.refused("tls_handshake")

@@ -76,6 +76,7 @@ class ServerProtocol(asyncio.Protocol):
         self._authenticated = not tracker.auth_required
         self._auth_timer: asyncio.TimerHandle | None = None
         self.peer: Any = None
+        self.connected = [False]  # a cell the TLS handshake finalizer reads (server/app.py)
 
     # -- introspection (tests, debugging) ------------------------------------------------
     @property
@@ -96,6 +97,7 @@ class ServerProtocol(asyncio.Protocol):
 
     # -- connection lifecycle ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.connected[0] = True
         self._transport = transport  # type: ignore[assignment]
         self._writer = CoalescingWriter(self._transport, asyncio.get_running_loop())
         self.peer = transport.get_extra_info("peername")
