@@ -226,3 +226,20 @@ def test_failed_tls_handshakes_are_counted(server_factory, certificate):
         handle.call(gc.collect)  # the default asyncio loop frees them later than uvloop does
         time.sleep(0.05)
     assert value(scrape(handle), "trtserve_refusals_total", type="tls_handshake") == 2
+
+
+def test_cli_metrics_port_serves_prometheus_text(process_factory):
+    with socket.socket() as probe:  # a free port for the flag (the server binds it right after)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = process_factory("--metrics-port", str(port), "--log-level", "WARNING")
+    from trtserve_client import Client
+
+    with Client(proc.host, proc.port, timeout=10) as client:
+        assert client.infer("echo", b"scraped") == {"output": b"scraped"}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    success = [s for s in families["trtserve_request_success"].samples
+               if s.name == "trtserve_request_success_total" and s.labels.get("model") == "echo"]
+    assert [s.value for s in success] == [1.0]
