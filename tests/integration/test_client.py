@@ -662,3 +662,22 @@ def test_client_needs_only_msgpack_and_numpy(server):
     assert report["output"] == [0, 1, 2]
     assert set(report["third_party"]) <= {"numpy", "msgpack", "trtserve_client"}, report["third_party"]
     assert report["file"].startswith(str(CLIENTS_DIR))
+
+
+def test_the_client_builds_as_its_own_wheel_needing_only_msgpack_and_numpy(tmp_path):
+    """`pip install ./clients`: a wheel of trtserve_client alone, whose only requirements are
+    msgpack and numpy (built offline with the installed setuptools)."""
+    import zipfile
+
+    pytest.importorskip("setuptools")  # the build backend, used without build isolation (offline)
+    clients = Path(__file__).resolve().parents[2] / "clients"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(clients)], check=True, timeout=240)
+    (wheel,) = tmp_path.glob("trtserve_client-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        requires = [line.split(":", 1)[1].strip() for line in archive.read(metadata).decode().splitlines()
+                    if line.startswith("Requires-Dist:")]
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"trtserve_client"}
+    assert sorted(r.split(">")[0].split("=")[0].strip() for r in requires) == ["msgpack", "numpy"]
