@@ -670,10 +670,14 @@ def test_the_client_builds_as_its_own_wheel_needing_only_msgpack_and_numpy(tmp_p
     import zipfile
 
     pytest.importorskip("setuptools")  # the build backend, used without build isolation (offline)
-    clients = Path(__file__).resolve().parents[2] / "clients"
+    import shutil
+
+    clients = tmp_path / "clients"  # a copy: the build must not leave files in the checkout
+    shutil.copytree(Path(__file__).resolve().parents[2] / "clients", clients,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(clients)], check=True, timeout=240)
-    (wheel,) = tmp_path.glob("trtserve_client-*.whl")
+                    "-w", str(tmp_path / "dist"), str(clients)], check=True, timeout=240)
+    (wheel,) = (tmp_path / "dist").glob("trtserve_client-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
