@@ -91,7 +91,7 @@ class Prepared:
     unbatched: bool  # the caller sent one sample without a batch dim: strip it from results
 
     def group_key(self) -> tuple[tuple[int, ...], ...]:
-        return tuple(a.shape[1:] for a in self.arrays.values())
+        return tuple([a.shape[1:] for a in self.arrays.values()])
 
 
 class OnnxRuntime(Backend):
@@ -119,6 +119,13 @@ class OnnxRuntime(Backend):
         self.inputs = [self._port(a, "input") for a in self.session.get_inputs()]
         self.outputs = [self._port(a, "output") for a in self.session.get_outputs()]
         self._by_name = {p.name: p for p in self.inputs}
+        # The common request, one batched array for a one-input model, is checked by
+        # _prepare_sole without the general path's dicts (5 -> ~1.5 us, paid at submit and
+        # again per item in forward).
+        sole = self.inputs[0] if len(self.inputs) == 1 and self.inputs[0].rank >= 1 else None
+        self._sole = sole
+        self._sole_rank = sole.rank if sole else -1
+        self._sole_static = [(axis, want) for axis, want in enumerate(sole.shape) if isinstance(want, int)] if sole else []
         if not self.inputs:
             raise ModelUnavailableError(
                 f"{path} has no inputs; the OnnxRuntime backend serves models with at least one input",
@@ -199,7 +206,17 @@ class OnnxRuntime(Backend):
 
     def prepare(self, item: dict[str, Any]) -> Prepared:
         """The item's inputs with a batch dimension, or InvalidInputError naming the problem."""
-        named = self._named_arrays(item.get("data"))
+        data = item.get("data")
+        sole = self._sole
+        if type(data) is np.ndarray and data.ndim == self._sole_rank and data.dtype == sole.dtype:
+            shape = data.shape
+            for axis, want in self._sole_static:
+                if shape[axis] != want:
+                    break
+            else:
+                if shape[0] > 0:
+                    return Prepared({sole.name: data}, shape[0], False)
+        named = self._named_arrays(data)
         modes = {name: self._check_array(self._by_name[name], array) for name, array in named.items()}
         if len(set(modes.values())) > 1:
             raise self._invalid(
