@@ -352,22 +352,11 @@ def bench_resnet(seconds: float, workdir: Path) -> dict[str, Any]:
         row.update(concurrency=64, switchinterval_ms=0.2, ratio_to_raw_b8=row["per_s"] / raw)
         out["switchinterval_0_2ms"] = row
     out["pipe_host_inputs"] = levels
-    # The same node with cuda_graphs = true: one graph launch a batch instead of ~1.5 ms of
-    # eager launches from Python (the raw rate's own limit), each batch size captured once.
-    with trtserve.pipe(dict(config, cuda_graphs=True)) as pipe:
-        closed_loop(lambda i: pipe({"data": inputs[i % 16]}), 16, 2.0)  # warm-up: captures as sizes occur
-        node = pipe.pipeline.nodes[0]
-        for concurrency in (16, 32, 64):
-            before = node.stats.snapshot()["batches"]
-            row = closed_loop(lambda i: pipe({"data": inputs[i % 16]}), concurrency, seconds)
-            batches = node.stats.snapshot()["batches"] - before
-            row.update(concurrency=concurrency, mean_batch=row["count"] / max(batches, 1), cuda_graphs=True)
-            out.setdefault("cuda_graphs", []).append(row)
     out["raw_batch8_after"] = raw_rate(8)
     # The reference is the better of the two raw measurements, so the ratios are conservative.
     reference = max(raw, out["raw_batch8_after"]["images_per_s"])
     out["raw_batch8_reference_images_per_s"] = reference
-    for row in levels + out.get("device_inputs", []) + [out["switchinterval_0_2ms"]] + out.get("cuda_graphs", []):
+    for row in levels + out.get("device_inputs", []) + [out["switchinterval_0_2ms"]]:
         row["ratio_to_raw_b8"] = row["per_s"] / reference
     return out
 
@@ -462,8 +451,6 @@ def markdown(report: dict[str, Any]) -> str:
         if "switchinterval_0_2ms" in r:
             row = r["switchinterval_0_2ms"]
             lines.append(f"| 64 (sys.setswitchinterval 0.2 ms) | {row['per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | - | {row['ratio_to_raw_b8']:.2f} |")
-        for row in r.get("cuda_graphs", []):
-            lines.append(f"| {row['concurrency']} (cuda_graphs = true) | {row['per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['mean_batch']:.2f} | {row['ratio_to_raw_b8']:.2f} |")
         g = r.get("raw_batch8_cuda_graph", {})
         if "images_per_s" in g:
             lines += ["", f"Batch 8 replayed as a CUDA graph (no host launch cost; the GPU's ceiling): {g['images_per_s']:.0f} img/s "

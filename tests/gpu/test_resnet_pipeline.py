@@ -59,20 +59,10 @@ PIPELINES = {
 }
 
 
-def _with_cuda_graphs(path):
-    config = PIPELINES["fused"](path)
-    config["model"]["cuda_graphs"] = True  # one capture per batch size, replayed after
-    return config
-
-
-PIPELINES["fused_graphs"] = _with_cuda_graphs
-
-
-@pytest.mark.parametrize("variant", ["fused", "hwc", "fused_graphs"])
-def test_sixteen_threads_single_and_list_calls_match_cpu(models, images, variant, caplog):
-    chw = variant.startswith("fused")
-    path = models["paths"]["chw" if chw else "hwc"]
-    refs = _cpu_reference(models, images, "chw" if chw else "hwc")
+@pytest.mark.parametrize("variant", ["fused", "hwc"])
+def test_sixteen_threads_single_and_list_calls_match_cpu(models, images, variant):
+    path = models["paths"]["chw" if variant == "fused" else "hwc"]
+    refs = _cpu_reference(models, images, "chw" if variant == "fused" else "hwc")
     failures, errors = [], []
     worst = [0.0]
     lock = threading.Lock()
@@ -80,7 +70,7 @@ def test_sixteen_threads_single_and_list_calls_match_cpu(models, images, variant
 
         def check(index: int, item: dict) -> None:
             result = item.get("result")
-            expected_shape = (1, 1000) if chw else (1000,)
+            expected_shape = (1, 1000) if variant == "fused" else (1000,)
             if result is None or result.shape != expected_shape:
                 failures.append((index, None if result is None else result.shape))
                 return
@@ -118,7 +108,6 @@ def test_sixteen_threads_single_and_list_calls_match_cpu(models, images, variant
     assert not errors, errors[:3]
     assert not failures, failures[:5]
     assert any(int(size) > 1 for size in batch_sizes), f"no batching happened: {batch_sizes}"
-    assert "cannot capture a CUDA graph" not in caplog.text  # the graphs were used, not skipped
 
 
 def test_device_results_stay_on_the_gpu(models, images):

@@ -112,10 +112,6 @@ def test_errors_are_typed(net_path, tmp_path):
             trtserve.pipe({"backend": "TorchScriptTensor", "model": str(net_path), "device": "cuda"})
     with pytest.raises(ConfigError, match="result_device"):
         trtserve.pipe({"backend": "TorchScriptTensor", "model": str(net_path), "result_device": "device", "device": "cpu"})
-    with pytest.raises(ConfigError, match="cuda_graphs = true needs CUDA"):
-        trtserve.pipe({"backend": "TorchScriptTensor", "model": str(net_path), "cuda_graphs": True, "device": "cpu"})
-    with pytest.raises(ConfigError, match="cuda_graphs_limit"):
-        trtserve.pipe({"backend": "TorchScriptTensor", "model": str(net_path), "cuda_graphs": True, "cuda_graphs_limit": 0, "device": "cpu"})
     with trtserve.pipe({"backend": "TorchScriptTensor", "model": str(net_path), "max": 4, "device": "cpu"}) as models:
         with pytest.raises(InvalidInputError):
             models({"data": "a string"})

@@ -28,7 +28,6 @@ import numpy as np
 
 from ... import cuda
 from ...backend import Backend, Key
-from ..imagecheck import at_least_one
 from ...errors import BackendError, ConfigError, InvalidInputError, ModelUnavailableError
 
 
@@ -42,8 +41,6 @@ class TorchScriptTensor(Backend):
         "device": Key(str, "auto", "auto: cuda when PyTorch sees a GPU, else cpu", choices=("auto", "cuda", "cpu")),
         "add_batch_dim": Key(bool, False, "items are single samples: add (and remove) a batch dimension of 1"),
         "result_device": Key(str, "host", "host: numpy results; device: DeviceArray results on the GPU", choices=("host", "device")),
-        "cuda_graphs": Key(bool, False, "CUDA: capture the model once per batch shape and replay it (one launch a batch)"),
-        "cuda_graphs_limit": Key(int, 16, "most batch shapes captured per instance; others run eagerly", check=at_least_one),
     }
 
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
@@ -82,14 +79,6 @@ class TorchScriptTensor(Backend):
                 file=str(path),
             ) from None
         self.model.eval()
-        self.graphs = None
-        if config.get("cuda_graphs"):
-            if self.device.type != "cuda":
-                raise ConfigError("TorchScriptTensor: cuda_graphs = true needs CUDA; this instance runs on the CPU",
-                                  key="cuda_graphs")
-            from .graphs import GraphCache
-
-            self.graphs = GraphCache(torch, self.model, int(config.get("cuda_graphs_limit") or 16))
 
     def _bind_cuda(self, choice: str) -> None:
         torch = self.torch
@@ -145,7 +134,7 @@ class TorchScriptTensor(Backend):
             names, columns = self._columns(items)
             rows = [int(col.shape[0]) for col in columns[0]]
             inputs = [self._batch(col) for col in columns]
-            outputs = self._named_outputs(self.graphs.run(inputs) if self.graphs else self.model(*inputs))
+            outputs = self._named_outputs(self.model(*inputs))
             total = sum(rows)
             for name, out in outputs.items():
                 if out.ndim == 0 or out.shape[0] != total:
