@@ -122,7 +122,10 @@ class FrameDecoder:
             end = pos + HEADER_SIZE + length
             if size < end:
                 break
-            messages.append(unpack_payload(view[pos + HEADER_SIZE : end]))
+            # The slice is released even when unpacking raises: a traceback holding it would
+            # keep the buffer exported, and resizing it would then fail with BufferError.
+            with view[pos + HEADER_SIZE : end] as payload:
+                messages.append(unpack_payload(payload))
             self._parsed = pos = end
 
     def pending_partial_frame(self) -> bool:

@@ -419,3 +419,19 @@ def test_zero_dimensional_big_endian_scalar_keeps_its_shape():
     # ascontiguousarray would have made it shape (1,); found by the property test above.
     decoded = tensor_roundtrip(np.array(513, dtype=">u2"))
     assert decoded.shape == () and int(decoded) == 513
+
+
+@pytest.mark.parametrize("bad", [b"\xc1", msgpack.packb([1, 2])])  # not msgpack; not a map
+def test_a_bad_payload_after_buffered_bytes_is_a_protocol_error(bad):
+    """The buffered path (a frame split across reads) reports a bad payload as ProtocolError,
+    consumes the good frame before it and keeps the bad one, as the unbuffered path does."""
+    good = wire.pack({"id": 1})
+    decoder = wire.FrameDecoder()
+    assert decoder.feed(good[:3]) == []  # something buffered: the next feed takes that path
+    with pytest.raises(ProtocolError):
+        decoder.feed(good[3:] + struct.pack(">I", len(bad)) + bad)
+    assert decoder.buffered == 4 + len(bad)
+    unbuffered = wire.FrameDecoder()
+    with pytest.raises(ProtocolError):
+        unbuffered.feed(good + struct.pack(">I", len(bad)) + bad)
+    assert unbuffered.buffered == 4 + len(bad)
