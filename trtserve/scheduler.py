@@ -87,8 +87,8 @@ class Request:
         statistics (the caller, who gave up, ignores the late callback)."""
         if self._cancelled:
             return
+        self.cancel_error = error  # first: whoever sees _cancelled set also sees the reason
         self._cancelled = True
-        self.cancel_error = error
         owner = self.owner
         if owner is not None:
             owner._forget(self, error)
@@ -192,13 +192,13 @@ class Scheduler:
             if drain:
                 self._timer_wake.notify_all()  # partial batches are due now: nothing more will come
                 self._idle.wait_for(lambda: not self._queue and self._busy == 0)
-            leftovers = [r for r in self._queue.clear() if not r.cancelled]
+            leftovers = [r for r in self._queue.clear() if not r.cancelled or r.cancel_error is not None]
             self._queued_size = self._timed = 0
             self._timer_stop = True
             self._timer_wake.notify_all()
         error = ShuttingDownError(f"node {self.node.name!r} is shutting down", node=self.node.name)
         for req in leftovers:
-            self._finish(req, error)
+            self._finish(req, req.cancel_error if req.cancelled else error)
         for inst in self._instances:
             inst.inbox.put(None)
         for inst in self._instances:
@@ -284,8 +284,10 @@ class Scheduler:
                 req.owner = None
             self._queued_size -= size
             self._timed -= sum(r.deadline is not None for r in popped)
-            # Cancelled requests (their caller went away) are dropped here, unrun.
+            # Cancelled requests (their caller went away) are dropped here, unrun; one cancelled
+            # with a reason is finished with it after the lock, like an expired one.
             batch = [r for r in popped if not r.cancelled]
+            expired += [r for r in popped if r.cancelled and r.cancel_error is not None]
             if not batch:
                 continue
             self._start(inst, batch, now)
@@ -337,7 +339,7 @@ class Scheduler:
         removed = self._queue.remove_if(lambda r: r.deadline is not None and r.deadline <= now)
         self._queued_size -= sum(r.size for r in removed)
         self._timed -= len(removed)
-        return [r for r in removed if not r.cancelled]
+        return [r for r in removed if not r.cancelled or r.cancel_error is not None]
 
     def _forget(self, req: Request, error: TrtserveError | None) -> None:
         """Drop a cancelled request from the queue; what remains may now be due."""
@@ -423,7 +425,11 @@ class Scheduler:
         return priority or self.default_priority
 
     def _fail_expired(self, expired: list[Request]) -> None:
+        """Finish requests dropped from the queue: cancelled with a reason, or expired."""
         for req in expired:
+            if req.cancelled:
+                self._finish(req, req.cancel_error)
+                continue
             self._finish(
                 req,
                 DeadlineExceededError(

@@ -406,3 +406,28 @@ def test_queue_and_compute_time_are_measured(make_pipe, probe, collector):
     assert stats["queue_ns"] >= queued_for * 1e9, stats
     assert stats["compute_ns"] >= held_for * 1e9, stats
     assert stats["queue_ns"] < 10e9 and stats["compute_ns"] < 10e9, stats  # not garbage either
+
+
+def test_a_cancel_racing_a_dispatch_is_still_finished_once(make_pipe, probe, collector):
+    """The canceller sets the flag, then a dispatch pops the request before _forget runs:
+    the dispatch finishes it with the reason (else nobody would, and it would go uncounted)."""
+    models = make_pipe(max=1, batching_timeout=FOREVER_MS)
+    scheduler = models.pipeline.nodes[0]
+    probe.gate.clear()
+    submit(models, collector, 0, "A")
+    probe.wait_entered()
+    b = submit(models, collector, 1, "B")
+    go, forget = threading.Event(), scheduler._forget
+    scheduler._forget = lambda req, error: (go.wait(10), forget(req, error))  # the canceller stalls here
+    reason = DeadlineExceededError("the caller gave up")
+    canceller = threading.Thread(target=b.cancel, args=(reason,))
+    canceller.start()
+    while not b.cancelled:
+        time.sleep(0.001)
+    probe.gate.set()  # A finishes; its dispatch pops B, cancelled
+    collector.wait(0, 1)
+    go.set()
+    canceller.join(10)
+    assert collector.done[1][1] is reason
+    assert [batch for _, batch in probe.batches] == [["A"]]
+    assert models.pipeline.stats.snapshot()["failure_by_reason"] == {"DEADLINE_EXCEEDED": 1}
