@@ -152,11 +152,11 @@ class ServerProtocol(asyncio.Protocol):
             ))
             return False
         self._eof = True
+        # Answers queued this turn go out first: returning False closes the transport, and
+        # over TLS even True is ignored and the connection shuts down.
+        self._flush()
         # A half-closed peer still reads: answer what it sent, then close (see _maybe_finish).
-        if self._pending or self._backlog:
-            return True
-        self._flush()  # returning False closes the transport: answers queued this turn first
-        return False
+        return bool(self._pending or self._backlog)
 
     def pause_writing(self) -> None:
         self._writing_paused = True
