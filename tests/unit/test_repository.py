@@ -243,3 +243,59 @@ def test_generated_files_do_not_look_like_model_changes(tmp_path):
     assert fingerprint(folder) == before
     (folder / "1" / "model.onnx").write_bytes(b"new weights")
     assert fingerprint(folder) != before
+
+
+HELD = TAGGED.replace('''    def forward(self, items):
+        for item in items:''', '''    def forward(self, items):
+        import os, time
+        hold = self.config["hold"]
+        if hold:
+            open(hold + ".entered-" + self.config["tag"], "w").close()
+            give_up = time.monotonic() + 20
+            while os.path.exists(hold) and time.monotonic() < give_up:
+                time.sleep(0.002)
+        for item in items:''').replace('''"fail_warmup": trtserve.Key(bool, False)}''', '''"fail_warmup": trtserve.Key(bool, False),
+                   "hold": trtserve.Key(str, "")}''')
+
+
+def wait_exists(path: Path, timeout: float = 10.0) -> None:
+    give_up = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < give_up, f"{path} never appeared"
+        time.sleep(0.005)
+
+
+def test_a_request_running_on_the_old_version_finishes_there_after_a_reload(tmp_path, repo):
+    hold = tmp_path / "hold"
+    hold.touch()
+    folder = make_model(tmp_path, "m", f'backend = "Tagged"\ntag = "old"\nhold = "{hold}"\n', backend=HELD)
+    repo.load("m")
+    done, out = threading.Event(), {}
+    repo.get("m").submit({"data": "A"}, lambda item, err: (out.update(item=item, err=err), done.set()))
+    wait_exists(Path(f"{hold}.entered-old"))
+    (folder / "config.toml").write_text('backend = "Tagged"\ntag = "new"\n')
+    repo.load("m")  # swaps while A still runs on the old version
+    assert infer(repo.get("m"), "B") == (1, "new", "B")
+    assert not done.is_set()
+    hold.unlink()
+    assert done.wait(10)
+    assert out["err"] is None and out["item"]["result"] == (1, "old", "A")
+
+
+def test_the_old_version_serves_until_the_new_one_has_warmed_up(tmp_path, repo):
+    hold = tmp_path / "hold"
+    warm = '\n[[warmup]]\ncount = 1\n[warmup.inputs.x]\ndtype = "float32"\nshape = [1, 4]\n'
+    folder = make_model(tmp_path, "m", 'backend = "Tagged"\ntag = "old"\n' + warm, backend=HELD)
+    repo.load("m")
+    hold.touch()
+    (folder / "config.toml").write_text(f'backend = "Tagged"\ntag = "new"\nhold = "{hold}"\n' + warm)
+    loader = threading.Thread(target=repo.load, args=("m",))
+    loader.start()
+    try:
+        wait_exists(Path(f"{hold}.entered-new"))  # the new version's warmup is running
+        assert infer(repo.get("m"), "during") == (1, "old", "during")
+        assert repo.index()[0]["state"] == "READY"
+    finally:
+        hold.unlink()
+        loader.join(20)
+    assert infer(repo.get("m"), "after") == (1, "new", "after")
