@@ -70,35 +70,9 @@ class Pipeline:
         ``priority`` applies at the entry node (1 = highest, 0 = default).
         """
         item.pop("result", None)
-        original = item.get("data", _MISSING)
-
-        def finish(req: Request, error: TrtserveError | None) -> None:
-            if original is not _MISSING:
-                req.item["data"] = original
-            if error is not None:
-                req.item.pop("result", None)
-            outcome = error.name if error is not None else None if "result" in req.item else "NO_RESULT"
-            self.stats.record(req.queue_ns, req.compute_ns, outcome)
-            on_done(req.item, error)
-
-        def advance(req: Request, error: TrtserveError | None) -> None:
-            position = req.context + 1
-            if error is not None or "result" not in req.item or position == len(self.nodes):
-                finish(req, error)
-                return
-            if req.cancelled:  # the caller gave up while a stage ran: the rest never runs
-                if req.cancel_error is not None:
-                    finish(req, req.cancel_error)  # counted, as a queued cancel is
-                return
-            req.item["data"] = req.item.pop("result")
-            req.context = position
-            req.priority = 0  # downstream nodes use their own default level
-            try:
-                self.nodes[position].submit(req)
-            except TrtserveError as exc:
-                finish(req, exc)
-
-        request = Request(item, advance, deadline=deadline, context=0, priority=priority)
+        request = _Flow(item, self._stage_done, deadline=deadline, context=0, priority=priority)
+        request.caller = on_done
+        request.original = original = item.get("data", _MISSING)
         try:
             self.nodes[0].submit(request)
         except TrtserveError as exc:
@@ -107,3 +81,38 @@ class Pipeline:
             self.stats.record(0, 0, exc.name)
             raise
         return request
+
+    def _stage_done(self, req: "_Flow", error: TrtserveError | None) -> None:
+        """A node finished ``req``: hand its result to the next node, or finish."""
+        position = req.context + 1
+        if error is not None or "result" not in req.item or position == len(self.nodes):
+            self._finish(req, error)
+            return
+        if req.cancelled:  # the caller gave up while a stage ran: the rest never runs
+            if req.cancel_error is not None:
+                self._finish(req, req.cancel_error)  # counted, as a queued cancel is
+            return
+        req.item["data"] = req.item.pop("result")
+        req.context = position
+        req.priority = 0  # downstream nodes use their own default level
+        try:
+            self.nodes[position].submit(req)
+        except TrtserveError as exc:
+            self._finish(req, exc)
+
+    def _finish(self, req: "_Flow", error: TrtserveError | None) -> None:
+        item = req.item
+        if req.original is not _MISSING:
+            item["data"] = req.original
+        if error is not None:
+            item.pop("result", None)
+        outcome = error.name if error is not None else None if "result" in item else "NO_RESULT"
+        self.stats.record(req.queue_ns, req.compute_ns, outcome)
+        req.caller(item, error)
+
+
+class _Flow(Request):
+    """A request travelling a pipeline: the caller's callback and original ``data`` ride
+    along, so a submit allocates no closures (``context`` is the node position)."""
+
+    __slots__ = ("caller", "original")
