@@ -402,6 +402,11 @@ class Scheduler:
             )
         elapsed = time.perf_counter_ns() - start
         self.stats.record_batch(sum(r.size for r in batch), elapsed, failed=error is not None)
+        # Callers first (latency): the next batch waits for this thread either way, since
+        # this instance is the one that just became free.
+        for req in batch:
+            req.compute_ns += elapsed
+            self._finish(req, error)
         with self._lock:
             inst.busy = False
             self._busy -= 1
@@ -409,9 +414,6 @@ class Scheduler:
             if self._busy == 0 and not self._queue:
                 self._idle.notify_all()
         self._fail_expired(expired)
-        for req in batch:
-            req.compute_ns += elapsed
-            self._finish(req, error)
 
     def _priority(self, priority: int) -> int:
         if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= self.priority_levels:
