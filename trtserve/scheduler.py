@@ -91,7 +91,7 @@ class Request:
         self._cancelled = True
         owner = self.owner
         if owner is not None:
-            owner._forget(self, error)
+            owner._forget(self)
 
 
 class _Instance:
@@ -341,7 +341,7 @@ class Scheduler:
         self._timed -= len(removed)
         return [r for r in removed if not r.cancelled or r.cancel_error is not None]
 
-    def _forget(self, req: Request, error: TrtserveError | None) -> None:
+    def _forget(self, req: Request) -> None:
         """Drop a cancelled request from the queue; what remains may now be due."""
         with self._lock:
             removed = self._queue.remove_if(lambda r: r is req)
@@ -351,8 +351,8 @@ class Scheduler:
             self._queued_size -= req.size
             self._timed -= req.deadline is not None
             expired = self._dispatch(time.monotonic())
-        if error is not None:
-            self._finish(req, error)
+        if req.cancel_error is not None:
+            expired.insert(0, req)  # _fail_expired finishes it with its reason
         self._fail_expired(expired)
 
     def _arm_timer(self, when: float) -> None:

@@ -418,7 +418,7 @@ def test_a_cancel_racing_a_dispatch_is_still_finished_once(make_pipe, probe, col
     probe.wait_entered()
     b = submit(models, collector, 1, "B")
     go, forget = threading.Event(), scheduler._forget
-    scheduler._forget = lambda req, error: (go.wait(10), forget(req, error))  # the canceller stalls here
+    scheduler._forget = lambda req: (go.wait(10), forget(req))  # the canceller stalls here
     reason = DeadlineExceededError("the caller gave up")
     canceller = threading.Thread(target=b.cancel, args=(reason,))
     canceller.start()
