@@ -3,8 +3,8 @@
 There is one core: the model's callback pipeline.  ``InferCall.on_done`` runs on whichever
 scheduler thread finished the item and hands the item to the event loop through the
 handler's doorbell (server/doorbell.py: one loop wake-up per burst of finished items),
-where the outputs are encoded and the call's reply (server/reply.py) resolved.  No thread pool hop,
-no per-request task.
+where the outputs are encoded and the call's reply (server/reply.py) is set.  No thread
+pool hop, no per-request task.
 
 ``timeout_ms`` becomes both the scheduler deadline (a queued request is failed by the
 scheduler's timer and never runs) and a loop timer (the client gets DEADLINE_EXCEEDED on
