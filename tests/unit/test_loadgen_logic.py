@@ -299,7 +299,7 @@ def test_level_needs_exactly_one_load_kind():
 
 
 def test_plot_cli_draws_a_comparison_with_one_series_per_system(tmp_path):
-    pytest.importorskip("matplotlib")  # an optional extra (bench); CI skips this
+    pytest.importorskip("matplotlib", reason="matplotlib (the bench extra, also in the test extra) is not installed")
     from trtserve_bench import plot
 
     rows = [{"system": system, "label": f"c={c}", "count": 10, "throughput": t, "p50_ms": p, "p99_ms": 2 * p}
