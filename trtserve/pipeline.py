@@ -70,7 +70,7 @@ class Pipeline:
         ``priority`` applies at the entry node (1 = highest, 0 = default).
         """
         item.pop("result", None)
-        request = _Flow(item, self._stage_done, deadline=deadline, context=0, priority=priority)
+        request = _Flow(item, self._stage_done, deadline, 0, priority)  # positional: the hot path
         request.caller = on_done
         request.original = original = item.get("data", _MISSING)
         try:

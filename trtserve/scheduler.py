@@ -157,6 +157,7 @@ class Scheduler:
         self._timer = threading.Thread(target=self._timer_loop, name=f"trtserve-{node.name}-timer", daemon=True)
         self.max_size = 1
         self._by_max: list[_Instance] = []
+        self._admit: Callable[[dict[str, Any], bool], int] = self._not_started
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -176,6 +177,7 @@ class Scheduler:
             ) from failed
         self.max_size = max(i.hi for i in self._instances)
         self._by_max = sorted(self._instances, key=lambda i: i.hi)  # best fit for a lone request
+        self._admit = self._instances[0].backend.admit  # read-only: any instance answers
         self._timer.start()
 
     def close(self, drain: bool = False) -> None:
@@ -207,6 +209,9 @@ class Scheduler:
         if self._timer.is_alive():
             self._timer.join()
 
+    def _not_started(self, item: dict[str, Any], sized: bool) -> int:
+        raise ModelUnavailableError(f"node {self.node.name!r} is not started", node=self.node.name)
+
     @property
     def backend(self) -> Backend:
         """An initialised instance's backend, for read-only questions (validate, io_spec)."""
@@ -218,8 +223,7 @@ class Scheduler:
     # -- submit ------------------------------------------------------------------------
     def submit(self, req: Request) -> None:
         """Queue a request; raises at once (nothing queued) for bad input or a full queue."""
-        backend = self.backend
-        req.size = backend.admit(req.item, sized=self.max_size > 1)
+        req.size = self._admit(req.item, self.max_size > 1)
         if req.size > self.max_size:
             raise InvalidInputError(
                 f"node {self.node.name!r}: a request of size {req.size} exceeds the largest batch "
@@ -228,7 +232,7 @@ class Scheduler:
                 request_size=req.size,
                 max=self.max_size,
             )
-        req.priority = self._priority(req.priority)
+        req.priority = self._priority(req.priority) if req.priority else self.default_priority
         now = time.monotonic()
         req.enqueued = now
         if self.queue_timeout_s:
@@ -254,11 +258,14 @@ class Scheduler:
             expired = self._dispatch(now)
             if req.deadline is not None and self._queue:
                 self._timer_wake.notify()  # the timer fails it the moment its deadline passes
-        self._fail_expired(expired)
+        if expired:
+            self._fail_expired(expired)
 
     # -- batching (called with the lock held) ------------------------------------------
     def _dispatch(self, now: float) -> list[Request]:
         """Hand out every batch that is due; return requests whose deadline passed."""
+        if self._busy == len(self._instances) and not self._timed:
+            return []  # the common case under load: nothing can start, nothing can expire
         expired = self._drop_dead_head(now)
         while self._queue:
             free = [i for i in self._instances if not i.busy]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 from typing import Any
 
 import msgpack
@@ -60,9 +61,19 @@ _MAX_INDEX = int(np.iinfo(np.intp).max)
 # --------------------------------------------------------------------------- framing
 
 
+_packers = threading.local()
+
+
 def pack(message: dict[str, Any]) -> bytes:
     """Serialize one message into a complete frame (header + msgpack payload)."""
-    payload = msgpack.packb(message, use_bin_type=True)
+    # msgpack.packb builds a new Packer per call; reusing one per thread (a Packer is not
+    # thread-safe) halves the cost of a small message: 1.29 -> 0.70 us.  A failed pack
+    # leaves the Packer empty, so the next message is unaffected.
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    payload = packer.pack(message)
     return HEADER.pack(len(payload)) + payload
 
 
@@ -154,7 +165,8 @@ def unpack_payload(payload: bytes) -> dict[str, Any]:
 
 def encode_tensor(array: np.ndarray) -> dict[str, Any]:
     """A numpy array as a wire tensor.  C-contiguous little-endian arrays are not copied here."""
-    array = np.asarray(array)
+    if type(array) is not np.ndarray:
+        array = np.asarray(array)
     name = _WIRE_NAMES.get(array.dtype) or array.dtype.name  # .name: non-native byte order
     if name not in _NUMPY_DTYPES:
         raise InvalidInputError(
@@ -171,21 +183,27 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
 
 def decode_tensor(obj: Any, where: str = "tensor") -> np.ndarray:
     """A wire tensor as a read-only numpy view over the received bytes (no copy)."""
-    if type(obj) is dict:
-        # The fast path: a well-formed non-empty tensor passes exact type checks and one
-        # size product (the full checks below cost 2.4 us a tensor on the server's loop).
-        dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
-        np_dtype = _NUMPY_DTYPES.get(dtype) if type(dtype) is str else None
-        if np_dtype is not None and type(shape) is list and type(data) is bytes and len(shape) <= MAX_DIMS:
-            size = np_dtype.itemsize
-            for d in shape:
-                if type(d) is not int or d <= 0:
-                    break
-                size *= d
-            else:  # every dim a positive int: the size bounds them all, no overflow possible
-                if size == len(data):
-                    return np.frombuffer(data, dtype=np_dtype).reshape(shape)
-    return _decode_tensor_checked(obj, where)
+    array = fast_tensor(obj)
+    return array if array is not None else _decode_tensor_checked(obj, where)
+
+
+def fast_tensor(obj: Any) -> np.ndarray | None:
+    """decode_tensor's fast path: a well-formed non-empty tensor, else None (then
+    decode_tensor decodes it or names the problem).  Exact type checks and one size
+    product; the full checks cost 2.4 us a tensor on the server's loop."""
+    if type(obj) is not dict:
+        return None
+    dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
+    np_dtype = _NUMPY_DTYPES.get(dtype) if type(dtype) is str else None
+    if np_dtype is None or type(shape) is not list or type(data) is not bytes or len(shape) > MAX_DIMS:
+        return None
+    size = np_dtype.itemsize
+    for d in shape:
+        if type(d) is not int or d <= 0:
+            return None
+        size *= d
+    # Every dim a positive int: the size bounds them all, no overflow possible.
+    return np.frombuffer(data, dtype=np_dtype).reshape(shape) if size == len(data) else None
 
 
 def _decode_tensor_checked(obj: Any, where: str) -> np.ndarray:
@@ -245,6 +263,11 @@ def decode_value(obj: Any, where: str) -> Any:
     if isinstance(obj, (bytes, bytearray)):
         return obj
     return decode_tensor(obj, where)
+
+
+def fast_value(obj: Any) -> Any:
+    """decode_value's fast path: bytes as they are, a well-formed tensor, else None."""
+    return obj if type(obj) is bytes else fast_tensor(obj)
 
 
 def encode_tensors(values: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from trtserve.server.doorbell import Doorbell
+from trtserve.server.handlers import Deferred
 from trtserve.server.reply import Reply
 
 
@@ -66,34 +67,72 @@ def test_doorbell_on_a_closed_loop_drops_the_call():
     bell.post(print, "never")  # no exception: nobody waits for this answer any more
 
 
-def test_reply_calls_back_at_once_with_the_result():
+def _record(calls):
+    return lambda arg, reply: calls.append((arg, reply))
+
+
+def test_reply_calls_back_at_once_with_its_argument_and_the_result():
     reply, calls = Reply(), []
-    reply.add_done_callback(calls.append)
-    assert not reply.done() and calls == []
+    reply.add_done_callback(_record(calls), 7)
+    assert not reply.done and calls == []
     reply.set_result({"x": 1})
-    assert calls == [reply] and reply.done() and not reply.cancelled()
-    assert reply.result() == {"x": 1} and reply.exception() is None
+    assert calls == [(7, reply)] and reply.done and not reply.cancelled
+    assert reply.value == {"x": 1} and reply.error is None
 
 
 def test_reply_set_before_the_callback_calls_it_on_registration():
     reply, calls = Reply(), []
     error = ValueError("bad")
     reply.set_exception(error)
-    reply.add_done_callback(calls.append)
-    assert calls == [reply] and reply.exception() is error
-    with pytest.raises(ValueError):
-        reply.result()
+    reply.add_done_callback(_record(calls), "id")
+    assert calls == [("id", reply)] and reply.error is error and reply.value is None
 
 
 def test_reply_cancel_and_double_set():
     reply, calls = Reply(), []
-    reply.add_done_callback(calls.append)
-    assert reply.cancel() is True and reply.cancelled() and calls == [reply]
+    reply.add_done_callback(_record(calls), 1)
+    assert reply.cancel() is True and reply.cancelled and calls == [(1, reply)]
     assert reply.cancel() is False
     with pytest.raises(RuntimeError, match="already done"):
         reply.set_result(1)
     with pytest.raises(RuntimeError, match="one callback"):
-        reply.add_done_callback(calls.append)
+        reply.add_done_callback(_record(calls), 2)
+
+
+@pytest.mark.parametrize("outcome", ["result", "error", "cancel"])
+def test_a_deferred_operation_settles_with_its_job(outcome):
+    async def scenario():
+        future = asyncio.get_running_loop().create_future()
+        reply, calls = Deferred(future), []
+        reply.add_done_callback(_record(calls), 3)
+        if outcome == "result":
+            future.set_result("loaded")
+        elif outcome == "error":
+            future.set_exception(KeyError("nope"))
+        else:
+            future.cancel()
+        await asyncio.sleep(0)  # asyncio runs a future's callbacks one loop turn later
+        assert calls == [(3, reply)]
+        return reply
+
+    reply = asyncio.run(scenario())
+    assert reply.cancelled is (outcome == "cancel")
+    assert (reply.value == "loaded") is (outcome == "result")
+    assert isinstance(reply.error, KeyError) is (outcome == "error")
+
+
+def test_cancelling_a_deferred_operation_ignores_the_end_of_its_job():
+    async def scenario():
+        future = asyncio.get_running_loop().create_future()
+        reply, calls = Deferred(future), []
+        reply.add_done_callback(_record(calls), 4)
+        assert reply.cancel() is True
+        future.set_result("late")  # the job finished after its caller went away
+        await asyncio.sleep(0)
+        return reply, calls
+
+    reply, calls = asyncio.run(scenario())
+    assert reply.cancelled and reply.value is None and len(calls) == 1
 
 
 class RecordingTransport(asyncio.Transport):
@@ -155,11 +194,11 @@ def test_the_server_deadline_timer_drops_a_queued_request_and_counts_it(tmp_path
         probe.wait_entered()
         queued = handler({"model": "gated", "inputs": {"x": b"second"}})  # no timeout_ms
         queued.expire(0.05)  # what the loop timer does when timeout_ms passes
-        assert isinstance(queued.future.exception(), DeadlineExceededError)
+        assert isinstance(queued.error, DeadlineExceededError)
         probe.gate.set()
-        while not running.future.done():
+        while not running.done:
             await asyncio.sleep(0.005)
-        return running.future.result()
+        return running.value
 
     try:
         assert asyncio.run(scenario())["outputs"] == {"output": b"first"}

@@ -55,6 +55,25 @@ def test_frame_is_big_endian_length_then_one_msgpack_map():
     assert msgpack.unpackb(frame[4:], raw=False) == {"id": 7, "op": "live"}
 
 
+def test_a_message_that_cannot_be_packed_leaves_the_next_frame_intact():
+    with pytest.raises(TypeError):
+        wire.pack({"id": 1, "x": object()})  # the server answers INTERNAL for such a result
+    assert roundtrip({"id": 2, "op": "live"}) == {"id": 2, "op": "live"}
+
+
+def test_threads_packing_at_once_each_get_their_own_frames():
+    from concurrent.futures import ThreadPoolExecutor
+
+    def frames(worker: int) -> list[bytes]:
+        return [wire.pack({"id": worker * 10_000 + i, "blob": bytes([worker]) * (i % 97)}) for i in range(2000)]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(frames, range(8)))
+    for worker, packed in enumerate(results):
+        decoded = wire.FrameDecoder().feed(b"".join(packed))
+        assert decoded == [{"id": worker * 10_000 + i, "blob": bytes([worker]) * (i % 97)} for i in range(2000)]
+
+
 MESSAGES = [
     {"v": 1, "id": 1, "op": "live"},
     {"id": 2, "result": {"live": True}},

@@ -1,7 +1,7 @@
 """The operation table: the envelope check, then one short function per operation.
 
 A handler returns either the result map (answered at once, on the loop thread) or a
-pending call with ``future`` and ``cancel()`` (answered when the future resolves).  Every
+pending call, a server/reply.Reply (answered when it is set; ``cancel()`` drops it).  Every
 refusal is a typed TrtserveError whose message names the field, the value and the fix.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ from ..repository import ModelRepository
 from .auth import Authenticator
 from .control import ModelControl
 from .infer import InferHandler, optional_version, require_model
+from .reply import Reply
 
 # Operations that start work; refused once the server is draining for shutdown.
 _WORK_OPS = frozenset({"infer", "load", "unload"})
@@ -39,16 +40,25 @@ def cuda_poisoned() -> Any:
     return errors.poisoned_error() if errors is not None else None
 
 
-class Deferred:
-    """A blocking operation running in the control executor (load, unload)."""
+class Deferred(Reply):
+    """A blocking operation running in the control executor (load, unload), answered when
+    its job ends.  Cancelling drops the answer; the job itself goes on."""
 
-    __slots__ = ("future",)
+    __slots__ = ()
 
-    def __init__(self, future: asyncio.Future) -> None:
-        self.future = future
+    def __init__(self, job: asyncio.Future) -> None:
+        super().__init__()
+        job.add_done_callback(self._settle)
 
-    def cancel(self) -> None:
-        self.future.cancel()  # the load itself goes on; only its answer is dropped
+    def _settle(self, job: asyncio.Future) -> None:
+        if self.done:  # cancelled: the caller went away before the job ended
+            return
+        if job.cancelled():
+            self.cancel()
+        elif job.exception() is not None:
+            self.set_exception(job.exception())
+        else:
+            self.set_result(job.result())
 
 
 class Dispatcher:

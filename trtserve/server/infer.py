@@ -97,15 +97,16 @@ def timeout_seconds(message: dict[str, Any]) -> float | None:
 _DISCONNECTED = ConnectionFailedError("the client disconnected (or the server shut down) before the request ran")
 
 
-class InferCall:
-    """One infer request in flight: its reply, scheduler request and deadline timer."""
+class InferCall(Reply):
+    """One infer request in flight: the reply slot itself, plus its scheduler request and
+    deadline timer."""
 
-    __slots__ = ("bell", "future", "request", "timer", "io", "model", "wanted", "started")
+    __slots__ = ("bell", "request", "timer", "io", "model", "wanted", "started")
 
     def __init__(self, bell: Doorbell, model: LoadedModel, io: ModelIO, wanted: list[str] | None, started: float):
+        Reply.__init__(self)
         self.started = started  # time.perf_counter() when the request was read
         self.bell = bell
-        self.future = Reply()
         self.request: Request | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.io = io
@@ -119,19 +120,18 @@ class InferCall:
     def _resolve(self, item: dict[str, Any], error: TrtserveError | None) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        future = self.future
-        if future.done():  # expired or cancelled: the late answer is dropped
+        if self.done:  # expired or cancelled: the late answer is dropped
             return
+        if error is None:
+            try:
+                outputs = self.io.encode(item, self.wanted)
+            except TrtserveError as exc:
+                error = exc
         if error is not None:
-            future.set_exception(error)
+            self.set_exception(error)
             self._count(error.name)
             return
-        try:
-            future.set_result({"model": self.model.name, "version": self.model.version, "outputs": self.io.encode(item, self.wanted)})
-        except TrtserveError as exc:
-            future.set_exception(exc)
-            self._count(exc.name)
-            return
+        self.set_result({"model": self.model.name, "version": self.model.version, "outputs": outputs})
         self._count(None)
 
     def _count(self, reason: str | None) -> None:
@@ -140,7 +140,7 @@ class InferCall:
             meter.done(reason, time.perf_counter() - self.started)
 
     def expire(self, timeout_s: float) -> None:
-        if self.future.done():
+        if self.done:
             return
         error = DeadlineExceededError(
             f"model {self.model.name!r} gave no answer within timeout_ms={timeout_s * 1e3:g}; "
@@ -148,17 +148,17 @@ class InferCall:
             model=self.model.name,
             timeout_ms=timeout_s * 1e3,
         )
-        self.future.set_exception(error)
+        self.set_exception(error)
         self._count("DEADLINE_EXCEEDED")
         if self.request is not None:
             self.request.cancel(error)  # still queued: never run it, and count the failure
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:
         if self.request is not None:
             self.request.cancel(_DISCONNECTED)  # still queued: never run it, count the failure
         if self.timer is not None:
             self.timer.cancel()
-        self.future.cancel()
+        return Reply.cancel(self)
 
 
 class InferHandler:
@@ -182,24 +182,35 @@ class InferHandler:
         return io
 
     def __call__(self, message: dict[str, Any]) -> InferCall:
+        # The hot path: optional fields are parsed only when present (each parser raises
+        # the typed error for a bad value).
         started = time.perf_counter()
         io = None
+        get = message.get
         try:
-            model = self.repository.get(require_model(message), optional_version(message))
+            name, version = get("model"), get("version")
+            if type(name) is not str or not name or version is not None:
+                name, version = require_model(message), optional_version(message)
+            model = self.repository.get(name, version)
             io = self.model_io(model)
-            item = {"data": io.item_data(message.get("inputs"))}
-            call = InferCall(self.bell, model, io, io.output_filter(message.get("outputs")), started)
-            priority = optional_priority(message)
-            timeout = timeout_seconds(message)
+            item = {"data": io.item_data(get("inputs"))}
+            wanted = get("outputs")
+            call = InferCall(self.bell, model, io, None if wanted is None else io.output_filter(wanted), started)
+            priority = get("priority")
+            if priority is not None:
+                priority = optional_priority(message)
+            timeout_s = get("timeout_ms")
+            if timeout_s is not None:
+                timeout_s = timeout_seconds(message)
             # The scheduler keeps the earlier of this deadline and the model's queue_timeout.
-            deadline = None if timeout is None else time.monotonic() + timeout
-            call.request = model.submit(item, call.on_done, deadline, priority)
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            call.request = model.submit(item, call.on_done, deadline, priority or 0)
         except TrtserveError as exc:
             if self.metrics is not None:
                 self._count_refusal(message, io, exc)
             raise
-        if timeout is not None:
-            call.timer = self.loop.call_later(timeout, call.expire, timeout)
+        if timeout_s is not None:
+            call.timer = self.loop.call_later(timeout_s, call.expire, timeout_s)
         return call
 
     def _count_refusal(self, message: dict[str, Any], io: ModelIO | None, exc: TrtserveError) -> None:

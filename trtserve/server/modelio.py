@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from trtserve_client.wire import decode_value, encode_value
+from trtserve_client.wire import decode_value, encode_value, fast_value
 
 from ..backend import TensorSpec
 from ..errors import BackendError, InvalidArgumentError, InvalidInputError, NoResultError
@@ -21,12 +21,33 @@ class ModelIO:
         inputs, outputs = model.pipeline.io_spec()
         self.name = model.name
         self.inputs: dict[str, _Declared] | None = {t.name: _Declared(model.name, t) for t in inputs} if inputs else None
+        self._lone = next(iter(self.inputs.values())) if self.inputs is not None and len(self.inputs) == 1 else None
         self.outputs: list[str] | None = [t.name for t in outputs] if outputs else None
         self.single_output = self.outputs[0] if self.outputs else DEFAULT_OUTPUT
         self.meter: Any = None  # the model version's metrics (server/metrics.ModelMeter), when on
 
     def item_data(self, raw: Any) -> Any:
         """The item's ``data``: the value of a lone input, or a dict name -> value."""
+        if type(raw) is dict and len(raw) == 1 and (self.inputs is None or self._lone is not None):
+            value = self._lone_value(raw)
+            if value is not None:
+                return value
+        return self._item_data(raw)
+
+    def _lone_value(self, raw: dict[str, Any]) -> Any:
+        """The hot path: the one input of a one-input model, well formed; None otherwise
+        (then _item_data decodes it, or names what is wrong)."""
+        for name, obj in raw.items():  # exactly one
+            lone = self._lone
+            if type(name) is not str or (lone is not None and name != lone.spec.name):
+                return None
+            value = fast_value(obj)
+            if value is not None and lone is not None and not lone.fits(value):
+                return None
+            return value
+        return None
+
+    def _item_data(self, raw: Any) -> Any:
         if not isinstance(raw, dict) or not raw:
             raise InvalidArgumentError(
                 f"field 'inputs' must be a non-empty map of input name to tensor or bytes, got {raw!r:.80}",
@@ -79,19 +100,21 @@ class ModelIO:
                 model=self.name,
             )
         result = item["result"]
+        if wanted is None and type(result) is np.ndarray:  # the hot path: one tensor out
+            return {self.single_output: self._encode_output(self.single_output, result)}
         values = result if isinstance(result, dict) else {self.single_output: result}
         if wanted is not None:
             for name in wanted:
                 if name not in values:
                     raise self._unknown_output(name, list(values))
             values = {name: values[name] for name in wanted}
-        outputs = {}
-        for name, value in values.items():
-            try:
-                outputs[str(name)] = encode_value(value)
-            except InvalidInputError as exc:  # the model's output, not the client's input
-                raise BackendError(f"model {self.name!r} output {name!r}: {exc.message}", model=self.name, output=str(name)) from None
-        return outputs
+        return {str(name): self._encode_output(name, value) for name, value in values.items()}
+
+    def _encode_output(self, name: Any, value: Any) -> Any:
+        try:
+            return encode_value(value)
+        except InvalidInputError as exc:  # the model's output, not the client's input
+            raise BackendError(f"model {self.name!r} output {name!r}: {exc.message}", model=self.name, output=str(name)) from None
 
     def _unknown_output(self, name: str, known: list[str]) -> InvalidArgumentError:
         return InvalidArgumentError(
@@ -111,13 +134,14 @@ class _Declared:
         self.dtype = None if spec.dtype == "bytes" else np.dtype(spec.dtype)
         self.shape = tuple(spec.shape)
 
-    def check(self, value: Any) -> None:
+    def fits(self, value: Any) -> bool:
         if self.dtype is None:
-            if isinstance(value, (bytes, bytearray)):
-                return
-        elif isinstance(value, np.ndarray) and value.dtype == self.dtype and _shape_fits(value.shape, self.shape):
-            return
-        _check_tensor(self.model, self.spec, value)  # the slow path names exactly what is wrong
+            return isinstance(value, (bytes, bytearray))
+        return isinstance(value, np.ndarray) and value.dtype == self.dtype and _shape_fits(value.shape, self.shape)
+
+    def check(self, value: Any) -> None:
+        if not self.fits(value):
+            _check_tensor(self.model, self.spec, value)  # the slow path names exactly what is wrong
 
 
 def _shape_fits(shape: tuple[int, ...], declared: tuple[int, ...]) -> bool:

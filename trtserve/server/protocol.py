@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import logging
 import socket
 from typing import Any
@@ -39,6 +38,7 @@ from ..errors import (
     TrtserveError,
     UnauthenticatedError,
 )
+from .reply import Reply
 from .tracker import ConnectionTracker
 
 __all__ = ["ConnectionTracker", "ServerProtocol"]
@@ -58,7 +58,7 @@ _REFUSALS = {
 
 class ServerProtocol(asyncio.Protocol):
     """One client connection.  ``dispatch(message)`` answers at once (a dict) or later
-    (an object with ``future`` and ``cancel()``: see handlers.Deferred, infer.InferCall)."""
+    (a server/reply.Reply: handlers.Deferred, infer.InferCall)."""
 
     def __init__(self, dispatch: Any, tracker: ConnectionTracker) -> None:
         self._dispatch = dispatch
@@ -251,19 +251,18 @@ class ServerProtocol(asyncio.Protocol):
             return
         self._pending[req_id] = outcome
         self._tracker.in_flight += 1
-        outcome.future.add_done_callback(functools.partial(self._complete, req_id))
+        outcome.add_done_callback(self._complete, req_id)
 
-    def _complete(self, req_id: int, future: Any) -> None:  # an asyncio.Future or a Reply
-        call = self._pending.get(req_id)
-        if call is None or call.future is not future:
+    def _complete(self, req_id: int, reply: Reply) -> None:
+        if self._pending.get(req_id) is not reply:
             return  # cancelled (connection lost, shutdown): its answer is dropped
         del self._pending[req_id]
         self._tracker.request_done()
-        if future.cancelled():
+        if reply.cancelled:
             return
-        exc = future.exception()
+        exc = reply.error
         if exc is None:
-            self._send(req_id, {"id": req_id, "result": future.result()})
+            self._send(req_id, {"id": req_id, "result": reply.value})
         elif isinstance(exc, TrtserveError):
             self._send_error(req_id, exc)
         else:

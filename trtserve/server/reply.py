@@ -1,62 +1,56 @@
-"""The answer slot of one infer call: a minimal future whose callback runs when it is set.
+"""A pending operation's answer slot: set once on the event loop thread, and the
+protocol's callback runs at once.
 
 ``asyncio.Future`` schedules done-callbacks with ``call_soon``, so every answer waited one
-more loop turn (an extra epoll round trip) before it was written.  Here everything runs on
-the event loop thread and the protocol registers a single callback, so it is called at
-once.  The interface is the subset of ``asyncio.Future`` the protocol uses.
+more loop turn (an extra epoll round trip) before it was written, and the protocol had to
+bind the request id into a ``functools.partial`` per request.  A Reply takes exactly one
+callback plus one argument (the request id) and calls ``callback(arg, reply)`` when it is
+set.  The protocol reads the outcome from the public slots: ``cancelled``, ``error``
+(a BaseException, or None) and ``value``.
+
+Pending operations subclass it (infer.InferCall, handlers.Deferred), so a request in flight
+is one object, and ``cancel()`` is where a subclass also stops its work.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
-_PENDING, _DONE, _CANCELLED = 0, 1, 2
-
 
 class Reply:
-    __slots__ = ("_state", "_result", "_exception", "_callback")
+    __slots__ = ("done", "cancelled", "value", "error", "_callback", "_arg")  # subclasses add theirs
 
     def __init__(self) -> None:
-        self._state = _PENDING
-        self._result: Any = None
-        self._exception: BaseException | None = None
-        self._callback: Callable[[Reply], Any] | None = None
+        self.done = False
+        self.cancelled = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self._callback: Callable[[Any, Reply], Any] | None = None
+        self._arg: Any = None
 
-    def done(self) -> bool:
-        return self._state != _PENDING
-
-    def cancelled(self) -> bool:
-        return self._state == _CANCELLED
-
-    def result(self) -> Any:
-        if self._exception is not None:
-            raise self._exception
-        return self._result
-
-    def exception(self) -> BaseException | None:
-        return self._exception
-
-    def add_done_callback(self, callback: Callable[[Reply], Any]) -> None:
+    def add_done_callback(self, callback: Callable[[Any, "Reply"], Any], arg: Any) -> None:
+        """``callback(arg, reply)`` runs once, when the reply is set (at once if it is)."""
         if self._callback is not None:
             raise RuntimeError("a Reply takes one callback")
-        self._callback = callback
-        if self._state != _PENDING:
-            callback(self)
+        self._callback, self._arg = callback, arg
+        if self.done:
+            callback(arg, self)
 
-    def set_result(self, result: Any) -> None:
-        self._finish(_DONE, result, None)
+    def set_result(self, value: Any) -> None:
+        self._finish(value, None)
 
-    def set_exception(self, exception: BaseException) -> None:
-        self._finish(_DONE, None, exception)
+    def set_exception(self, error: BaseException) -> None:
+        self._finish(None, error)
 
     def cancel(self) -> bool:
-        if self._state != _PENDING:
+        if self.done:
             return False
-        self._finish(_CANCELLED, None, None)
+        self.cancelled = True
+        self._finish(None, None)
         return True
 
-    def _finish(self, state: int, result: Any, exception: BaseException | None) -> None:
-        if self._state != _PENDING:
+    def _finish(self, value: Any, error: BaseException | None) -> None:
+        if self.done:
             raise RuntimeError("this reply is already done")
-        self._state, self._result, self._exception = state, result, exception
+        self.done, self.value, self.error = True, value, error
         if self._callback is not None:
-            self._callback(self)
+            self._callback(self._arg, self)
