@@ -199,6 +199,26 @@ def test_identity_example_returns_its_input():
         assert item["result"] == b"\x00payload"
 
 
+def test_identity_example_batches_concurrent_requests_and_refuses_more_than_64_rows():
+    with trtserve.pipe(REPO / "identity" / "config.toml") as models:
+        inputs = [np.full((1 + i % 3, 4), i, np.float32) for i in range(400)]
+
+        def call(x: np.ndarray) -> np.ndarray:
+            item = {"data": x}
+            models(item)
+            return item["result"]
+
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(call, inputs))
+        assert all(result is x for result, x in zip(results, inputs))  # each caller gets its own
+        sizes = {int(k): v for k, v in models.pipeline.nodes[0].stats.snapshot()["batch_sizes"].items()}
+        assert sum(k * v for k, v in sizes.items()) == sum(len(x) for x in inputs)
+        assert max(sizes) > 3  # requests ran together while the instance was busy
+        with pytest.raises(InvalidInputError) as excinfo:
+            models({"data": np.zeros((65, 4), np.float32)})
+        assert excinfo.value.details["max"] == 64
+
+
 def test_every_example_loads_ready_with_metadata():
     repository = ModelRepository(REPO)
     try:
