@@ -126,6 +126,8 @@ class OnnxRuntime(Backend):
         self._sole = sole
         self._sole_rank = sole.rank if sole else -1
         self._sole_static = [(axis, want) for axis, want in enumerate(sole.shape) if isinstance(want, int)] if sole else []
+        # Every dim after the batch dim fixed: every checked item stacks with every other.
+        self._one_group = all(isinstance(d, int) for port in self.inputs for d in port.shape[1:])
         if not self.inputs:
             raise ModelUnavailableError(
                 f"{path} has no inputs; the OnnxRuntime backend serves models with at least one input",
@@ -311,6 +313,9 @@ class OnnxRuntime(Backend):
     def forward(self, items: list[dict[str, Any]]) -> None:
         # Checked again: inside S[...] only the first stage's validate runs before queueing.
         prepared = [self.prepare(item) for item in items]
+        if self._one_group:
+            self._run_group(items, prepared)
+            return
         groups: dict[tuple, list[int]] = {}
         for index, prep in enumerate(prepared):
             groups.setdefault(prep.group_key(), []).append(index)
@@ -318,26 +323,29 @@ class OnnxRuntime(Backend):
             self._run_group([items[i] for i in indices], [prepared[i] for i in indices])
 
     def _run_group(self, items: list[dict[str, Any]], prepared: list[Prepared]) -> None:
-        feeds = {
-            port.name: np.ascontiguousarray(
-                prepared[0].arrays[port.name]
-                if len(prepared) == 1
-                else np.concatenate([p.arrays[port.name] for p in prepared], axis=0)
-            )
-            for port in self.inputs
-        }
-        outputs = self.session.run(None, feeds)
-        total = sum(p.rows for p in prepared)
-        if len(prepared) > 1:
-            self._check_outputs(outputs, total)
+        if len(prepared) == 1:
+            feeds = prepared[0].arrays
+        else:
+            feeds = {port.name: np.concatenate([p.arrays[port.name] for p in prepared], axis=0) for port in self.inputs}
+        outputs = self.session.run(None, {name: np.ascontiguousarray(a) for name, a in feeds.items()})
+        if len(prepared) == 1:
+            self._hand_back(items[0], prepared[0], outputs)
+            return
+        total = 0
+        for prep in prepared:
+            total += prep.rows
+        self._check_outputs(outputs, total)
         start = 0
         for item, prep in zip(items, prepared):
             stop = start + prep.rows
-            parts = [out if len(prepared) == 1 else out[start:stop] for out in outputs]
-            if prep.unbatched:  # hand back a sample as it came: without the batch dimension
-                parts = [p[0] if p.ndim >= 1 and p.shape[0] == 1 else p for p in parts]
-            item["result"] = parts[0] if len(parts) == 1 else {o.name: p for o, p in zip(self.outputs, parts)}
+            self._hand_back(item, prep, [out[start:stop] for out in outputs])
             start = stop
+
+    def _hand_back(self, item: dict[str, Any], prep: Prepared, parts: list[np.ndarray]) -> None:
+        """One item's rows of the outputs; a sample sent without its batch dim gets it back so."""
+        if prep.unbatched:
+            parts = [p[0] if p.ndim >= 1 and p.shape[0] == 1 else p for p in parts]
+        item["result"] = parts[0] if len(parts) == 1 else {o.name: p for o, p in zip(self.outputs, parts)}
 
     def _check_outputs(self, outputs: list[np.ndarray], total: int) -> None:
         for port, out in zip(self.outputs, outputs):
