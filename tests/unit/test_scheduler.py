@@ -187,6 +187,66 @@ def test_init_and_forward_run_on_the_instance_thread(make_pipe, probe):
     assert len(set(probe.init_threads.values())) == 3
 
 
+def open_after_a_long_forward(probe):
+    """Open the gate once the running forward has lasted over the scheduler's hand-off
+    threshold (200 us): the sleep is a lower bound on its duration, never a race."""
+    time.sleep(0.002)
+    probe.gate.set()
+
+
+def test_a_queued_batch_starts_while_the_finisher_wakes_the_last_callers(make_pipe, probe, collector):
+    """Under load a finished batch's callbacks run on the node's finisher thread: a caller of
+    batch A that takes its time does not hold back batch B, already waiting for the instance."""
+    models = make_pipe(max=1)
+    probe.gate.clear()
+    seen = {}
+    answered = threading.Event()
+
+    def slow_caller(item, error):
+        seen["thread"] = threading.current_thread().name
+        seen["b_entered"] = probe.entered.acquire(timeout=10)  # B's forward, while A's caller runs
+        answered.set()
+
+    models.pipeline.submit({"data": "A"}, slow_caller)
+    probe.wait_entered()  # A holds the only instance
+    submit(models, collector, 1, "B")  # queued behind A
+    open_after_a_long_forward(probe)
+    assert answered.wait(20)
+    assert seen["b_entered"], "batch B waited for batch A's callbacks"
+    assert seen["thread"].endswith("-finisher"), seen["thread"]
+    collector.wait(1)
+    assert collector.done[1][0]["result"] == "B"
+
+
+def test_a_lone_requests_caller_is_woken_by_its_instance(make_pipe, probe):
+    """Nothing queued: the instance runs the callback itself (no extra thread hand-off)."""
+    models = make_pipe(max=4)
+    woken_on = []
+    done = threading.Event()
+    models.pipeline.submit({"data": 1}, lambda item, error: (woken_on.append(threading.get_ident()), done.set()))
+    assert done.wait(10)
+    assert woken_on == list(probe.forward_threads[0])
+
+
+def test_close_returns_after_the_finisher_ran_every_handed_off_callback(probe, collector):
+    models = trtserve.pipe({"backend": "Probe", "probe": probe.key, "max": 1})
+    probe.gate.clear()
+    hold = threading.Event()
+    finished = []
+    models.pipeline.submit({"data": "A"}, lambda item, error: (hold.wait(20), finished.append(item["result"])))
+    probe.wait_entered()
+    submit(models, collector, 1, "B")
+    open_after_a_long_forward(probe)
+    collector.wait(1)  # B ran while A's caller is still held on the finisher
+    closer = threading.Thread(target=models.pipeline.close, kwargs={"drain": True})
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive(), "close returned while a handed-off callback was still running"
+    hold.set()
+    closer.join(10)
+    assert not closer.is_alive() and finished == ["A"]
+
+
 def test_queue_full_is_raised_at_submit(make_pipe, probe, collector):
     models = make_pipe(max=1, max_queue_size=1)
     probe.gate.clear()
