@@ -139,6 +139,7 @@ class _Instance:
         try:
             while (batch := self.inbox.get()) is not None:
                 self.scheduler._execute(self, batch)
+                del batch  # not held until the next get: see _Finisher._run
         finally:
             backend.close()
 
@@ -155,8 +156,15 @@ class _Finisher:
         self.inbox.put((batch, error))
 
     def _run(self) -> None:
-        while (work := self.inbox.get()) is not None:
-            self.scheduler._finish_batch(*work)
+        get, finish = self.inbox.get, self.scheduler._finish_batch
+        while True:
+            work = get()
+            if work is None:
+                return
+            finish(*work)
+            # Let go of the batch now, not at the next get: its items may hold GPU buffers
+            # that must be freed while their instance's stream still exists.
+            del work
 
     def stop(self) -> None:
         if self.thread.is_alive():

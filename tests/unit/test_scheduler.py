@@ -228,6 +228,33 @@ def test_a_lone_requests_caller_is_woken_by_its_instance(make_pipe, probe):
     assert woken_on == list(probe.forward_threads[0])
 
 
+class Payload:
+    """Weak-referenceable data, to see when the scheduler lets go of an item."""
+
+
+def test_the_finisher_lets_go_of_a_batch_once_its_callbacks_ran(make_pipe, probe, collector):
+    """A handed-off batch is released at once, not when the next one comes: its items may
+    hold GPU buffers that must be freed while their instance's stream exists."""
+    import gc
+    import weakref
+
+    models = make_pipe(max=1)
+    probe.gate.clear()
+    payload = Payload()
+    alive = weakref.ref(payload)
+    submit(models, collector, 0, payload)
+    probe.wait_entered()
+    submit(models, collector, 1, "B")
+    open_after_a_long_forward(probe)
+    collector.wait(0, 1)
+    assert collector.done[0][1] is None
+    del payload
+    collector.done.clear()
+    probe.batches.clear()  # the probe's own record of what it ran
+    gc.collect()
+    assert alive() is None, "something in the scheduler still holds the finished batch"
+
+
 def test_close_returns_after_the_finisher_ran_every_handed_off_callback(probe, collector):
     models = trtserve.pipe({"backend": "Probe", "probe": probe.key, "max": 1})
     probe.gate.clear()
