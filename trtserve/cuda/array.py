@@ -168,22 +168,35 @@ class HostStaging:
         for a in arrays:
             offsets.append(total)
             total += -(-a.nbytes // _ALIGN) * _ALIGN
-        if self.fence is not None:
-            self.fence.synchronize()  # the previous upload's copies have finished reading
-        if total > self.buffer.nbytes:
-            self.buffer.close()  # cudaFreeHost; nothing reads it now (fence above)
-            self.buffer = PinnedBuffer(max(total, 2 * self.buffer.nbytes), device=self.device)
-        staged = self.buffer.as_numpy(np.uint8) if total else None
+        staged = self.reserve(total)
         out = []
         for a, offset in zip(arrays, offsets):
             staged[offset : offset + a.nbytes] = a.reshape(-1).view(np.uint8)
             dev = DeviceArray.empty(a.shape, a.dtype, stream)
             copy_async(dev.ptr, self.buffer.ptr + offset, a.nbytes, "htod", stream)
             out.append(dev)
+        self.fence_on(stream)
+        return out
+
+    def reserve(self, nbytes: int) -> np.ndarray | None:
+        """The buffer as bytes, at least ``nbytes`` long, once nothing reads it any more: for
+        a caller that fills it itself, then copies from ``ptr`` and calls ``fence_on``."""
+        if self.fence is not None:
+            self.fence.synchronize()  # the previous upload's copies have finished reading
+        if nbytes > self.buffer.nbytes:
+            self.buffer.close()  # cudaFreeHost; nothing reads it now (fence above)
+            self.buffer = PinnedBuffer(max(nbytes, 2 * self.buffer.nbytes), device=self.device)
+        return self.buffer.as_numpy(np.uint8) if nbytes else None
+
+    @property
+    def ptr(self) -> int:
+        return self.buffer.ptr
+
+    def fence_on(self, stream: Stream | None) -> None:
+        """Mark the buffer in use until the copies enqueued on ``stream`` so far have run."""
         if self.fence is None:
             self.fence = Event(blocking=True, device=self.device)
         self.fence.record(stream)
-        return out
 
     def close(self) -> None:
         if self.fence is not None:

@@ -22,6 +22,7 @@ outputs become ``{"output0": ..., "output1": ...}``, dict outputs keep their nam
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,7 @@ class TorchScriptTensor(Backend):
         self.result_on_device = config.get("result_device") == "device"
         self.stream = None
         self.torch_stream = None
+        self.staging: list[cuda.HostStaging] = []  # one pinned upload buffer per model input
         choice = config.get("device") or "auto"
         use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
         if use_cuda:
@@ -98,6 +100,12 @@ class TorchScriptTensor(Backend):
         torch.cuda.set_device(self.stream.device)
         self.torch_stream = torch.cuda.ExternalStream(self.stream.handle, device=torch.device("cuda", self.stream.device))
 
+    def close(self) -> None:
+        for staging in self.staging:
+            staging.close()
+        self.staging = []
+        super().close()
+
     # -- item checks -------------------------------------------------------------------
     def request_size(self, item: dict[str, Any]) -> int:
         if self.add_batch_dim:
@@ -132,8 +140,8 @@ class TorchScriptTensor(Backend):
         torch = self.torch
         with torch.inference_mode(), (torch.cuda.stream(self.torch_stream) if self.torch_stream else contextlib.nullcontext()):
             names, columns = self._columns(items)
-            rows = [int(col.shape[0]) for col in columns[0]]
-            inputs = [self._batch(col) for col in columns]
+            rows = [1 if self.add_batch_dim else int(value.shape[0]) for value in columns[0]]
+            inputs = [self._batch(col, index) for index, col in enumerate(columns)]
             outputs = self._named_outputs(self.model(*inputs))
             total = sum(rows)
             for name, out in outputs.items():
@@ -149,7 +157,7 @@ class TorchScriptTensor(Backend):
             item["result"] = results["output0"] if list(results) == ["output0"] else results
 
     def _columns(self, items: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-        """Per model input, every item's tensor (as a torch tensor with a batch dimension)."""
+        """Per model input, every item's value as sent (numpy, DeviceArray or torch)."""
         first = items[0]["data"]
         names = list(first) if isinstance(first, dict) else ["input"]
         columns: list[list[Any]] = [[] for _ in names]
@@ -163,8 +171,7 @@ class TorchScriptTensor(Backend):
                 )
             values = [data[n] for n in names] if isinstance(data, dict) else [data]
             for column, value in zip(columns, values):
-                tensor = self._as_tensor(value)
-                column.append(tensor.unsqueeze(0) if self.add_batch_dim else tensor)
+                column.append(value)
         return names, columns
 
     def _as_tensor(self, value: Any) -> Any:
@@ -179,9 +186,16 @@ class TorchScriptTensor(Backend):
             return torch.as_tensor(value, device=self.device)  # zero-copy view of device memory
         raise InvalidInputError(f"TorchScriptTensor cannot use {_describe(value)} as a tensor", backend="TorchScriptTensor")
 
-    def _batch(self, column: list[Any]) -> Any:
+    def _batch(self, column: list[Any], index: int) -> Any:
         """One input tensor of the whole batch, on the model's device."""
         torch = self.torch
+        if self.device.type == "cuda" and _stackable(column, np.ndarray, self.add_batch_dim):
+            return self._upload(column, index)  # the common case: host requests
+        if self.device.type == "cuda" and len(column) > 1 and _stackable(column, cuda.DeviceArray, self.add_batch_dim, self.stream):
+            return self._gather(column)  # rows a GPU node produced
+        column = [self._as_tensor(value) for value in column]
+        if self.add_batch_dim:
+            column = [tensor.unsqueeze(0) for tensor in column]
         if self.device.type == "cpu":
             return column[0] if len(column) == 1 else torch.cat(column)
         host = [t for t in column if t.device.type == "cpu"]
@@ -201,6 +215,50 @@ class TorchScriptTensor(Backend):
                     parts.append(t)
             column = parts
         return column[0] if len(column) == 1 else torch.cat(column)
+
+    def _upload(self, arrays: list[np.ndarray], index: int) -> Any:
+        """numpy rows of one input -> one device tensor: one ``torch.cat`` packs the rows
+        into this instance's pinned staging buffer (allocated once, grown on demand; free
+        again when the next batch comes, since SyncTensor waited for this one) and one
+        asynchronous copy on the instance stream uploads them.
+
+        One call for the packing matters: it releases the GIL once for the whole copy.
+        np.concatenate releases and re-takes it per row, and with 64 client threads asking
+        for the GIL that made packing a ResNet batch (8 x 602 KB) take 2 ms on the H200
+        (bench/gpu/timeline.py), half of the instance's time.
+        """
+        torch = self.torch
+        first = arrays[0]
+        shape = self._batch_shape(arrays)
+        while len(self.staging) <= index:
+            self.staging.append(cuda.HostStaging(device=self.stream.device))
+        staging = self.staging[index]
+        nbytes = math.prod(shape) * first.dtype.itemsize
+        packed = torch.from_numpy(staging.reserve(nbytes)[:nbytes].view(first.dtype).reshape(shape))
+        rows = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]  # no copy when contiguous
+        torch.stack(rows, out=packed) if self.add_batch_dim else torch.cat(rows, out=packed)
+        batch = torch.empty(shape, dtype=packed.dtype, device=self.device)
+        cuda.copy_async(batch.data_ptr(), staging.ptr, nbytes, "htod", self.stream)
+        staging.fence_on(self.stream)
+        return batch
+
+    def _gather(self, arrays: list[cuda.DeviceArray]) -> Any:
+        """DeviceArray rows -> one device tensor: one device-to-device copy per row on the
+        instance stream (the rows are complete: SyncTensor cleared their producer stream)."""
+        first = arrays[0]
+        dtype = self.torch.from_numpy(np.empty(0, first.dtype)).dtype
+        batch = self.torch.empty(self._batch_shape(arrays), dtype=dtype, device=self.device)
+        ptr = batch.data_ptr()
+        for array in arrays:
+            cuda.copy_async(ptr, array.ptr, array.nbytes, "dtod", self.stream)
+            ptr += array.nbytes
+        return batch
+
+    def _batch_shape(self, rows: list[Any]) -> tuple[int, ...]:
+        first = rows[0]
+        if self.add_batch_dim:
+            return (len(rows),) + tuple(first.shape)
+        return (sum(int(r.shape[0]) for r in rows),) + tuple(first.shape[1:])
 
     def _named_outputs(self, out: Any) -> dict[str, Any]:
         if isinstance(out, dict):
@@ -223,7 +281,11 @@ class TorchScriptTensor(Backend):
             return self._slices(whole_dev, rows, lambda a, s, e: a.rows(s, e))
         else:
             host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-            host.copy_(out, non_blocking=True)  # complete once SyncTensor's wait returns
+            # Through cuda-python, not host.copy_(): torch would remember the stream and, when
+            # the result is freed, record an event on it, which crashes once the instance's
+            # stream is destroyed (a result kept after its model was unloaded).  Complete once
+            # SyncTensor's wait returns.
+            cuda.copy_async(host.data_ptr(), out.data_ptr(), host.numel() * host.element_size(), "dtoh", self.stream)
             whole = host.numpy()
         return self._slices(whole, rows, lambda a, s, e: a[s:e])
 
@@ -236,6 +298,21 @@ class TorchScriptTensor(Backend):
             parts.append(part)
             offset += n
         return parts
+
+
+def _stackable(column: list[Any], kind: type, add_batch_dim: bool, stream: Any = None) -> bool:
+    """Every value of type ``kind``, of one dtype and one sample shape (so they stack); for
+    DeviceArrays also complete, or produced on ``stream`` (so a copy there is ordered)."""
+    first = column[0]
+    if type(first) is not kind or (not add_batch_dim and first.ndim == 0):
+        return False
+    dtype, sample = first.dtype, first.shape if add_batch_dim else first.shape[1:]
+    for value in column:
+        if type(value) is not kind or value.dtype != dtype or (value.shape if add_batch_dim else value.shape[1:]) != sample:
+            return False
+        if kind is cuda.DeviceArray and (value.stream not in (None, stream) or value.device != stream.device):
+            return False
+    return True
 
 
 def _numpy_dtype(tensor: Any) -> np.dtype:
