@@ -228,6 +228,15 @@ def test_forward_checks_too_because_inside_s_only_the_first_stage_validates():
         _backend(str(MLP)).forward([{"data": _rows(1, width=3)}])
 
 
+@pytest.mark.parametrize("bad", [_rows(1, width=3), _rows(1, dtype=np.float64), np.zeros((0, 16), np.float32)],
+                         ids=["width", "dtype", "no-rows"])
+def test_a_bad_row_after_good_ones_fails_the_batch_naming_it(bad):
+    items = [{"data": _rows(2)}, {"data": _rows(1, seed=1)}, {"data": bad}]
+    with pytest.raises(InvalidInputError):
+        _backend(str(MLP)).forward(items)
+    assert not any("result" in item for item in items)
+
+
 # --------------------------------------------------------------------------- config
 
 
