@@ -275,6 +275,20 @@ def graph_rate(torch: Any, net: Any, batch: int) -> dict[str, float]:
     return {"ms_per_batch": ms, "images_per_s": batch * 1e3 / ms}
 
 
+def raw_host_io_rate(torch: Any, net: Any, inputs: list[np.ndarray], batch: int, seconds: float) -> dict[str, float]:
+    """The same work as the pipe without it: one thread stacks ``batch`` numpy requests,
+    uploads them, runs the model and brings the result back, batch after batch."""
+    stream = torch.cuda.Stream()
+    with torch.inference_mode(), torch.cuda.stream(stream):
+        start, n = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            rows = [inputs[(n * batch + i) % len(inputs)] for i in range(batch)]
+            net(torch.from_numpy(np.concatenate(rows)).to("cuda")).cpu().numpy()
+            n += 1
+        elapsed = time.perf_counter() - start
+    return {"ms_per_batch": elapsed / n * 1e3, "images_per_s": n * batch / elapsed}
+
+
 def bench_resnet(seconds: float, workdir: Path) -> dict[str, Any]:
     import torch
 
@@ -353,11 +367,13 @@ def bench_resnet(seconds: float, workdir: Path) -> dict[str, Any]:
         out["switchinterval_0_2ms"] = row
     out["pipe_host_inputs"] = levels
     out["raw_batch8_after"] = raw_rate(8)
+    out["raw_batch8_host_io"] = raw_host_io_rate(torch, net, inputs, 8, seconds)
     # The reference is the better of the two raw measurements, so the ratios are conservative.
     reference = max(raw, out["raw_batch8_after"]["images_per_s"])
     out["raw_batch8_reference_images_per_s"] = reference
     for row in levels + out.get("device_inputs", []) + [out["switchinterval_0_2ms"]]:
         row["ratio_to_raw_b8"] = row["per_s"] / reference
+        row["ratio_to_raw_b8_host_io"] = row["per_s"] / out["raw_batch8_host_io"]["images_per_s"]
     return out
 
 
@@ -458,6 +474,11 @@ def markdown(report: dict[str, Any]) -> str:
         if "raw_batch8_after" in r:
             lines += ["", f"Raw batch 8 measured again after the pipe runs: {r['raw_batch8_after']['images_per_s']:.0f} img/s; "
                       f"Identity through trtserve.pipe with 64 client threads: {r['identity_pipe_64_clients_per_s']:.0f} req/s (the in-process serving ceiling)."]
+        if "raw_batch8_host_io" in r:
+            best_row = max(r["pipe_host_inputs"], key=lambda x: x["per_s"])
+            lines += ["", f"The same work without trtserve (one thread: stack 8 numpy requests, upload, model, download): "
+                      f"{r['raw_batch8_host_io']['images_per_s']:.0f} img/s; the pipe at its best (c={best_row['concurrency']}) "
+                      f"is {best_row['ratio_to_raw_b8_host_io']:.2f} of it."]
     for name, err in report.get("errors", {}).items():
         lines += ["", f"**{name} failed:** `{err.splitlines()[-1] if err else ''}`"]
     return "\n".join(lines) + "\n"

@@ -112,7 +112,7 @@ def test_a_batch_mixing_host_and_device_rows_takes_the_general_path(net_path):
     np.testing.assert_allclose(items[1]["result"], reference(other), rtol=2e-3, atol=2e-3)
 
 
-def test_a_batch_of_device_rows_is_gathered_on_the_instance_stream(net_path):
+def test_a_batch_of_device_rows_is_concatenated_on_the_gpu(net_path):
     """Several DeviceArrays (what a GPU preprocessing node hands on) in one batch."""
     rng = np.random.default_rng(3)
     hosts = [rng.standard_normal((n, 3, 16, 16)).astype(np.float32) for n in (1, 2, 1)]

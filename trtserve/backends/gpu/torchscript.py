@@ -189,10 +189,8 @@ class TorchScriptTensor(Backend):
     def _batch(self, column: list[Any], index: int) -> Any:
         """One input tensor of the whole batch, on the model's device."""
         torch = self.torch
-        if self.device.type == "cuda" and _stackable(column, np.ndarray, self.add_batch_dim):
+        if self.device.type == "cuda" and _numpy_rows(column, self.add_batch_dim):
             return self._upload(column, index)  # the common case: host requests
-        if self.device.type == "cuda" and len(column) > 1 and _stackable(column, cuda.DeviceArray, self.add_batch_dim, self.stream):
-            return self._gather(column)  # rows a GPU node produced
         column = [self._as_tensor(value) for value in column]
         if self.add_batch_dim:
             column = [tensor.unsqueeze(0) for tensor in column]
@@ -218,41 +216,27 @@ class TorchScriptTensor(Backend):
 
     def _upload(self, arrays: list[np.ndarray], index: int) -> Any:
         """numpy rows of one input -> one device tensor: one ``torch.cat`` packs the rows
-        into this instance's pinned staging buffer (allocated once, grown on demand; free
-        again when the next batch comes, since SyncTensor waited for this one) and one
+        into this instance's pinned staging buffer (allocated once, grown on demand) and one
         asynchronous copy on the instance stream uploads them.
 
-        One call for the packing matters: it releases the GIL once for the whole copy.
-        np.concatenate releases and re-takes it per row, and with 64 client threads asking
-        for the GIL that made packing a ResNet batch (8 x 602 KB) take 2 ms on the H200
-        (bench/gpu/timeline.py), half of the instance's time.
+        Two calls that release the GIL, and no more, on purpose: under load each release
+        costs the instance a wait to take the GIL back (~100-150 us with 64 client threads
+        on the H200 machine, bench/gpu/timeline.py), which is why there is no fence and no
+        per-row copy here.  The buffer is free again when the next batch comes: SyncTensor
+        waited for this instance's stream at the end of the previous forward.
         """
         torch = self.torch
         first = arrays[0]
         shape = self._batch_shape(arrays)
         while len(self.staging) <= index:
             self.staging.append(cuda.HostStaging(device=self.stream.device))
-        staging = self.staging[index]
         nbytes = math.prod(shape) * first.dtype.itemsize
-        packed = torch.from_numpy(staging.reserve(nbytes)[:nbytes].view(first.dtype).reshape(shape))
+        packed = torch.from_numpy(self.staging[index].reserve(nbytes)[:nbytes].view(first.dtype).reshape(shape))
         rows = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]  # no copy when contiguous
         torch.stack(rows, out=packed) if self.add_batch_dim else torch.cat(rows, out=packed)
-        batch = torch.empty(shape, dtype=packed.dtype, device=self.device)
-        cuda.copy_async(batch.data_ptr(), staging.ptr, nbytes, "htod", self.stream)
-        staging.fence_on(self.stream)
-        return batch
-
-    def _gather(self, arrays: list[cuda.DeviceArray]) -> Any:
-        """DeviceArray rows -> one device tensor: one device-to-device copy per row on the
-        instance stream (the rows are complete: SyncTensor cleared their producer stream)."""
-        first = arrays[0]
-        dtype = self.torch.from_numpy(np.empty(0, first.dtype)).dtype
-        batch = self.torch.empty(self._batch_shape(arrays), dtype=dtype, device=self.device)
-        ptr = batch.data_ptr()
-        for array in arrays:
-            cuda.copy_async(ptr, array.ptr, array.nbytes, "dtod", self.stream)
-            ptr += array.nbytes
-        return batch
+        # Pinned (cudaMallocHost) but not torch's own block: torch copies it asynchronously
+        # and keeps no record of the stream.
+        return packed.to(self.device, non_blocking=True)
 
     def _batch_shape(self, rows: list[Any]) -> tuple[int, ...]:
         first = rows[0]
@@ -300,17 +284,14 @@ class TorchScriptTensor(Backend):
         return parts
 
 
-def _stackable(column: list[Any], kind: type, add_batch_dim: bool, stream: Any = None) -> bool:
-    """Every value of type ``kind``, of one dtype and one sample shape (so they stack); for
-    DeviceArrays also complete, or produced on ``stream`` (so a copy there is ordered)."""
+def _numpy_rows(column: list[Any], add_batch_dim: bool) -> bool:
+    """Every value a numpy array, of one dtype and one sample shape (so they stack)."""
     first = column[0]
-    if type(first) is not kind or (not add_batch_dim and first.ndim == 0):
+    if type(first) is not np.ndarray or (not add_batch_dim and first.ndim == 0):
         return False
     dtype, sample = first.dtype, first.shape if add_batch_dim else first.shape[1:]
     for value in column:
-        if type(value) is not kind or value.dtype != dtype or (value.shape if add_batch_dim else value.shape[1:]) != sample:
-            return False
-        if kind is cuda.DeviceArray and (value.stream not in (None, stream) or value.device != stream.device):
+        if type(value) is not np.ndarray or value.dtype != dtype or (value.shape if add_batch_dim else value.shape[1:]) != sample:
             return False
     return True
 
