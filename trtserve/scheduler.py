@@ -31,7 +31,6 @@ lone request or a quick model pays no extra hand-off.
 """
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from typing import Any, Callable
@@ -48,129 +47,15 @@ from .errors import (
     ShuttingDownError,
     TrtserveError,
 )
-from .expression import instantiate
 from .queues import PriorityQueue
+from .request import DoneCallback, Request
 from .stats import NodeStats
+from .workers import Finisher, InstanceThread
 
-DoneCallback = Callable[["Request", "TrtserveError | None"], None]
+__all__ = ["DoneCallback", "Request", "Scheduler"]
 # A batch whose forward took at least this long hands its callbacks to the finisher thread
 # when more work is queued (see the module docstring).
 _HAND_OFF_MIN_NS = 200_000
-
-
-class Request:
-    """One item travelling through a node; ``on_done`` is called exactly once."""
-
-    __slots__ = (
-        "item", "size", "on_done", "enqueued", "deadline", "_cancelled", "cancel_error", "queue_ns", "compute_ns",
-        "context", "priority", "owner",
-    )
-
-    def __init__(
-        self,
-        item: dict[str, Any],
-        on_done: DoneCallback,
-        deadline: float | None = None,
-        context: Any = None,
-        priority: int = 0,
-    ):
-        self.item = item
-        self.priority = priority  # 1 = highest; 0 = the node's default level
-        self.size = 1
-        self.on_done = on_done
-        self.enqueued = 0.0
-        self.deadline = deadline  # time.monotonic() value, or None
-        self._cancelled = False
-        self.cancel_error: TrtserveError | None = None  # why the caller gave up, when it said
-        self.owner: Scheduler | None = None  # the node whose queue holds it, while queued
-        self.queue_ns = 0
-        self.compute_ns = 0
-        self.context = context  # the pipeline's bookkeeping (its position in the chain)
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    def cancel(self, error: TrtserveError | None = None) -> None:
-        """The caller gave up: a request still queued is dropped unrun at once.  With ``error``
-        a dropped request is also finished with it, so the pipeline counts the failure in its
-        statistics (the caller, who gave up, ignores the late callback)."""
-        if self._cancelled:
-            return
-        self.cancel_error = error  # first: whoever sees _cancelled set also sees the reason
-        self._cancelled = True
-        owner = self.owner
-        if owner is not None:
-            owner._forget(self)
-
-
-class _Instance:
-    def __init__(self, index: int, scheduler: "Scheduler") -> None:
-        self.index = index
-        self.scheduler = scheduler
-        self.inbox: queue.SimpleQueue[list[Request] | None] = queue.SimpleQueue()
-        self.backend: Backend | None = None
-        self.lo = self.hi = 1
-        self.busy = False
-        self.ready = threading.Event()
-        self.init_error: BaseException | None = None
-        self.thread = threading.Thread(
-            target=self._run, name=f"trtserve-{scheduler.node.name}-{index}", daemon=True
-        )
-
-    def _run(self) -> None:
-        node = self.scheduler.node
-        try:
-            backend = instantiate(node.expr, node.options)
-            backend.init(node.options, dict(self.scheduler.kwargs, instance_index=self.index))
-            self.lo, self.hi = int(backend.min()), int(backend.max())
-            if not 1 <= self.lo <= self.hi:
-                raise ModelUnavailableError(
-                    f"node {node.name!r}: backend {node.expr} reports min={self.lo} max={self.hi}; "
-                    "it needs 1 <= min <= max",
-                    node=node.name,
-                )
-            self.backend = backend
-        except BaseException as exc:  # reported to start(), which raises it to the loader
-            self.init_error = exc
-            self.ready.set()
-            return
-        self.ready.set()
-        try:
-            while (batch := self.inbox.get()) is not None:
-                self.scheduler._execute(self, batch)
-                del batch  # not held until the next get: see _Finisher._run
-        finally:
-            backend.close()
-
-
-class _Finisher:
-    """A node's finisher thread: runs the callbacks of batches its instances handed off."""
-
-    def __init__(self, scheduler: "Scheduler") -> None:
-        self.scheduler = scheduler
-        self.inbox: queue.SimpleQueue[tuple[list[Request], TrtserveError | None] | None] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name=f"trtserve-{scheduler.node.name}-finisher", daemon=True)
-
-    def put(self, batch: list[Request], error: TrtserveError | None) -> None:
-        self.inbox.put((batch, error))
-
-    def _run(self) -> None:
-        get, finish = self.inbox.get, self.scheduler._finish_batch
-        while True:
-            work = get()
-            if work is None:
-                return
-            finish(*work)
-            # Let go of the batch now, not at the next get: its items may hold GPU buffers
-            # that must be freed while their instance's stream still exists.
-            del work
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            self.inbox.put(None)
-            if self.thread is not threading.current_thread():  # close() from a callback
-                self.thread.join()
 
 
 class Scheduler:
@@ -181,14 +66,14 @@ class Scheduler:
         self.max_queue_size = int(node.max_queue_size)
         self.queue_timeout_s = float(node.queue_timeout) / 1000.0
         self.stats = NodeStats()
-        self._instances = [_Instance(i, self) for i in range(node.instance_num)]
+        self._instances = [InstanceThread(i, self) for i in range(node.instance_num)]
         self.priority_levels = int(node.priority_levels)
         self.default_priority = int(node.default_priority) or self.priority_levels
         self._queue = PriorityQueue(self.priority_levels)
         self._queued_size = 0
         self._timed = 0  # queued requests with a deadline: expiry scans run only when > 0
         self._busy = 0
-        self._finisher = _Finisher(self)
+        self._finisher = Finisher(self)
         self._lock = threading.Lock()
         self._timer_wake = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)
@@ -197,7 +82,7 @@ class Scheduler:
         self._timer_stop = False
         self._timer = threading.Thread(target=self._timer_loop, name=f"trtserve-{node.name}-timer", daemon=True)
         self.max_size = 1
-        self._by_max: list[_Instance] = []
+        self._by_max: list[InstanceThread] = []
         self._admit: Callable[[dict[str, Any], bool], int] = self._not_started
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -355,14 +240,14 @@ class Scheduler:
                 return True
         return False  # below every instance's min: it waits in the queue for more work
 
-    def _start(self, inst: _Instance, batch: list[Request], now: float) -> None:
+    def _start(self, inst: InstanceThread, batch: list[Request], now: float) -> None:
         inst.busy = True
         self._busy += 1
         for req in batch:
             req.queue_ns += int((now - req.enqueued) * 1e9)
         inst.inbox.put(batch)
 
-    def _best_fit(self, free: list[_Instance]) -> tuple[_Instance, int, int] | None:
+    def _best_fit(self, free: list[InstanceThread]) -> tuple[InstanceThread, int, int] | None:
         """The free instance that fits the queued work best, with its batch (count, size)."""
         fits, largest = None, None
         for inst in free:
@@ -436,7 +321,7 @@ class Scheduler:
                         self._lock.acquire()
 
     # -- execution (instance thread) ---------------------------------------------------
-    def _execute(self, inst: _Instance, batch: list[Request]) -> None:
+    def _execute(self, inst: InstanceThread, batch: list[Request]) -> None:
         items = [req.item for req in batch]
         start = time.perf_counter_ns()
         error: TrtserveError | None = None

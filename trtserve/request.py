@@ -1,0 +1,57 @@
+"""A request travelling through a node: its item, callback, deadline and timings."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import TrtserveError
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
+
+DoneCallback = Callable[["Request", "TrtserveError | None"], None]
+
+
+class Request:
+    """One item travelling through a node; ``on_done`` is called exactly once."""
+
+    __slots__ = (
+        "item", "size", "on_done", "enqueued", "deadline", "_cancelled", "cancel_error", "queue_ns", "compute_ns",
+        "context", "priority", "owner",
+    )
+
+    def __init__(
+        self,
+        item: dict[str, Any],
+        on_done: DoneCallback,
+        deadline: float | None = None,
+        context: Any = None,
+        priority: int = 0,
+    ):
+        self.item = item
+        self.priority = priority  # 1 = highest; 0 = the node's default level
+        self.size = 1
+        self.on_done = on_done
+        self.enqueued = 0.0
+        self.deadline = deadline  # time.monotonic() value, or None
+        self._cancelled = False
+        self.cancel_error: TrtserveError | None = None  # why the caller gave up, when it said
+        self.owner: Scheduler | None = None  # the node whose queue holds it, while queued
+        self.queue_ns = 0
+        self.compute_ns = 0
+        self.context = context  # the pipeline's bookkeeping (its position in the chain)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self, error: TrtserveError | None = None) -> None:
+        """The caller gave up: a request still queued is dropped unrun at once.  With ``error``
+        a dropped request is also finished with it, so the pipeline counts the failure in its
+        statistics (the caller, who gave up, ignores the late callback)."""
+        if self._cancelled:
+            return
+        self.cancel_error = error  # first: whoever sees _cancelled set also sees the reason
+        self._cancelled = True
+        owner = self.owner
+        if owner is not None:
+            owner._forget(self)
