@@ -38,18 +38,10 @@ class Recorder:
         self.spans: dict[int, list[tuple[int, int]]] = defaultdict(list)
         self.on = False
 
-    def timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            start = CLOCK()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                if self.on:
-                    self.steps[name].append((CLOCK() - start) / 1e3)
+    def timed(self, name: str, fn: Callable[..., Any], span: bool = False) -> Callable[..., Any]:
+        """``fn`` with its duration recorded under ``name``; with ``span`` also the start and
+        end per thread (for the gaps between one thread's batches)."""
 
-        return wrapper
-
-    def span(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             start = CLOCK()
             try:
@@ -57,8 +49,9 @@ class Recorder:
             finally:
                 if self.on:
                     end = CLOCK()
-                    self.spans[threading.get_ident()].append((start, end))
-                    self.steps["execute"].append((end - start) / 1e3)
+                    self.steps[name].append((end - start) / 1e3)
+                    if span:
+                        self.spans[threading.get_ident()].append((start, end))
 
         return wrapper
 
@@ -72,7 +65,7 @@ class Recorder:
 
 def instrument(pipe: Any, rec: Recorder) -> None:
     node = pipe.pipeline.nodes[0]
-    node._execute = rec.span(node._execute)
+    node._execute = rec.timed("execute", node._execute, span=True)
     node._finish_batch = rec.timed("callbacks_on_the_instance", node._finish_batch)
     for inst in node._instances:
         sync = inst.backend

@@ -20,27 +20,22 @@ torch = pytest.importorskip("torch")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class Net(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-        self.head = torch.nn.Linear(4, 5)
-
-    def forward(self, x):
-        return self.head(self.conv(x).mean(dim=(2, 3)))
+def make_net():
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 5)]
+    return torch.nn.Sequential(*layers).eval()
 
 
 @pytest.fixture(scope="module")
 def net_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("ts") / "net.pt"
-    torch.jit.save(torch.jit.trace(Net().eval(), torch.rand(2, 3, 16, 16)), str(path))
+    torch.jit.save(torch.jit.trace(make_net(), torch.rand(2, 3, 16, 16)), str(path))
     return path
 
 
 def reference(x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return Net().eval()(torch.from_numpy(x)).numpy()
+        return make_net()(torch.from_numpy(x)).numpy()
 
 
 def config(path, **extra):
