@@ -179,15 +179,18 @@ class HostStaging:
         return out
 
     def reserve(self, nbytes: int) -> np.ndarray | None:
-        """The buffer as bytes, at least ``nbytes`` long, once nothing reads it any more (as
-        far as the fence knows: a caller that fills it itself and copies from it either calls
-        ``fence_on`` after its copy or knows the copy has run, as SyncTensor's wait ensures)."""
+        """The buffer as bytes, at least ``nbytes`` long, once nothing reads it any more: for
+        a caller that fills it itself, then copies from ``ptr`` and calls ``fence_on``."""
         if self.fence is not None:
             self.fence.synchronize()  # the previous upload's copies have finished reading
         if nbytes > self.buffer.nbytes:
             self.buffer.close()  # cudaFreeHost; nothing reads it now (fence above)
             self.buffer = PinnedBuffer(max(nbytes, 2 * self.buffer.nbytes), device=self.device)
         return self.buffer.as_numpy(np.uint8) if nbytes else None
+
+    @property
+    def ptr(self) -> int:
+        return self.buffer.ptr
 
     def fence_on(self, stream: Stream | None) -> None:
         """Mark the buffer in use until the copies enqueued on ``stream`` so far have run."""

@@ -216,27 +216,28 @@ class TorchScriptTensor(Backend):
 
     def _upload(self, arrays: list[np.ndarray], index: int) -> Any:
         """numpy rows of one input -> one device tensor: one ``torch.cat`` packs the rows
-        into this instance's pinned staging buffer (allocated once, grown on demand) and one
+        into this instance's pinned staging buffer (allocated once, grown on demand; fenced,
+        though SyncTensor's wait at the end of each forward already frees it) and one
         asynchronous copy on the instance stream uploads them.
 
-        Two calls that release the GIL, and no more, on purpose: under load each release
-        costs the instance a wait to take the GIL back (~100-150 us with 64 client threads
-        on the H200 machine, bench/gpu/timeline.py), which is why there is no fence and no
-        per-row copy here.  The buffer is free again when the next batch comes: SyncTensor
-        waited for this instance's stream at the end of the previous forward.
+        One call for the packing: under load every call that releases the GIL costs the
+        instance a wait to take it back (~100-150 us with 64 client threads on the H200
+        machine, bench/gpu/timeline.py), and np.concatenate releases it once per row.
         """
         torch = self.torch
         first = arrays[0]
         shape = self._batch_shape(arrays)
         while len(self.staging) <= index:
             self.staging.append(cuda.HostStaging(device=self.stream.device))
+        staging = self.staging[index]
         nbytes = math.prod(shape) * first.dtype.itemsize
-        packed = torch.from_numpy(self.staging[index].reserve(nbytes)[:nbytes].view(first.dtype).reshape(shape))
+        packed = torch.from_numpy(staging.reserve(nbytes)[:nbytes].view(first.dtype).reshape(shape))
         rows = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]  # no copy when contiguous
         torch.stack(rows, out=packed) if self.add_batch_dim else torch.cat(rows, out=packed)
-        # Pinned (cudaMallocHost) but not torch's own block: torch copies it asynchronously
-        # and keeps no record of the stream.
-        return packed.to(self.device, non_blocking=True)
+        batch = torch.empty(shape, dtype=packed.dtype, device=self.device)
+        cuda.copy_async(batch.data_ptr(), staging.ptr, nbytes, "htod", self.stream)
+        staging.fence_on(self.stream)
+        return batch
 
     def _batch_shape(self, rows: list[Any]) -> tuple[int, ...]:
         first = rows[0]
