@@ -23,8 +23,9 @@ instance that just finished), so a lone request costs one thread hand-off each w
 timer thread only exists to honour ``batching_timeout`` and deadlines.
 
 Under load the callers of a finished batch are woken by a finisher thread, not by the
-instance: when the instance's next batch is already waiting and batches take long enough
-(200 us or more), it starts that batch at once, and the finisher runs the callbacks (each
+instance: when the instance's next batch is already waiting, batches take long enough
+(200 us or more) and the finisher is idle, it starts that batch at once, and the finisher
+runs the callbacks (each
 may wake a sleeping thread, ~30 us on a VM whose other vCPU is halted) while the backend
 computes with the GIL released.  Otherwise the instance runs the callbacks itself, so a
 lone request or a quick model pays no extra hand-off.
@@ -162,7 +163,8 @@ class Scheduler:
                 request_size=req.size,
                 max=self.max_size,
             )
-        req.priority = self._priority(req.priority) if req.priority else self.default_priority
+        priority = req.priority
+        req.priority = self.default_priority if type(priority) is int and priority == 0 else self._priority(priority)
         now = time.monotonic()
         req.enqueued = now
         if self.queue_timeout_s:
@@ -341,28 +343,43 @@ class Scheduler:
         self.stats.record_batch(sum(r.size for r in batch), elapsed, failed=error is not None)
         for req in batch:
             req.compute_ns += elapsed
-        # Read without the lock: it only decides who wakes the callers.  Handing off costs a
-        # wake-up of the finisher, worth it only when the next forward (predicted by this
-        # one) is long enough to hide the callbacks.
-        pending = elapsed >= _HAND_OFF_MIN_NS and bool(self._queue)
-        if not pending:
-            self._finish_batch(batch, error)  # nothing waits for this instance: callers first
+        claimed = elapsed >= _HAND_OFF_MIN_NS and bool(self._queue) and self._claim_finisher()
+        if not claimed:
+            self._finish_batch(batch, error)  # callers first, then this instance takes new work
         with self._lock:
             inst.busy = False
             self._busy -= 1
             expired = self._dispatch(time.monotonic())
-            hand_off = pending and inst.busy  # this instance got its next batch: start it now
+            hand_off = claimed and inst.busy  # this instance got its next batch: start it now
+            if claimed and not hand_off:
+                self._finisher.busy = False  # the queued work went elsewhere or must wait
             if self._busy == 0 and not self._queue:
                 self._idle.notify_all()
         if hand_off:
             self._finisher.put(batch, error)
-        elif pending:  # the queued work went to another instance, or must wait
-            self._finish_batch(batch, error)
+        elif claimed:
+            self._finish_batch(batch, error)  # this instance is free: as if it had not claimed
         self._fail_expired(expired)
+
+    def _claim_finisher(self) -> bool:
+        """Reserve the finisher for this batch's callbacks, if it is idle.  Only then: the
+        backlog stays one batch, so slow callers still slow the intake (max_queue_size keeps
+        its meaning), and a callback waiting for another request of this node never waits
+        behind itself.  The handing off costs the finisher's wake-up, worth it only when the
+        next forward (predicted by this one, >= 200 us) hides the callbacks."""
+        with self._lock:
+            if self._finisher.busy:
+                return False
+            self._finisher.busy = True
+            return True
 
     def _finish_batch(self, batch: list[Request], error: TrtserveError | None) -> None:
         for req in batch:
             self._finish(req, error)
+
+    def _finisher_idle(self) -> None:
+        with self._lock:
+            self._finisher.busy = False
 
     def _priority(self, priority: int) -> int:
         if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= self.priority_levels:

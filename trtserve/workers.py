@@ -68,12 +68,13 @@ class Finisher:
         self.scheduler = scheduler
         self.inbox: queue.SimpleQueue[tuple[list[Request], TrtserveError | None] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=f"trtserve-{scheduler.node.name}-finisher", daemon=True)
+        self.busy = False  # a handed-off batch is not finished yet (the scheduler's lock guards it)
 
     def put(self, batch: list[Request], error: TrtserveError | None) -> None:
         self.inbox.put((batch, error))
 
     def _run(self) -> None:
-        get, finish = self.inbox.get, self.scheduler._finish_batch
+        get, finish, idle = self.inbox.get, self.scheduler._finish_batch, self.scheduler._finisher_idle
         while True:
             work = get()
             if work is None:
@@ -82,6 +83,7 @@ class Finisher:
             # Let go of the batch now, not at the next get: its items may hold GPU buffers
             # that must be freed while their instance's stream still exists.
             del work
+            idle()
 
     def stop(self) -> None:
         if self.thread.is_alive():

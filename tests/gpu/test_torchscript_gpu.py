@@ -123,6 +123,32 @@ def test_a_batch_of_device_rows_is_concatenated_on_the_gpu(net_path):
         np.testing.assert_allclose(item["result"], reference(x), rtol=2e-3, atol=2e-3)
 
 
+def test_rows_with_a_zero_sized_dimension_skip_the_staging_copy(tmp_path):
+    """An all-empty batch has nothing to copy (the staging buffer hands out no bytes)."""
+    path = tmp_path / "identity.pt"
+    torch.jit.save(torch.jit.trace(torch.nn.Identity(), torch.rand(2, 0)), str(path))
+    with trtserve.pipe(config(path, instance_num=1)) as models:
+        items = [{"data": np.zeros((2, 0), np.float32)}, {"data": np.zeros((1, 0), np.float32)}]
+        models(items)
+    assert [item["result"].shape for item in items] == [(2, 0), (1, 0)]
+
+
+class ToHost(torch.nn.Module):
+    def forward(self, x):
+        return (x * 2).cpu()
+
+
+def test_a_cuda_model_that_returns_a_host_tensor_is_split_like_any_other(tmp_path):
+    path = tmp_path / "to_host.pt"
+    torch.jit.save(torch.jit.script(ToHost()), str(path))
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with trtserve.pipe(config(path, instance_num=1)) as models:
+        items = [{"data": x[:1]}, {"data": x[1:]}]
+        models(items)
+    np.testing.assert_array_equal(items[0]["result"], x[:1] * 2)
+    np.testing.assert_array_equal(items[1]["result"], x[1:] * 2)
+
+
 KEEP_AFTER_CLOSE = textwrap.dedent(
     """
     import gc, sys

@@ -274,6 +274,89 @@ def test_close_returns_after_the_finisher_ran_every_handed_off_callback(probe, c
     assert not closer.is_alive() and finished == ["A"]
 
 
+class Sleepy(trtserve.Backend):
+    """Takes 1 ms a batch (over the finisher's 200 us threshold), echoes data."""
+
+    def forward(self, items):
+        time.sleep(0.001)
+        for item in items:
+            item["result"] = item["data"]
+
+
+trtserve.register("Sleepy", Sleepy)
+
+
+def test_a_callback_waiting_for_another_request_of_its_node_is_not_stuck_behind_itself():
+    """The outer callback runs on the finisher (work was queued behind it) and waits for a
+    nested request; the nested request's callback must not be handed to that same busy
+    finisher, or it would never run."""
+    with trtserve.pipe({"backend": "Sleepy", "instance_num": 2, "max": 1}) as models:
+        seen = {}
+        answered = threading.Event()
+
+        def outer(item, error):
+            nested = threading.Event()
+            models.pipeline.submit({"data": "nested"}, lambda i, e: nested.set())
+            for n in range(6):  # queued behind it, so its batch ends with work waiting
+                models.pipeline.submit({"data": n}, lambda i, e: None)
+            seen["thread"] = threading.current_thread().name
+            seen["nested answered"] = nested.wait(5)
+            answered.set()
+
+        models.pipeline.submit({"data": "outer"}, outer)
+        for n in range(4):
+            models.pipeline.submit({"data": n}, lambda i, e: None)
+        assert answered.wait(20)
+        assert seen["nested answered"], f"the nested request's callback waited behind its waiter ({seen['thread']})"
+
+
+def test_slow_callers_still_fill_the_queue_so_max_queue_size_refuses():
+    """The finisher takes one batch at a time: while it is busy, an instance wakes its own
+    callers before it takes new work, so slow callers slow the intake and the queue fills."""
+    with trtserve.pipe({"backend": "Sleepy", "max": 1, "max_queue_size": 2}) as models:
+        release = threading.Event()
+        b_called = threading.Event()
+        models.pipeline.submit({"data": "A"}, lambda i, e: release.wait(20))  # holds the finisher
+        models.pipeline.submit({"data": "B"}, lambda i, e: (b_called.set(), release.wait(20)))
+        models.pipeline.submit({"data": "C"}, lambda i, e: None)
+        assert b_called.wait(10), "B's callback never ran: it was queued behind A's"
+        models.pipeline.submit({"data": "D"}, lambda i, e: None)  # the instance is inside B's callback
+        assert models.pipeline.nodes[0].queue_depth() == 2
+        with pytest.raises(QueueFullError):
+            models.pipeline.submit({"data": "E"}, lambda i, e: None)
+        release.set()
+
+
+def test_a_failed_batch_handed_to_the_finisher_delivers_its_error(make_pipe, probe, collector):
+    models = make_pipe(max=1)
+    probe.gate.clear()
+    threads = {}
+
+    def record(key):
+        callback = collector.callback(key)
+        return lambda item, error: (threads.setdefault(key, threading.current_thread().name), callback(item, error))
+
+    models.pipeline.submit({"data": "raise"}, record(0))
+    probe.wait_entered()
+    models.pipeline.submit({"data": "B"}, record(1))
+    open_after_a_long_forward(probe)
+    collector.wait(0, 1)
+    assert isinstance(collector.done[0][1], BackendError)
+    assert threads[0].endswith("-finisher") and collector.done[1][0]["result"] == "B"
+
+
+def test_close_from_a_handed_off_callback_returns(make_pipe, probe, collector):
+    models = make_pipe(max=1)
+    probe.gate.clear()
+    closed = threading.Event()
+    models.pipeline.submit({"data": "A"}, lambda item, error: (models.close(), closed.set()))
+    probe.wait_entered()
+    submit(models, collector, 1, "B")
+    open_after_a_long_forward(probe)
+    assert closed.wait(10), "close() called on the finisher thread did not return"
+    collector.wait(1)
+
+
 def test_queue_full_is_raised_at_submit(make_pipe, probe, collector):
     models = make_pipe(max=1, max_queue_size=1)
     probe.gate.clear()
@@ -394,7 +477,7 @@ def test_higher_priority_is_served_first(make_pipe, probe, collector):
     assert [batch[0] for _, batch in probe.batches] == ["running", "high", "mid", "low", "default"]
 
 
-@pytest.mark.parametrize("priority", [4, -1, "1", True])
+@pytest.mark.parametrize("priority", [4, -1, "1", True, None, False, 0.0, ""])
 def test_priority_out_of_range_is_refused(make_pipe, probe, collector, priority):
     models = make_pipe(priority_levels=3)
     with pytest.raises(trtserve.InvalidArgumentError, match="priority .* is out of range"):

@@ -231,6 +231,8 @@ class TorchScriptTensor(Backend):
             self.staging.append(cuda.HostStaging(device=self.stream.device))
         staging = self.staging[index]
         nbytes = math.prod(shape) * first.dtype.itemsize
+        if nbytes == 0:  # rows with a zero-sized dimension: nothing to copy
+            return torch.from_numpy(np.empty(shape, first.dtype)).to(self.device)
         packed = torch.from_numpy(staging.reserve(nbytes)[:nbytes].view(first.dtype).reshape(shape))
         rows = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]  # no copy when contiguous
         torch.stack(rows, out=packed) if self.add_batch_dim else torch.cat(rows, out=packed)
@@ -255,6 +257,8 @@ class TorchScriptTensor(Backend):
     def _split(self, out: Any, rows: list[int]) -> list[Any]:
         """Per-item results: numpy on the host, or DeviceArrays on the GPU."""
         torch = self.torch
+        if self.device.type == "cuda" and out.device.type == "cpu":
+            out = out.to(self.device)  # a model on CUDA that returned a host tensor
         out = out.contiguous()
         if self.device.type == "cpu":
             whole = out.numpy()
