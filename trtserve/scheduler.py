@@ -24,11 +24,10 @@ timer thread only exists to honour ``batching_timeout`` and deadlines.
 
 Under load the callers of a finished batch are woken by a finisher thread, not by the
 instance: when the instance's next batch is already waiting, batches take long enough
-(200 us or more) and the finisher is idle, it starts that batch at once, and the finisher
-runs the callbacks (each
-may wake a sleeping thread, ~30 us on a VM whose other vCPU is halted) while the backend
-computes with the GIL released.  Otherwise the instance runs the callbacks itself, so a
-lone request or a quick model pays no extra hand-off.
+(200 us or more) and the finisher is idle, the instance starts that batch at once and the
+finisher runs the callbacks (each may wake a sleeping thread, ~30 us on a VM whose other
+vCPU is halted) while the backend computes with the GIL released.  Otherwise the instance
+runs the callbacks itself, so a lone request or a quick model pays no extra hand-off.
 """
 from __future__ import annotations
 
