@@ -13,7 +13,8 @@ OUTDIR/report.md (the tables, also printed last).  Benchmarks:
 4. ResNet-18 (random weights) as SyncTensor[TorchScriptTensor], instance_num 2, max 8, at
    concurrency 1..64 (closed loop, host inputs), against the raw traced model at batch 8
    on its own stream with its input already on the GPU: the ratio is what the serving
-   layer keeps of the GPU's throughput.
+   layer keeps of the GPU's throughput.  Load from threads (one per request in flight),
+   then from one event-loop thread, then through `trtserve serve` over TCP (loop_load.py).
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def _load_support():
 
 
 support = _load_support()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loop_load  # noqa: E402
 
 GIB = 1 << 30
 
@@ -365,13 +368,23 @@ def bench_resnet(seconds: float, workdir: Path) -> dict[str, Any]:
             sys.setswitchinterval(previous)
         row.update(concurrency=64, switchinterval_ms=0.2, ratio_to_raw_b8=row["per_s"] / raw)
         out["switchinterval_0_2ms"] = row
+        # The same pipe with the load from one event-loop thread (as the server drives it).
+        out["pipe_loop_host_inputs"] = loop_load.loop_rows(pipe, inputs, [1, 4, 16, 32, 64], seconds, inputs="numpy")
+        out["pipe_loop_device_inputs"] = loop_load.loop_rows(pipe, dev_inputs, [64], seconds, inputs="DeviceArray")
     out["pipe_host_inputs"] = levels
+    # The production path: the model in a repository, `trtserve serve` in a child process.
+    try:
+        repository = loop_load.write_repository(workdir / "repository", path, config)
+        out["server_host_inputs"] = loop_load.server_rows(repository, inputs, [16, 64], seconds)
+    except Exception as exc:
+        out["server_host_inputs_error"] = f"{type(exc).__name__}: {exc}"
     out["raw_batch8_after"] = raw_rate(8)
     out["raw_batch8_host_io"] = raw_host_io_rate(torch, net, inputs, 8, seconds)
     # The reference is the better of the two raw measurements, so the ratios are conservative.
     reference = max(raw, out["raw_batch8_after"]["images_per_s"])
     out["raw_batch8_reference_images_per_s"] = reference
-    for row in levels + out.get("device_inputs", []) + [out["switchinterval_0_2ms"]]:
+    loop_rows = out["pipe_loop_host_inputs"] + out["pipe_loop_device_inputs"] + out.get("server_host_inputs", [])
+    for row in levels + out.get("device_inputs", []) + [out["switchinterval_0_2ms"]] + loop_rows:
         row["ratio_to_raw_b8"] = row["per_s"] / reference
         row["ratio_to_raw_b8_host_io"] = row["per_s"] / out["raw_batch8_host_io"]["images_per_s"]
     return out
@@ -479,6 +492,16 @@ def markdown(report: dict[str, Any]) -> str:
             lines += ["", f"The same work without trtserve (one thread: stack 8 numpy requests, upload, model, download): "
                       f"{r['raw_batch8_host_io']['images_per_s']:.0f} img/s; the pipe at its best (c={best_row['concurrency']}) "
                       f"is {best_row['ratio_to_raw_b8_host_io']:.2f} of it."]
+    if "pipe_loop_host_inputs" in r:
+        lines += ["", "The same pipe driven from one event-loop thread (trtserve_bench's PipeDriver), and through `trtserve serve` "
+                  "over TCP (a child process; trtserve-bench's raw driver, 4 connections):", "",
+                  "| driver | inputs | concurrency | req/s | p50 ms | p99 ms | mean batch | stable | ratio to raw b8 |", "|---|---|---|---|---|---|---|---|---|"]
+        for driver, key in (("event loop", "pipe_loop_host_inputs"), ("event loop", "pipe_loop_device_inputs"), ("server", "server_host_inputs")):
+            for row in r.get(key, []):
+                lines.append(f"| {driver} | {row.get('inputs', 'numpy')} | {row['concurrency']} | {row['per_s']:.0f} | {row['p50_ms']:.2f} | "
+                             f"{row['p99_ms']:.2f} | {row['mean_batch'] or 0:.2f} | {row['stable']} | {row['ratio_to_raw_b8']:.2f} |")
+        if "server_host_inputs_error" in r:
+            lines += ["", f"**server rows failed:** `{r['server_host_inputs_error']}`"]
     for name, err in report.get("errors", {}).items():
         lines += ["", f"**{name} failed:** `{err.splitlines()[-1] if err else ''}`"]
     return "\n".join(lines) + "\n"

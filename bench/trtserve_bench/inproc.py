@@ -1,17 +1,29 @@
-"""Closed-loop load from threads, for in-process targets (``trtserve.pipe()``, bare onnxruntime).
+"""In-process load: closed-loop threads, or one event loop driving a ``trtserve.pipe()``.
 
 Same windows, stability rule and merged report as runner.py, so in-process and over-the-wire
-numbers are directly comparable.  Each thread calls its target in a loop and appends
-latencies to its own list; the main thread only reads list lengths at window boundaries.
+numbers are directly comparable.
+
+* ``threaded_level``: each thread calls its target (``trtserve.pipe()``, bare onnxruntime)
+  in a loop and appends latencies to its own list; the main thread only reads list lengths
+  at window boundaries.  Every waiting caller is a Python thread that competes for the GIL
+  with the pipeline's instance threads.
+* ``PipeDriver``: runner.py's driver interface over a pipe's callback core
+  (``Pipeline.submit``), the way the server drives a model: the load comes from one event
+  loop thread, and finished items come back through the server's doorbell.  The same
+  concurrency then costs one thread instead of one per request in flight.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import Counter
 from typing import Any, Callable
 
+from trtserve.server.doorbell import Doorbell
+
 from . import logic
+from .drivers import Driver
 from .runner import Settings, Window, merge
 
 
@@ -90,3 +102,43 @@ def pipe_statistics(models: Any) -> dict[str, Any]:
     entry = pipeline.stats.snapshot()
     entry["batch_sizes"] = pipeline.nodes[-1].stats.snapshot()["batch_sizes"]
     return entry
+
+
+class PipeDriver(Driver):
+    """A ``trtserve.pipe()`` driven from the event loop, no socket in between.
+
+    ``prepare`` turns input values into the item's ``data``: the lone array of a one-input
+    dict (what ``pipe({"data": x})`` callers send), else the dict itself.
+    """
+
+    name = "pipe"
+
+    def __init__(self, models: Any) -> None:
+        self.models = models
+        self.bell: Doorbell | None = None
+
+    async def open(self) -> None:
+        self.bell = Doorbell(asyncio.get_running_loop())
+
+    async def close(self) -> None:
+        self.bell = None
+
+    def prepare(self, values: dict[str, Any]) -> Any:
+        return next(iter(values.values())) if len(values) == 1 else values
+
+    async def infer(self, slot: int, prepared: Any) -> None:
+        future = asyncio.get_running_loop().create_future()
+        bell = self.bell
+        # Runs on the scheduler thread that finished the item: one loop wake-up per burst.
+        self.models.pipeline.submit({"data": prepared}, lambda _item, error: bell.post(_settle, future, error))
+        error = await future
+        if error is not None:
+            raise error
+
+    async def statistics(self, model: str) -> dict[str, Any] | None:
+        return pipe_statistics(self.models)
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if not future.done():  # a level being stopped may have cancelled the waiting task
+        future.set_result(error)

@@ -293,6 +293,45 @@ def test_every_request_failing_stops_with_the_reason():
         asyncio.run(run_level(Broken(), "m", [{}], FAST, concurrency=2))
 
 
+def test_pipe_driver_drives_a_real_pipe_from_the_event_loop():
+    """Every answer is the pipe's own for its input: Identity echoes, statistics add up."""
+    import trtserve
+    from trtserve_bench.inproc import PipeDriver
+
+    class Checking(PipeDriver):
+        async def infer(self, slot, prepared):
+            item = {"data": prepared}
+            future = asyncio.get_running_loop().create_future()
+            self.models.pipeline.submit(item, lambda _item, error: self.bell.post(future.set_result, error))
+            assert await future is None and item["result"] is prepared
+
+    values = [{"x": np.full((1, 3), i, np.float32)} for i in range(5)]
+    with trtserve.pipe({"backend": "Identity", "max": 4}) as models:
+        plain = asyncio.run(run_level_with(PipeDriver(models), values, concurrency=8))
+        checked = asyncio.run(run_level_with(Checking(models), values, concurrency=8))
+        totals = models.pipeline.stats.snapshot()
+    assert plain["errors"] == 0 and plain["count"] > 0 and checked["errors"] == 0 and checked["count"] > 0
+    assert plain["server_avg_batch"] >= 1 and totals["failure_count"] == 0
+    assert totals["success_count"] >= plain["count"] + checked["count"]
+
+
+def test_pipe_driver_raises_the_pipes_error():
+    import trtserve
+    from trtserve_bench.inproc import PipeDriver
+
+    with trtserve.pipe({"backend": "Identity", "max": 2}) as models:  # 3 rows never fit a batch of 2
+        with pytest.raises(RuntimeError, match="INVALID_INPUT|max"):
+            asyncio.run(run_level_with(PipeDriver(models), [{"x": np.zeros((3, 2), np.float32)}], concurrency=2))
+
+
+async def run_level_with(driver, values, concurrency):
+    await driver.open()
+    try:
+        return await run_level(driver, "m", [driver.prepare(v) for v in values], FAST, concurrency=concurrency)
+    finally:
+        await driver.close()
+
+
 def test_level_needs_exactly_one_load_kind():
     with pytest.raises(ValueError):
         asyncio.run(run_level(FakeDriver(), "m", [{}], FAST))

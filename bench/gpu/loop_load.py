@@ -1,0 +1,83 @@
+"""ResNet-18 load without a thread per request: one event loop in-process, or the server.
+
+run_all.py's thread rows put one Python thread per request in flight, and with 64 of them
+every GIL hand-off of the two instance threads waits behind clients (bench/gpu/timeline.py
+measured 100-150 us per hand-off).  A server has one event-loop thread instead.  These two
+drivers measure the same model the way it is served:
+
+* ``loop_rows``: runner.py's closed loop over ``PipeDriver`` (trtserve_bench/inproc.py),
+  one event-loop thread submitting to the pipe, answers back through the server's doorbell;
+* ``server_rows``: ``trtserve serve`` on a one-model repository in a child process, driven
+  over TCP by trtserve-bench's pipelined raw driver from this process.
+
+Both use trtserve-bench's windows and stability rule; a row says whether it was stable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "clients"), str(ROOT / "bench")]
+
+from trtserve_bench.drivers import RawDriver  # noqa: E402
+from trtserve_bench.inproc import PipeDriver  # noqa: E402
+from trtserve_bench.runner import Settings, measure  # noqa: E402
+from trtserve_bench.serverproc import ServerProcess, trtserve_argv  # noqa: E402
+
+MODEL = "resnet18"
+
+
+def settings_for(seconds: float) -> Settings:
+    """About ``seconds`` of measurement per row: three windows, more only if unstable."""
+    return Settings(window_s=max(0.25, seconds / 3), max_windows=6, warmup_s=0.3)
+
+
+def _row(measured: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """run_all.py's row shape, plus the runner's stability verdict and batch size."""
+    row = {"per_s": measured["throughput"], "p50_ms": measured["p50_ms"], "p99_ms": measured["p99_ms"],
+           "stable": measured["stable"], "errors": measured["errors"], "mean_batch": measured.get("server_avg_batch")}
+    row.update(extra)
+    return row
+
+
+def loop_rows(models: Any, samples: list[Any], concurrencies: list[int], seconds: float, **extra: Any) -> list[dict[str, Any]]:
+    values = [{"input": x} for x in samples]
+    return [_row(measure(lambda: PipeDriver(models), MODEL, values, settings_for(seconds), concurrency=c), concurrency=c, **extra)
+            for c in concurrencies]
+
+
+def write_repository(folder: Path, model_path: Path, config: dict[str, Any]) -> Path:
+    """``folder/resnet18/config.toml`` + ``1/model.pt``: the model as a repository serves it."""
+    model_dir = folder / MODEL
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model_path, model_dir / "1" / "model.pt")
+    settings = {key: value for key, value in config.items() if key != "model"}
+    lines = [f"{key} = {_toml(value)}" for key, value in settings.items()] + ['model = "model.pt"']
+    (model_dir / "config.toml").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def server_rows(repository: Path, inputs: list[np.ndarray], concurrencies: list[int], seconds: float, connections: int = 4) -> list[dict[str, Any]]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "clients"), os.environ.get("PYTHONPATH", "")]))
+    values = [{"input": x} for x in inputs]
+    rows = []
+    with ServerProcess(trtserve_argv(repository, ["--log-level", "WARNING"]), startup_timeout=120, env=env) as server:
+        for c in concurrencies:
+            driver = lambda: RawDriver(server.host, server.port, MODEL, connections=connections)  # noqa: E731
+            rows.append(_row(measure(driver, MODEL, values, settings_for(seconds), concurrency=c), concurrency=c, connections=connections))
+    return rows
