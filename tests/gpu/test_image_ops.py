@@ -1,5 +1,7 @@
 """GPU image backends against OpenCV on the CPU: resize within 1 LSB, exact colour swap,
-decode identical to cv2.imdecode, fused preprocessing within 1 LSB / std."""
+decode identical to cv2.imdecode, fused preprocessing within 1 LSB / std.  The tests that
+assert bit-exactness against OpenCV pin ``decoder = "opencv"``; nvImageCodec's decoder
+(nvJPEG) has its own tests in test_nvimgcodec.py."""
 from __future__ import annotations
 
 import cv2
@@ -43,7 +45,7 @@ def _photos(n: int, h: int = 360, w: int = 480) -> list[bytes]:
 )
 def test_decode_resize_cvtcolor_chain_matches_the_opencv_chain(expression):
     images = _photos(6)
-    config = {"backend": expression, "resize_h": 224, "resize_w": 200,
+    config = {"backend": expression, "resize_h": 224, "resize_w": 200, "decoder": "opencv",
               "color": "rgb", "instance_num": 2, "max": 4, "batching_timeout": 2}
     with trtserve.pipe(config) as models:
         items = [{"data": data} for data in images]
@@ -80,7 +82,7 @@ def test_host_images_are_uploaded_by_the_first_gpu_stage():
 def test_fused_preprocess_matches_the_unfused_reference():
     images = _photos(4, 480, 640)
     config = {"backend": "SyncTensor[S[DecodeTensor,FusedPreprocessTensor]]", "resize_h": 224, "resize_w": 224,
-              "color": "rgb", "mean": list(support.MEAN), "std": list(support.STD), "max": 4}
+              "decoder": "opencv", "color": "rgb", "mean": list(support.MEAN), "std": list(support.STD), "max": 4}
     with trtserve.pipe(config) as models:
         items = [{"data": data} for data in images]
         models(items)

@@ -44,7 +44,7 @@ PIPELINES = {
     # GPU decode/resize/colour/normalise in one kernel, feeding the CHW model
     "fused": lambda path: {
         "pre": {"backend": "SyncTensor[S[DecodeTensor,FusedPreprocessTensor]]", "instance_num": 4, "resize_h": 224,
-                "resize_w": 224, "color": "rgb", "mean": list(support.MEAN), "std": list(support.STD), "next": "model"},
+                "resize_w": 224, "decoder": "opencv", "color": "rgb", "mean": list(support.MEAN), "std": list(support.STD), "next": "model"},
         "model": {"backend": "SyncTensor[TorchScriptTensor]", "model": str(path), "instance_num": 2, "max": 8,
                   "batching_timeout": 2},
     },
@@ -52,7 +52,7 @@ PIPELINES = {
     # uint8 RGB images into a model that normalises inside
     "hwc": lambda path: {
         "pre": {"backend": "S[DecodeTensor,ResizeTensor,CvtColorTensor,SyncTensor]", "instance_num": 4,
-                "resize_h": 224, "resize_w": 224, "color": "rgb", "next": "model"},
+                "resize_h": 224, "resize_w": 224, "decoder": "opencv", "color": "rgb", "next": "model"},
         "model": {"backend": "SyncTensor[TorchScriptTensor]", "model": str(path), "instance_num": 2, "max": 8,
                   "batching_timeout": 2, "add_batch_dim": True},
     },
