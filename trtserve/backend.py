@@ -57,6 +57,10 @@ class Backend:
     #: ``SyncTensor[X]``), None for one or more (``S[A,B,C]``), or a tuple of the allowed
     #: counts when a backend has several forms (SyncTensor: ``(0, 1)``).
     children_arity: ClassVar[int | None | tuple[int, ...]] = 0
+    #: True when ``init`` binds per-thread state that every ``forward`` relies on (the GPU
+    #: backends: the instance's current CUDA stream).  Such a backend needs its own instance
+    #: thread, so a node using it cannot be ``inline``.
+    thread_bound: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.children: list[Backend] = []

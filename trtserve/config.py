@@ -37,6 +37,8 @@ def _non_negative(value: Any) -> str | None:
 NODE_KEYS: dict[str, Key] = {
     "backend": Key(str, None, "backend expression, e.g. S[DecodeMat,ResizeMat]"),
     "instance_num": Key(int, 1, "parallel instances, each on its own thread", check=_positive),
+    "inline": Key(bool, False, "run forward on the submitting thread, not on instance threads: for backends "
+                  "that take microseconds and never block (docs/configuration.md)"),
     "batching_timeout": Key((int, float), 0, "ms to wait for a batch to fill", check=_non_negative),
     "max": Key(int, 1, "largest batch (sum of request sizes)", check=_positive),
     "min": Key(int, 1, "smallest batch the backend accepts", check=_positive),
@@ -227,9 +229,25 @@ class _Validator:
                 key=prefix + "default_priority",
                 value=options["default_priority"],
             )
+        if options["inline"]:
+            self.check_inline(expr, prefix)
         if options["model"] is not None:
             options["model"] = self.model_file(prefix, options["model"])
         return NodeConfig(name=name, expr=expr, options=options)
+
+    def check_inline(self, expr: Expr, prefix: str) -> None:
+        """An inline node's forward runs on whichever thread submits: a backend whose init
+        binds per-thread state (a CUDA stream) would find it missing there."""
+        bound = [name for name in expr.names() if backend_class(name).thread_bound]
+        if bound:
+            raise self.fail(
+                f"{prefix}inline = true runs forward on the submitting thread, but {bound[0]} binds per-thread "
+                "state at init (the instance's CUDA stream) and needs its own instance thread; remove "
+                f"{prefix}inline or set it to false",
+                key=prefix + "inline",
+                value=True,
+                backend=bound[0],
+            )
 
     def expression(self, text: Any, prefix: str) -> Expr:
         if not isinstance(text, str):

@@ -8,6 +8,7 @@ from typing import Any
 from .backend import load_backend_file
 from .config import load_config
 from .errors import TrtserveError
+from .hold import held_dispatch
 from .pipeline import Pipeline
 from .repository import latest_version_dir
 
@@ -43,11 +44,12 @@ class Pipe:
 
             return on_done
 
-        for index, item in enumerate(batch):
-            try:
-                self.pipeline.submit(item, on_done_for(index))
-            except TrtserveError as exc:
-                on_done_for(index)(item, exc)
+        with held_dispatch():  # a list's items form batches on inline nodes too
+            for index, item in enumerate(batch):
+                try:
+                    self.pipeline.submit(item, on_done_for(index))
+                except TrtserveError as exc:
+                    on_done_for(index)(item, exc)
         if batch:
             finished.acquire()
         first = next((e for e in errors if e is not None), None)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from typing import Any, Callable
 
 from .backend import Backend
@@ -47,10 +48,11 @@ from .errors import (
     ShuttingDownError,
     TrtserveError,
 )
+from .hold import current as current_hold
 from .queues import PriorityQueue
 from .request import DoneCallback, Request
 from .stats import NodeStats
-from .workers import Finisher, InstanceThread
+from .workers import Finisher, InlineInstance, InstanceThread
 
 __all__ = ["DoneCallback", "Request", "Scheduler"]
 # A batch whose forward took at least this long hands its callbacks to the finisher thread
@@ -66,7 +68,11 @@ class Scheduler:
         self.max_queue_size = int(node.max_queue_size)
         self.queue_timeout_s = float(node.queue_timeout) / 1000.0
         self.stats = NodeStats()
-        self._instances = [InstanceThread(i, self) for i in range(node.instance_num)]
+        self.inline = bool(node.inline)
+        kind = InlineInstance if self.inline else InstanceThread
+        self._instances: list[Any] = [kind(i, self) for i in range(node.instance_num)]
+        # Inline batches assigned under the lock, run by the assigning thread right after.
+        self.inline_work: deque[tuple[InlineInstance, list[Request]]] = deque()
         self.priority_levels = int(node.priority_levels)
         self.default_priority = int(node.default_priority) or self.priority_levels
         self._queue = PriorityQueue(self.priority_levels)
@@ -89,9 +95,9 @@ class Scheduler:
     def start(self) -> None:
         """Start every instance and wait for their init; re-raise the first init failure."""
         for inst in self._instances:
-            inst.thread.start()
+            inst.launch()
         for inst in self._instances:
-            inst.ready.wait()
+            inst.wait_ready()
         failed = next((i.init_error for i in self._instances if i.init_error is not None), None)
         if failed is not None:
             self.close()
@@ -104,7 +110,8 @@ class Scheduler:
         self.max_size = max(i.hi for i in self._instances)
         self._by_max = sorted(self._instances, key=lambda i: i.hi)  # best fit for a lone request
         self._admit = self._instances[0].backend.admit  # read-only: any instance answers
-        self._finisher.thread.start()
+        if not self.inline:  # an inline batch wakes its callers on the thread that ran it
+            self._finisher.thread.start()
         self._timer.start()
 
     def close(self, drain: bool = False) -> None:
@@ -118,7 +125,7 @@ class Scheduler:
             if self._closed:
                 return
             self._closed = True
-            if drain:
+            if drain and not self._runs_here():
                 self._timer_wake.notify_all()  # partial batches are due now: nothing more will come
                 self._idle.wait_for(lambda: not self._queue and self._busy == 0)
             leftovers = [r for r in self._queue.clear() if not r.cancelled or r.cancel_error is not None]
@@ -128,11 +135,13 @@ class Scheduler:
         error = ShuttingDownError(f"node {self.node.name!r} is shutting down", node=self.node.name)
         for req in leftovers:
             self._finish(req, req.cancel_error if req.cancelled else error)
+        if self.inline:
+            self._run_inline()  # batches assigned but not yet picked up run now, here
+            if not self._runs_here():
+                with self._lock:  # batches running on other threads finish first
+                    self._idle.wait_for(lambda: self._busy == 0)
         for inst in self._instances:
-            inst.inbox.put(None)
-        for inst in self._instances:
-            if inst.thread.is_alive() and inst.thread is not threading.current_thread():
-                inst.thread.join()
+            inst.stop()
         # After the instances: every batch they handed off is finished before close returns
         # (a draining pipeline's next node is closed only then).
         self._finisher.stop()
@@ -169,28 +178,64 @@ class Scheduler:
         if self.queue_timeout_s:
             queue_deadline = now + self.queue_timeout_s
             req.deadline = queue_deadline if req.deadline is None else min(req.deadline, queue_deadline)
+        if self.inline:
+            hold = current_hold()
+            if hold is not None:  # this thread submits a burst: queued and run when it ends
+                self._check_accepting(hold.count(self))
+                hold.add(self, req)
+                return
         with self._lock:
-            if self._closed:
-                raise ShuttingDownError(f"node {self.node.name!r} is shutting down", node=self.node.name)
-            if self.max_queue_size and len(self._queue) >= self.max_queue_size:
-                raise QueueFullError(
-                    f"node {self.node.name!r}: queue is full ({self.max_queue_size} requests waiting); "
-                    "retry later or raise max_queue_size",
-                    node=self.node.name,
-                    max_queue_size=self.max_queue_size,
-                )
+            self._check_accepting(0)
             if (not self._queue and self._busy == 0 and not req.cancelled
                     and (req.deadline is None or req.deadline > now) and self._start_lone(req, now)):
-                return
-            self._queue.append(req)
-            req.owner = self
-            self._queued_size += req.size
-            self._timed += req.deadline is not None
-            expired = self._dispatch(now)
-            if req.deadline is not None and self._queue:
-                self._timer_wake.notify()  # the timer fails it the moment its deadline passes
+                expired = None
+            else:
+                self._queue.append(req)
+                req.owner = self
+                self._queued_size += req.size
+                self._timed += req.deadline is not None
+                expired = self._dispatch(now)
+                if req.deadline is not None and self._queue:
+                    self._timer_wake.notify()  # the timer fails it the moment its deadline passes
         if expired:
             self._fail_expired(expired)
+        if self.inline_work:
+            self._run_inline()
+
+    def _check_accepting(self, held: int) -> None:
+        """Raise unless a request can be queued now (``held``: more this thread will queue)."""
+        if self._closed:
+            raise ShuttingDownError(f"node {self.node.name!r} is shutting down", node=self.node.name)
+        if self.max_queue_size and len(self._queue) + held >= self.max_queue_size:
+            raise QueueFullError(
+                f"node {self.node.name!r}: queue is full ({self.max_queue_size} requests waiting); "
+                "retry later or raise max_queue_size",
+                node=self.node.name,
+                max_queue_size=self.max_queue_size,
+            )
+
+    def submit_held(self, requests: list[Request]) -> None:
+        """Queue the requests a burst held (hold.py), dispatch once, run what is due here."""
+        now = time.monotonic()
+        with self._lock:
+            refused = requests if self._closed else []
+            expired = []
+            if not refused:
+                for req in requests:
+                    self._queue.append(req)
+                    req.owner = self
+                    self._queued_size += req.size
+                    self._timed += req.deadline is not None
+                expired = self._dispatch(now)
+                if self._timed and self._queue:
+                    self._timer_wake.notify()  # the timer fails them the moment a deadline passes
+        if refused:
+            error = ShuttingDownError(f"node {self.node.name!r} is shutting down", node=self.node.name)
+            for req in refused:
+                self._finish(req, error)
+        self._fail_expired(expired)
+        if self.inline_work:
+            self._run_inline()
 
     # -- batching (called with the lock held) ------------------------------------------
     def _dispatch(self, now: float) -> list[Request]:
@@ -241,12 +286,12 @@ class Scheduler:
                 return True
         return False  # below every instance's min: it waits in the queue for more work
 
-    def _start(self, inst: InstanceThread, batch: list[Request], now: float) -> None:
+    def _start(self, inst: Any, batch: list[Request], now: float) -> None:
         inst.busy = True
         self._busy += 1
         for req in batch:
             req.queue_ns += int((now - req.enqueued) * 1e9)
-        inst.inbox.put(batch)
+        inst.assign(batch)
 
     def _best_fit(self, free: list[InstanceThread]) -> tuple[InstanceThread, int, int] | None:
         """The free instance that fits the queued work best, with its batch (count, size)."""
@@ -292,6 +337,8 @@ class Scheduler:
         if req.cancel_error is not None:
             expired.insert(0, req)  # _fail_expired finishes it with its reason
         self._fail_expired(expired)
+        if self.inline_work:
+            self._run_inline()
 
     def _arm_timer(self, when: float) -> None:
         if self._wake_at is None or when < self._wake_at:
@@ -314,10 +361,11 @@ class Scheduler:
                 if self._wake_at is not None and now >= self._wake_at:
                     self._wake_at = None
                 expired = self._dispatch(now)
-                if expired:
+                if expired or self.inline_work:  # both run without the lock
                     self._lock.release()
                     try:
                         self._fail_expired(expired)
+                        self._run_inline()
                     finally:
                         self._lock.acquire()
 
@@ -342,7 +390,7 @@ class Scheduler:
         self.stats.record_batch(sum(r.size for r in batch), elapsed, failed=error is not None)
         for req in batch:
             req.compute_ns += elapsed
-        claimed = elapsed >= _HAND_OFF_MIN_NS and bool(self._queue) and self._claim_finisher()
+        claimed = elapsed >= _HAND_OFF_MIN_NS and not self.inline and bool(self._queue) and self._claim_finisher()
         if not claimed:
             self._finish_batch(batch, error)  # callers first, then this instance takes new work
         with self._lock:
@@ -359,6 +407,35 @@ class Scheduler:
         elif claimed:
             self._finish_batch(batch, error)  # this instance is free: as if it had not claimed
         self._fail_expired(expired)
+
+    def _run_inline(self) -> None:
+        """Run the inline batches assigned so far, here (the lock is not held).  A batch's
+        end may assign the instance its next one, which this loop then runs too."""
+        work = self.inline_work
+        while work:
+            try:
+                inst, batch = work.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            if inst.stopped:  # closed from a callback while this batch waited
+                self._abort(inst, batch)
+            else:
+                inst.run(batch)
+
+    def _abort(self, inst: Any, batch: list[Request]) -> None:
+        with self._lock:
+            inst.busy = False
+            self._busy -= 1
+            if self._busy == 0:
+                self._idle.notify_all()
+        error = ShuttingDownError(f"node {self.node.name!r} is shutting down", node=self.node.name)
+        self._finish_batch(batch, error)
+
+    def _runs_here(self) -> bool:
+        """True on a thread now running one of this node's inline batches (waiting for the
+        node to go idle would wait for itself)."""
+        me = threading.get_ident()
+        return self.inline and any(inst.running_on == me for inst in self._instances)
 
     def _claim_finisher(self) -> bool:
         """Reserve the finisher for this batch's callbacks, if it is idle.  Only then: the

@@ -1,8 +1,19 @@
-"""The threads of a node: one per instance, and the finisher that wakes callers under load.
+"""The instances of a node, and the finisher that wakes callers under load.
 
-The dispatch decisions stay in scheduler.py; these threads only run what it hands them:
-an instance runs ``scheduler._execute(instance, batch)`` for every batch put in its inbox,
-the finisher runs ``scheduler._finish_batch(batch, error)`` for every batch handed off.
+The dispatch decisions stay in scheduler.py; instances only run what it hands them, one
+batch at a time each, through ``scheduler._execute(instance, batch)``:
+
+* ``InstanceThread`` (the default): the instance owns a thread; ``init`` and every
+  ``forward`` run on it, so a GPU backend can bind its stream there.
+* ``InlineInstance`` (``inline = true``): no thread; ``init`` runs on the loading thread and
+  each batch runs on the thread that dispatched it (the submitter, an instance finishing
+  the previous batch of the node, or the node's timer), after that thread lets go of the
+  scheduler's lock.  A hand-off to another thread costs two wake-ups and two GIL transfers
+  (tens of microseconds on a VM); a backend that computes for microseconds is cheaper run
+  where the request already is.
+
+The finisher runs ``scheduler._finish_batch(batch, error)`` for every batch a threaded
+instance handed off.
 """
 from __future__ import annotations
 
@@ -19,23 +30,19 @@ if TYPE_CHECKING:
     from .scheduler import Scheduler
 
 
-class InstanceThread:
-    """One instance of a node: its backend, built, initialised and run on its own thread."""
+class _Instance:
+    """What the scheduler sees of an instance: its backend, its batch range and ``busy``."""
 
     def __init__(self, index: int, scheduler: Scheduler) -> None:
         self.index = index
         self.scheduler = scheduler
-        self.inbox: queue.SimpleQueue[list[Request] | None] = queue.SimpleQueue()
         self.backend: Backend | None = None
         self.lo = self.hi = 1
-        self.busy = False
-        self.ready = threading.Event()
+        self.busy = False  # a batch is assigned (the scheduler's lock guards it)
         self.init_error: BaseException | None = None
-        self.thread = threading.Thread(
-            target=self._run, name=f"trtserve-{scheduler.node.name}-{index}", daemon=True
-        )
 
-    def _run(self) -> None:
+    def _build(self) -> None:
+        """Build and initialise the backend on the current thread; record a failure."""
         node = self.scheduler.node
         try:
             backend = instantiate(node.expr, node.options)
@@ -50,14 +57,94 @@ class InstanceThread:
             self.backend = backend
         except BaseException as exc:  # reported to start(), which raises it to the loader
             self.init_error = exc
-            self.ready.set()
-            return
+
+
+class InstanceThread(_Instance):
+    """One instance of a node: its backend, built, initialised and run on its own thread."""
+
+    def __init__(self, index: int, scheduler: Scheduler) -> None:
+        super().__init__(index, scheduler)
+        self.inbox: queue.SimpleQueue[list[Request] | None] = queue.SimpleQueue()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(
+            target=self._run, name=f"trtserve-{scheduler.node.name}-{index}", daemon=True
+        )
+
+    def launch(self) -> None:
+        self.thread.start()
+
+    def wait_ready(self) -> None:
+        self.ready.wait()
+
+    def assign(self, batch: list[Request]) -> None:
+        self.inbox.put(batch)
+
+    def stop(self) -> None:
+        """Finish the running batch, then end the thread (not waited for from itself)."""
+        self.inbox.put(None)
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join()
+
+    def _run(self) -> None:
+        self._build()
         self.ready.set()
+        backend = self.backend
+        if backend is None:
+            return
         try:
             while (batch := self.inbox.get()) is not None:
                 self.scheduler._execute(self, batch)
                 del batch  # not held until the next get: see _Finisher._run
         finally:
+            backend.close()
+
+
+class InlineInstance(_Instance):
+    """An instance without a thread: its batches run on the thread that dispatched them.
+
+    ``assign`` (under the scheduler's lock) only queues the batch on the scheduler's shared
+    ``inline_work``; the dispatching thread runs it once it has let go of the lock
+    (``Scheduler._run_inline``).  Any thread may run any queued batch, and an instance is
+    assigned one batch at a time, so its forward still never runs twice at once.
+    """
+
+    def __init__(self, index: int, scheduler: Scheduler) -> None:
+        super().__init__(index, scheduler)
+        self.running_on: int | None = None  # the thread running this instance's batch
+        self.stopped = False
+        self._close_when_done = False
+
+    def launch(self) -> None:
+        self._build()
+
+    def wait_ready(self) -> None:
+        pass
+
+    def assign(self, batch: list[Request]) -> None:
+        self.scheduler.inline_work.append((self, batch))
+
+    def run(self, batch: list[Request]) -> None:
+        self.running_on = threading.get_ident()
+        try:
+            self.scheduler._execute(self, batch)
+        finally:
+            self.running_on = None
+            if self._close_when_done:
+                self._close_backend()
+
+    def stop(self) -> None:
+        """Close the backend; from inside this instance's own batch (a callback closing its
+        model), once that batch is done."""
+        self.stopped = True
+        if self.running_on == threading.get_ident():
+            self._close_when_done = True
+        else:
+            self._close_backend()
+
+    def _close_backend(self) -> None:
+        backend, self.backend = self.backend, None
+        self._close_when_done = False
+        if backend is not None:
             backend.close()
 
 

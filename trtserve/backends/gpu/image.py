@@ -66,6 +66,7 @@ class _GpuImage(Backend):
     """Shared: one image per item; needs the instance stream; uploads host images itself."""
 
     kernel_names: tuple[str, ...] = ()  # compiled at init
+    thread_bound = True  # launches on the instance's current stream
 
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         super().init(config, kwargs)

@@ -54,6 +54,7 @@ def _non_negative(value: int) -> str | None:
 
 class SyncTensor(Backend):
     children_arity = (0, 1)
+    thread_bound = True  # its stream is the instance thread's current stream
     config_keys = {"device_id": Key(int, 0, "CUDA device this node's instances run on", check=_non_negative)}
 
     def __init__(self) -> None:

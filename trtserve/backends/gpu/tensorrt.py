@@ -37,6 +37,7 @@ def _input_shapes(value: dict) -> str | None:
 
 
 class TensorrtTensor(Backend):
+    thread_bound = True  # enqueues on the instance's current stream
     config_keys = {
         "precision": Key(str, "fp32", "fp32 or fp16 (see docs/tensorrt.md for strongly typed builders)", choices=("fp32", "fp16")),
         "workspace_mb": Key(int, 1024, "builder workspace limit in MB; 0 = the builder's default", check=_workspace),

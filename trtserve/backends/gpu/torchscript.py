@@ -38,6 +38,7 @@ def _describe(data: Any) -> str:
 
 
 class TorchScriptTensor(Backend):
+    thread_bound = True  # runs on the instance's current stream
     config_keys = {
         "device": Key(str, "auto", "auto: cuda when PyTorch sees a GPU, else cpu", choices=("auto", "cuda", "cpu")),
         "add_batch_dim": Key(bool, False, "items are single samples: add (and remove) a batch dimension of 1"),
