@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 
@@ -142,6 +143,11 @@ async def serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
     )
     await server.start()
+    # What loading built (modules, models, sessions) lives as long as the process: moved out
+    # of the collector's reach, the collections that pipelined requests trigger stop walking
+    # it (docs/performance.md).  Done here, not in Server, since it is process-wide.
+    gc.collect()
+    gc.freeze()
     print(f"trtserve listening on {server.host}:{server.port}", flush=True)
     await server.serve_forever()
     return 0

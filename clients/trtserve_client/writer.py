@@ -28,6 +28,8 @@ class CoalescingWriter:
 
     def flush(self) -> None:
         """Write what is queued now (also before any close, so nothing queued is lost)."""
+        if not self._frames:
+            return
         frames, self._frames = self._frames, []
-        if frames and not self._transport.is_closing():
+        if not self._transport.is_closing():
             self._transport.write(frames[0] if len(frames) == 1 else b"".join(frames))

@@ -118,6 +118,10 @@ class InferCall(Reply):
         self.bell.post(self._resolve, item, error)
 
     def _resolve(self, item: dict[str, Any], error: TrtserveError | None) -> None:
+        # The request is finished: nothing to cancel any more.  Dropping it also breaks the
+        # call <-> request cycle (its callback is this call's method), so both are freed by
+        # reference counting now instead of by the cyclic collector later.
+        self.request = None
         if self.timer is not None:
             self.timer.cancel()
         if self.done:  # expired or cancelled: the late answer is dropped
@@ -204,12 +208,14 @@ class InferHandler:
                 timeout_s = timeout_seconds(message)
             # The scheduler keeps the earlier of this deadline and the model's queue_timeout.
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
-            call.request = model.submit(item, call.on_done, deadline, priority or 0)
+            request = model.submit(item, call.on_done, deadline, priority or 0)
+            if not call.done:  # an inline model may have answered already
+                call.request = request
         except TrtserveError as exc:
             if self.metrics is not None:
                 self._count_refusal(message, io, exc)
             raise
-        if timeout_s is not None:
+        if timeout_s is not None and not call.done:  # an inline model may have answered already
             call.timer = self.loop.call_later(timeout_s, call.expire, timeout_s)
         return call
 

@@ -38,6 +38,7 @@ from ..errors import (
     TrtserveError,
     UnauthenticatedError,
 )
+from ..hold import held_dispatch
 from .reply import Reply
 from .tracker import ConnectionTracker
 
@@ -70,6 +71,7 @@ class ServerProtocol(asyncio.Protocol):
         self._backlog: collections.deque[dict[str, Any]] = collections.deque()
         self._reading_paused = False
         self._writing_paused = False
+        self._handling = False  # inside _drain's loop over a burst of requests
         self._closing = False
         self._eof = False
         self._writer: CoalescingWriter | None = None  # answers of one loop turn: one write
@@ -189,8 +191,18 @@ class ServerProtocol(asyncio.Protocol):
         its answers (a backlog of tiny requests must not become megabytes of unsent answers),
         then (un)pause reading."""
         backlog, pending, limit = self._backlog, self._pending, self._limit
-        while backlog and len(pending) < limit and not self._writing_paused and not self._closing:
-            self._handle(backlog.popleft())
+        if backlog:
+            self._handling = True
+            try:
+                with held_dispatch():  # inline models run the burst's requests as batches
+                    while backlog and len(pending) < limit and not self._writing_paused and not self._closing:
+                        self._handle(backlog.popleft())
+            finally:
+                self._handling = False
+            # What the burst answered at once (cheap operations, inline models) leaves now in
+            # one write, before the loop goes on to other connections: the peer can start on
+            # it while this server works.
+            self._flush()
         self._update_reading()
         self._maybe_finish()
 
@@ -268,8 +280,8 @@ class ServerProtocol(asyncio.Protocol):
         else:
             log.error("operation failed unexpectedly", exc_info=exc)
             self._send_error(req_id, InternalError(f"internal error: {type(exc).__name__}: {exc}"))
-        if self._backlog or self._reading_paused or self._eof:
-            self._drain()
+        if (self._backlog or self._reading_paused or self._eof) and not self._handling:
+            self._drain()  # (inside _drain's loop, answered at once: that loop goes on itself)
 
     def _maybe_finish(self) -> None:
         if self._eof and not self._pending and not self._backlog and not self._closing:
@@ -288,8 +300,9 @@ class ServerProtocol(asyncio.Protocol):
             log.error("cannot encode the response to request %s: %s", req_id, exc)
             error = InternalError(f"the server could not encode its response: {type(exc).__name__}: {exc}")
             frame = pack({"id": req_id, "error": error.to_wire()})
-        # A lone answer (nothing else in flight on this connection) leaves at once.
-        self._writer.write(frame, alone=not self._pending)  # type: ignore[union-attr]
+        # A lone answer (nothing else in flight on this connection) leaves at once; answers
+        # given while a burst of requests is handled leave together at its end (_drain).
+        self._writer.write(frame, alone=not self._pending and not self._handling)  # type: ignore[union-attr]
 
     def _flush(self) -> None:
         if self._writer is not None:
