@@ -55,6 +55,19 @@ def trtserve_server():
 
 
 @pytest.fixture(scope="session")
+def threaded_identity_server(tmp_path_factory):
+    """The example identity with ``inline = false``: the same model on an instance thread,
+    as every model that computes for longer runs (the hand-off's price, reported)."""
+    root = tmp_path_factory.mktemp("threaded") / "repository"
+    (root / "identity").mkdir(parents=True)
+    config = (REPOSITORY / "identity" / "config.toml").read_text()
+    assert "inline = true" in config, "the example identity is expected to be inline"
+    (root / "identity" / "config.toml").write_text(config.replace("inline = true", "inline = false"))
+    with ServerProcess(trtserve_argv(root, ["--log-level", "WARNING"])) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def echo_server():
     """bench/echo_server.py: the same framing and nothing else (the floor)."""
     with ServerProcess(echo_argv()) as server:

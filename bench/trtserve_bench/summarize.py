@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 HEADLINE = ("model", "concurrency", "rps", "p50_ms", "p99_ms", "codec_mb_s", "numpy_mb_s", "ratio_to_numpy",
-            "direct_rows_per_s", "throughput_ratio_vs_direct_batch_max", "p99_ratio_to_echo")
+            "direct_rows_per_s", "throughput_ratio_vs_direct_batch_max", "p99_ratio_to_echo", "threaded_ratio_to_echo")
 
 
 def describe(info: dict[str, Any]) -> str:

@@ -199,7 +199,9 @@ def test_identity_example_returns_its_input():
         assert item["result"] == b"\x00payload"
 
 
-def test_identity_example_batches_concurrent_requests_and_refuses_more_than_64_rows():
+def test_identity_example_serves_concurrent_callers_batches_a_list_and_refuses_more_than_64_rows():
+    """The example identity is inline: 16 threads each run their own requests (batches of
+    whatever queued meanwhile), and a list call is one burst, so it runs as one batch."""
     with trtserve.pipe(REPO / "identity" / "config.toml") as models:
         inputs = [np.full((1 + i % 3, 4), i, np.float32) for i in range(400)]
 
@@ -213,7 +215,11 @@ def test_identity_example_batches_concurrent_requests_and_refuses_more_than_64_r
         assert all(result is x for result, x in zip(results, inputs))  # each caller gets its own
         sizes = {int(k): v for k, v in models.pipeline.nodes[0].stats.snapshot()["batch_sizes"].items()}
         assert sum(k * v for k, v in sizes.items()) == sum(len(x) for x in inputs)
-        assert max(sizes) > 3  # requests ran together while the instance was busy
+        items = [{"data": x} for x in inputs[:21]]  # 42 rows
+        models(items)
+        assert all(item["result"] is x for item, x in zip(items, inputs))
+        after = {int(k): v for k, v in models.pipeline.nodes[0].stats.snapshot()["batch_sizes"].items()}
+        assert after.get(42, 0) == sizes.get(42, 0) + 1, "the list ran as one batch of its 42 rows"
         with pytest.raises(InvalidInputError) as excinfo:
             models({"data": np.zeros((65, 4), np.float32)})
         assert excinfo.value.details["max"] == 64
