@@ -3,11 +3,16 @@
 An ``inline`` node runs its batches on the submitting thread.  Submitted one by one, every
 request would be its own batch; a thread that knows it is about to submit several (the
 server handling the frames of one socket read, ``pipe()`` given a list) wraps them in
-``held_dispatch()``.  Inside it, a submit to an inline node only checks and records the
-request on this thread; when the burst ends, each node takes its requests under one lock
-acquisition, forms batches as usual (``max``, ``min``) and runs them, here.  Requests that
-inline stages pass to further inline nodes are held and released the same way, so a
-chain keeps its batches.
+``held_dispatch()``.  Inside it, a submit to an inline node only checks and counts the
+request; when the burst ends, each node queues its requests under one lock acquisition,
+forms batches as usual (``max``, ``min``) and runs them, here.  Requests that inline
+stages pass to further inline nodes are held and released the same way, so a chain keeps
+its batches.  A nested ``held_dispatch()`` (a forward that calls ``pipe()`` while a hold
+is being released) is a hold of its own, released at its own end: a caller that waits for
+its results never waits for a hold only its caller can release.
+
+Held requests count as queued: toward ``max_queue_size``, and for a draining node, which
+waits for them (``Scheduler.close``).
 
 Threaded nodes are not affected: their requests are queued at once, since an instance
 thread may be waiting for them.
@@ -63,22 +68,16 @@ def current() -> Hold | None:
 
 
 class held_dispatch:  # noqa: N801 (used as a context manager, like contextlib's)
-    """``with held_dispatch(): ...submits...``; nested uses join the outermost hold."""
+    """``with held_dispatch(): ...submits...``: released at the end; nested holds are separate."""
 
-    __slots__ = ("_hold",)
+    __slots__ = ("_outer",)
 
     def __enter__(self) -> None:
-        if current() is None:
-            self._hold: Hold | None = Hold()
-            _local.hold = self._hold
-        else:
-            self._hold = None
+        self._outer = current()
+        _local.hold = Hold()
 
     def __exit__(self, *exc: object) -> None:
-        hold = self._hold
-        if hold is None:
-            return
         try:
-            hold.release()
+            _local.hold.release()
         finally:
-            _local.hold = None
+            _local.hold = self._outer

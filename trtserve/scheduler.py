@@ -58,6 +58,8 @@ __all__ = ["DoneCallback", "Request", "Scheduler"]
 # A batch whose forward took at least this long hands its callbacks to the finisher thread
 # when more work is queued (see the module docstring).
 _HAND_OFF_MIN_NS = 200_000
+# Inline batches one thread runs in a row before the node's timer thread takes over the rest.
+_COMBINE_LIMIT = 8
 
 
 class Scheduler:
@@ -77,6 +79,8 @@ class Scheduler:
         self.default_priority = int(node.default_priority) or self.priority_levels
         self._queue = PriorityQueue(self.priority_levels)
         self._queued_size = 0
+        self._held = 0  # requests that bursts hold for this node (hold.py), not queued yet
+        self._draining = False  # close(drain=True) is waiting for the accepted work
         self._timed = 0  # queued requests with a deadline: expiry scans run only when > 0
         self._busy = 0
         self._finisher = Finisher(self)
@@ -127,7 +131,11 @@ class Scheduler:
             self._closed = True
             if drain and not self._runs_here():
                 self._timer_wake.notify_all()  # partial batches are due now: nothing more will come
-                self._idle.wait_for(lambda: not self._queue and self._busy == 0)
+                hold = current_hold()
+                own = hold.count(self) if hold is not None else 0  # released only after close returns
+                self._draining = True  # held requests were accepted: submit_held still queues them
+                self._idle.wait_for(lambda: not self._queue and self._busy == 0 and self._held == own)
+                self._draining = False
             leftovers = [r for r in self._queue.clear() if not r.cancelled or r.cancel_error is not None]
             self._queued_size = self._timed = 0
             self._timer_stop = True
@@ -137,16 +145,16 @@ class Scheduler:
             self._finish(req, req.cancel_error if req.cancelled else error)
         if self.inline:
             self._run_inline()  # batches assigned but not yet picked up run now, here
-            if not self._runs_here():
-                with self._lock:  # batches running on other threads finish first
-                    self._idle.wait_for(lambda: self._busy == 0)
+            me = threading.get_ident()
+            with self._lock:  # batches running on other threads finish first (not this one's own)
+                self._idle.wait_for(lambda: all(not i.busy or i.running_on == me for i in self._instances))
         for inst in self._instances:
             inst.stop()
         # After the instances: every batch they handed off is finished before close returns
         # (a draining pipeline's next node is closed only then).
         self._finisher.stop()
-        if self._timer.is_alive():
-            self._timer.join()
+        if self._timer.is_alive() and self._timer is not threading.current_thread():
+            self._timer.join()  # (an inline batch or an expiry callback may run on the timer)
 
     def _not_started(self, item: dict[str, Any], sized: bool) -> int:
         raise ModelUnavailableError(f"node {self.node.name!r} is not started", node=self.node.name)
@@ -181,11 +189,13 @@ class Scheduler:
         if self.inline:
             hold = current_hold()
             if hold is not None:  # this thread submits a burst: queued and run when it ends
-                self._check_accepting(hold.count(self))
+                with self._lock:
+                    self._check_accepting()
+                    self._held += 1
                 hold.add(self, req)
                 return
         with self._lock:
-            self._check_accepting(0)
+            self._check_accepting()
             if (not self._queue and self._busy == 0 and not req.cancelled
                     and (req.deadline is None or req.deadline > now) and self._start_lone(req, now)):
                 expired = None
@@ -202,11 +212,11 @@ class Scheduler:
         if self.inline_work:
             self._run_inline()
 
-    def _check_accepting(self, held: int) -> None:
-        """Raise unless a request can be queued now (``held``: more this thread will queue)."""
+    def _check_accepting(self) -> None:
+        """Raise unless a request can be queued now (held requests count as queued)."""
         if self._closed:
             raise ShuttingDownError(f"node {self.node.name!r} is shutting down", node=self.node.name)
-        if self.max_queue_size and len(self._queue) + held >= self.max_queue_size:
+        if self.max_queue_size and len(self._queue) + self._held >= self.max_queue_size:
             raise QueueFullError(
                 f"node {self.node.name!r}: queue is full ({self.max_queue_size} requests waiting); "
                 "retry later or raise max_queue_size",
@@ -218,7 +228,8 @@ class Scheduler:
         """Queue the requests a burst held (hold.py), dispatch once, run what is due here."""
         now = time.monotonic()
         with self._lock:
-            refused = requests if self._closed else []
+            self._held -= len(requests)
+            refused = requests if self._closed and not self._draining else []
             expired = []
             if not refused:
                 for req in requests:
@@ -229,6 +240,8 @@ class Scheduler:
                 expired = self._dispatch(now)
                 if self._timed and self._queue:
                     self._timer_wake.notify()  # the timer fails them the moment a deadline passes
+            if self._busy == 0 and not self._queue:
+                self._idle.notify_all()  # a drain waits for held requests too (all cancelled, say)
         if refused:
             error = ShuttingDownError(f"node {self.node.name!r} is shutting down", node=self.node.name)
             for req in refused:
@@ -355,7 +368,7 @@ class Scheduler:
             while not self._timer_stop:
                 wake = self._next_deadline()
                 timeout = None if wake is None else max(wake - time.monotonic(), 0.0)
-                if timeout is None or timeout > 0:
+                if (timeout is None or timeout > 0) and not self.inline_work:
                     self._timer_wake.wait(timeout)
                 now = time.monotonic()
                 if self._wake_at is not None and now >= self._wake_at:
@@ -365,7 +378,7 @@ class Scheduler:
                     self._lock.release()
                     try:
                         self._fail_expired(expired)
-                        self._run_inline()
+                        self._run_inline(limit=None)
                     finally:
                         self._lock.acquire()
 
@@ -400,19 +413,28 @@ class Scheduler:
             hand_off = claimed and inst.busy  # this instance got its next batch: start it now
             if claimed and not hand_off:
                 self._finisher.busy = False  # the queued work went elsewhere or must wait
-            if self._busy == 0 and not self._queue:
-                self._idle.notify_all()
+            if self.inline or (self._busy == 0 and not self._queue):
+                self._idle.notify_all()  # (inline: close() waits for each instance it does not run)
         if hand_off:
             self._finisher.put(batch, error)
         elif claimed:
             self._finish_batch(batch, error)  # this instance is free: as if it had not claimed
         self._fail_expired(expired)
 
-    def _run_inline(self) -> None:
+    def _run_inline(self, limit: int | None = _COMBINE_LIMIT) -> None:
         """Run the inline batches assigned so far, here (the lock is not held).  A batch's
-        end may assign the instance its next one, which this loop then runs too."""
+        end may assign the instance its next one, which this loop then runs too, up to
+        ``limit`` batches: then the node's timer thread takes over, so a caller whose own
+        request is done is not kept running other callers' batches for as long as they
+        keep coming (the timer runs without a limit)."""
         work = self.inline_work
+        ran = 0
         while work:
+            if limit is not None and ran >= limit:
+                with self._lock:
+                    self._timer_wake.notify()
+                return
+            ran += 1
             try:
                 inst, batch = work.popleft()
             except IndexError:  # another thread took the last one
@@ -426,8 +448,8 @@ class Scheduler:
         with self._lock:
             inst.busy = False
             self._busy -= 1
-            if self._busy == 0:
-                self._idle.notify_all()
+            self._idle.notify_all()
+        inst.close_if_stopped()
         error = ShuttingDownError(f"node {self.node.name!r} is shutting down", node=self.node.name)
         self._finish_batch(batch, error)
 

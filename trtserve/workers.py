@@ -124,13 +124,15 @@ class InlineInstance(_Instance):
         self.scheduler.inline_work.append((self, batch))
 
     def run(self, batch: list[Request]) -> None:
-        self.running_on = threading.get_ident()
+        me = self.running_on = threading.get_ident()
         try:
             self.scheduler._execute(self, batch)
         finally:
-            self.running_on = None
-            if self._close_when_done:
-                self._close_backend()
+            # The batch's end may have assigned this instance its next batch, and another
+            # thread may be running it already: only this thread's own mark is cleared.
+            if self.running_on == me:
+                self.running_on = None
+            self.close_if_stopped()
 
     def stop(self) -> None:
         """Close the backend; from inside this instance's own batch (a callback closing its
@@ -141,9 +143,15 @@ class InlineInstance(_Instance):
         else:
             self._close_backend()
 
+    def close_if_stopped(self) -> None:
+        """Close a backend whose ``stop`` came from inside its own batch, once it is idle."""
+        if self._close_when_done and not self.busy and self.running_on is None:
+            self._close_backend()
+
     def _close_backend(self) -> None:
-        backend, self.backend = self.backend, None
-        self._close_when_done = False
+        with self.scheduler._lock:  # exactly once, whichever thread gets here first
+            backend, self.backend = self.backend, None
+            self._close_when_done = False
         if backend is not None:
             backend.close()
 

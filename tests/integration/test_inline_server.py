@@ -98,3 +98,16 @@ def test_inline_and_threaded_models_mix_on_one_connection(server):
         answers = conn.recv_many(20)
     for i in range(20):
         np.testing.assert_array_equal(array(answers[i + 1]["result"]["outputs"]["output"]), x + i)
+
+
+def test_a_burst_larger_than_the_in_flight_limit_is_answered_whole(server_factory, repository):
+    """Frames past max_in_flight wait in the backlog; the inline answers free the slots
+    and the rest of the burst goes on (read in one socket read, none is stranded)."""
+    handle = server_factory(repository, max_in_flight_per_connection=4)
+    x = np.ones((1, 4), np.float32)
+    with handle.connect() as conn:
+        answers = _burst(conn, "fast", [tensor(x * i) for i in range(10)])
+        stats = conn.result("statistics", model="fast")["models"][0]
+    assert sorted(answers) == list(range(1, 11))
+    assert all(np.array_equal(array(answers[i + 1]["result"]["outputs"]["output"]), x * i) for i in range(10))
+    assert stats["success_count"] == 10

@@ -243,3 +243,26 @@ def test_cli_metrics_port_serves_prometheus_text(process_factory):
     success = [s for s in families["trtserve_request_success"].samples
                if s.name == "trtserve_request_success_total" and s.labels.get("model") == "echo"]
     assert [s.value for s in success] == [1.0]
+
+
+def test_a_request_dropped_with_its_vanished_client_is_not_counted_as_answered(metered, gates):
+    """The client saw no answer, so the per-answer metrics count none; the model's own
+    statistics count the dropped request as CONNECTION_ERROR (docs/operations.md)."""
+    conn = metered.connect()
+    conn.request("infer", model="gate", inputs={"x": b"run"})
+    gates["gate"].wait_started(1)
+    conn.request("infer", model="gate", inputs={"x": b"queued"})  # waits behind the running one
+    wait = time.monotonic() + 10
+    while metered.call(lambda: metered.server.repository.get("gate").pipeline.nodes[0].queue_depth()) < 1:
+        assert time.monotonic() < wait
+        time.sleep(0.005)
+    conn.abort()
+    wait_disconnected(metered)
+    gates["gate"].open()
+    samples = scrape(metered)
+    gate = dict(model="gate", version="1")
+    assert value(samples, "trtserve_request_failure_total", reason="CONNECTION_ERROR", **gate) == 0
+    assert value(samples, "trtserve_request_duration_seconds_count", **gate) == 0
+    with metered.connect() as other:
+        stats = other.result("statistics", model="gate")["models"][0]
+    assert stats["failure_by_reason"].get("CONNECTION_ERROR") == 1

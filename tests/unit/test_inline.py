@@ -3,7 +3,9 @@ time per instance, with the same batching rules; bursts held by ``held_dispatch`
 batches.  Gated by events, as test_scheduler.py."""
 from __future__ import annotations
 
+import sys
 import threading
+import time
 
 import pytest
 
@@ -124,15 +126,16 @@ def test_held_requests_count_toward_max_queue_size(make_pipe, probe):
     assert [item.get("result") for item in items] == [0, 1, None]
 
 
-def test_nested_holds_join_the_outer_one(make_pipe, probe):
+def test_a_nested_hold_releases_its_own_requests_at_its_end(make_pipe, probe):
     models = make_pipe(inline=True, max=8)
     done = []
     with held_dispatch():
+        models.pipeline.submit({"data": "outer"}, lambda item, error: done.append(item["result"]))
         with held_dispatch():
             models.pipeline.submit({"data": "a"}, lambda item, error: done.append(item["result"]))
-        assert done == [] and probe.sizes() == []  # the inner exit releases nothing
-        models.pipeline.submit({"data": "b"}, lambda item, error: done.append(item["result"]))
-    assert done == ["a", "b"] and probe.sizes() == [2]
+            models.pipeline.submit({"data": "b"}, lambda item, error: done.append(item["result"]))
+        assert done == ["a", "b"] and probe.sizes() == [2]  # the inner hold released its own
+    assert done == ["a", "b", "outer"] and probe.sizes() == [2, 1]
 
 
 def test_a_chain_of_inline_nodes_keeps_its_batches(probe):
@@ -190,3 +193,179 @@ def test_backends_bound_to_their_instance_thread_refuse_inline(expression):
 def test_inline_must_be_a_boolean():
     with pytest.raises(ConfigError, match="inline must be true or false"):
         trtserve.pipe({"backend": "Identity", "inline": "yes"})
+
+
+# --------------------------------------------------------------------------- found by review
+
+
+class Recorder(trtserve.Backend):
+    """Identity that logs its forwards and its close; data "block" waits for BLOCK."""
+
+    log: list = []
+    block = threading.Event()
+
+    def init(self, config, kwargs):
+        super().init(config, kwargs)
+        self.index = kwargs["instance_index"]
+
+    def forward(self, items):
+        for item in items:
+            if item["data"] == "block":
+                assert Recorder.block.wait(10)
+            item["result"] = item["data"]
+        Recorder.log.append(("forward ends", self.index))
+
+    def close(self):
+        Recorder.log.append(("close", self.index))
+
+
+trtserve.register("Recorder", Recorder)
+
+
+@pytest.fixture
+def recorder():
+    Recorder.log, Recorder.block = [], threading.Event()
+    yield Recorder
+    Recorder.block.set()
+
+
+def test_pipe_called_from_an_inline_forward_does_not_wait_for_the_callers_hold():
+    """The inner pipe() is its own hold: it runs its requests before it waits for them."""
+    inner = trtserve.pipe({"backend": "Identity", "inline": True, "max": 4})
+
+    class Outer(trtserve.Backend):
+        def forward(self, items):
+            for item in items:
+                nested = {"data": item["data"] * 10}
+                inner(nested)
+                item["result"] = nested["result"]
+
+    trtserve.register("NestingOuter", Outer)
+    with inner, trtserve.pipe({"backend": "NestingOuter", "inline": True, "max": 4}) as outer:
+        items = [{"data": 1}, {"data": 2}]
+        outer(items)  # a held burst; its release runs Outer.forward, which calls inner()
+    assert [item["result"] for item in items] == [10, 20]
+
+
+def test_a_drain_runs_what_a_burst_still_holds(probe, recorder):
+    """A two-node inline pipeline drains while a burst on another thread still holds the
+    second node's request (the first node ran; a slow model of the same burst is running)."""
+    chain = trtserve.pipe({"a": {"backend": "Identity", "inline": True, "next": "b"},
+                           "b": {"backend": "Recorder", "inline": True}})
+    slow = trtserve.pipe({"backend": "Probe", "probe": probe.key, "inline": True})
+    probe.gate.clear()
+    out = {}
+
+    def burst():
+        with held_dispatch():  # released in order: chain's a, slow (blocks), then chain's b
+            chain.pipeline.submit({"data": 1}, lambda item, error: out.__setitem__("chain", (item.get("result"), error)))
+            slow.pipeline.submit({"data": 2}, lambda item, error: out.__setitem__("slow", (item.get("result"), error)))
+
+    burster = threading.Thread(target=burst)
+    burster.start()
+    probe.wait_entered()  # a ran, b's request is held, slow's forward waits at the gate
+    drained = threading.Event()
+    drainer = threading.Thread(target=lambda: (chain.pipeline.close(drain=True), drained.set()))
+    drainer.start()
+    assert not drained.wait(0.2), "the drain finished while b's request was still held"
+    probe.gate.set()
+    burster.join(10)
+    drainer.join(10)
+    slow.close()
+    assert out == {"chain": (1, None), "slow": (2, None)}
+
+
+def test_close_from_a_callback_waits_for_batches_running_on_other_threads(recorder):
+    models = trtserve.pipe({"backend": "Recorder", "inline": True, "instance_num": 2})
+    runner = threading.Thread(target=lambda: models({"data": "block"}))
+    runner.start()
+    while not any(inst.running_on == runner.ident for inst in models.pipeline.nodes[0]._instances):
+        assert runner.is_alive()
+    threading.Timer(0.2, recorder.block.set).start()  # the other batch ends a while later
+    models.pipeline.submit({"data": "go"}, lambda item, error: models.close())  # the free instance, here
+    runner.join(10)
+    # "block" ran on instance 0 (the runner's), "go" on instance 1 (here, where close ran)
+    ends = recorder.log.index(("forward ends", 0))
+    assert ("close", 0) in recorder.log and recorder.log.index(("close", 0)) > ends, recorder.log
+
+
+def test_an_instance_is_marked_as_running_on_the_thread_that_runs_it():
+    """A batch's end may hand the instance its next batch to another thread before the
+    first thread's bookkeeping is done; the mark must stay the new runner's."""
+    wrong = []
+    holder = {}
+
+    class Check(trtserve.Backend):
+        def forward(self, items):
+            inst = holder["models"].pipeline.nodes[0]._instances[0]
+            for _ in range(50):  # let other threads run the previous batch's end meanwhile
+                if inst.running_on != threading.get_ident():
+                    wrong.append(inst.running_on)
+                    break
+            for item in items:
+                item["result"] = item["data"]
+
+    trtserve.register("RunningOnCheck", Check)
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with trtserve.pipe({"backend": "RunningOnCheck", "inline": True, "max": 2}) as models:
+            holder["models"] = models
+            threads = [threading.Thread(target=lambda: [models({"data": n}) for n in range(400)]) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+    finally:
+        sys.setswitchinterval(previous)
+    assert wrong == []
+
+
+def test_close_from_a_batch_that_runs_on_the_timer_thread(recorder):
+    models = trtserve.pipe({"backend": "Recorder", "inline": True, "max": 4, "batching_timeout": 10})
+    threads = []
+
+    def on_done(item, error):
+        threads.append(threading.current_thread().name)
+        models.close()  # on the node's timer thread: it must not join itself
+
+    with held_dispatch():
+        models.pipeline.submit({"data": 1}, on_done)
+        models.pipeline.submit({"data": 2}, lambda item, error: None)
+    deadline = threading.Event()
+    for _ in range(200):
+        if ("close", 0) in recorder.log:
+            break
+        deadline.wait(0.01)
+    assert threads and threads[0].endswith("-timer")
+    assert ("close", 0) in recorder.log
+
+
+def test_a_caller_runs_a_bounded_number_of_other_callers_batches():
+    """Under sustained load from other threads, one pipe() call hands the rest of the
+    node's work to the timer thread after a few batches instead of running it all."""
+    per_call = threading.local()
+
+    class Count(trtserve.Backend):
+        def forward(self, items):
+            per_call.n = getattr(per_call, "n", 0) + 1
+            time.sleep(0.0002)  # long enough for the other callers to queue behind it
+            for item in items:
+                item["result"] = item["data"]
+
+    trtserve.register("ConvoyCount", Count)
+    worst = [0]
+    with trtserve.pipe({"backend": "ConvoyCount", "inline": True, "max": 4}) as models:
+
+        def caller():
+            for n in range(150):
+                per_call.n = 0
+                models({"data": n})
+                worst[0] = max(worst[0], per_call.n)
+
+        threads = [threading.Thread(target=caller) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert 1 <= worst[0] <= 8

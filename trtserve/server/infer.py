@@ -158,11 +158,14 @@ class InferCall(Reply):
             self.request.cancel(error)  # still queued: never run it, and count the failure
 
     def cancel(self) -> bool:
+        # The reply first: cancelling a queued request finishes it at once, and on the loop
+        # that reaches _resolve now, which must find this call done (no answer, no metric).
+        cancelled = Reply.cancel(self)
         if self.request is not None:
             self.request.cancel(_DISCONNECTED)  # still queued: never run it, count the failure
         if self.timer is not None:
             self.timer.cancel()
-        return Reply.cancel(self)
+        return cancelled
 
 
 class InferHandler:

@@ -191,12 +191,19 @@ class ServerProtocol(asyncio.Protocol):
         its answers (a backlog of tiny requests must not become megabytes of unsent answers),
         then (un)pause reading."""
         backlog, pending, limit = self._backlog, self._pending, self._limit
-        if backlog:
+
+        def more() -> bool:
+            return bool(backlog) and len(pending) < limit and not self._writing_paused and not self._closing
+
+        if more():
             self._handling = True
             try:
-                with held_dispatch():  # inline models run the burst's requests as batches
-                    while backlog and len(pending) < limit and not self._writing_paused and not self._closing:
-                        self._handle(backlog.popleft())
+                # Inline models run a burst's requests as batches when the hold ends, which
+                # frees their in-flight slots: the backlog past the limit then goes on.
+                while more():
+                    with held_dispatch():
+                        while more():
+                            self._handle(backlog.popleft())
             finally:
                 self._handling = False
             # What the burst answered at once (cheap operations, inline models) leaves now in
