@@ -137,6 +137,9 @@ class DecodeTensor(_GpuImage):
             else:
                 self.nvimgcodec = nvimgcodec
                 self.decoder = nvimgcodec.Decoder(device_id=self.device)
+                # Interleaved 8-bit RGB: ColorSpec.RGB before nvImageCodec 0.5, SRGB since
+                # (0.9.0 has no RGB; seen on the H100, docs/gpu.md).
+                self.rgb = getattr(nvimgcodec.ColorSpec, "RGB", None) or nvimgcodec.ColorSpec.SRGB
         if self.nvimgcodec is None:
             from ..opencv import DecodeMat
 
@@ -162,7 +165,7 @@ class DecodeTensor(_GpuImage):
     def _forward_nvimgcodec(self, items: list[dict[str, Any]]) -> None:
         stream = current_stream()
         sources = [bytes(item.get("data")) for item in items]
-        params = self.nvimgcodec.DecodeParams(color_spec=self.nvimgcodec.ColorSpec.RGB)
+        params = self.nvimgcodec.DecodeParams(color_spec=self.rgb)
         try:
             images = self.decoder.decode(sources, params=params, cuda_stream=stream.handle)
         except Exception:  # one bad image can fail the batch call: isolate it per item
