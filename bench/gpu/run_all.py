@@ -1,6 +1,6 @@
 """One command on a GPU machine: the GPU test suite, then the GPU benchmarks, then a report.
 
-    python3 bench/gpu/run_all.py --out OUTDIR [--skip-tests] [--seconds 2.0]
+    python3 bench/gpu/run_all.py --out OUTDIR [--skip-tests] [--seconds 2.0] [--only preprocess,resnet]
 
 Writes OUTDIR/gpu-tests.txt (pytest output), OUTDIR/report.json (every number) and
 OUTDIR/report.md (the tables, also printed last).  Benchmarks:
@@ -526,6 +526,7 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--seconds", type=float, default=2.0, help="per throughput measurement")
+    parser.add_argument("--only", default="", help="comma-separated benchmarks to run (copies, fused, preprocess, resnet); default all")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not cuda.is_available():
@@ -542,7 +543,10 @@ def main() -> int:
         ("preprocess", lambda: bench_preprocess(args.seconds)),
         ("resnet", lambda: bench_resnet(args.seconds, Path(tempfile.mkdtemp(prefix="trtserve-resnet-")))),
     ]
+    only = {name for name in args.only.split(",") if name}
     for name, step in steps:
+        if only and name not in only:
+            continue
         t0 = time.perf_counter()
         try:
             report[name] = step()

@@ -11,7 +11,12 @@ nothing here waits for the device: wrap the chain as ``SyncTensor[S[DecodeTensor
 Each item is one image, so ``request_size`` is 1.
 
 Decoding: with nvImageCodec installed (``from nvidia import nvimgcodec``) DecodeTensor
-decodes on the GPU (RGB output, so ``color`` becomes "rgb").  Otherwise it decodes with
+decodes on the GPU (RGB output, so ``color`` becomes "rgb"), copies each image into an
+array of its own on the instance stream and waits for that stream once per batch before
+letting nvImageCodec's images go: a result must not depend on nvImageCodec's decoder,
+which goes away with its model (a result read after its model was closed crashed the
+process on the H100, 2026-12-07).  This is the one wait nothing else in the chain has.
+Otherwise it decodes with
 ``cv2.imdecode`` on the instance thread (the GIL is released) and uploads through the
 instance's pinned staging buffer, asynchronously on the stream.
 """
@@ -22,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ...backend import Backend, Key, TensorSpec
-from ...cuda import DeviceArray, HostStaging, current_stream
+from ...cuda import DeviceArray, HostStaging, copy_async, current_stream
 from ...errors import ConfigError, ModelUnavailableError
 from ..imagecheck import (
     ANY_IMAGE,
@@ -178,10 +183,14 @@ class DecodeTensor(_GpuImage):
         for item, image in zip(items, images):
             if image is None:
                 continue  # undecodable: soft failure, as DecodeMat
-            array = DeviceArray.from_cuda_array(image, stream)
-            if array.ndim == 3 and array.shape[2] == 3 and array.dtype == np.uint8:
-                item["result"] = array
+            decoded = DeviceArray.from_cuda_array(image, stream)  # checks C-contiguity
+            if decoded.ndim == 3 and decoded.shape[2] == 3 and decoded.dtype == np.uint8:
+                own = DeviceArray.empty(decoded.shape, np.uint8, stream)
+                copy_async(own.ptr, decoded.ptr, decoded.nbytes, "dtod", stream)
+                item["result"] = own
                 item["color"] = "rgb"
+        stream.synchronize()  # the copies are done: nvImageCodec's images may go now
+        del images
 
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         return [ENCODED_IMAGE], [ANY_IMAGE]
