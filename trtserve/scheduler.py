@@ -4,12 +4,10 @@ Semantics (TorchPipe's, made precise):
 
 * Each of ``instance_num`` instances owns a thread; ``init`` and every ``forward`` of that
   instance run on it.
-* A batch is formed only when an instance is free, so batches grow while instances are busy.
-  Among the free instances, the one whose ``[min, max]`` fits the queued work best is used:
-  the smallest ``max`` that holds all of it, else the largest ``max``.
-* A batch is dispatched when it fills the chosen instance's ``max``, when
-  ``batching_timeout`` ms have passed since its oldest request was queued, or at once when a
-  lone request arrives while no instance is busy (no latency penalty at low load).
+* Batches form as batching.py says: only when an instance is free, on the instance that
+  fits best, when full, timed out, or a lone request with nothing running.
+* ``inline = true``: instances without threads (workers.py); a batch runs on a thread that
+  submits or finishes the node's work, and bursts held by hold.py form batches.
 * A request counts ``backend.request_size(item)`` toward ``max`` (a tensor's first
   dimension).  A request larger than every instance's ``max`` is refused at submit with
   InvalidInputError; it is never split.
@@ -33,7 +31,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from typing import Any, Callable
 
 from .backend import Backend
@@ -52,17 +49,16 @@ from .hold import current as current_hold
 from .queues import PriorityQueue
 from .request import DoneCallback, Request
 from .stats import NodeStats
-from .workers import Finisher, InlineInstance, InstanceThread
+from .batching import BatchForming
+from .workers import Finisher, InlineInstance, InlineWork, InstanceThread
 
 __all__ = ["DoneCallback", "Request", "Scheduler"]
 # A batch whose forward took at least this long hands its callbacks to the finisher thread
 # when more work is queued (see the module docstring).
 _HAND_OFF_MIN_NS = 200_000
-# Inline batches one thread runs in a row before the node's timer thread takes over the rest.
-_COMBINE_LIMIT = 8
 
 
-class Scheduler:
+class Scheduler(BatchForming):
     def __init__(self, node: NodeConfig, kwargs: dict[str, Any] | None = None) -> None:
         self.node = node
         self.kwargs = dict(kwargs or {}, node=node.name)
@@ -74,7 +70,7 @@ class Scheduler:
         kind = InlineInstance if self.inline else InstanceThread
         self._instances: list[Any] = [kind(i, self) for i in range(node.instance_num)]
         # Inline batches assigned under the lock, run by the assigning thread right after.
-        self.inline_work: deque[tuple[InlineInstance, list[Request]]] = deque()
+        self.inline_work = InlineWork(self)
         self.priority_levels = int(node.priority_levels)
         self.default_priority = int(node.default_priority) or self.priority_levels
         self._queue = PriorityQueue(self.priority_levels)
@@ -129,7 +125,7 @@ class Scheduler:
             if self._closed:
                 return
             self._closed = True
-            if drain and not self._runs_here():
+            if drain and not self.inline_work.runs_here():
                 self._timer_wake.notify_all()  # partial batches are due now: nothing more will come
                 hold = current_hold()
                 own = hold.count(self) if hold is not None else 0  # released only after close returns
@@ -144,7 +140,7 @@ class Scheduler:
         for req in leftovers:
             self._finish(req, req.cancel_error if req.cancelled else error)
         if self.inline:
-            self._run_inline()  # batches assigned but not yet picked up run now, here
+            self.inline_work.run()  # batches assigned but not yet picked up run now, here
             me = threading.get_ident()
             with self._lock:  # batches running on other threads finish first (not this one's own)
                 self._idle.wait_for(lambda: all(not i.busy or i.running_on == me for i in self._instances))
@@ -210,7 +206,7 @@ class Scheduler:
         if expired:
             self._fail_expired(expired)
         if self.inline_work:
-            self._run_inline()
+            self.inline_work.run()
 
     def _check_accepting(self) -> None:
         """Raise unless a request can be queued now (held requests count as queued)."""
@@ -248,94 +244,7 @@ class Scheduler:
                 self._finish(req, error)
         self._fail_expired(expired)
         if self.inline_work:
-            self._run_inline()
-
-    # -- batching (called with the lock held) ------------------------------------------
-    def _dispatch(self, now: float) -> list[Request]:
-        """Hand out every batch that is due; return requests whose deadline passed."""
-        if self._busy == len(self._instances) and not self._timed:
-            return []  # the common case under load: nothing can start, nothing can expire
-        expired = self._drop_dead_head(now)
-        while self._queue:
-            free = [i for i in self._instances if not i.busy]
-            if not free:
-                return expired
-            choice = self._best_fit(free)
-            if choice is None:  # below every free instance's min: wait for more work
-                return expired
-            inst, count, size = choice
-            oldest = self._queue.oldest_enqueued()
-            due = (
-                size >= inst.hi
-                or count < len(self._queue)  # the next request does not fit: it cannot grow
-                or (len(self._queue) == 1 and self._busy == 0)
-                or self._closed  # draining: no more work will arrive to fill the batch
-                or now >= oldest + self.timeout_s
-            )
-            if not due:
-                self._arm_timer(oldest + self.timeout_s)
-                return expired
-            popped = [self._queue.popleft() for _ in range(count)]
-            for req in popped:
-                req.owner = None
-            self._queued_size -= size
-            self._timed -= sum(r.deadline is not None for r in popped)
-            # Cancelled requests (their caller went away) are dropped here, unrun; one cancelled
-            # with a reason is finished with it after the lock, like an expired one.
-            batch = [r for r in popped if not r.cancelled]
-            expired += [r for r in popped if r.cancelled and r.cancel_error is not None]
-            if not batch:
-                continue
-            self._start(inst, batch, now)
-            expired += self._drop_dead_head(now)
-        return expired
-
-    def _start_lone(self, req: Request, now: float) -> bool:
-        """The lone-item rule without the queue: nothing queued, nothing running, so ``req``
-        alone is due at once, on the free instance that fits it best (the smallest max)."""
-        for inst in self._by_max:
-            if inst.lo <= req.size <= inst.hi:
-                self._start(inst, [req], now)
-                return True
-        return False  # below every instance's min: it waits in the queue for more work
-
-    def _start(self, inst: Any, batch: list[Request], now: float) -> None:
-        inst.busy = True
-        self._busy += 1
-        for req in batch:
-            req.queue_ns += int((now - req.enqueued) * 1e9)
-        inst.assign(batch)
-
-    def _best_fit(self, free: list[InstanceThread]) -> tuple[InstanceThread, int, int] | None:
-        """The free instance that fits the queued work best, with its batch (count, size)."""
-        fits, largest = None, None
-        for inst in free:
-            count, size = self._take(inst.hi)
-            if count == 0 or size < inst.lo:
-                continue
-            if size == self._queued_size and (fits is None or inst.hi < fits[0].hi):
-                fits = (inst, count, size)
-            if largest is None or inst.hi > largest[0].hi:
-                largest = (inst, count, size)
-        return fits or largest
-
-    def _take(self, limit: int) -> tuple[int, int]:
-        count = size = 0
-        for req in self._queue:
-            if size + req.size > limit:
-                break
-            count += 1
-            size += req.size
-        return count, size
-
-    def _drop_dead_head(self, now: float) -> list[Request]:
-        """Remove and return queued requests whose deadline has passed (anywhere in the queue)."""
-        if not self._timed:
-            return []
-        removed = self._queue.remove_if(lambda r: r.deadline is not None and r.deadline <= now)
-        self._queued_size -= sum(r.size for r in removed)
-        self._timed -= len(removed)
-        return [r for r in removed if not r.cancelled or r.cancel_error is not None]
+            self.inline_work.run()
 
     def _forget(self, req: Request) -> None:
         """Drop a cancelled request from the queue; what remains may now be due."""
@@ -351,7 +260,7 @@ class Scheduler:
             expired.insert(0, req)  # _fail_expired finishes it with its reason
         self._fail_expired(expired)
         if self.inline_work:
-            self._run_inline()
+            self.inline_work.run()
 
     def _arm_timer(self, when: float) -> None:
         if self._wake_at is None or when < self._wake_at:
@@ -378,7 +287,7 @@ class Scheduler:
                     self._lock.release()
                     try:
                         self._fail_expired(expired)
-                        self._run_inline(limit=None)
+                        self.inline_work.run(limit=None)
                     finally:
                         self._lock.acquire()
 
@@ -420,44 +329,6 @@ class Scheduler:
         elif claimed:
             self._finish_batch(batch, error)  # this instance is free: as if it had not claimed
         self._fail_expired(expired)
-
-    def _run_inline(self, limit: int | None = _COMBINE_LIMIT) -> None:
-        """Run the inline batches assigned so far, here (the lock is not held).  A batch's
-        end may assign the instance its next one, which this loop then runs too, up to
-        ``limit`` batches: then the node's timer thread takes over, so a caller whose own
-        request is done is not kept running other callers' batches for as long as they
-        keep coming (the timer runs without a limit)."""
-        work = self.inline_work
-        ran = 0
-        while work:
-            if limit is not None and ran >= limit:
-                with self._lock:
-                    self._timer_wake.notify()
-                return
-            ran += 1
-            try:
-                inst, batch = work.popleft()
-            except IndexError:  # another thread took the last one
-                return
-            if inst.stopped:  # closed from a callback while this batch waited
-                self._abort(inst, batch)
-            else:
-                inst.run(batch)
-
-    def _abort(self, inst: Any, batch: list[Request]) -> None:
-        with self._lock:
-            inst.busy = False
-            self._busy -= 1
-            self._idle.notify_all()
-        inst.close_if_stopped()
-        error = ShuttingDownError(f"node {self.node.name!r} is shutting down", node=self.node.name)
-        self._finish_batch(batch, error)
-
-    def _runs_here(self) -> bool:
-        """True on a thread now running one of this node's inline batches (waiting for the
-        node to go idle would wait for itself)."""
-        me = threading.get_ident()
-        return self.inline and any(inst.running_on == me for inst in self._instances)
 
     def _claim_finisher(self) -> bool:
         """Reserve the finisher for this batch's callbacks, if it is idle.  Only then: the

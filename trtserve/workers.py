@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from typing import TYPE_CHECKING
 
 from .backend import Backend
-from .errors import ModelUnavailableError, TrtserveError
+from .errors import ModelUnavailableError, ShuttingDownError, TrtserveError
 from .expression import instantiate
 from .request import Request
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
+
+# Inline batches one thread runs in a row before the node's timer thread takes over the rest.
+COMBINE_LIMIT = 8
 
 
 class _Instance:
@@ -104,7 +108,7 @@ class InlineInstance(_Instance):
 
     ``assign`` (under the scheduler's lock) only queues the batch on the scheduler's shared
     ``inline_work``; the dispatching thread runs it once it has let go of the lock
-    (``Scheduler._run_inline``).  Any thread may run any queued batch, and an instance is
+    (``InlineWork.run``).  Any thread may run any queued batch, and an instance is
     assigned one batch at a time, so its forward still never runs twice at once.
     """
 
@@ -154,6 +158,62 @@ class InlineInstance(_Instance):
             self._close_when_done = False
         if backend is not None:
             backend.close()
+
+
+class InlineWork:
+    """The inline batches a node's dispatch assigned, until a thread takes and runs them.
+
+    Any thread may take any batch (an instance has one assigned at a time, so its forward
+    never runs twice at once).  A thread runs at most ``limit`` in a row, then wakes the
+    node's timer thread to run the rest (it runs without a limit): a caller whose own
+    request is done is not kept running other callers' batches for as long as they come.
+    """
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.pending: deque[tuple[InlineInstance, list[Request]]] = deque()
+
+    def __bool__(self) -> bool:
+        return bool(self.pending)
+
+    def append(self, work: tuple[InlineInstance, list[Request]]) -> None:
+        self.pending.append(work)
+
+    def run(self, limit: int | None = COMBINE_LIMIT) -> None:
+        """Run what is assigned, here (the scheduler's lock is not held).  A batch's end may
+        assign the instance its next batch, which this loop then runs too."""
+        pending, scheduler = self.pending, self.scheduler
+        ran = 0
+        while pending:
+            if limit is not None and ran >= limit:
+                with scheduler._lock:
+                    scheduler._timer_wake.notify()
+                return
+            ran += 1
+            try:
+                inst, batch = pending.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            if inst.stopped:  # closed from a callback while this batch waited
+                self._abort(inst, batch)
+            else:
+                inst.run(batch)
+
+    def _abort(self, inst: InlineInstance, batch: list[Request]) -> None:
+        scheduler = self.scheduler
+        with scheduler._lock:
+            inst.busy = False
+            scheduler._busy -= 1
+            scheduler._idle.notify_all()
+        inst.close_if_stopped()
+        node = scheduler.node.name
+        scheduler._finish_batch(batch, ShuttingDownError(f"node {node!r} is shutting down", node=node))
+
+    def runs_here(self) -> bool:
+        """True on a thread now running one of this node's inline batches (waiting for the
+        node to go idle would wait for itself)."""
+        me = threading.get_ident()
+        return self.scheduler.inline and any(inst.running_on == me for inst in self.scheduler._instances)
 
 
 class Finisher:
