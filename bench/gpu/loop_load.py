@@ -8,7 +8,10 @@ drivers measure the same model the way it is served:
 * ``loop_rows``: runner.py's closed loop over ``PipeDriver`` (trtserve_bench/inproc.py),
   one event-loop thread submitting to the pipe, answers back through the server's doorbell;
 * ``server_rows``: ``trtserve serve`` on a one-model repository in a child process, driven
-  over TCP by trtserve-bench's pipelined raw driver from this process.
+  over TCP by trtserve-bench's pipelined raw driver from this process;
+* ``process_rows``: the same server (or the echo floor) driven by several ``trtserve-bench``
+  processes at once, as perf_analyzer users run several clients: one Python client packs
+  and parses 600 KB tensors at ~2 500 requests/s on its own, below what the model serves.
 
 Both use trtserve-bench's windows and stability rule; a row says whether it was stable.
 """
@@ -17,7 +20,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +34,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "clients"), str(ROOT / "bench")]
 from trtserve_bench.drivers import RawDriver  # noqa: E402
 from trtserve_bench.inproc import PipeDriver  # noqa: E402
 from trtserve_bench.runner import Settings, measure  # noqa: E402
-from trtserve_bench.serverproc import ServerProcess, trtserve_argv  # noqa: E402
+from trtserve_bench.serverproc import ServerProcess, echo_argv, trtserve_argv  # noqa: E402
 
 MODEL = "resnet18"
 
@@ -72,8 +77,13 @@ def _toml(value: Any) -> str:
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
+def _bench_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "clients"), str(ROOT / "bench"),
+                                                        os.environ.get("PYTHONPATH", "")]))
+
+
 def server_rows(repository: Path, inputs: list[np.ndarray], concurrencies: list[int], seconds: float, connections: int = 4) -> list[dict[str, Any]]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "clients"), os.environ.get("PYTHONPATH", "")]))
+    env = _bench_env()
     values = [{"input": x} for x in inputs]
     rows = []
     with ServerProcess(trtserve_argv(repository, ["--log-level", "WARNING"]), startup_timeout=120, env=env) as server:
@@ -81,3 +91,31 @@ def server_rows(repository: Path, inputs: list[np.ndarray], concurrencies: list[
             driver = lambda: RawDriver(server.host, server.port, MODEL, connections=connections)  # noqa: E731
             rows.append(_row(measure(driver, MODEL, values, settings_for(seconds), concurrency=c), concurrency=c, connections=connections))
     return rows
+
+
+def process_rows(repository: Path | None, processes: int, concurrency: int, seconds: float, shape: str = "1,3,224,224") -> dict[str, Any]:
+    """``processes`` trtserve-bench clients at once, each ``concurrency`` requests in flight on
+    one connection, for three windows each (no stability retries, so they stay aligned);
+    against ``trtserve serve`` on ``repository``, or the echo floor when it is None."""
+    env = _bench_env()
+    argv = echo_argv() if repository is None else trtserve_argv(repository, ["--log-level", "WARNING"])
+    window_ms = str(max(250.0, seconds * 1000 / 3))
+    with ServerProcess(argv, startup_timeout=120, env=env) as server, tempfile.TemporaryDirectory() as folder:
+        clients = []
+        for index in range(processes):
+            out = Path(folder) / f"client{index}.json"
+            cmd = [sys.executable, "-m", "trtserve_bench.cli", "-m", MODEL, "--port", str(server.port), "--concurrency",
+                   str(concurrency), "--connections", "1", "--shape", shape, "--dtype", "float32", "--window-ms", window_ms,
+                   "--max-windows", "3", "--stability", "1000", "--warmup-ms", "500", "--quiet", "--json", str(out)]
+            clients.append((subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out))
+        results = []
+        for proc, out in clients:
+            _, err = proc.communicate(timeout=120)
+            if proc.returncode != 0:
+                raise RuntimeError(f"trtserve-bench client failed (exit {proc.returncode}): {err[-2000:]}")
+            results.append(json.loads(out.read_text())["results"][0])
+    return {"per_s": sum(r["throughput"] for r in results), "p50_ms": max(r["p50_ms"] for r in results),
+            "p99_ms": max(r["p99_ms"] for r in results), "mean_batch": results[0].get("server_avg_batch"),
+            "stable": all(r["stable"] for r in results), "errors": sum(r["errors"] for r in results),
+            "client_cpu": [r.get("client_cpu") for r in results], "concurrency": processes * concurrency,
+            "processes": processes}

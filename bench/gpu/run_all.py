@@ -10,11 +10,9 @@ OUTDIR/report.md (the tables, also printed last).  Benchmarks:
    against the measured D2D bandwidth; and per-image time at a typical 1080p -> 224 size.
 3. Preprocessing images/s: the GPU ops on device-resident images vs OpenCV on the CPU,
    and the whole JPEG -> 224x224 RGB chain through trtserve.pipe on GPU vs CPU backends.
-4. ResNet-18 (random weights) as SyncTensor[TorchScriptTensor], instance_num 2, max 8, at
-   concurrency 1..64 (closed loop, host inputs), against the raw traced model at batch 8
-   on its own stream with its input already on the GPU: the ratio is what the serving
-   layer keeps of the GPU's throughput.  Load from threads (one per request in flight),
-   then from one event-loop thread, then through `trtserve serve` over TCP (loop_load.py).
+4. ResNet-18 (random weights) as SyncTensor[TorchScriptTensor], instance_num 2, max 8,
+   launched eagerly and from CUDA graphs, against the raw traced model at batch 8 on its
+   own stream (resnet.py says how).
 """
 from __future__ import annotations
 
@@ -27,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -57,7 +54,8 @@ def _load_support():
 
 support = _load_support()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import loop_load  # noqa: E402
+import resnet  # noqa: E402
+from closed_loop import closed_loop  # noqa: E402
 
 GIB = 1 << 30
 
@@ -174,38 +172,6 @@ def bench_fused(d2d_gbps: float | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- 3. preprocessing
 
 
-def closed_loop(call: Callable[[int], None], concurrency: int, seconds: float) -> dict[str, float]:
-    stop = time.perf_counter() + seconds
-    latencies: list[list[float]] = [[] for _ in range(concurrency)]
-    errors: list[str] = []
-
-    def worker(i: int) -> None:
-        try:
-            while time.perf_counter() < stop:
-                t0 = time.perf_counter()
-                call(i)
-                latencies[i].append(time.perf_counter() - t0)
-        except Exception as exc:
-            errors.append(repr(exc))
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
-    flat = sorted(x for per in latencies for x in per)
-    if errors:
-        raise RuntimeError(f"{len(errors)} calls failed, first: {errors[0]}")
-    return {
-        "per_s": len(flat) / elapsed,
-        "p50_ms": flat[len(flat) // 2] * 1e3 if flat else float("nan"),
-        "p99_ms": flat[min(len(flat) - 1, int(len(flat) * 0.99))] * 1e3 if flat else float("nan"),
-        "count": len(flat),
-    }
-
-
 def bench_preprocess(seconds: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
     frames = [support.photo(1080, 1920, seed=i) for i in range(8)]
@@ -260,147 +226,6 @@ def _auto_decoder() -> str:
     except ImportError:
         return "opencv (nvImageCodec not installed)"
     return f"nvimgcodec {getattr(nvimgcodec, '__version__', '?')}"
-
-
-# --------------------------------------------------------------------------- 4. ResNet
-
-
-def graph_rate(torch: Any, net: Any, batch: int) -> dict[str, float]:
-    x = torch.randn(batch, 3, 224, 224, device="cuda")
-    side = torch.cuda.Stream()
-    with torch.inference_mode():
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                net(x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            net(x)
-        times = []
-        for _ in range(5):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(50):
-                graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 50)
-    ms = statistics.median(times)
-    return {"ms_per_batch": ms, "images_per_s": batch * 1e3 / ms}
-
-
-def raw_host_io_rate(torch: Any, net: Any, inputs: list[np.ndarray], batch: int, seconds: float) -> dict[str, float]:
-    """The same work as the pipe without it: one thread stacks ``batch`` numpy requests,
-    uploads them, runs the model and brings the result back, batch after batch."""
-    stream = torch.cuda.Stream()
-    with torch.inference_mode(), torch.cuda.stream(stream):
-        start, n = time.perf_counter(), 0
-        while time.perf_counter() - start < seconds:
-            rows = [inputs[(n * batch + i) % len(inputs)] for i in range(batch)]
-            net(torch.from_numpy(np.concatenate(rows)).to("cuda")).cpu().numpy()
-            n += 1
-        elapsed = time.perf_counter() - start
-    return {"ms_per_batch": elapsed / n * 1e3, "images_per_s": n * batch / elapsed}
-
-
-def bench_resnet(seconds: float, workdir: Path) -> dict[str, Any]:
-    import torch
-
-    inputs_small = np.zeros((1, 4), np.float32)
-    models = support.build_models(workdir)
-    path = models["paths"]["chw"]
-    out: dict[str, Any] = {"model": models["source"], "precision": "float32 (cuDNN TF32 default)"}
-    # raw: the traced model on its own stream, input already on the GPU
-    net = torch.jit.load(str(path), map_location="cuda").eval()
-    raw_stream = torch.cuda.Stream()
-
-    def raw_rate(batch: int) -> dict[str, float]:
-        x = torch.randn(batch, 3, 224, 224, device="cuda")
-        with torch.inference_mode(), torch.cuda.stream(raw_stream):
-            for _ in range(20):
-                net(x)
-            raw_stream.synchronize()
-            times = []
-            for _ in range(5):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record(raw_stream)
-                for _ in range(50):
-                    net(x)
-                end.record(raw_stream)
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 50)
-        ms = statistics.median(times)
-        return {"ms_per_batch": ms, "images_per_s": batch * 1e3 / ms}
-
-    warm = torch.randn(8, 3, 224, 224, device="cuda")
-    with torch.inference_mode(), torch.cuda.stream(raw_stream):
-        t_end = time.perf_counter() + 3.0  # bring the clocks up and let cuDNN settle first
-        while time.perf_counter() < t_end:
-            net(warm)
-            raw_stream.synchronize()
-    for batch in (1, 8):
-        out[f"raw_batch{batch}"] = raw_rate(batch)
-    raw = out["raw_batch8"]["images_per_s"]
-    try:  # the GPU's own ceiling: batch 8 captured in a CUDA graph, no host launch cost at all
-        out["raw_batch8_cuda_graph"] = graph_rate(torch, net, 8)
-    except Exception as exc:
-        out["raw_batch8_cuda_graph"] = {"error": f"{type(exc).__name__}: {exc}"}
-    # the serving layer's own ceiling: Identity through trtserve.pipe, same clients
-    with trtserve.pipe({"backend": "Identity"}) as pipe:
-        out["identity_pipe_64_clients_per_s"] = closed_loop(lambda i: pipe({"data": inputs_small}), 64, seconds)["per_s"]
-    config = {"backend": "SyncTensor[TorchScriptTensor]", "model": str(path), "instance_num": 2, "max": 8, "batching_timeout": 1}
-    inputs = [np.random.default_rng(i).standard_normal((1, 3, 224, 224)).astype(np.float32) for i in range(16)]
-    levels = []
-    with trtserve.pipe(config) as pipe:
-        closed_loop(lambda i: pipe({"data": inputs[i % 16]}), 16, 1.0)  # warm-up: cuDNN picks kernels
-        node = pipe.pipeline.nodes[0]
-        for concurrency in (1, 2, 4, 8, 16, 32, 64):
-            before = node.stats.snapshot()["batches"]
-            row = closed_loop(lambda i: pipe({"data": inputs[i % 16]}), concurrency, seconds)
-            batches = node.stats.snapshot()["batches"] - before
-            row.update(concurrency=concurrency, mean_batch=row["count"] / max(batches, 1), ratio_to_raw_b8=row["per_s"] / raw)
-            levels.append(row)
-        # the same with inputs already on the GPU (DeviceArray): no H2D in the serving path
-        with cuda.Stream() as up:
-            dev_inputs = [cuda.to_device(x, up) for x in inputs]
-            up.synchronize()
-            for concurrency in (16, 64):
-                row = closed_loop(lambda i: pipe({"data": dev_inputs[i % 16]}), concurrency, seconds)
-                row.update(concurrency=concurrency, inputs="DeviceArray", ratio_to_raw_b8=row["per_s"] / raw)
-                out.setdefault("device_inputs", []).append(row)
-            # Inside the stream's block: the device inputs live on it.
-            out["pipe_loop_device_inputs"] = loop_load.loop_rows(pipe, dev_inputs, [64], seconds, inputs="DeviceArray")
-        # Python's GIL hand-off interval (5 ms) delays an instance thread that wakes from its
-        # CUDA wait while 64 client threads hold the GIL; a server with one event-loop thread
-        # does not have those clients.  The same row with a 0.2 ms interval shows the effect.
-        previous = sys.getswitchinterval()
-        sys.setswitchinterval(0.0002)
-        try:
-            row = closed_loop(lambda i: pipe({"data": inputs[i % 16]}), 64, seconds)
-        finally:
-            sys.setswitchinterval(previous)
-        row.update(concurrency=64, switchinterval_ms=0.2, ratio_to_raw_b8=row["per_s"] / raw)
-        out["switchinterval_0_2ms"] = row
-        # The same pipe with the load from one event-loop thread (as the server drives it).
-        out["pipe_loop_host_inputs"] = loop_load.loop_rows(pipe, inputs, [1, 4, 16, 32, 64], seconds, inputs="numpy")
-    out["pipe_host_inputs"] = levels
-    # The production path: the model in a repository, `trtserve serve` in a child process.
-    try:
-        repository = loop_load.write_repository(workdir / "repository", path, config)
-        out["server_host_inputs"] = loop_load.server_rows(repository, inputs, [16, 64], seconds)
-    except Exception as exc:
-        out["server_host_inputs_error"] = f"{type(exc).__name__}: {exc}"
-    out["raw_batch8_after"] = raw_rate(8)
-    out["raw_batch8_host_io"] = raw_host_io_rate(torch, net, inputs, 8, seconds)
-    # The reference is the better of the two raw measurements, so the ratios are conservative.
-    reference = max(raw, out["raw_batch8_after"]["images_per_s"])
-    out["raw_batch8_reference_images_per_s"] = reference
-    loop_rows = out["pipe_loop_host_inputs"] + out["pipe_loop_device_inputs"] + out.get("server_host_inputs", [])
-    for row in levels + out.get("device_inputs", []) + [out["switchinterval_0_2ms"]] + loop_rows:
-        row["ratio_to_raw_b8"] = row["per_s"] / reference
-        row["ratio_to_raw_b8_host_io"] = row["per_s"] / out["raw_batch8_host_io"]["images_per_s"]
-    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -479,43 +304,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"| pipe: JPEG -> SyncTensor[S[DecodeTensor,ResizeTensor,CvtColorTensor]] x8, 16 clients, decoder auto = {p.get('decoder_auto')} | {p['pipe_gpu_chain']['per_s']:.0f} |",
                   f"| pipe: the same chain, decoder = opencv (host decode + pinned upload) | {p['pipe_gpu_chain_opencv_decode']['per_s']:.0f} |",
                   f"| pipe: JPEG -> S[DecodeMat,ResizeMat,CvtColorMat] x8, 16 clients | {p['pipe_cpu_chain']['per_s']:.0f} |"]
-    r = report.get("resnet", {})
-    if "pipe_host_inputs" in r:
-        lines += ["", f"## ResNet-18 ({r['model']}, {r['precision']})", "",
-                  f"Raw traced model launched eagerly from one Python thread on its own stream, input on GPU: batch 1 {r['raw_batch1']['images_per_s']:.0f} img/s, "
-                  f"batch 8 {r['raw_batch8']['images_per_s']:.0f} img/s ({r['raw_batch8']['ms_per_batch']:.2f} ms/batch).", "",
-                  "SyncTensor[TorchScriptTensor], instance_num 2, max 8, batching_timeout 1 ms; each request one [1,3,224,224] float32 numpy input:", "",
-                  f"Ratio = req/s over the better raw batch-8 rate ({r.get('raw_batch8_reference_images_per_s', float('nan')):.0f} img/s, measured before and after).", "",
-                  "| concurrency | req/s | p50 ms | p99 ms | mean batch | ratio to raw b8 |", "|---|---|---|---|---|---|"]
-        for row in r["pipe_host_inputs"]:
-            lines.append(f"| {row['concurrency']} | {row['per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['mean_batch']:.2f} | {row['ratio_to_raw_b8']:.2f} |")
-        for row in r.get("device_inputs", []):
-            lines.append(f"| {row['concurrency']} (DeviceArray inputs) | {row['per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | - | {row['ratio_to_raw_b8']:.2f} |")
-        if "switchinterval_0_2ms" in r:
-            row = r["switchinterval_0_2ms"]
-            lines.append(f"| 64 (sys.setswitchinterval 0.2 ms) | {row['per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | - | {row['ratio_to_raw_b8']:.2f} |")
-        g = r.get("raw_batch8_cuda_graph", {})
-        if "images_per_s" in g:
-            lines += ["", f"Batch 8 replayed as a CUDA graph (no host launch cost; the GPU's ceiling): {g['images_per_s']:.0f} img/s "
-                      f"({g['ms_per_batch']:.2f} ms/batch); the pipe at its best is {max(x['per_s'] for x in r['pipe_host_inputs']) / g['images_per_s']:.2f} of it."]
-        if "raw_batch8_after" in r:
-            lines += ["", f"Raw batch 8 measured again after the pipe runs: {r['raw_batch8_after']['images_per_s']:.0f} img/s; "
-                      f"Identity through trtserve.pipe with 64 client threads: {r['identity_pipe_64_clients_per_s']:.0f} req/s (the in-process serving ceiling)."]
-        if "raw_batch8_host_io" in r:
-            best_row = max(r["pipe_host_inputs"], key=lambda x: x["per_s"])
-            lines += ["", f"The same work without trtserve (one thread: stack 8 numpy requests, upload, model, download): "
-                      f"{r['raw_batch8_host_io']['images_per_s']:.0f} img/s; the pipe at its best (c={best_row['concurrency']}) "
-                      f"is {best_row['ratio_to_raw_b8_host_io']:.2f} of it."]
-    if "pipe_loop_host_inputs" in r:
-        lines += ["", "The same pipe driven from one event-loop thread (trtserve_bench's PipeDriver), and through `trtserve serve` "
-                  "over TCP (a child process; trtserve-bench's raw driver, 4 connections):", "",
-                  "| driver | inputs | concurrency | req/s | p50 ms | p99 ms | mean batch | stable | ratio to raw b8 |", "|---|---|---|---|---|---|---|---|---|"]
-        for driver, key in (("event loop", "pipe_loop_host_inputs"), ("event loop", "pipe_loop_device_inputs"), ("server", "server_host_inputs")):
-            for row in r.get(key, []):
-                lines.append(f"| {driver} | {row.get('inputs', 'numpy')} | {row['concurrency']} | {row['per_s']:.0f} | {row['p50_ms']:.2f} | "
-                             f"{row['p99_ms']:.2f} | {row['mean_batch'] or 0:.2f} | {row['stable']} | {row['ratio_to_raw_b8']:.2f} |")
-        if "server_host_inputs_error" in r:
-            lines += ["", f"**server rows failed:** `{r['server_host_inputs_error']}`"]
+    lines += resnet.markdown(report.get("resnet", {}))
     for name, err in report.get("errors", {}).items():
         lines += ["", f"**{name} failed:** `{err.splitlines()[-1] if err else ''}`"]
     return "\n".join(lines) + "\n"
@@ -541,7 +330,7 @@ def main() -> int:
         ("copies", bench_copies),
         ("fused", lambda: bench_fused(report.get("copies", {}).get("d2d_GBps_read_plus_write"))),
         ("preprocess", lambda: bench_preprocess(args.seconds)),
-        ("resnet", lambda: bench_resnet(args.seconds, Path(tempfile.mkdtemp(prefix="trtserve-resnet-")))),
+        ("resnet", lambda: resnet.bench(args.seconds, support.build_models(Path(tempfile.mkdtemp(prefix="trtserve-resnet-"))))),
     ]
     only = {name for name in args.only.split(",") if name}
     for name, step in steps:

@@ -1,6 +1,6 @@
 """Where an instance's time goes: ResNet-18 as SyncTensor[TorchScriptTensor] under load.
 
-    python3 bench/gpu/timeline.py [--seconds 3] [--concurrency 16,32,64] [--json OUT.json]
+    python3 bench/gpu/timeline.py [--seconds 3] [--concurrency 16,32,64] [--modes eager,cuda_graph] [--json OUT.json]
 
 Wraps the instance's steps with timers (no change to the code under test beyond the
 wrapping) and reports, per batch and per instance thread: the scheduler's whole execute,
@@ -73,7 +73,10 @@ def instrument(pipe: Any, rec: Recorder) -> None:
         sync.done.synchronize = rec.timed("sync_wait", sync.done.synchronize)
         child.forward = rec.timed("forward_enqueue", child.forward)
         child._batch = rec.timed("staging", child._batch)
-        child.model = _TimedModel(child.model, rec)
+        if child.graphs is not None:  # cuda_graph = true: the model call is a replay (or a capture)
+            child.graphs = _TimedModel(child.graphs, rec)
+        else:
+            child.model = _TimedModel(child.model, rec)
         child._split = rec.timed("split", child._split)
         child.torch = _TimedTorch(child.torch, rec)
 
@@ -95,6 +98,9 @@ class _TimedModel:
 
     def __call__(self, *args: Any) -> Any:
         return self.rec.timed("model_call", self.model)(*args)
+
+    def __getattr__(self, name: str) -> Any:  # close(), captured, ... of a GraphRunner
+        return getattr(self.model, name)
 
 
 def raw_rate(torch: Any, net: Any, batch: int, host: bool) -> float:
@@ -144,6 +150,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[16, 32, 64])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--modes", default="eager", help="comma list of eager, cuda_graph (TorchScriptTensor's cuda_graph key)")
     parser.add_argument("--torch-threads", type=lambda v: [int(t) for t in v.split(",")], default=[0],
                         help="torch intra-op threads per run, 0 = torch's default (comma list)")
     args = parser.parse_args()
@@ -158,9 +165,11 @@ def main() -> int:
     inputs = [np.random.default_rng(i).standard_normal((1, 3, 224, 224)).astype(np.float32) for i in range(16)]
     config = {"backend": "SyncTensor[TorchScriptTensor]", "model": str(path), "instance_num": 2, "max": 8, "batching_timeout": 1}
     default_threads = torch.get_num_threads()
-    for threads in args.torch_threads:
-        torch.set_num_threads(threads or default_threads)
-        run_levels(torch, config, inputs, args, report, f"torch_threads_{threads or default_threads}")
+    for mode in args.modes.split(","):
+        for threads in args.torch_threads:
+            torch.set_num_threads(threads or default_threads)
+            run_levels(torch, dict(config, cuda_graph=mode == "cuda_graph"), inputs, args, report,
+                       f"{mode}_torch_threads_{threads or default_threads}")
     torch.set_num_threads(default_threads)
     report["raw_b8_device_inputs_img_s_after"] = raw_rate(torch, net, 8, host=False)
     text = json.dumps(report, indent=1)

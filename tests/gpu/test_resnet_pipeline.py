@@ -59,14 +59,18 @@ PIPELINES = {
 }
 
 
-@pytest.mark.parametrize("variant", ["fused", "hwc"])
-def test_sixteen_threads_single_and_list_calls_match_cpu(models, images, variant):
+@pytest.mark.parametrize("variant,cuda_graph", [("fused", False), ("hwc", False), ("fused", True), ("hwc", True)])
+def test_sixteen_threads_single_and_list_calls_match_cpu(models, images, variant, cuda_graph):
+    """With cuda_graph the two model instances capture their batch sizes concurrently, while
+    the other instance and the preprocessing node keep running."""
     path = models["paths"]["chw" if variant == "fused" else "hwc"]
     refs = _cpu_reference(models, images, "chw" if variant == "fused" else "hwc")
     failures, errors = [], []
     worst = [0.0]
     lock = threading.Lock()
-    with trtserve.pipe(PIPELINES[variant](path)) as pipe:
+    config = PIPELINES[variant](path)
+    config["model"]["cuda_graph"] = cuda_graph
+    with trtserve.pipe(config) as pipe:
 
         def check(index: int, item: dict) -> None:
             result = item.get("result")
@@ -104,7 +108,8 @@ def test_sixteen_threads_single_and_list_calls_match_cpu(models, images, variant
         for t in threads:
             t.join()
         batch_sizes = pipe.pipeline.nodes[1].stats.snapshot()["batch_sizes"]
-    print(f"{variant}: worst relative L2 error vs CPU {worst[0]:.2e}; model batch sizes {batch_sizes}")
+    print(f"{variant}{' (cuda_graph)' if cuda_graph else ''}: worst relative L2 error vs CPU {worst[0]:.2e}; "
+          f"model batch sizes {batch_sizes}")
     assert not errors, errors[:3]
     assert not failures, failures[:5]
     assert any(int(size) > 1 for size in batch_sizes), f"no batching happened: {batch_sizes}"

@@ -115,3 +115,25 @@ def test_errors_are_typed(net_path, tmp_path):
     with trtserve.pipe({"backend": "TorchScriptTensor", "model": str(net_path), "max": 4, "device": "cpu"}) as models:
         with pytest.raises(InvalidInputError):
             models({"data": "a string"})
+
+
+def test_cuda_graph_with_device_cpu_is_a_config_error_naming_the_key(net_path):
+    with pytest.raises(ConfigError, match="cuda_graph") as caught:
+        trtserve.pipe({"backend": "TorchScriptTensor", "model": str(net_path), "cuda_graph": True, "device": "cpu"})
+    assert 'device = "auto"' in str(caught.value)
+
+
+def test_cuda_graph_must_be_a_bool(net_path):
+    with pytest.raises(ConfigError, match="cuda_graph"):
+        trtserve.pipe({"backend": "TorchScriptTensor", "model": str(net_path), "cuda_graph": "yes", "device": "cpu"})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: auto picks it (tests/gpu covers graphs)")
+def test_cuda_graph_with_device_auto_on_a_cpu_machine_is_ignored_and_the_model_serves(net_path):
+    x = np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    with trtserve.pipe({"backend": "TorchScriptTensor", "model": str(net_path), "cuda_graph": True, "max": 4}) as models:
+        item = {"data": x}
+        models(item)
+    with torch.no_grad():
+        expected = torch.jit.load(str(net_path))(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(item["result"], expected, rtol=1e-5, atol=1e-6)

@@ -18,6 +18,10 @@ is for items that are single samples without a batch dimension (HWC images from
 ResizeTensor): each counts 1 toward ``max``, gets a leading dimension of 1, and its
 results come back without it.  A dict input is passed positionally in key order; tuple
 outputs become ``{"output0": ..., "output1": ...}``, dict outputs keep their names.
+
+``cuda_graph = true`` replays the model from a CUDA graph per input signature instead of
+launching it op by op (torchgraph.py); on a CPU-only machine with ``device = "auto"`` the
+key does not apply and is ignored.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import numpy as np
 from ... import cuda
 from ...backend import Backend, Key
 from ...errors import BackendError, ConfigError, InvalidInputError, ModelUnavailableError
+from .torchgraph import GraphRunner
 
 
 def _describe(data: Any) -> str:
@@ -43,6 +48,7 @@ class TorchScriptTensor(Backend):
         "device": Key(str, "auto", "auto: cuda when PyTorch sees a GPU, else cpu", choices=("auto", "cuda", "cpu")),
         "add_batch_dim": Key(bool, False, "items are single samples: add (and remove) a batch dimension of 1"),
         "result_device": Key(str, "host", "host: numpy results; device: DeviceArray results on the GPU", choices=("host", "device")),
+        "cuda_graph": Key(bool, False, "capture the model in a CUDA graph per input shape and replay it (CUDA only)"),
     }
 
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
@@ -63,6 +69,7 @@ class TorchScriptTensor(Backend):
         self.stream = None
         self.torch_stream = None
         self.staging: list[cuda.HostStaging] = []  # one pinned upload buffer per model input
+        self.graphs: GraphRunner | None = None
         choice = config.get("device") or "auto"
         use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
         if use_cuda:
@@ -82,6 +89,24 @@ class TorchScriptTensor(Backend):
                 file=str(path),
             ) from None
         self.model.eval()
+        self.graphs = self._graph_runner(config, kwargs, choice)
+
+    def _graph_runner(self, config: dict[str, Any], kwargs: dict[str, Any], choice: str) -> GraphRunner | None:
+        """``cuda_graph = true``: the model replayed from CUDA graphs (torchgraph.py).  With
+        ``device = "auto"`` on a machine without a GPU it does not apply and is ignored, so one
+        repository serves on both; with ``device = "cpu"`` it is a contradiction."""
+        if not config.get("cuda_graph"):
+            return None
+        if self.device.type == "cuda":
+            where = ".".join(str(kwargs[k]) for k in ("model", "node") if kwargs.get(k)) or "TorchScriptTensor"
+            return GraphRunner(self.torch, self.model, where)
+        if choice == "cpu":
+            raise ConfigError(
+                'TorchScriptTensor: cuda_graph = true needs CUDA, and this node has device = "cpu"; '
+                'remove cuda_graph or set device = "auto"',
+                key="cuda_graph",
+            )
+        return None
 
     def _bind_cuda(self, choice: str) -> None:
         torch = self.torch
@@ -102,6 +127,8 @@ class TorchScriptTensor(Backend):
         self.torch_stream = torch.cuda.ExternalStream(self.stream.handle, device=torch.device("cuda", self.stream.device))
 
     def close(self) -> None:
+        if self.graphs is not None:
+            self.graphs.close()
         for staging in self.staging:
             staging.close()
         self.staging = []
@@ -143,7 +170,7 @@ class TorchScriptTensor(Backend):
             names, columns = self._columns(items)
             rows = [1 if self.add_batch_dim else int(value.shape[0]) for value in columns[0]]
             inputs = [self._batch(col, index) for index, col in enumerate(columns)]
-            outputs = self._named_outputs(self.model(*inputs))
+            outputs = self._named_outputs((self.graphs or self.model)(*inputs))
             total = sum(rows)
             for name, out in outputs.items():
                 if out.ndim == 0 or out.shape[0] != total:
