@@ -9,9 +9,10 @@ In-process use::
     assert item["result"] == b"x"
 """
 from .backend import Backend, Key, TensorSpec, register, registered_names
+from .completion import Completion
 from .errors import *  # noqa: F401,F403
 from .errors import ErrorCode, TrtserveError
 from .pipe import Pipe, pipe
 
 __version__ = "0.1.0"
-__all__ = ["Backend", "ErrorCode", "Key", "Pipe", "TensorSpec", "TrtserveError", "pipe", "register", "registered_names"]
+__all__ = ["Backend", "Completion", "ErrorCode", "Key", "Pipe", "TensorSpec", "TrtserveError", "pipe", "register", "registered_names"]

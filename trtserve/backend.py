@@ -6,6 +6,7 @@ backend itself only has to::
 
     init(config, kwargs)   # once, on its instance's own thread
     forward(items)         # items are dicts: read item["data"], write item["result"]
+                           # (the outermost backend may return a Completion: completion.py)
     max() / min()          # the batch sizes it accepts (both default to the node's config)
 
 A backend that cannot handle one item leaves its ``result`` unset (a soft failure of that
@@ -61,6 +62,9 @@ class Backend:
     #: backends: the instance's current CUDA stream).  Such a backend needs its own instance
     #: thread, so a node using it cannot be ``inline``.
     thread_bound: ClassVar[bool] = False
+    #: True on the outermost backend of a node (set before ``init``): only its ``forward``
+    #: may return a Completion, since a wrapper would drop it (completion.py).
+    is_root: bool = False
 
     def __init__(self) -> None:
         self.children: list[Backend] = []

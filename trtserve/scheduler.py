@@ -34,6 +34,7 @@ import time
 from typing import Any, Callable
 
 from .backend import Backend
+from .completion import Completion
 from .config import NodeConfig
 from .errors import (
     BackendError,
@@ -297,7 +298,12 @@ class Scheduler(BatchForming):
         start = time.perf_counter_ns()
         error: TrtserveError | None = None
         try:
-            inst.backend.forward(items)
+            completion = inst.backend.forward(items)
+            if isinstance(completion, Completion):
+                if not self.inline:
+                    self._defer(inst, batch, completion, start)
+                    return
+                completion.wait()  # an inline batch ends on the thread that ran it
         except TrtserveError as exc:
             error = exc
         except Exception as exc:
@@ -329,6 +335,45 @@ class Scheduler(BatchForming):
         elif claimed:
             self._finish_batch(batch, error)  # this instance is free: as if it had not claimed
         self._fail_expired(expired)
+
+    def _defer(self, inst: InstanceThread, batch: list[Request], completion: Completion, start: int) -> None:
+        """A batch still running elsewhere (the GPU): the finisher waits for it and wakes its
+        callers, and this instance takes new work at once, so preparing the next batch
+        overlaps the device finishing this one.  The instance first waits for its batch
+        before this one: at most two of its batches are in flight, so its resources (two
+        events, two staging buffers) are never reused early."""
+        self._finisher.put_deferred(batch, completion, start)
+        previous, inst.pending = inst.pending, completion
+        if previous is not None:
+            previous.wait_quietly()
+        with self._lock:
+            inst.busy = False
+            self._busy -= 1
+            expired = self._dispatch(time.monotonic())
+            if self._busy == 0 and not self._queue:
+                self._idle.notify_all()
+        self._fail_expired(expired)
+
+    def _finish_deferred(self, batch: list[Request], completion: Completion, start: int) -> None:
+        """On the finisher: wait for a deferred batch, count it, wake its callers."""
+        error: TrtserveError | None = None
+        try:
+            completion.wait()
+        except TrtserveError as exc:
+            error = exc
+        except Exception as exc:
+            error = BackendError(
+                f"node {self.node.name!r}: {self.node.expr} failed while finishing a batch of {len(batch)}: "
+                f"{type(exc).__name__}: {exc}",
+                node=self.node.name,
+                exception=type(exc).__name__,
+                batch_size=len(batch),
+            )
+        elapsed = time.perf_counter_ns() - start  # enqueue to completion: the batch's whole compute
+        self.stats.record_batch(sum(r.size for r in batch), elapsed, failed=error is not None)
+        for req in batch:
+            req.compute_ns += elapsed
+        self._finish_batch(batch, error)
 
     def _claim_finisher(self) -> bool:
         """Reserve the finisher for this batch's callbacks, if it is idle.  Only then: the

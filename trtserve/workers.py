@@ -20,9 +20,10 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from .backend import Backend
+from .completion import Completion
 from .errors import ModelUnavailableError, ShuttingDownError, TrtserveError
 from .expression import instantiate
 from .request import Request
@@ -50,6 +51,7 @@ class _Instance:
         node = self.scheduler.node
         try:
             backend = instantiate(node.expr, node.options)
+            backend.is_root = True
             backend.init(node.options, dict(self.scheduler.kwargs, instance_index=self.index))
             self.lo, self.hi = int(backend.min()), int(backend.max())
             if not 1 <= self.lo <= self.hi:
@@ -70,6 +72,7 @@ class InstanceThread(_Instance):
         super().__init__(index, scheduler)
         self.inbox: queue.SimpleQueue[list[Request] | None] = queue.SimpleQueue()
         self.ready = threading.Event()
+        self.pending: Completion | None = None  # its last deferred batch (scheduler._defer)
         self.thread = threading.Thread(
             target=self._run, name=f"trtserve-{scheduler.node.name}-{index}", daemon=True
         )
@@ -100,6 +103,9 @@ class InstanceThread(_Instance):
                 self.scheduler._execute(self, batch)
                 del batch  # not held until the next get: see _Finisher._run
         finally:
+            if self.pending is not None:  # the device finishes it before the backend closes
+                self.pending.wait_quietly()
+                self.pending = None
             backend.close()
 
 
@@ -217,28 +223,35 @@ class InlineWork:
 
 
 class Finisher:
-    """A node's finisher thread: runs the callbacks of batches its instances handed off."""
+    """A node's finisher thread: runs the callbacks of batches its instances handed off,
+    and waits for deferred batches (a forward that returned a Completion) first."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
-        self.inbox: queue.SimpleQueue[tuple[list[Request], TrtserveError | None] | None] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...], bool] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=f"trtserve-{scheduler.node.name}-finisher", daemon=True)
-        self.busy = False  # a handed-off batch is not finished yet (the scheduler's lock guards it)
+        self.busy = False  # a claimed hand-off is not finished yet (the scheduler's lock guards it)
 
     def put(self, batch: list[Request], error: TrtserveError | None) -> None:
-        self.inbox.put((batch, error))
+        """A finished batch whose callbacks the instance claimed this thread for."""
+        self.inbox.put((self.scheduler._finish_batch, (batch, error), True))
+
+    def put_deferred(self, batch: list[Request], completion: Completion, start: int) -> None:
+        self.inbox.put((self.scheduler._finish_deferred, (batch, completion, start), False))
 
     def _run(self) -> None:
-        get, finish, idle = self.inbox.get, self.scheduler._finish_batch, self.scheduler._finisher_idle
+        get, idle = self.inbox.get, self.scheduler._finisher_idle
         while True:
             work = get()
             if work is None:
                 return
-            finish(*work)
+            finish, args, claimed = work
+            finish(*args)
             # Let go of the batch now, not at the next get: its items may hold GPU buffers
             # that must be freed while their instance's stream still exists.
-            del work
-            idle()
+            del work, args
+            if claimed:
+                idle()
 
     def stop(self) -> None:
         if self.thread.is_alive():

@@ -59,17 +59,22 @@ PIPELINES = {
 }
 
 
-@pytest.mark.parametrize("variant,cuda_graph", [("fused", False), ("hwc", False), ("fused", True), ("hwc", True)])
-def test_sixteen_threads_single_and_list_calls_match_cpu(models, images, variant, cuda_graph):
+@pytest.mark.parametrize("variant,cuda_graph,overlap", [("fused", False, False), ("hwc", False, False),
+                                                         ("fused", True, False), ("hwc", True, False),
+                                                         ("fused", True, True), ("hwc", False, True)])
+def test_sixteen_threads_single_and_list_calls_match_cpu(models, images, variant, cuda_graph, overlap):
     """With cuda_graph the two model instances capture their batch sizes concurrently, while
-    the other instance and the preprocessing node keep running."""
+    the other instance and the preprocessing node keep running.  With overlap the nodes in
+    SyncTensor[X] form return before their stream is done and the finisher waits."""
     path = models["paths"]["chw" if variant == "fused" else "hwc"]
     refs = _cpu_reference(models, images, "chw" if variant == "fused" else "hwc")
     failures, errors = [], []
     worst = [0.0]
     lock = threading.Lock()
     config = PIPELINES[variant](path)
-    config["model"]["cuda_graph"] = cuda_graph
+    config["model"].update(cuda_graph=cuda_graph, overlap=overlap)
+    if variant == "fused":  # the hwc chain ends in the leaf form S[...,SyncTensor], which always waits
+        config["pre"]["overlap"] = overlap
     with trtserve.pipe(config) as pipe:
 
         def check(index: int, item: dict) -> None:
@@ -108,7 +113,7 @@ def test_sixteen_threads_single_and_list_calls_match_cpu(models, images, variant
         for t in threads:
             t.join()
         batch_sizes = pipe.pipeline.nodes[1].stats.snapshot()["batch_sizes"]
-    print(f"{variant}{' (cuda_graph)' if cuda_graph else ''}: worst relative L2 error vs CPU {worst[0]:.2e}; "
+    print(f"{variant}{' (cuda_graph)' if cuda_graph else ''}{' (overlap)' if overlap else ''}: worst relative L2 error vs CPU {worst[0]:.2e}; "
           f"model batch sizes {batch_sizes}")
     assert not errors, errors[:3]
     assert not failures, failures[:5]

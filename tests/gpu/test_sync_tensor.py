@@ -42,11 +42,14 @@ class StreamProbe(trtserve.Backend):
             item["result"] = {"stream": stream.handle, "init_stream": self.init_stream, "thread": threading.get_ident()}
 
 
-def test_instances_own_distinct_streams_and_results_are_complete_on_return():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_instances_own_distinct_streams_and_results_are_complete_on_return(overlap):
+    """With overlap, forward returns before the kernel ran; the caller's call must still
+    return only once the finisher has waited for the stream."""
     trtserve.register("StreamProbe", StreamProbe)
     threads_n, calls = 16, 8
     with cuda.PinnedBuffer(4 * threads_n * calls) as pinned, trtserve.pipe(
-        {"backend": "SyncTensor[StreamProbe]", "instance_num": 2}
+        {"backend": "SyncTensor[StreamProbe]", "instance_num": 2, "overlap": overlap}
     ) as models:
         slots = pinned.as_numpy(np.float32)
         slots[:] = -1.0
@@ -103,7 +106,7 @@ STICKY_SCRIPT = textwrap.dedent(
 
     trtserve.register("IllegalWrite", IllegalWrite)
     report = {{}}
-    models = trtserve.pipe({{"backend": "SyncTensor[IllegalWrite]"}})
+    models = trtserve.pipe({{"backend": "SyncTensor[IllegalWrite]", "overlap": {overlap!r}}})
     try:
         models({{"data": 1}})
         report["first"] = "no error"
@@ -123,11 +126,12 @@ STICKY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["wait-in-forward", "overlap-finisher-waits"])
 @pytest.mark.parametrize("via_torch", [False, True], ids=["cuda-python-wait", "torch-raises-first"])
-def test_sticky_error_poisons_and_later_work_is_refused_in_a_subprocess(via_torch):
+def test_sticky_error_poisons_and_later_work_is_refused_in_a_subprocess(via_torch, overlap):
     if via_torch:
         pytest.importorskip("torch")
-    script = STICKY_SCRIPT.format(root=str(ROOT), via_torch=via_torch)
+    script = STICKY_SCRIPT.format(root=str(ROOT), via_torch=via_torch, overlap=overlap)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])

@@ -70,12 +70,14 @@ def test_each_batch_size_is_captured_once_then_replayed_and_matches_the_cpu(net_
         assert runner.captured == 8 and len(runner.graphs) == 8
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("result_device", ["host", "device"])
-def test_results_kept_from_a_batch_survive_later_replays_of_its_graph(net_path, result_device):
+def test_results_kept_from_a_batch_survive_later_replays_of_its_graph(net_path, result_device, overlap):
     """The graph's outputs are static tensors; results must be copies, or the next replay of
-    the same batch size would overwrite what an earlier caller still holds."""
+    the same batch size would overwrite what an earlier caller still holds (with overlap the
+    next replay is enqueued before the finisher hands this batch's results over)."""
     inputs = [rows(2, seed=s) for s in range(5)]
-    with trtserve.pipe(config(net_path, result_device=result_device)) as models:
+    with trtserve.pipe(config(net_path, result_device=result_device, overlap=overlap)) as models:
         items = [{"data": x} for x in inputs]
         for item in items:  # five separate batches of the same size: one graph, four replays
             models(item)
@@ -84,11 +86,12 @@ def test_results_kept_from_a_batch_survive_later_replays_of_its_graph(net_path, 
         np.testing.assert_allclose(result, reference(x), rtol=2e-3, atol=2e-3)
 
 
-def test_two_instances_capture_while_sixteen_threads_call(net_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_two_instances_capture_while_sixteen_threads_call(net_path, overlap):
     inputs = [rows(1 + i % 3, seed=100 + i) for i in range(16)]
     expected = [reference(x) for x in inputs]
     failures: list[tuple[int, int]] = []
-    with trtserve.pipe(config(net_path, instance_num=2)) as models:
+    with trtserve.pipe(config(net_path, instance_num=2, overlap=overlap)) as models:
 
         def worker(t: int) -> None:
             for step in range(30):

@@ -27,7 +27,8 @@ from typing import Any
 
 from ... import cuda
 from ...backend import Backend, Key
-from ...errors import ModelUnavailableError, TrtserveError
+from ...completion import Completion
+from ...errors import ConfigError, ModelUnavailableError, TrtserveError
 
 
 def _expression(backend: Backend) -> str:
@@ -55,15 +56,31 @@ def _non_negative(value: int) -> str | None:
 class SyncTensor(Backend):
     children_arity = (0, 1)
     thread_bound = True  # its stream is the instance thread's current stream
-    config_keys = {"device_id": Key(int, 0, "CUDA device this node's instances run on", check=_non_negative)}
+    config_keys = {
+        "device_id": Key(int, 0, "CUDA device this node's instances run on", check=_non_negative),
+        "overlap": Key(bool, False, "return before the GPU finishes a batch; the node's finisher waits for it "
+                                    "while the instance prepares its next batch (the whole node must be SyncTensor[X])"),
+    }
 
     def __init__(self) -> None:
         super().__init__()
         self.stream: cuda.Stream | None = None
         self.done: cuda.Event | None = None
+        self.overlap = False
+        self._events: list[cuda.Event] = []  # overlap: one per batch in flight (two), in turn
+        self._turn = 0
 
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         self.config = config
+        self.overlap = bool(config.get("overlap"))
+        if self.overlap and (not self.children or not self.is_root):
+            raise ConfigError(
+                f"overlap = true needs SyncTensor to wrap the whole node, as in SyncTensor[X]; here it is "
+                f"{'the last stage' if not self.children else 'inside another backend'} of the node's expression. "
+                "Make the node's backend SyncTensor[...] (SyncTensor[S[A,B]] for a chain), or remove overlap",
+                key="overlap",
+                backend="SyncTensor",
+            )
         if not cuda.is_available():
             raise ModelUnavailableError(
                 f"no CUDA device: {cuda.unavailable_reason()}. {_expression(self)} needs an NVIDIA "
@@ -79,6 +96,8 @@ class SyncTensor(Backend):
         cuda.ensure_device(ordinal)
         self.stream = cuda.Stream(device=ordinal)
         self.done = cuda.Event(blocking=True, device=ordinal)
+        if self.overlap:
+            self._events = [self.done, cuda.Event(blocking=True, device=ordinal)]
         # Current for the rest of this instance thread's life: X binds to it in init and
         # any work X does outside forward (close, say) lands on it too.
         cuda.set_current_stream(self.stream)
@@ -89,7 +108,7 @@ class SyncTensor(Backend):
             self._release()
             raise
 
-    def forward(self, items: list[dict[str, Any]]) -> None:
+    def forward(self, items: list[dict[str, Any]]) -> Completion | None:
         cuda.raise_if_poisoned()
         with cuda.use_stream(self.stream):
             try:
@@ -98,14 +117,31 @@ class SyncTensor(Backend):
                 else:  # the leaf form: the stages before this one enqueued on our stream
                     for item in items:
                         item["result"] = item["data"]
+                if self.overlap:
+                    return self._completion(items)
                 self.done.record(self.stream)
                 self.done.synchronize()
                 _mark_complete(items)
+                return None
             except TrtserveError:
                 raise  # CudaError included: check() already poisoned the process if sticky
             except Exception as exc:
                 self._raise_if_device_failed(exc)
                 raise
+
+    def _completion(self, items: list[dict[str, Any]]) -> Completion:
+        """overlap: mark the batch's end on the stream and return; whoever waits (the node's
+        finisher) blocks on that event.  The scheduler keeps at most two batches of an
+        instance in flight, so the two events are never re-recorded while still awaited."""
+        event = self._events[self._turn]
+        self._turn ^= 1
+        event.record(self.stream)
+
+        def finish() -> None:
+            event.synchronize()
+            _mark_complete(items)
+
+        return Completion(finish)
 
     def _raise_if_device_failed(self, exc: Exception) -> None:
         """After a foreign exception, surface a CUDA error on this stream as a typed one."""
@@ -126,7 +162,7 @@ class SyncTensor(Backend):
         """Free the event and stream; after a sticky error the dead context is left alone."""
         if cuda.current_stream() is self.stream:
             cuda.set_current_stream(None)
-        for resource in (self.done, self.stream):
+        for resource in (*self._events[1:], self.done, self.stream):
             if resource is None:
                 continue
             try:
@@ -135,3 +171,4 @@ class SyncTensor(Backend):
                 if not cuda.is_poisoned():
                     raise
         self.done = self.stream = None
+        self._events = []

@@ -68,7 +68,8 @@ class TorchScriptTensor(Backend):
         self.result_on_device = config.get("result_device") == "device"
         self.stream = None
         self.torch_stream = None
-        self.staging: list[cuda.HostStaging] = []  # one pinned upload buffer per model input
+        self.staging: list[cuda.HostStaging] = []  # pinned upload buffers, two per model input
+        self._turn = 0
         self.graphs: GraphRunner | None = None
         choice = config.get("device") or "auto"
         use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
@@ -166,6 +167,7 @@ class TorchScriptTensor(Backend):
     # -- forward -----------------------------------------------------------------------
     def forward(self, items: list[dict[str, Any]]) -> None:
         torch = self.torch
+        self._turn ^= 1  # which staging buffer of each input this batch packs into
         with torch.inference_mode(), (torch.cuda.stream(self.torch_stream) if self.torch_stream else contextlib.nullcontext()):
             names, columns = self._columns(items)
             rows = [1 if self.add_batch_dim else int(value.shape[0]) for value in columns[0]]
@@ -255,9 +257,12 @@ class TorchScriptTensor(Backend):
         torch = self.torch
         first = arrays[0]
         shape = self._batch_shape(arrays)
-        while len(self.staging) <= index:
+        # Two buffers per input, used in turn: with SyncTensor's overlap the next batch is
+        # packed while the previous one may still be uploading from its buffer.
+        slot = 2 * index + self._turn
+        while len(self.staging) <= slot:
             self.staging.append(cuda.HostStaging(device=self.stream.device))
-        staging = self.staging[index]
+        staging = self.staging[slot]
         nbytes = math.prod(shape) * first.dtype.itemsize
         if nbytes == 0:  # rows with a zero-sized dimension: nothing to copy
             return torch.from_numpy(np.empty(shape, first.dtype)).to(self.device)

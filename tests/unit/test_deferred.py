@@ -1,0 +1,184 @@
+"""Deferred completion (trtserve/completion.py): a forward that returns a Completion before
+its batch is done.  The "device" here is a real worker thread per instance that finishes
+each batch a few milliseconds later, as a GPU stream would; SyncTensor's ``overlap`` is the
+production user (tests/gpu)."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import trtserve
+from trtserve import Backend, Completion
+from trtserve.errors import BackendError, ConfigError, InvalidInputError, ModelUnavailableError
+
+pytestmark = pytest.mark.timeout(60)
+DEVICE_MS = 4.0
+
+
+class LateDouble(Backend):
+    """Doubles ``data`` on a worker thread DEVICE_MS after forward returns.  Records how many
+    of its batches are in flight, and whether a forward started before the previous batch
+    finished (the overlap this is for).  ``data`` < 0 makes the batch fail on the worker."""
+
+    def init(self, config, kwargs):
+        super().init(config, kwargs)
+        self.work: queue.SimpleQueue = queue.SimpleQueue()
+        self.worker = threading.Thread(target=self._device, daemon=True)
+        self.worker.start()
+        self.lock = threading.Lock()
+        self.in_flight = self.most_in_flight = 0
+        self.overlapped = 0
+        self.closed_with_work_in_flight = False
+
+    def _device(self):
+        while (job := self.work.get()) is not None:
+            items, done, outcome = job
+            time.sleep(DEVICE_MS / 1e3)
+            if any(float(np.min(i["data"])) < 0 for i in items):
+                outcome["error"] = RuntimeError("the device rejected a negative input")
+            else:
+                for item in items:
+                    item["result"] = item["data"] * 2
+            with self.lock:
+                self.in_flight -= 1
+            done.set()
+
+    def forward(self, items):
+        with self.lock:
+            self.overlapped += self.in_flight > 0
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        done, outcome = threading.Event(), {}
+        self.work.put((items, done, outcome))
+
+        def finish():
+            assert done.wait(10), "the device never finished"
+            if "error" in outcome:
+                raise outcome["error"]
+
+        return Completion(finish)
+
+    def close(self):
+        with self.lock:
+            self.closed_with_work_in_flight = self.in_flight > 0
+        self.work.put(None)
+        super().close()
+
+
+trtserve.register("LateDouble", LateDouble)
+
+
+def backends(models):
+    return [inst.backend for inst in models.pipeline.nodes[0]._instances]
+
+
+def call_from_threads(models, threads=16, calls=20):
+    failures = []
+
+    def worker(t):
+        for step in range(calls):
+            x = np.full((1, 3), float(t * 100 + step), np.float32)
+            item = {"data": x}
+            models(item)
+            if not np.array_equal(item.get("result"), x * 2):
+                failures.append((t, step, item.get("result")))
+
+    pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return failures
+
+
+def test_each_caller_gets_its_own_result_and_instances_overlap_at_most_two_batches():
+    with trtserve.pipe({"backend": "LateDouble", "instance_num": 2, "max": 4, "batching_timeout": 1}) as models:
+        failures = call_from_threads(models)
+        parts = backends(models)
+        stats = models.pipeline.nodes[0].stats.snapshot()
+    assert not failures, failures[:3]
+    assert all(b.most_in_flight <= 2 for b in parts), [b.most_in_flight for b in parts]
+    assert sum(b.overlapped for b in parts) > 0, "no forward ever started while the previous batch ran"
+    # compute time runs from the enqueue to the completion, so it includes the device time
+    assert stats["compute_ns"] / stats["batches"] >= DEVICE_MS * 0.9e6, stats
+
+
+def test_a_failed_completion_fails_its_batch_with_a_backend_error_and_later_batches_run():
+    with trtserve.pipe({"backend": "LateDouble", "max": 4}) as models:
+        with pytest.raises(BackendError, match="negative input") as caught:
+            models({"data": -np.ones((1, 3), np.float32)})
+        assert caught.value.details["exception"] == "RuntimeError"
+        good = {"data": np.ones((1, 3), np.float32)}
+        models(good)
+        assert np.array_equal(good["result"], good["data"] * 2)
+        assert models.pipeline.nodes[0].stats.snapshot()["failed_batches"] == 1
+
+
+def test_a_typed_error_from_a_completion_reaches_the_caller_unchanged():
+    class Refuses(LateDouble):
+        def forward(self, items):
+            super().forward(items)
+
+            def finish():
+                raise InvalidInputError("refused late", backend="Refuses")
+
+            return Completion(finish)
+
+    trtserve.register("RefusesLate", Refuses)
+    with trtserve.pipe({"backend": "RefusesLate"}) as models:
+        with pytest.raises(InvalidInputError, match="refused late"):
+            models({"data": np.ones((1, 3), np.float32)})
+
+
+def test_close_waits_for_the_batches_in_flight_before_closing_the_backend():
+    models = trtserve.pipe({"backend": "LateDouble", "instance_num": 1, "max": 1})
+    (backend,) = backends(models)
+    outcomes = []
+    for _ in range(4):  # no waiting: close comes while batches are still on the "device"
+        models.pipeline.submit({"data": np.ones((1, 3), np.float32)}, lambda item, error: outcomes.append((item, error)))
+    models.pipeline.close(drain=True)
+    assert not backend.closed_with_work_in_flight
+    assert len(outcomes) == 4 and all(error is None and item["result"][0, 0] == 2 for item, error in outcomes)
+
+
+def test_an_inline_node_waits_for_its_completion_on_the_calling_thread():
+    with trtserve.pipe({"backend": "LateDouble", "inline": True, "max": 4}) as models:
+        assert not call_from_threads(models, threads=4, calls=5)
+        (backend,) = backends(models)
+    assert backend.most_in_flight == 1  # nothing overlaps: each batch ends where it ran
+
+
+def test_completion_wait_runs_finish_once_and_repeats_its_outcome():
+    calls = []
+
+    def finish():
+        calls.append(1)
+        raise BackendError("gone", backend="x")
+
+    completion = Completion(finish)
+    for _ in range(3):
+        with pytest.raises(BackendError, match="gone"):
+            completion.wait()
+    completion.wait_quietly()
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("backend", ["S[Identity,SyncTensor]", "S[SyncTensor[Identity],Identity]"])
+def test_sync_tensor_overlap_needs_the_wrapper_form_as_the_whole_node(backend):
+    """A config error on any machine: the check runs before SyncTensor looks for a GPU."""
+    with pytest.raises(ConfigError, match="overlap = true needs SyncTensor to wrap the whole node") as caught:
+        trtserve.pipe({"backend": backend, "overlap": True})
+    assert caught.value.details["key"] == "overlap"
+
+
+def test_sync_tensor_overlap_in_the_right_form_is_only_unavailable_without_a_gpu():
+    from trtserve import cuda
+
+    if cuda.is_available():
+        pytest.skip("a CUDA device is present: tests/gpu runs overlap for real")
+    with pytest.raises(ModelUnavailableError, match="no CUDA device"):
+        trtserve.pipe({"backend": "SyncTensor[Identity]", "overlap": True})
