@@ -63,10 +63,17 @@ def write_repository(folder: Path, model_path: Path, config: dict[str, Any]) -> 
     model_dir = folder / MODEL
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model_path, model_dir / "1" / "model.pt")
-    settings = {key: value for key, value in config.items() if key != "model"}
-    lines = [f"{key} = {_toml(value)}" for key, value in settings.items()] + ['model = "model.pt"']
-    (model_dir / "config.toml").write_text("\n".join(lines) + "\n")
+    (model_dir / "config.toml").write_text(toml_table(config) + "\n")
     return folder
+
+
+def toml_table(config: dict[str, Any]) -> str:
+    """One node's settings as TOML lines; its ``model`` becomes the repository's model.pt."""
+    settings = {key: value for key, value in config.items() if key != "model"}
+    lines = [f"{key} = {_toml(value)}" for key, value in settings.items()]
+    if "model" in config:
+        lines.append('model = "model.pt"')
+    return "\n".join(lines)
 
 
 def _toml(value: Any) -> str:
@@ -74,6 +81,8 @@ def _toml(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
@@ -93,10 +102,15 @@ def server_rows(repository: Path, inputs: list[np.ndarray], concurrencies: list[
     return rows
 
 
-def process_rows(repository: Path | None, processes: int, concurrency: int, seconds: float, shape: str = "1,3,224,224") -> dict[str, Any]:
+TENSOR_INPUT = ("--shape", "1,3,224,224", "--dtype", "float32")
+
+
+def process_rows(repository: Path | None, processes: int, concurrency: int, seconds: float,
+                 input_args: tuple[str, ...] = TENSOR_INPUT) -> dict[str, Any]:
     """``processes`` trtserve-bench clients at once, each ``concurrency`` requests in flight on
     one connection, for three windows each (no stability retries, so they stay aligned);
-    against ``trtserve serve`` on ``repository``, or the echo floor when it is None."""
+    against ``trtserve serve`` on ``repository``, or the echo floor when it is None.
+    ``input_args``: what each request carries (trtserve-bench's --shape/--dtype or --input-data)."""
     env = _bench_env()
     argv = echo_argv() if repository is None else trtserve_argv(repository, ["--log-level", "WARNING"])
     window_ms = str(max(250.0, seconds * 1000 / 3))
@@ -105,7 +119,7 @@ def process_rows(repository: Path | None, processes: int, concurrency: int, seco
         for index in range(processes):
             out = Path(folder) / f"client{index}.json"
             cmd = [sys.executable, "-m", "trtserve_bench.cli", "-m", MODEL, "--port", str(server.port), "--concurrency",
-                   str(concurrency), "--connections", "1", "--shape", shape, "--dtype", "float32", "--window-ms", window_ms,
+                   str(concurrency), "--connections", "1", *input_args, "--window-ms", window_ms,
                    "--max-windows", "3", "--stability", "1000", "--warmup-ms", "500", "--quiet", "--json", str(out)]
             clients.append((subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out))
         results = []

@@ -20,6 +20,7 @@ driven from this process and from several client processes.
 """
 from __future__ import annotations
 
+import shutil
 import statistics
 import sys
 import threading
@@ -147,7 +148,40 @@ def server_rows(workdir: Path, mode: str, config: dict[str, Any], model_path: Pa
             "four_client_processes": loop_load.process_rows(repository, 4, 16, seconds)}
 
 
+def jpeg_rows(seconds: float, model_path: Path, support: Any, workdir: Path) -> dict[str, Any]:
+    """The deployment this is for: JPEG bytes in (640x480, ~50 KB), GPU decode + fused
+    resize/normalise (4 instances), ResNet-18 with cuda_graph and overlap; in-process and
+    through ``trtserve serve`` with four client processes sending the files."""
+    jpegs = [support.jpeg(support.photo(480, 640, seed=200 + i)) for i in range(16)]
+    pre = {"backend": "SyncTensor[S[DecodeTensor,FusedPreprocessTensor]]", "instance_num": 4, "resize_h": 224,
+           "resize_w": 224, "color": "rgb", "mean": list(support.MEAN), "std": list(support.STD), "overlap": True,
+           "next": "model"}
+    model = dict(NODE, model=str(model_path), cuda_graph=True, overlap=True)
+    out: dict[str, Any] = {"jpeg_mean_bytes": sum(map(len, jpegs)) / len(jpegs), "pre": pre, "model": model}
+    with trtserve.pipe({"pre": pre, "model": model}) as pipe:
+        _capture_every_size(pipe, jpegs)
+        out["pipe_threads"] = [dict(closed_loop(lambda i: pipe({"data": jpegs[i % 16]}), 64, seconds), concurrency=64)]
+        out["pipe_loop"] = loop_load.loop_rows(pipe, jpegs, [64], seconds, inputs="JPEG")
+    folder = workdir / "repository-jpeg"
+    model_dir = folder / loop_load.MODEL
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model_path, model_dir / "1" / "model.pt")
+    (model_dir / "config.toml").write_text(f"[pre]\n{loop_load.toml_table(pre)}\n\n[model]\n{loop_load.toml_table(model)}\n\n"
+                                           '[[input]]\nname = "image"\ndtype = "bytes"\nshape = [-1]\n')
+    images = workdir / "jpegs"
+    images.mkdir(exist_ok=True)
+    for index, data in enumerate(jpegs):
+        (images / f"{index:02d}.jpg").write_bytes(data)
+    out["server_four_processes"] = loop_load.process_rows(folder, 4, 16, seconds, ("--input-data", str(images)))
+    return out
+
+
 # --------------------------------------------------------------------------- the whole step
+
+
+def bench_jpeg(seconds: float, models: dict[str, Any], support: Any) -> dict[str, Any]:
+    path = Path(models["paths"]["chw"])
+    return jpeg_rows(seconds, path, support, path.parent)
 
 
 def bench(seconds: float, models: dict[str, Any]) -> dict[str, Any]:
@@ -251,3 +285,19 @@ def _line(mode: str, driver: str, inputs: str, row: dict[str, Any]) -> str:
     return (f"| {mode} | {driver} | {inputs} | {row['concurrency']} | {row['per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
             f"{'-' if batch is None else f'{batch:.2f}'} | {row.get('ratio_to_raw_b8', float('nan')):.2f} | "
             f"{row.get('ratio_to_raw_b8_graph', float('nan')):.2f} | {row.get('ratio_to_raw_b8_host_io', float('nan')):.2f} |")
+
+
+def jpeg_markdown(r: dict[str, Any]) -> list[str]:
+    if "pipe_loop" not in r:
+        return []
+    lines = ["", "## JPEG -> GPU decode + fused preprocessing -> ResNet-18 (cuda_graph, overlap)", "",
+             f"640x480 JPEGs, {r['jpeg_mean_bytes'] / 1e3:.0f} KB on average; pre node {r['pre']['backend']} x{r['pre']['instance_num']}, "
+             f"model node instance_num {r['model']['instance_num']}, max {r['model']['max']}.", "",
+             "| driver | concurrency | images/s | p50 ms | p99 ms | mean batch |", "|---|---|---|---|---|---|"]
+    rows = [("pipe, threads", x) for x in r["pipe_threads"]] + [("pipe, event loop", x) for x in r["pipe_loop"]]
+    rows.append(("`trtserve serve`, 4 client processes", r["server_four_processes"]))
+    for driver, row in rows:
+        batch = row.get("mean_batch")
+        lines.append(f"| {driver} | {row['concurrency']} | {row['per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
+                     f"{'-' if batch is None else f'{batch:.2f}'} |")
+    return lines

@@ -305,6 +305,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"| pipe: the same chain, decoder = opencv (host decode + pinned upload) | {p['pipe_gpu_chain_opencv_decode']['per_s']:.0f} |",
                   f"| pipe: JPEG -> S[DecodeMat,ResizeMat,CvtColorMat] x8, 16 clients | {p['pipe_cpu_chain']['per_s']:.0f} |"]
     lines += resnet.markdown(report.get("resnet", {}))
+    lines += resnet.jpeg_markdown(report.get("jpeg", {}))
     for name, err in report.get("errors", {}).items():
         lines += ["", f"**{name} failed:** `{err.splitlines()[-1] if err else ''}`"]
     return "\n".join(lines) + "\n"
@@ -315,7 +316,7 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--seconds", type=float, default=2.0, help="per throughput measurement")
-    parser.add_argument("--only", default="", help="comma-separated benchmarks to run (copies, fused, preprocess, resnet); default all")
+    parser.add_argument("--only", default="", help="comma-separated benchmarks to run (copies, fused, preprocess, resnet, jpeg); default all")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not cuda.is_available():
@@ -331,6 +332,7 @@ def main() -> int:
         ("fused", lambda: bench_fused(report.get("copies", {}).get("d2d_GBps_read_plus_write"))),
         ("preprocess", lambda: bench_preprocess(args.seconds)),
         ("resnet", lambda: resnet.bench(args.seconds, support.build_models(Path(tempfile.mkdtemp(prefix="trtserve-resnet-"))))),
+        ("jpeg", lambda: resnet.bench_jpeg(args.seconds, support.build_models(Path(tempfile.mkdtemp(prefix="trtserve-jpeg-"))), support)),
     ]
     only = {name for name in args.only.split(",") if name}
     for name, step in steps:
