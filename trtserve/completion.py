@@ -2,9 +2,9 @@
 
 A backend's ``forward`` normally returns once every result is written.  A backend whose
 work finishes elsewhere (SyncTensor with ``overlap = true``: the GPU is still running the
-batch) may instead return a ``Completion``.  The scheduler then hands the batch to the
-node's finisher thread, which waits for it and wakes the callers, while the instance
-thread goes on to prepare its next batch (scheduler.py ``_defer``).
+batch) may instead return a ``Completion``.  If the scheduler has more work for the
+instance, the instance prepares its next batch first and only then waits for this one and
+wakes its callers; otherwise it waits at once (scheduler.py ``_defer``).
 """
 from __future__ import annotations
 
@@ -35,10 +35,3 @@ class Completion:
                     self._error = exc
         if self._error is not None:
             raise self._error
-
-    def wait_quietly(self) -> None:
-        """Wait, leaving the error to the waiter that reports it (the finisher)."""
-        try:
-            self.wait()
-        except Exception:  # noqa: S110 - the finisher fails the batch with it
-            pass

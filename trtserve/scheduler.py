@@ -297,13 +297,12 @@ class Scheduler(BatchForming):
         items = [req.item for req in batch]
         start = time.perf_counter_ns()
         error: TrtserveError | None = None
+        completion = None
         try:
             completion = inst.backend.forward(items)
-            if isinstance(completion, Completion):
-                if not self.inline:
-                    self._defer(inst, batch, completion, start)
-                    return
+            if isinstance(completion, Completion) and self.inline:
                 completion.wait()  # an inline batch ends on the thread that ran it
+                completion = None
         except TrtserveError as exc:
             error = exc
         except Exception as exc:
@@ -314,6 +313,10 @@ class Scheduler(BatchForming):
                 exception=type(exc).__name__,
                 batch_size=len(batch),
             )
+        if isinstance(completion, Completion):
+            self._defer(inst, batch, completion, start)
+            return
+        self._finish_pending(inst)  # a deferred batch before this one, whose forward ran first
         elapsed = time.perf_counter_ns() - start
         self.stats.record_batch(sum(r.size for r in batch), elapsed, failed=error is not None)
         for req in batch:
@@ -337,25 +340,42 @@ class Scheduler(BatchForming):
         self._fail_expired(expired)
 
     def _defer(self, inst: InstanceThread, batch: list[Request], completion: Completion, start: int) -> None:
-        """A batch still running elsewhere (the GPU): the finisher waits for it and wakes its
-        callers, and this instance takes new work at once, so preparing the next batch
-        overlaps the device finishing this one.  The instance first waits for its batch
-        before this one: at most two of its batches are in flight, so its resources (two
-        events, two staging buffers) are never reused early."""
-        self._finisher.put_deferred(batch, completion, start)
-        previous, inst.pending = inst.pending, completion
-        if previous is not None:
-            previous.wait_quietly()
+        """A batch still running on the device (its forward returned a Completion).
+
+        The instance first finishes its previous deferred batch, if any (wait, then wake its
+        callers), so at most two of its batches are in flight and its resources (two events,
+        two staging buffers) are never reused early.  Then, if the scheduler hands it new
+        work, it leaves this batch pending and prepares the next one while the device runs
+        this one; otherwise it finishes this one at once.  Callbacks run on the instance
+        thread before it takes more work, as on the plain path: slow callers still slow the
+        intake, and one instance's slow batch never delays another's callers.
+        """
+        self._finish_pending(inst)
+        inst.pending = (batch, completion, start)
         with self._lock:
             inst.busy = False
             self._busy -= 1
             expired = self._dispatch(time.monotonic())
-            if self._busy == 0 and not self._queue:
-                self._idle.notify_all()
+            overlapped = inst.busy  # the next batch is in this instance's inbox
+            if not overlapped:  # stay busy until the callers are woken, as on the plain path
+                inst.busy = True
+                self._busy += 1
+        if not overlapped:
+            self._finish_pending(inst)
+            with self._lock:
+                inst.busy = False
+                self._busy -= 1
+                expired += self._dispatch(time.monotonic())
+                if self._busy == 0 and not self._queue:
+                    self._idle.notify_all()
         self._fail_expired(expired)
 
-    def _finish_deferred(self, batch: list[Request], completion: Completion, start: int) -> None:
-        """On the finisher: wait for a deferred batch, count it, wake its callers."""
+    def _finish_pending(self, inst: Any) -> None:
+        """Wait for the instance's deferred batch, count it and wake its callers."""
+        if inst.pending is None:
+            return
+        batch, completion, start = inst.pending
+        inst.pending = None
         error: TrtserveError | None = None
         try:
             completion.wait()
@@ -369,7 +389,10 @@ class Scheduler(BatchForming):
                 exception=type(exc).__name__,
                 batch_size=len(batch),
             )
-        elapsed = time.perf_counter_ns() - start  # enqueue to completion: the batch's whole compute
+        # From forward's start to the wait's end: an upper bound on the batch's compute time.
+        # Under overlap the wait comes after the instance prepared its next batch and woke
+        # the callers of its previous one, so this counts that time too.
+        elapsed = time.perf_counter_ns() - start
         self.stats.record_batch(sum(r.size for r in batch), elapsed, failed=error is not None)
         for req in batch:
             req.compute_ns += elapsed

@@ -20,10 +20,9 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .backend import Backend
-from .completion import Completion
 from .errors import ModelUnavailableError, ShuttingDownError, TrtserveError
 from .expression import instantiate
 from .request import Request
@@ -45,6 +44,9 @@ class _Instance:
         self.lo = self.hi = 1
         self.busy = False  # a batch is assigned (the scheduler's lock guards it)
         self.init_error: BaseException | None = None
+        # A batch whose forward returned a Completion, not finished yet: (batch, completion,
+        # start ns).  Only the instance's own thread reads or writes it (scheduler._defer).
+        self.pending: tuple[list[Request], Any, int] | None = None
 
     def _build(self) -> None:
         """Build and initialise the backend on the current thread; record a failure."""
@@ -72,7 +74,6 @@ class InstanceThread(_Instance):
         super().__init__(index, scheduler)
         self.inbox: queue.SimpleQueue[list[Request] | None] = queue.SimpleQueue()
         self.ready = threading.Event()
-        self.pending: Completion | None = None  # its last deferred batch (scheduler._defer)
         self.thread = threading.Thread(
             target=self._run, name=f"trtserve-{scheduler.node.name}-{index}", daemon=True
         )
@@ -103,9 +104,9 @@ class InstanceThread(_Instance):
                 self.scheduler._execute(self, batch)
                 del batch  # not held until the next get: see _Finisher._run
         finally:
-            if self.pending is not None:  # the device finishes it before the backend closes
-                self.pending.wait_quietly()
-                self.pending = None
+            # A deferred batch still in flight: the device finishes it and its callers are
+            # woken before the backend closes.
+            self.scheduler._finish_pending(self)
             backend.close()
 
 
@@ -223,35 +224,28 @@ class InlineWork:
 
 
 class Finisher:
-    """A node's finisher thread: runs the callbacks of batches its instances handed off,
-    and waits for deferred batches (a forward that returned a Completion) first."""
+    """A node's finisher thread: runs the callbacks of batches its instances handed off."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
-        self.inbox: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...], bool] | None] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[tuple[list[Request], TrtserveError | None] | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=f"trtserve-{scheduler.node.name}-finisher", daemon=True)
-        self.busy = False  # a claimed hand-off is not finished yet (the scheduler's lock guards it)
+        self.busy = False  # a handed-off batch is not finished yet (the scheduler's lock guards it)
 
     def put(self, batch: list[Request], error: TrtserveError | None) -> None:
-        """A finished batch whose callbacks the instance claimed this thread for."""
-        self.inbox.put((self.scheduler._finish_batch, (batch, error), True))
-
-    def put_deferred(self, batch: list[Request], completion: Completion, start: int) -> None:
-        self.inbox.put((self.scheduler._finish_deferred, (batch, completion, start), False))
+        self.inbox.put((batch, error))
 
     def _run(self) -> None:
-        get, idle = self.inbox.get, self.scheduler._finisher_idle
+        get, finish, idle = self.inbox.get, self.scheduler._finish_batch, self.scheduler._finisher_idle
         while True:
             work = get()
             if work is None:
                 return
-            finish, args, claimed = work
-            finish(*args)
+            finish(*work)
             # Let go of the batch now, not at the next get: its items may hold GPU buffers
             # that must be freed while their instance's stream still exists.
-            del work, args
-            if claimed:
-                idle()
+            del work
+            idle()
 
     def stop(self) -> None:
         if self.thread.is_alive():

@@ -20,6 +20,7 @@ driven from this process and from several client processes.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import sys
@@ -43,6 +44,11 @@ from closed_loop import closed_loop  # noqa: E402
 MODES = {"eager": {}, "cuda_graph": {"cuda_graph": True}, "overlap": {"overlap": True},
          "cuda_graph+overlap": {"cuda_graph": True, "overlap": True}}
 SERVER_MODES = ("eager", "cuda_graph+overlap")
+# A shorter run: RESNET_MODES=eager,cuda_graph+overlap and RESNET_SERVER=0 (no TCP rows).
+if os.environ.get("RESNET_MODES"):
+    MODES = {name: MODES[name] for name in os.environ["RESNET_MODES"].split(",")}
+if os.environ.get("RESNET_SERVER") == "0":
+    SERVER_MODES = ()
 NODE = {"backend": "SyncTensor[TorchScriptTensor]", "instance_num": 2, "max": 8, "batching_timeout": 1}
 
 
@@ -216,7 +222,8 @@ def bench(seconds: float, models: dict[str, Any]) -> dict[str, Any]:
         except Exception as exc:
             out["servers"][mode] = {"error": f"{type(exc).__name__}: {exc}"}
     try:
-        out["echo_floor_four_client_processes"] = loop_load.process_rows(None, 4, 16, seconds)
+        if SERVER_MODES:
+            out["echo_floor_four_client_processes"] = loop_load.process_rows(None, 4, 16, seconds)
     except Exception as exc:
         out["echo_floor_four_client_processes"] = {"error": f"{type(exc).__name__}: {exc}"}
     out["raw_batch8_after"] = raw_eager(torch, net, stream, 8)

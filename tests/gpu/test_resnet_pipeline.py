@@ -65,7 +65,7 @@ PIPELINES = {
 def test_sixteen_threads_single_and_list_calls_match_cpu(models, images, variant, cuda_graph, overlap):
     """With cuda_graph the two model instances capture their batch sizes concurrently, while
     the other instance and the preprocessing node keep running.  With overlap the nodes in
-    SyncTensor[X] form return before their stream is done and the finisher waits."""
+    SyncTensor[X] form return before their stream is done and wait later."""
     path = models["paths"]["chw" if variant == "fused" else "hwc"]
     refs = _cpu_reference(models, images, "chw" if variant == "fused" else "hwc")
     failures, errors = [], []

@@ -45,7 +45,7 @@ class StreamProbe(trtserve.Backend):
 @pytest.mark.parametrize("overlap", [False, True])
 def test_instances_own_distinct_streams_and_results_are_complete_on_return(overlap):
     """With overlap, forward returns before the kernel ran; the caller's call must still
-    return only once the finisher has waited for the stream."""
+    return only once the instance has waited for the stream."""
     trtserve.register("StreamProbe", StreamProbe)
     threads_n, calls = 16, 8
     with cuda.PinnedBuffer(4 * threads_n * calls) as pinned, trtserve.pipe(
@@ -126,7 +126,7 @@ STICKY_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["wait-in-forward", "overlap-finisher-waits"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["wait-in-forward", "overlap-waits-later"])
 @pytest.mark.parametrize("via_torch", [False, True], ids=["cuda-python-wait", "torch-raises-first"])
 def test_sticky_error_poisons_and_later_work_is_refused_in_a_subprocess(via_torch, overlap):
     if via_torch:

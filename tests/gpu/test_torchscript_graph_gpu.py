@@ -75,7 +75,7 @@ def test_each_batch_size_is_captured_once_then_replayed_and_matches_the_cpu(net_
 def test_results_kept_from_a_batch_survive_later_replays_of_its_graph(net_path, result_device, overlap):
     """The graph's outputs are static tensors; results must be copies, or the next replay of
     the same batch size would overwrite what an earlier caller still holds (with overlap the
-    next replay is enqueued before the finisher hands this batch's results over)."""
+    next replay is enqueued before this batch's callers are woken)."""
     inputs = [rows(2, seed=s) for s in range(5)]
     with trtserve.pipe(config(net_path, result_device=result_device, overlap=overlap)) as models:
         items = [{"data": x} for x in inputs]

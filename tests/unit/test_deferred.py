@@ -17,6 +17,7 @@ from trtserve.errors import BackendError, ConfigError, InvalidInputError, ModelU
 
 pytestmark = pytest.mark.timeout(60)
 DEVICE_MS = 4.0
+SLOW_MS = 300.0  # LateDouble's device time for inputs >= 1000
 
 
 class LateDouble(Backend):
@@ -37,7 +38,8 @@ class LateDouble(Backend):
     def _device(self):
         while (job := self.work.get()) is not None:
             items, done, outcome = job
-            time.sleep(DEVICE_MS / 1e3)
+            slow = any(float(np.max(i["data"])) >= 1000 for i in items)
+            time.sleep((SLOW_MS if slow else DEVICE_MS) / 1e3)
             if any(float(np.min(i["data"])) < 0 for i in items):
                 outcome["error"] = RuntimeError("the device rejected a negative input")
             else:
@@ -81,7 +83,7 @@ def call_from_threads(models, threads=16, calls=20):
 
     def worker(t):
         for step in range(calls):
-            x = np.full((1, 3), float(t * 100 + step), np.float32)
+            x = np.full((1, 3), float(t * 10 + step), np.float32)
             item = {"data": x}
             models(item)
             if not np.array_equal(item.get("result"), x * 2):
@@ -163,7 +165,6 @@ def test_completion_wait_runs_finish_once_and_repeats_its_outcome():
     for _ in range(3):
         with pytest.raises(BackendError, match="gone"):
             completion.wait()
-    completion.wait_quietly()
     assert calls == [1]
 
 
@@ -182,3 +183,49 @@ def test_sync_tensor_overlap_in_the_right_form_is_only_unavailable_without_a_gpu
         pytest.skip("a CUDA device is present: tests/gpu runs overlap for real")
     with pytest.raises(ModelUnavailableError, match="no CUDA device"):
         trtserve.pipe({"backend": "SyncTensor[Identity]", "overlap": True})
+
+
+def test_a_callback_calling_the_same_model_is_served_by_the_other_instance():
+    """The instance wakes its callers before it counts as free, as on the plain path, so a
+    nested call from a callback goes to the other instance instead of waiting behind it."""
+    with trtserve.pipe({"backend": "LateDouble", "instance_num": 2, "max": 1}) as models:
+        nested_done = threading.Event()
+
+        def callback(item, error):
+            models({"data": np.ones((1, 3), np.float32)})
+            nested_done.set()
+
+        models.pipeline.submit({"data": np.ones((1, 3), np.float32)}, callback)
+        assert nested_done.wait(5), "the nested call never ran"
+
+
+def test_a_slow_batch_on_one_instance_does_not_delay_the_callers_of_another():
+    with trtserve.pipe({"backend": "LateDouble", "instance_num": 2, "max": 1}) as models:
+        fast_done = threading.Event()
+        models.pipeline.submit({"data": np.full((1, 3), 1000.0, np.float32)}, lambda item, error: None)
+        time.sleep(0.02)  # the slow batch is on the device
+        started = time.monotonic()
+        models.pipeline.submit({"data": np.ones((1, 3), np.float32)}, lambda item, error: fast_done.set())
+        assert fast_done.wait(5)
+        waited_ms = (time.monotonic() - started) * 1e3
+    assert waited_ms < SLOW_MS / 2, f"the fast request waited {waited_ms:.0f} ms behind the slow batch"
+
+
+def test_slow_callers_still_slow_the_intake_so_max_queue_size_keeps_its_meaning():
+    """Each instance wakes its own callers before it takes more work: with callbacks slower
+    than the device, the queue fills and submits are refused instead of piling up answers."""
+    from trtserve.errors import QueueFullError
+
+    refused, backlog = 0, []
+    with trtserve.pipe({"backend": "LateDouble", "max": 1, "max_queue_size": 4}) as models:
+        def slow_callback(item, error):
+            time.sleep(0.01)
+
+        for _ in range(60):
+            try:
+                models.pipeline.submit({"data": np.ones((1, 3), np.float32)}, slow_callback)
+            except QueueFullError:
+                refused += 1
+            backlog.append(models.pipeline.nodes[0].queue_depth())
+            time.sleep(0.002)
+    assert refused > 0 and max(backlog) <= 4, (refused, max(backlog))

@@ -58,8 +58,8 @@ class SyncTensor(Backend):
     thread_bound = True  # its stream is the instance thread's current stream
     config_keys = {
         "device_id": Key(int, 0, "CUDA device this node's instances run on", check=_non_negative),
-        "overlap": Key(bool, False, "return before the GPU finishes a batch; the node's finisher waits for it "
-                                    "while the instance prepares its next batch (the whole node must be SyncTensor[X])"),
+        "overlap": Key(bool, False, "return before the GPU finishes a batch, so the instance prepares its "
+                                    "next batch meanwhile and waits afterwards (the whole node must be SyncTensor[X])"),
     }
 
     def __init__(self) -> None:
@@ -130,8 +130,8 @@ class SyncTensor(Backend):
                 raise
 
     def _completion(self, items: list[dict[str, Any]]) -> Completion:
-        """overlap: mark the batch's end on the stream and return; whoever waits (the node's
-        finisher) blocks on that event.  The scheduler keeps at most two batches of an
+        """overlap: mark the batch's end on the stream and return; the instance thread waits
+        on that event later (after preparing its next batch, when it has one).  The scheduler keeps at most two batches of an
         instance in flight, so the two events are never re-recorded while still awaited."""
         event = self._events[self._turn]
         self._turn ^= 1

@@ -30,8 +30,13 @@ Capturing while other instances run:
 
 A model that cannot be captured (a host sync such as ``.item()``, work on the CPU, shapes
 that depend on the data) fails its capture; that signature then runs eagerly and one
-warning names the error.  An instance keeps at most ``MAX_GRAPHS`` graphs; other
-signatures run eagerly (a warning says so once).
+warning names the error.  An instance tries at most ``MAX_GRAPHS`` signatures (captured or
+failed); further ones run eagerly (a warning says so once).
+
+Known limit: while one instance captures, torch's caching allocator treats a capture as
+underway, and an allocation elsewhere that runs out of memory cannot fall back to freeing
+cached blocks (as ``torch.cuda.graph()`` avoids by emptying the cache first, which would
+stall the other instances).  Captures are short and happen once per signature.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ log = logging.getLogger("trtserve.backends")
 WARMUP_RUNS = 3  # eager calls before a capture; graph_rate in bench/gpu/run_all.py uses 3 too
 MAX_GRAPHS = 32  # per instance: batch sizes 1..max of one sample shape fit for any max <= 32
 _CAPTURE_LOCK = threading.Lock()
+_UNSEEN = object()
 
 
 def signature(inputs: list[Any]) -> tuple[Any, ...]:
@@ -87,23 +93,26 @@ class GraphRunner:
 
     def __call__(self, *inputs: Any) -> Any:
         key = signature(list(inputs))
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(key, list(inputs))
-        graph = self.graphs[key]
+        graph = self.graphs.get(key, _UNSEEN)
+        if graph is _UNSEEN:
+            if len(self.graphs) >= self.limit:  # not remembered: the dict stays bounded
+                self._warn_limit(key)
+                return self.model(*inputs)
+            graph = self.graphs[key] = self._capture(key, list(inputs))
         return self.model(*inputs) if graph is None else graph.run(list(inputs))
 
     def close(self) -> None:
         """Drop the graphs and their pool (the instance's stream must be idle)."""
         self.graphs.clear()
 
+    def _warn_limit(self, key: tuple[Any, ...]) -> None:
+        if not self._warned_limit:
+            self._warned_limit = True
+            log.warning("%s: %d input signatures already have CUDA graphs (or failed to capture); signature %s "
+                        "and any further ones run eagerly (send fewer distinct shapes, or set cuda_graph = false)",
+                        self.name, self.limit, _describe(key))
+
     def _capture(self, key: tuple[Any, ...], inputs: list[Any]) -> _Graph | None:
-        if len(self.graphs) >= self.limit:
-            if not self._warned_limit:
-                self._warned_limit = True
-                log.warning("%s: %d input signatures already have CUDA graphs; signature %s and any further "
-                            "ones run eagerly (send fewer distinct shapes, or set cuda_graph = false)",
-                            self.name, self.limit, _describe(key))
-            return None
         static = [x.clone() for x in inputs]  # on the instance stream, outside the pool
         with _CAPTURE_LOCK:
             try:
