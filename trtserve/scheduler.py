@@ -303,24 +303,14 @@ class Scheduler(BatchForming):
             if isinstance(completion, Completion) and self.inline:
                 completion.wait()  # an inline batch ends on the thread that ran it
                 completion = None
-        except TrtserveError as exc:
-            error = exc
         except Exception as exc:
-            error = BackendError(
-                f"node {self.node.name!r}: {self.node.expr}.forward failed on a batch of {len(batch)}: "
-                f"{type(exc).__name__}: {exc}",
-                node=self.node.name,
-                exception=type(exc).__name__,
-                batch_size=len(batch),
-            )
+            error = self._batch_error(exc, batch, f"{self.node.expr}.forward failed on")
         if isinstance(completion, Completion):
             self._defer(inst, batch, completion, start)
             return
-        self._finish_pending(inst)  # a deferred batch before this one, whose forward ran first
-        elapsed = time.perf_counter_ns() - start
-        self.stats.record_batch(sum(r.size for r in batch), elapsed, failed=error is not None)
-        for req in batch:
-            req.compute_ns += elapsed
+        if inst.pending is not None:  # a deferred batch before this one, whose forward ran first
+            self._finish_pending(inst)
+        elapsed = self._record(batch, start, error)
         claimed = elapsed >= _HAND_OFF_MIN_NS and not self.inline and bool(self._queue) and self._claim_finisher()
         if not claimed:
             self._finish_batch(batch, error)  # callers first, then this instance takes new work
@@ -379,24 +369,32 @@ class Scheduler(BatchForming):
         error: TrtserveError | None = None
         try:
             completion.wait()
-        except TrtserveError as exc:
-            error = exc
         except Exception as exc:
-            error = BackendError(
-                f"node {self.node.name!r}: {self.node.expr} failed while finishing a batch of {len(batch)}: "
-                f"{type(exc).__name__}: {exc}",
-                node=self.node.name,
-                exception=type(exc).__name__,
-                batch_size=len(batch),
-            )
+            error = self._batch_error(exc, batch, f"{self.node.expr} failed while finishing")
         # From forward's start to the wait's end: an upper bound on the batch's compute time.
         # Under overlap the wait comes after the instance prepared its next batch and woke
         # the callers of its previous one, so this counts that time too.
+        self._record(batch, start, error)
+        self._finish_batch(batch, error)
+
+    def _batch_error(self, exc: Exception, batch: list[Request], what: str) -> TrtserveError:
+        """A backend's exception as the batch's error: typed errors as they are, others wrapped."""
+        if isinstance(exc, TrtserveError):
+            return exc
+        return BackendError(
+            f"node {self.node.name!r}: {what} a batch of {len(batch)}: {type(exc).__name__}: {exc}",
+            node=self.node.name,
+            exception=type(exc).__name__,
+            batch_size=len(batch),
+        )
+
+    def _record(self, batch: list[Request], start: int, error: TrtserveError | None) -> int:
+        """Count a finished batch in the node's statistics and its requests' compute time."""
         elapsed = time.perf_counter_ns() - start
         self.stats.record_batch(sum(r.size for r in batch), elapsed, failed=error is not None)
         for req in batch:
             req.compute_ns += elapsed
-        self._finish_batch(batch, error)
+        return elapsed
 
     def _claim_finisher(self) -> bool:
         """Reserve the finisher for this batch's callbacks, if it is idle.  Only then: the

@@ -229,3 +229,9 @@ def test_slow_callers_still_slow_the_intake_so_max_queue_size_keeps_its_meaning(
             backlog.append(models.pipeline.nodes[0].queue_depth())
             time.sleep(0.002)
     assert refused > 0 and max(backlog) <= 4, (refused, max(backlog))
+
+
+def test_sync_tensor_overlap_must_be_a_bool():
+    with pytest.raises(ConfigError, match="overlap") as caught:
+        trtserve.pipe({"backend": "SyncTensor[Identity]", "overlap": "yes"})
+    assert caught.value.details["key"] == "overlap"
