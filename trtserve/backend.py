@@ -222,6 +222,17 @@ def load_backend_file(path: Path) -> None:
         ) from exc
 
 
+def call_recorder(kwargs: dict[str, Any]) -> Callable[[int], None]:
+    """How a backend that runs a model counts each call: ``record(rows)`` into the node's
+    statistics (``kwargs["stats"]``, set by the pipeline), or nowhere outside a pipeline."""
+    stats = kwargs.get("stats")
+    return stats.record_call if stats is not None else _ignore_call
+
+
+def _ignore_call(rows: int) -> None:
+    """Outside a pipeline nothing counts model calls."""
+
+
 def item_size(item: dict[str, Any]) -> int:
     """How much of a node's ``max`` one item uses (TorchPipe's request_size).
 

@@ -6,7 +6,7 @@ Three sources, each as cheap as it can be on the serving path:
   ``trtserve_request_duration_seconds``): counted by the infer path once per answer, as the
   client sees it, through a :class:`ModelMeter` cached per served model version (label
   lookups happen once, not per request).
-* **Model statistics** (queue and compute time, batch sizes): listeners on each served
+* **Model statistics** (queue and compute time, batch sizes, rows per model call): listeners on each served
   version's ``ModelStats``/``NodeStats``, subscribed by a repository load hook when the
   version is built, before it serves.  A reload builds new pipelines with new statistics,
   so each is subscribed exactly once; the listeners hold only metric children, never the
@@ -96,6 +96,10 @@ class Metrics:
             "trtserve_batch_size", "Size of each batch a node ran (rows, counted as toward max)",
             model_version + ["node"], buckets=BATCH_BUCKETS, registry=r,
         )
+        self.call_rows = Histogram(
+            "trtserve_model_call_rows", "Rows of each model call a node's backend made (a batch of mixed shapes may take several)",
+            model_version + ["node"], buckets=BATCH_BUCKETS, registry=r,
+        )
         self.refusals = Counter("trtserve_refusals", "Connections and requests refused, by type", ["type"], registry=r)
         self.pauses = Counter("trtserve_reading_paused", "Times the server stopped reading a connection, by cause", ["cause"], registry=r)
         for kind in REFUSAL_TYPES:  # every type shows, at 0, before the first refusal
@@ -142,6 +146,7 @@ class Metrics:
         for node in pipeline.nodes:
             observe = self.batch_size.labels(*labels, node.node.name).observe
             node.stats.add_listener(lambda size, compute_ns, failed, observe=observe: observe(size))
+            node.stats.add_call_listener(self.call_rows.labels(*labels, node.node.name).observe)
 
     # -- answers -------------------------------------------------------------------------
     def meter(self, model: LoadedModel) -> ModelMeter:
