@@ -19,7 +19,7 @@ import importlib
 import importlib.util
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -35,18 +35,53 @@ class Key:
     help: str = ""
     choices: tuple[Any, ...] | None = None
     check: Callable[[Any], str | None] | None = field(default=None, compare=False)
+    example: str = ""  # a valid value as TOML writes it, for the message of a required key
 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output as metadata reports it; -1 marks a dynamic dimension."""
+    """One input or output as metadata reports it; -1 marks a dynamic dimension.
+
+    ``batched``: ``shape[0]`` is the batch dimension and an item may also carry one sample
+    without it (the model backends' convention); otherwise an item carries exactly
+    ``shape``.  ``layout`` (``"HWC"``, ``"CHW"``) is set where a stage knows it.
+    """
 
     name: str
     dtype: str  # numpy dtype name, or "bytes" for raw byte strings
     shape: tuple[int, ...]
+    batched: bool = field(default=False, compare=False)
+    layout: str | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+def follow(inputs: list[TensorSpec], outputs: list[TensorSpec], given: list[TensorSpec] | None) -> list[TensorSpec]:
+    """A model's outputs as its items will carry them: a model whose batched inputs are fed
+    single samples (one rank short) hands back single samples; fed whole batches, whole
+    batches; fed what is not known, either (the outputs stay ``batched``)."""
+    if not given or len(given) != len(inputs) or not all(s.batched for s in inputs):
+        return outputs
+    if all(len(g.shape) == len(s.shape) - 1 for g, s in zip(given, inputs)):
+        return [replace(o, shape=o.shape[1:], batched=False) for o in outputs]
+    if all(len(g.shape) == len(s.shape) and not g.batched for g, s in zip(given, inputs)):
+        return [replace(o, batched=False) for o in outputs]
+    return outputs
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The inputs and outputs a backend read from its model file, for checking what a config
+    declares.  ``typed`` is False where the file keeps no dtypes or shapes (TorchScript):
+    then only counts, and the output names in ``outputs``, are known.  ``input_names`` is
+    False where the model takes its inputs by position."""
+
+    file: str
+    inputs: tuple[TensorSpec, ...] | None  # None: the file does not say
+    outputs: tuple[TensorSpec, ...] | None
+    typed: bool = True
+    input_names: bool = True
 
 
 class Backend:
@@ -143,6 +178,7 @@ _BUILTIN: dict[str, str] = {
     "ResizeMat": "trtserve.backends.opencv:ResizeMat",
     "CvtColorMat": "trtserve.backends.opencv:CvtColorMat",
     "cvtColorMat": "trtserve.backends.opencv:CvtColorMat",  # TorchPipe's spelling
+    "Mat2Tensor": "trtserve.backends.tensor:Mat2Tensor",
     "OnnxRuntime": "trtserve.backends.onnxruntime:OnnxRuntime",
     "SyncTensor": "trtserve.backends.gpu.sync:SyncTensor",
     "TensorrtTensor": "trtserve.backends.gpu.tensorrt:TensorrtTensor",
