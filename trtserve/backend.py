@@ -97,6 +97,9 @@ class Backend:
     #: backends: the instance's current CUDA stream).  Such a backend needs its own instance
     #: thread, so a node using it cannot be ``inline``.
     thread_bound: ClassVar[bool] = False
+    #: Config keys this backend cannot run without (its own or the node's, e.g. ``model``):
+    #: a config that leaves one out fails at load, naming the file and the key.
+    required_keys: ClassVar[tuple[str, ...]] = ()
     #: True on the outermost backend of a node (set before ``init``): only its ``forward``
     #: may return a Completion, since a wrapper would drop it (completion.py).
     is_root: bool = False
@@ -210,6 +213,12 @@ def register(name: str, cls: type[Backend]) -> type[Backend]:
 def registered_names() -> list[str]:
     with _lock:
         return sorted(set(_BUILTIN) | set(_registered))
+
+
+def is_builtin(name: str) -> bool:
+    """Shipped with trtserve (not registered by a user or a model's backend.py)."""
+    with _lock:
+        return name in _BUILTIN and name not in _registered
 
 
 def is_registered(name: str) -> bool:

@@ -14,13 +14,14 @@ Loading runs backend inits (threads, sessions): event-loop callers use an execut
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
-from .backend import load_backend_file
+from .backend import Signature, load_backend_file
 from .config import ModelConfig, load_config, read_toml
 from .errors import (
     ConfigError,
@@ -46,11 +47,29 @@ class ModelState(str, Enum):
     UNLOADED = "UNLOADED"
 
 
+# A folder named like a version that is not one: ``v1``, ``version_2``, ``V3``.
+_LOOKS_LIKE_VERSION = re.compile(r"^(v|ver|version)[-_]?(\d+)$", re.IGNORECASE)
+
+
 def version_dirs(model_folder: Path) -> dict[int, Path]:
     """Numbered version folders of a model, by version number."""
     if not model_folder.is_dir():
         return {}
     return {int(p.name): p for p in model_folder.iterdir() if p.is_dir() and p.name.isdigit()}
+
+
+def check_version_names(model_folder: Path) -> None:
+    """A ``v1`` folder is not a version: the model would silently load from elsewhere."""
+    for path in sorted(model_folder.iterdir()):
+        match = _LOOKS_LIKE_VERSION.match(path.name) if path.is_dir() else None
+        if match:
+            number = int(match.group(2))
+            raise ConfigError(
+                f"{path}: folder {path.name!r} is not a version: version folders are named by their number "
+                f"only (1, 2, ...); rename it to {model_folder / str(number)}",
+                path=str(path),
+                fix=str(number),
+            )
 
 
 def latest_version_dir(model_folder: Path) -> Path | None:
@@ -187,10 +206,12 @@ class ModelRepository:
     def _build_versions(self, name: str, folder: Path, entry: _Entry) -> dict[int, LoadedModel]:
         if (folder / "backend.py").is_file():
             load_backend_file(folder / "backend.py")
+        check_version_names(folder)
         on_disk = version_dirs(folder)
         config_path = folder / CONFIG_FILE
         policy = parse_policy(read_toml(config_path).get("version_policy"), str(config_path))
-        wanted = policy.select(list(on_disk)) if on_disk else [1]  # no version folders: serve the folder as 1
+        # No numbered folder: the model folder itself is version 1 (docs/configuration.md).
+        wanted = policy.select(list(on_disk)) if on_disk else [1]
         if not wanted:
             raise ModelUnavailableError(
                 f"model {name!r}: version_policy selects none of the versions on disk {sorted(on_disk)}",

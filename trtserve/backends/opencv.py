@@ -24,6 +24,7 @@ from .imagecheck import (
     RESIZE_KEYS,
     check_encoded,
     check_hwc_image,
+    image_spec,
     require_key,
     resize_size,
     source_color,
@@ -78,6 +79,7 @@ class ResizeMat(_ImageBackend):
     """Resize to ``resize_h`` x ``resize_w`` with bilinear interpolation (cv2.INTER_LINEAR)."""
 
     config_keys = RESIZE_KEYS
+    required_keys = ("resize_h", "resize_w")
 
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         super().init(config, kwargs)
@@ -96,13 +98,14 @@ class ResizeMat(_ImageBackend):
                 item["result"] = cv2.resize(image, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
 
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        return [ANY_IMAGE], [TensorSpec("image", "uint8", (self.height, self.width, 3))]
+        return [ANY_IMAGE], [image_spec(self.height, self.width)]
 
 
 class CvtColorMat(_ImageBackend):
     """Reorder channels to ``color`` ("rgb" or "bgr") from ``item["color"]`` (default "bgr")."""
 
-    config_keys = {"color": Key(str, None, "target channel order (required)", choices=COLORS)}
+    config_keys = {"color": Key(str, None, "target channel order (required)", choices=COLORS, example='"rgb"')}
+    required_keys = ("color",)
 
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         super().init(config, kwargs)
