@@ -163,6 +163,23 @@ class Backend:
             return self.children[0].io_spec()
         return None
 
+    def signature(self) -> Signature | None:
+        """The I/O read from the model file this backend serves (None: it serves none).
+        The pipeline checks the config's ``[[input]]``/``[[output]]`` against it at load."""
+        if len(self.children) == 1:
+            return self.children[0].signature()
+        return None
+
+    def produces(self, given: list[TensorSpec] | None) -> list[TensorSpec] | None:
+        """What this backend's results look like when its items look like ``given`` (None:
+        not known), for the load-time check that a pipeline's stages fit.  By default the
+        outputs of ``io_spec``; a model backend's outputs lose their batch dimension when
+        its items are single samples (see signature.follow)."""
+        if len(self.children) == 1:
+            return self.children[0].produces(given)
+        spec = self.io_spec()
+        return None if spec is None else follow(spec[0], spec[1], given)
+
     def close(self) -> None:
         """Release resources.  Runs on the instance's own thread."""
         for child in self.children:
@@ -296,6 +313,7 @@ __all__ = [
     "Backend",
     "InvalidInputError",
     "Key",
+    "Signature",
     "TensorSpec",
     "backend_class",
     "item_size",

@@ -109,7 +109,8 @@ class LoadedModel:
             "outputs": [t.to_dict() for t in outputs or []],
             "max_batch_size": self.pipeline.max_batch,
             "nodes": [
-                {"name": n.node.name, "backend": str(n.node.expr), "instance_num": n.node.instance_num}
+                {"name": n.node.name, "backend": str(n.node.expr), "instance_num": n.node.instance_num,
+                 **_model_file(n.backend.signature(), self.folder)}
                 for n in self.pipeline.nodes
             ],
         }
@@ -118,8 +119,26 @@ class LoadedModel:
         stats = self.pipeline.stats.snapshot()
         stats.update(name=self.name, version=self.version)
         stats["nodes"] = {n.node.name: n.stats.snapshot() for n in self.pipeline.nodes}
-        stats["batch_sizes"] = self.pipeline.nodes[-1].stats.snapshot()["batch_sizes"]
+        last = stats["nodes"][self.pipeline.nodes[-1].node.name]
+        for key in ("batch_sizes", "model_calls", "call_rows"):  # the model node's, at the top
+            stats[key] = last[key]
         return stats
+
+
+def _model_file(signature: Signature | None, folder: Path) -> dict[str, Any]:
+    """A node's model file (relative to the model folder) and the signature read from it
+    (Triton's auto-complete shows this; declared tensors were checked against it at load)."""
+    if signature is None:
+        return {}
+    path = Path(signature.file)
+    shown = str(path.relative_to(folder.resolve())) if path.is_relative_to(folder.resolve()) else path.name
+
+    def tensors(specs: Any) -> list[dict[str, Any]] | None:
+        if specs is None:
+            return None
+        return [t.to_dict() if signature.typed else {"name": t.name} for t in specs]
+
+    return {"model_file": shown, "model_inputs": tensors(signature.inputs), "model_outputs": tensors(signature.outputs)}
 
 
 @dataclass

@@ -1,4 +1,5 @@
 """CPU image backends on OpenCV: DecodeMat, ResizeMat, CvtColorMat (TorchPipe's names).
+Mat2Tensor (tensor.py) turns their image into a model's float tensor.
 
 Images travel between stages as HWC uint8 numpy arrays with 3 channels; ``item["color"]``
 records the channel order ("bgr" after decoding, as OpenCV produces it).  Each item is one
@@ -130,3 +131,6 @@ class CvtColorMat(_ImageBackend):
 
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         return [ANY_IMAGE], [ANY_IMAGE]
+
+    def produces(self, given: list[TensorSpec] | None) -> list[TensorSpec] | None:
+        return given or [ANY_IMAGE]  # the same image, channels reordered

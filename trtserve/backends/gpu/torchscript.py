@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ... import cuda
-from ...backend import Backend, Key
+from ...backend import Backend, Key, Signature, TensorSpec, call_recorder
 from ...errors import BackendError, ConfigError, InvalidInputError, ModelUnavailableError
 from .torchgraph import GraphRunner
 
@@ -50,6 +50,7 @@ class TorchScriptTensor(Backend):
         "result_device": Key(str, "host", "host: numpy results; device: DeviceArray results on the GPU", choices=("host", "device")),
         "cuda_graph": Key(bool, False, "capture the model in a CUDA graph per input shape and replay it (CUDA only)"),
     }
+    required_keys = ("model",)
 
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         super().init(config, kwargs)
@@ -61,7 +62,8 @@ class TorchScriptTensor(Backend):
                 backend="TorchScriptTensor",
             ) from None
         self.torch = torch
-        path = config.get("model")
+        self._record_call = call_recorder(kwargs)
+        path = self.path = config.get("model")
         if not path:
             raise ConfigError("TorchScriptTensor needs the config key 'model' (a TorchScript .pt file)", key="model")
         self.add_batch_dim = bool(config.get("add_batch_dim"))
@@ -135,6 +137,20 @@ class TorchScriptTensor(Backend):
         self.staging = []
         super().close()
 
+    def signature(self) -> Signature:
+        """What a saved TorchScript file tells: how many tensors ``forward`` takes (by position)
+        and returns (``output0``, ``output1``, ... for a tuple).  It keeps no dtypes or shapes,
+        even for a traced model, and a dict's keys only show when it runs."""
+        schema = self.model.forward.schema
+        inputs = tuple(TensorSpec(a.name, "", ()) for a in schema.arguments[1:] if not a.has_default_value())
+        returned = schema.returns[0].type if len(schema.returns) == 1 else None
+        outputs = None
+        if isinstance(returned, self.torch.TensorType):
+            outputs = (TensorSpec("output0", "", ()),)
+        elif isinstance(returned, self.torch.TupleType):
+            outputs = tuple(TensorSpec(f"output{i}", "", ()) for i in range(len(returned.elements())))
+        return Signature(str(self.path), inputs, outputs, typed=False, input_names=False)
+
     # -- item checks -------------------------------------------------------------------
     def request_size(self, item: dict[str, Any]) -> int:
         if self.add_batch_dim:
@@ -174,6 +190,7 @@ class TorchScriptTensor(Backend):
             inputs = [self._batch(col, index) for index, col in enumerate(columns)]
             outputs = self._named_outputs((self.graphs or self.model)(*inputs))
             total = sum(rows)
+            self._record_call(total)
             for name, out in outputs.items():
                 if out.ndim == 0 or out.shape[0] != total:
                     raise BackendError(
