@@ -176,3 +176,17 @@ def test_model_calls_are_counted(net_path):
         models({"data": np.zeros((3, 3, 8, 8), np.float32)})
         stats = models.pipeline.nodes[0].stats.snapshot()
     assert stats["model_calls"] == 1 and stats["call_rows"] == {"3": 1}
+
+
+def test_mixed_sample_shapes_run_as_one_call_per_shape(net_path):
+    """The conv net takes any image size: a batch of two sizes is two calls, each exact."""
+    rng = np.random.default_rng(3)
+    inputs = [rng.standard_normal((1, 3, size, size)).astype(np.float32) for size in (8, 12, 8, 12, 16)]
+    config = {"backend": "TorchScriptTensor", "model": str(net_path), "device": "cpu", "max": 8}
+    with trtserve.pipe(config) as models:
+        items = [{"data": x} for x in inputs]
+        models.pipeline.nodes[0].backend.forward(items)  # these five as one batch, as the scheduler would
+        stats = models.pipeline.nodes[0].stats.snapshot()
+    assert stats["model_calls"] == 3 and stats["call_rows"] == {"1": 1, "2": 2}
+    for x, item in zip(inputs, items):
+        np.testing.assert_allclose(item["result"], _reference(x), rtol=1e-5, atol=1e-5)

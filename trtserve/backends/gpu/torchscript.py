@@ -13,7 +13,8 @@ CPU with numpy in and out, no SyncTensor needed.  PyTorch is an optional extra
 (``pip install 'trtserve[torch]'``) imported only when an instance initialises.
 
 Batching: the items' inputs are concatenated along the first dimension, the model runs
-once, and each output is split back by the items' row counts.  ``add_batch_dim = true``
+once, and each output is split back by the items' row counts.  Items of different sample
+shapes (a model with dynamic dimensions) run as one call per shape.  ``add_batch_dim = true``
 is for items that are single samples without a batch dimension (HWC images from
 ResizeTensor): each counts 1 toward ``max``, gets a leading dimension of 1, and its
 results come back without it.  A dict input is passed positionally in key order; tuple
@@ -182,6 +183,40 @@ class TorchScriptTensor(Backend):
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, items: list[dict[str, Any]]) -> None:
+        groups = self._shape_groups(items)
+        if groups is None:
+            self._run(items)
+            return
+        for indices in groups:  # mixed sample shapes: one call per shape (docs/configuration.md)
+            self._run([items[i] for i in indices])
+
+    def _shape_groups(self, items: list[dict[str, Any]]) -> list[list[int]] | None:
+        """Item indices by sample shape, in order of first appearance; None when every item
+        has one shape (the common batch: one call)."""
+        skip = 0 if self.add_batch_dim else 1
+        first = items[0]["data"]
+        if not isinstance(first, dict):  # the common batch, checked without building keys
+            shape = getattr(first, "shape", ())[skip:]
+            for item in items:
+                data = item["data"]
+                if isinstance(data, dict) or getattr(data, "shape", ())[skip:] != shape:
+                    break
+            else:
+                return None
+        keys = []
+        for item in items:
+            data = item["data"]
+            values = data.values() if isinstance(data, dict) else (data,)
+            keys.append(tuple(tuple(getattr(v, "shape", ())[skip:]) for v in values))
+        if len(set(keys)) == 1:
+            return None
+        groups: dict[tuple, list[int]] = {}
+        for index, key in enumerate(keys):
+            groups.setdefault(key, []).append(index)
+        return list(groups.values())
+
+    def _run(self, items: list[dict[str, Any]]) -> None:
+        """One model call for items of one sample shape."""
         torch = self.torch
         self._turn ^= 1  # which staging buffer of each input this batch packs into
         with torch.inference_mode(), (torch.cuda.stream(self.torch_stream) if self.torch_stream else contextlib.nullcontext()):
