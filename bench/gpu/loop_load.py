@@ -111,25 +111,50 @@ def process_rows(repository: Path | None, processes: int, concurrency: int, seco
     one connection, for three windows each (no stability retries, so they stay aligned);
     against ``trtserve serve`` on ``repository``, or the echo floor when it is None.
     ``input_args``: what each request carries (trtserve-bench's --shape/--dtype or --input-data)."""
-    env = _bench_env()
     argv = echo_argv() if repository is None else trtserve_argv(repository, ["--log-level", "WARNING"])
     window_ms = str(max(250.0, seconds * 1000 / 3))
-    with ServerProcess(argv, startup_timeout=120, env=env) as server, tempfile.TemporaryDirectory() as folder:
+
+    def client(port: int, out: Path) -> list[str]:
+        return [sys.executable, "-m", "trtserve_bench.cli", "-m", MODEL, "--port", str(port), "--concurrency",
+                str(concurrency), "--connections", "1", *input_args, "--window-ms", window_ms,
+                "--max-windows", "3", "--stability", "1000", "--warmup-ms", "500", "--quiet", "--json", str(out)]
+
+    results = _run_clients(argv, processes, client, lambda out: json.loads(out.read_text())["results"][0])
+    return dict(_merged(results, processes, concurrency), mean_batch=results[0].get("server_avg_batch"),
+                client_cpu=[r.get("client_cpu") for r in results])
+
+
+def bare_rows(processes: int, concurrency: int, seconds: float, size: int) -> dict[str, Any]:
+    """The transport's floor (trtserve_bench/bare.py): plain sockets, ``size``-byte frames,
+    the same client processes and concurrency as process_rows."""
+    argv = [sys.executable, "-m", "trtserve_bench.bare", "serve", "--host", "127.0.0.1", "--port", "0"]
+
+    def client(port: int, out: Path) -> list[str]:
+        return [sys.executable, "-m", "trtserve_bench.bare", "load", "--port", str(port), "--size", str(size),
+                "--concurrency", str(concurrency), "--seconds", str(seconds), "--json", str(out)]
+
+    return dict(_merged(_run_clients(argv, processes, client, lambda out: json.loads(out.read_text())), processes,
+                        concurrency), request_bytes=size)
+
+
+def _run_clients(server_argv: list[str], processes: int, command, read) -> list[dict[str, Any]]:
+    env = _bench_env()
+    with ServerProcess(server_argv, startup_timeout=120, env=env) as server, tempfile.TemporaryDirectory() as folder:
         clients = []
         for index in range(processes):
             out = Path(folder) / f"client{index}.json"
-            cmd = [sys.executable, "-m", "trtserve_bench.cli", "-m", MODEL, "--port", str(server.port), "--concurrency",
-                   str(concurrency), "--connections", "1", *input_args, "--window-ms", window_ms,
-                   "--max-windows", "3", "--stability", "1000", "--warmup-ms", "500", "--quiet", "--json", str(out)]
-            clients.append((subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out))
+            proc = subprocess.Popen(command(server.port, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            clients.append((proc, out))
         results = []
         for proc, out in clients:
             _, err = proc.communicate(timeout=120)
             if proc.returncode != 0:
-                raise RuntimeError(f"trtserve-bench client failed (exit {proc.returncode}): {err[-2000:]}")
-            results.append(json.loads(out.read_text())["results"][0])
+                raise RuntimeError(f"client failed (exit {proc.returncode}): {err[-2000:]}")
+            results.append(read(out))
+    return results
+
+
+def _merged(results: list[dict[str, Any]], processes: int, concurrency: int) -> dict[str, Any]:
     return {"per_s": sum(r["throughput"] for r in results), "p50_ms": max(r["p50_ms"] for r in results),
-            "p99_ms": max(r["p99_ms"] for r in results), "mean_batch": results[0].get("server_avg_batch"),
-            "stable": all(r["stable"] for r in results), "errors": sum(r["errors"] for r in results),
-            "client_cpu": [r.get("client_cpu") for r in results], "concurrency": processes * concurrency,
-            "processes": processes}
+            "p99_ms": max(r["p99_ms"] for r in results), "stable": all(r["stable"] for r in results),
+            "errors": sum(r["errors"] for r in results), "concurrency": processes * concurrency, "processes": processes}
