@@ -277,16 +277,15 @@ class _Validator:
 
     def check_required(self, expr: Expr, options: dict[str, Any], spec: dict[str, Key], prefix: str) -> None:
         """Keys a backend cannot run without, reported here where the file is known."""
-        for backend_name in expr.names():
-            for key in backend_class(backend_name).required_keys:
-                if options.get(key) is None:
-                    example = spec[key].example if key in spec and spec[key].example else "..."
-                    raise self.fail(
-                        f"{backend_name} needs the key {prefix}{key} ({spec[key].help if key in spec else 'required'}); "
-                        f"add {key} = {example} to {'the node ' + prefix[:-1] if prefix else 'the config'}",
-                        key=prefix + key,
-                        backend=backend_name,
-                    )
+        for name in expr.names():
+            for key in (k for k in backend_class(name).required_keys if options.get(k) is None):
+                known = spec.get(key, Key(str))  # (a required key the backend forgot to declare: no help)
+                raise self.fail(
+                    f"{name} needs the key {prefix}{key} ({known.help or 'required'}); add {key} = "
+                    f"{known.example or '...'} to {'the node ' + prefix[:-1] if prefix else 'the config'}",
+                    key=prefix + key,
+                    backend=name,
+                )
 
     def check_inline(self, expr: Expr, prefix: str) -> None:
         """An inline node's forward runs on whichever thread submits: a backend whose init
@@ -350,8 +349,7 @@ class _Validator:
             return None
         if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
             raise self.fail(f"{kind} must be an array of tables: [[{kind}]] name = ... dtype = ... shape = [...]", key=kind)
-        specs = []
-        allowed = sorted(TENSOR_KEYS[kind])
+        specs, allowed = [], sorted(TENSOR_KEYS[kind])
         for i, table in enumerate(raw):
             where = f"{kind}[{i}]"
             for key in table:
@@ -362,11 +360,10 @@ class _Validator:
                 raise self.fail(f"{where}.name must be a non-empty string, got {name!r}", key=f"{where}.name")
             if any(s.name == name for s in specs):
                 raise self.fail(f"{where}.name = {name!r} is declared twice; every {kind} needs its own name", key=f"{where}.name")
-            if "source" in table:
-                source = table["source"]
-                if not isinstance(source, str) or not source:
-                    raise self.fail(f"{where}.source must be the model's name for this output, got {source!r}", key=f"{where}.source")
-                sources[name] = source
+            source = table.get("source", name)
+            if not isinstance(source, str) or not source:
+                raise self.fail(f"{where}.source must be the model's name for this output, got {source!r}", key=f"{where}.source")
+            sources.update({name: source} if source != name else {})
             if dtype not in TENSOR_DTYPES:
                 raise self.fail(
                     f"{where}.dtype = {dtype!r}{did_you_mean(str(dtype), list(TENSOR_DTYPES))}; "
@@ -394,14 +391,9 @@ def _backend_keys(tables: Any) -> set[str]:
     keys: set[str] = set()
     for table in tables:
         try:
-            names = parse(table["backend"]).names()
+            keys.update(key for name in parse(table["backend"]).names() for key in backend_class(name).config_keys)
         except (KeyError, ConfigError):
-            continue
-        for name in names:
-            try:
-                keys.update(backend_class(name).config_keys)
-            except ConfigError:
-                continue
+            continue  # a broken table is reported on its own
     return keys
 
 

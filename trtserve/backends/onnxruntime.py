@@ -110,15 +110,7 @@ class OnnxRuntime(Backend):
     # -- lifecycle ---------------------------------------------------------------------
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         super().init(config, kwargs)
-        path = config.get("model")
-        if not path:
-            raise ConfigError(
-                'OnnxRuntime needs the config key \'model\'; add model = "model.onnx" (relative to the '
-                "version folder) to the node's config",
-                key="model",
-                backend="OnnxRuntime",
-            )
-        self.path = path
+        self.path = path = config["model"]  # required_keys: load_config refuses a config without it
         self.session = self._open(path, config)
         self.inputs = [self._port(a, "input") for a in self.session.get_inputs()]
         self.outputs = [self._port(a, "output") for a in self.session.get_outputs()]
