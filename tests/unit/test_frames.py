@@ -309,3 +309,21 @@ def test_property_references_resolve_in_bounds_or_are_refused(spans, with_region
     assert all(start >= end for (_, end), (start, _) in zip(nonempty, nonempty[1:]))  # no overlap got through
     for (o, n), view in zip(spans, got["refs"]):
         assert bytes(view) == region[o : o + n]
+
+
+def test_the_worked_examples_in_the_protocol_document_are_what_the_implementation_sends():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
+    live = re.search(r"`live` with id 7\. The request frame is\s+`([0-9a-f ]+)`", text).group(1)
+    assert bytes.fromhex(live) == frames.pack({"v": 2, "id": 7, "op": "live"})
+    answer = re.search(r"response to an id-1 `live` would be\s+`([0-9a-f \n]+)`", text).group(1)
+    assert bytes.fromhex(answer.replace("\n", " ")) == frames.pack({"id": 1, "result": {"live": True}})
+    infer = frames.pack({"v": 2, "id": 1, "op": "infer", "model": "identity",
+                         "inputs": wire.encode_tensors({"x": np.array([1.0, 2.0], np.float32)})})
+    assert len(infer) == 92 and infer[:12].hex(" ") == "00 00 00 58 c1 02 00 00 00 00 00 50"
+    assert "The complete frame is 92 bytes" in text and "00 00 00 58" in text
+    big = frames.pack({"v": 2, "id": 2, "op": "infer", "model": "identity",
+                       "inputs": wire.encode_tensors({"x": np.arange(256, dtype=np.float32)})})
+    assert len(big) == 1152 and big[:12].hex(" ") == "00 00 04 7c c1 02 00 00 00 00 00 5a"
