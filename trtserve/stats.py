@@ -8,7 +8,20 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+_local = threading.local()
+
+
+@contextmanager
+def uncounted() -> Iterator[None]:
+    """Model calls this thread makes inside are not counted (warm-up's, which are no traffic)."""
+    _local.off = True
+    try:
+        yield
+    finally:
+        _local.off = False
 
 
 class NodeStats:
@@ -34,6 +47,8 @@ class NodeStats:
 
     def record_call(self, rows: int) -> None:
         """One model call of ``rows`` rows (a backend reports each run of its model)."""
+        if getattr(_local, "off", False):
+            return
         with self._lock:
             self.model_calls += 1
             self.call_rows[rows] += 1

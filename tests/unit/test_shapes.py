@@ -128,3 +128,13 @@ def test_stack_pads_each_item_at_the_end_of_its_dimensions_in_one_array():
     assert batch.dtype == np.int32 and batch.shape == (3, 2, 3)
     np.testing.assert_array_equal(batch[0], [[1, 1, -1], [-1, -1, -1]])
     np.testing.assert_array_equal(batch[2], [[7, -1, -1], [7, -1, -1]])
+
+
+def test_warm_up_calls_are_not_counted_and_later_calls_are(model):
+    warmup = [{"count": 2, "inputs": {"x": {"dtype": "float32", "shape": [3, HEIGHT, 12]}}}]
+    with trtserve.pipe({"backend": "OnnxRuntime", "model": model, "max": 4, "warmup": warmup}) as models:
+        stats = models.pipeline.nodes[0].stats.snapshot()
+        assert stats["model_calls"] == 0 and stats["batches"] == 0  # warm-up ran, uncounted
+        models({"data": lines(12)[0]})
+        stats = models.pipeline.nodes[0].stats.snapshot()
+    assert stats["model_calls"] == 1 and stats["call_rows"] == {"1": 1}
