@@ -25,7 +25,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import msgpack
 import numpy as np
@@ -37,6 +37,7 @@ from .errors import (
     TrtserveError,
     UnsupportedProtocolError,
 )
+from .limits import MAX_DEPTH, check_map, inspect, non_str_key, too_deep_message, unpack_limits
 
 LAYOUT = 2
 MARKER = 0xC1
@@ -172,13 +173,38 @@ class FrameDecoder:
     connection.  A frame that parses but cannot be served comes back as a BadFrame.
     """
 
-    def __init__(self, max_frame: int) -> None:
+    def __init__(
+        self,
+        max_frame: int,
+        *,
+        admit: Callable[[int], bool] | None = None,
+        max_elements: int | None = None,
+    ) -> None:
         self.max_frame = max_frame
+        # admit(size) at each frame's header: True to go on, False to leave the frame unread
+        # until resume() (a server's memory budget); it may raise to refuse the frame.
+        self.admit = admit
+        self.waiting = False  # a frame's header is in, and admit said wait
+        self.max_elements = max_elements  # per-frame msgpack value budget (limits.py)
         self._scratch = memoryview(bytearray(SCRATCH_SIZE))
         self._start = 0  # scratch[_start:_end] holds received bytes not yet parsed
         self._end = 0
         self._frame: memoryview | None = None  # a large frame being read into its own buffer
         self._filled = 0
+
+    @property
+    def max_frame(self) -> int:
+        return self._max_frame
+
+    @max_frame.setter
+    def max_frame(self, value: int) -> None:
+        self._max_frame = value
+        self.limits = unpack_limits(value)  # msgpack's per-container limits follow the frame's
+
+    def resume(self) -> list[Received]:
+        """Go on after admit said wait (the frame is admitted now)."""
+        self.waiting = False
+        return self._split()
 
     @property
     def buffered(self) -> int:
@@ -203,7 +229,7 @@ class FrameDecoder:
             if self._filled < len(self._frame):
                 return []
             frame, self._frame, self._filled = self._frame, None, 0
-            return [decode_frame(frame)]
+            return [decode_frame(frame, self.limits, self.max_elements)]
         self._end += nbytes
         return self._split()
 
@@ -233,6 +259,9 @@ class FrameDecoder:
                     max_frame=self.max_frame,
                 )
             total, have = LENGTH.size + length, self._end - self._start
+            if self.admit is not None and not self.admit(total):
+                self.waiting = True
+                break
             if total > SCRATCH_SIZE:
                 self._begin_own_frame(total)
                 break
@@ -243,7 +272,7 @@ class FrameDecoder:
                 break
             frame = memoryview(scratch[self._start : self._start + total].tobytes())
             self._start += total
-            received.append(decode_frame(frame))
+            received.append(decode_frame(frame, self.limits, self.max_elements))
         if self._start == self._end:
             self._start = self._end = 0
         return received
@@ -256,8 +285,11 @@ class FrameDecoder:
         self._start = self._end = 0
 
 
-def decode_frame(frame: memoryview) -> Received:
-    """One whole frame (held in memory the result may keep referencing)."""
+def decode_frame(frame: memoryview, limits: tuple[int, int, int, int] | None = None,
+                 max_elements: int | None = None) -> Received:
+    """One whole frame (held in memory the result may keep referencing).  ``limits``:
+    msgpack's per-container limits (limits.unpack_limits, from the frame itself when
+    None); ``max_elements``: the frame's value budget (None: not counted)."""
     if len(frame) <= LENGTH.size:
         raise ProtocolError("empty frame: a frame carries at least a 12-byte head and a msgpack map",
                             payload_size=len(frame) - LENGTH.size)
@@ -283,7 +315,16 @@ def decode_frame(frame: memoryview) -> Received:
                             map_length=map_length, frame_size=len(frame))
     region = frame[min(_align(map_end), len(frame)) :].toreadonly()
     refs = _References(region)
-    message = _unpack(frame[HEAD_SIZE:map_end], refs.resolve)
+    problem, suspect = check_map(frame, HEAD_SIZE, map_end, max_elements)
+    if problem is not None:
+        raise ProtocolError(problem, map_length=map_length)
+    message = _unpack(frame[HEAD_SIZE:map_end], refs.resolve, limits or unpack_limits(len(frame)))
+    too_deep, timestamp = inspect(message) if suspect else (False, False)
+    if too_deep:
+        raise ProtocolError(too_deep_message(MAX_DEPTH), map_length=map_length)
+    if timestamp:
+        refs.errors.append("msgpack ext type -1 (a timestamp) is not a value of this protocol "
+                           f"(ext type {BUFFER_EXT} with 16 bytes, a buffer reference, is the only ext type)")
     problem = refs.problem()
     return message if problem is None else BadFrame(message, problem)
 
@@ -325,17 +366,28 @@ class _References:
         return InvalidInputError(f"bad buffer reference in the frame: {self.errors[0]}", reason=self.errors[0])
 
 
-def _unpack(payload: memoryview, ext_hook: Any) -> dict[str, Any]:
+def _unpack(payload: memoryview, ext_hook: Any, limits: tuple[int, int, int, int]) -> dict[str, Any]:
+    max_str, max_bin, max_array, max_map = limits
     try:
-        message = msgpack.unpackb(payload, raw=False, use_list=True, ext_hook=ext_hook)
+        message = msgpack.unpackb(payload, raw=False, use_list=True, ext_hook=ext_hook, max_str_len=max_str,
+                                  max_bin_len=max_bin, max_array_len=max_array, max_map_len=max_map)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
+        kind = "nested deeper than msgpack's 1024 levels" if type(exc).__name__ == "StackError" else "not valid msgpack"
         raise ProtocolError(
-            f"frame map is not valid msgpack ({type(exc).__name__}: {exc})", payload_size=len(payload)
+            f"frame map is {kind} ({type(exc).__name__}: {exc})", payload_size=len(payload)
         ) from None
-    if not isinstance(message, dict):
+    if type(message) is not dict:
         raise ProtocolError(f"frame payload must be a msgpack map, got {type(message).__name__}",
                             payload_type=type(message).__name__)
+    key = non_str_key(message)
+    if key is not None:
+        raise ProtocolError(f"frame map has the key {key!r:.60}, a msgpack {_wire_type(key)}; map keys are msgpack str",
+                            key_type=_wire_type(key))
     return message
+
+
+def _wire_type(value: Any) -> str:
+    return "bin" if isinstance(value, bytes) else type(value).__name__
 
 
 def _refuse_v1(frame: memoryview) -> BadFrame:
