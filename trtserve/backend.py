@@ -10,20 +10,21 @@ backend itself only has to::
     max() / min()          # the batch sizes it accepts (both default to the node's config)
 
 A backend that cannot handle one item leaves its ``result`` unset (a soft failure of that
-item); an exception fails every item of the batch.
+item; it may say why in ``item[NO_RESULT]``, which the server's NO_RESULT error repeats);
+an exception fails every item of the batch.
 """
 from __future__ import annotations
 
 import difflib
 import importlib
-import importlib.util
-import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 from .errors import ConfigError, InvalidInputError
+
+NO_RESULT = "no_result"  # item key: why a backend left this item without a result (a str)
 
 
 @dataclass(frozen=True)
@@ -213,8 +214,32 @@ _registered: dict[str, type[Backend]] = {}
 _lock = threading.Lock()
 
 
+# The registrations of the model whose code (backend.py, config, pipeline) is being loaded on
+# this thread: a model's backends are visible to that model only (modelcode.py sets it).
+_scope = threading.local()
+
+
+@contextmanager
+def model_scope(classes: dict[str, type[Backend]] | None) -> Iterator[None]:
+    """Backends registered on this thread inside the block go to ``classes`` (one model's),
+    and names are looked up there first; ``None``: the process-wide registry only."""
+    previous = getattr(_scope, "classes", None)
+    _scope.classes = classes
+    try:
+        yield
+    finally:
+        _scope.classes = previous
+
+
+def current_scope() -> dict[str, type[Backend]] | None:
+    return getattr(_scope, "classes", None)
+
+
 def register(name: str, cls: type[Backend]) -> type[Backend]:
-    """Register ``cls`` under ``name`` so expressions can use it.  Returns ``cls``."""
+    """Register ``cls`` under ``name`` so expressions can use it.  Returns ``cls``.
+
+    Called from a model's backend.py, the name is that model's alone, and a built-in name
+    is refused: one model's code must never change what another model runs."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ConfigError(f"backend name {name!r} must be a Python identifier", name=repr(name))
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
@@ -222,6 +247,16 @@ def register(name: str, cls: type[Backend]) -> type[Backend]:
             f"cannot register {cls!r} as {name!r}: backends must subclass trtserve.Backend",
             name=name,
         )
+    scoped = current_scope()
+    if scoped is not None:
+        if name in _BUILTIN:
+            raise ConfigError(
+                f"backend.py registers {name!r}, the name of a built-in backend; a model's backends cannot "
+                f"replace built-ins: register it under a name of its own, e.g. 'My{name}'",
+                name=name,
+            )
+        scoped[name] = cls
+        return cls
     with _lock:
         _registered[name] = cls
     return cls
@@ -229,7 +264,7 @@ def register(name: str, cls: type[Backend]) -> type[Backend]:
 
 def registered_names() -> list[str]:
     with _lock:
-        return sorted(set(_BUILTIN) | set(_registered))
+        return sorted(set(_BUILTIN) | set(_registered) | set(current_scope() or ()))
 
 
 def is_builtin(name: str) -> bool:
@@ -240,11 +275,15 @@ def is_builtin(name: str) -> bool:
 
 def is_registered(name: str) -> bool:
     with _lock:
-        return name in _registered or name in _BUILTIN
+        return name in _registered or name in _BUILTIN or name in (current_scope() or ())
 
 
-def backend_class(name: str) -> type[Backend]:
-    """The class registered as ``name``; an unknown name suggests the nearest one."""
+def backend_class(name: str, scope: dict[str, type[Backend]] | None = None) -> type[Backend]:
+    """The class registered as ``name`` (in ``scope``, this thread's model scope when None,
+    first); an unknown name suggests the nearest one."""
+    cls = (scope if scope is not None else current_scope() or {}).get(name)
+    if cls is not None:
+        return cls
     with _lock:
         cls = _registered.get(name)
     if cls is not None:
@@ -264,24 +303,6 @@ def did_you_mean(word: str, candidates: list[str]) -> str:
     lowered = {c.lower(): c for c in candidates}
     close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.5)
     return f" (did you mean {lowered[close[0]]!r}?)" if close else ""
-
-
-def load_backend_file(path: Path) -> None:
-    """Execute a model folder's backend.py, which registers its backends as a side effect."""
-    module_name = f"trtserve_model_backend_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ConfigError(f"{path}: cannot be imported as a Python module", file=str(path))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        sys.modules.pop(module_name, None)
-        raise ConfigError(
-            f"{path}: importing the model's backend.py failed: {type(exc).__name__}: {exc}",
-            file=str(path),
-        ) from exc
 
 
 def call_recorder(kwargs: dict[str, Any]) -> Callable[[int], None]:
@@ -317,7 +338,7 @@ __all__ = [
     "TensorSpec",
     "backend_class",
     "item_size",
-    "load_backend_file",
+    "model_scope",
     "register",
     "registered_names",
 ]

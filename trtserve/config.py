@@ -19,7 +19,7 @@ from typing import Any
 
 from trtserve_client.wire import DTYPES
 
-from .backend import Key, TensorSpec, backend_class, did_you_mean, is_builtin
+from .backend import Backend, Key, TensorSpec, backend_class, current_scope, did_you_mean, is_builtin
 from .errors import ConfigError
 from .expression import Expr, ExpressionError, parse, resolve
 from .versions import VersionPolicy, parse_policy
@@ -49,7 +49,7 @@ NODE_KEYS: dict[str, Key] = {
     "priority_levels": Key(int, 1, "number of priority levels; 1 is the highest", check=_positive),
     "default_priority": Key(int, 0, "level for requests without a priority; 0 = the lowest", check=_non_negative),
 }
-MODEL_KEYS = {"input", "output", "version_policy", "warmup"}
+MODEL_KEYS = {"input", "output", "version_policy", "warmup", "load_timeout"}  # load_timeout: loadjob.py
 TENSOR_KEYS = {"input": {"name", "dtype", "shape"}, "output": {"name", "dtype", "shape", "source"}}
 TENSOR_DTYPES = DTYPES + ("bytes",)
 # Triton's spellings of scheduler keys, and what they are called here.
@@ -68,6 +68,7 @@ class NodeConfig:
     name: str
     expr: Expr
     options: dict[str, Any]  # every key of the node, typed, defaults filled in
+    backends: dict[str, type[Backend]] | None = field(default=None, repr=False)  # the model's own (modelcode.py)
 
     def __getattr__(self, key: str) -> Any:  # node.max, node.instance_num, ...
         try:
@@ -256,7 +257,7 @@ class _Validator:
         self.check_required(expr, options, spec, prefix)
         if options["model"] is not None:
             options["model"] = self.model_file(prefix, options["model"])
-        return NodeConfig(name=name, expr=expr, options=options)
+        return NodeConfig(name=name, expr=expr, options=options, backends=current_scope())
 
     def unknown_key(self, prefix: str, key: str, value: Any, spec: dict[str, Key], expr: Expr) -> ConfigError:
         if key in TRITON_KEYS:

@@ -154,11 +154,12 @@ def resolve(expr: Expr, source: str = "") -> None:
         resolve(child, source)
 
 
-def instantiate(expr: Expr, config: dict) -> Backend:
-    """Build the (not yet initialised) backend tree for one instance."""
-    backend = backend_class(expr.name)()
+def instantiate(expr: Expr, config: dict, scope: dict[str, type[Backend]] | None = None) -> Backend:
+    """Build the (not yet initialised) backend tree for one instance; names resolve in
+    ``scope`` (the model's own backends) first."""
+    backend = backend_class(expr.name, scope)()
     # Set here as well as in Backend.init, so max()/min() work even when a user's backend
     # overrides __init__ or init without calling super().
     backend.config = config
-    backend.children = [instantiate(child, config) for child in expr.children]
+    backend.children = [instantiate(child, config, scope) for child in expr.children]
     return backend

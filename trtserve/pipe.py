@@ -5,10 +5,10 @@ import _thread
 from pathlib import Path
 from typing import Any
 
-from .backend import load_backend_file
 from .config import load_config
 from .errors import TrtserveError
 from .hold import held_dispatch
+from .modelcode import ModelCode, load_model_code
 from .pipeline import Pipeline
 from .warmup import run_warmup
 from .repository import latest_version_dir
@@ -21,8 +21,9 @@ class Pipe:
     (for a list, after every item has finished, the first error in list order).
     """
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, code: ModelCode | None = None) -> None:
         self.pipeline = pipeline
+        self._code = code  # the folder's backend.py, released with the pipe
 
     def __call__(self, items: dict[str, Any] | list[dict[str, Any]]) -> None:
         batch = [items] if isinstance(items, dict) else list(items)
@@ -59,6 +60,8 @@ class Pipe:
 
     def close(self) -> None:
         self.pipeline.close()
+        if self._code is not None:
+            self._code.release()
 
     def __enter__(self) -> "Pipe":
         return self
@@ -73,17 +76,22 @@ def pipe(config: dict[str, Any] | str | Path, **kwargs: Any) -> Pipe:
     For a path inside a model repository folder, ``backend.py`` beside it is loaded first
     and ``model`` files resolve against the latest numbered version folder.
     """
-    model_dir = None
+    model_dir, code = None, ModelCode("pipe")
     if isinstance(config, (str, Path)):
         folder = Path(config).parent
-        if (folder / "backend.py").is_file():
-            load_backend_file(folder / "backend.py")
+        code = load_model_code(folder.name, folder)  # its backends are this pipe's alone
         model_dir = latest_version_dir(folder) or folder
-    model_config = load_config(config, model_dir=model_dir)
-    pipeline = Pipeline(model_config, kwargs).start()
+    try:
+        with code.scope():
+            model_config = load_config(config, model_dir=model_dir)
+            pipeline = Pipeline(model_config, kwargs).start()
+    except BaseException:
+        code.release()
+        raise
     try:
         run_warmup(pipeline, model_config.warmup, model_config.name)  # as the server does before READY
     except BaseException:
         pipeline.close()
+        code.release()
         raise
-    return Pipe(pipeline)
+    return Pipe(pipeline, code)

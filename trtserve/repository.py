@@ -9,7 +9,10 @@ and swapped in only when all succeeded.  The old pipelines then drain: what they
 finishes on them, and a request that raced the swap is re-sent to the new version.  A
 failed reload keeps the old versions serving and reports the error in the index.
 
-Loading runs backend inits (threads, sessions): event-loop callers use an executor.
+Each load runs the model's own code on a thread of its own, bounded by the model's
+``load_timeout`` (loadjob.py); whatever that code raises makes the model UNAVAILABLE, never
+the caller's failure.  A model's backend.py is private to it and released with it
+(modelcode.py).  Loading blocks: event-loop callers use an executor.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
-from .backend import Signature, load_backend_file
+from .backend import Signature
 from .config import ModelConfig, load_config, read_toml
 from .errors import (
     ConfigError,
@@ -31,6 +34,8 @@ from .errors import (
     TrtserveError,
     VersionNotFoundError,
 )
+from .loadjob import LoadJob, load_in_turn, load_timeout
+from .modelcode import ModelCode, load_model_code
 from .pipeline import ItemCallback, Pipeline
 from .scheduler import Request
 from .versions import fingerprint, parse_policy
@@ -38,6 +43,7 @@ from .warmup import run_warmup
 
 log = logging.getLogger("trtserve.repository")
 CONFIG_FILE = "config.toml"
+MAX_NAME_BYTES = 255  # a model is a folder: longer names cannot exist on Linux filesystems
 
 
 class ModelState(str, Enum):
@@ -148,7 +154,10 @@ class _Entry:
     models: dict[int, LoadedModel] = field(default_factory=dict)  # served versions
     fingerprint: str | None = None  # of the model folder when last loaded (poll mode)
     failed_fingerprint: str | None = None  # of the files whose load failed: not retried unchanged
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # state changes (brief)
+    load_lock: threading.Lock = field(default_factory=threading.Lock)  # one load of the model at a time
+    code: ModelCode | None = None  # the served versions' backend.py
+    hung: LoadJob | None = None  # a load that timed out and still runs
 
     @property
     def latest(self) -> LoadedModel | None:
@@ -168,6 +177,7 @@ class ModelRepository:
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._draining: list[threading.Thread] = []
+        self._closed = False
         # Called with each newly built version after its warmup, before it serves (the
         # metrics exporter subscribes to its statistics here, so no request is missed).
         self.load_hooks: list[Callable[[LoadedModel], None]] = []
@@ -182,49 +192,88 @@ class ModelRepository:
             return self._entries.setdefault(name, _Entry())
 
     # -- load / unload -----------------------------------------------------------------
-    def load_all(self) -> None:
-        """Load every model; failures are recorded as UNAVAILABLE, never raised."""
-        for name in self.scan():
-            try:
-                self.load(name)
-            except TrtserveError:
-                pass  # already recorded with its reason
+    def load_all(self, names: list[str] | None = None) -> None:
+        """Load every model (or ``names``), a few at a time; failures are recorded as
+        UNAVAILABLE, never raised, and a model that hangs delays no other."""
+        load_in_turn(self.load, self.scan() if names is None else names)
+
+    def folder(self, name: str) -> Path:
+        """The folder of model ``name``; MODEL_NOT_FOUND for a name that cannot be one."""
+        ok = (type(name) is str and 0 < len(name.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES
+              and not name.startswith(".") and "/" not in name and "\0" not in name)
+        folder = self.root / name if ok else self.root
+        try:
+            ok = ok and (folder / CONFIG_FILE).is_file()
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            # No paths and no listing: a caller learns nothing of the disk beyond this name.
+            raise ModelNotFoundError(
+                f"no model {name!r:.80} in the repository: a model is a folder of the repository holding a "
+                f"{CONFIG_FILE} (names up to {MAX_NAME_BYTES} bytes, no '/', not starting with '.'); "
+                "repository_index lists the models",
+                model=name if type(name) is str and len(name) <= MAX_NAME_BYTES else repr(name)[:80],
+            )
+        return folder
 
     def load(self, name: str) -> LoadedModel:
         """Load or reload ``name``; returns its latest served version.  Errors are recorded too."""
-        folder = self.root / name
-        if not name or "/" in name or name.startswith(".") or not (folder / CONFIG_FILE).is_file():
-            raise ModelNotFoundError(
-                f"no model {name!r} in repository {self.root}: expected {folder / CONFIG_FILE}; "
-                f"models here are {self.scan()}",
-                model=name,
-            )
+        folder = self.folder(name)
         entry = self._entry(name)
-        with entry.lock:
-            if not entry.models:
-                entry.state, entry.reason = ModelState.LOADING, None
+        with entry.load_lock:
+            if entry.hung is not None and entry.hung.running:
+                raise ModelUnavailableError(
+                    f"model {name!r}: an earlier load timed out and is still running (a backend's init hangs); "
+                    "it cannot be loaded again until that load ends: fix the model, then restart the server",
+                    model=name,
+                )
+            with entry.lock:
+                if not entry.models:
+                    entry.state, entry.reason = ModelState.LOADING, None
             # A served model keeps the reason of its last failed reload until one succeeds.
             stamp = fingerprint(folder)
+            job = None
             try:
-                fresh = self._build_versions(name, folder, entry)
+                timeout = load_timeout(read_toml(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
+                job = LoadJob(name, lambda: self._build_versions(name, folder, entry), _discard)
+                fresh, code = job.run(timeout)
             except TrtserveError as exc:
-                entry.reason = exc.message
-                entry.state = ModelState.READY if entry.models else ModelState.UNAVAILABLE
+                if job is not None and job.running:
+                    entry.hung = job
+                with entry.lock:
+                    entry.reason = exc.message
+                    entry.state = ModelState.READY if entry.models else ModelState.UNAVAILABLE
                 log.warning("model %s: load failed%s: %s", name, " (old versions keep serving)" if entry.models else "", exc.message)
                 raise
+            return self._install(name, entry, fresh, code, stamp)
+
+    def _install(self, name: str, entry: _Entry, fresh: dict[int, LoadedModel], code: ModelCode, stamp: str) -> LoadedModel:
+        with entry.lock:
+            if self._closed:  # the server shut down while this model loaded
+                _discard((fresh, code))
+                raise ShuttingDownError(f"model {name!r} finished loading after the repository closed", model=name)
             for model in fresh.values():
                 for hook in self.load_hooks:
                     hook(model)
             old, entry.models = entry.models, fresh
+            old_code, entry.code = entry.code, code
             entry.state, entry.fingerprint, entry.failed_fingerprint = ModelState.READY, stamp, None
             entry.reason = None
-        self._retire(list(old.values()))
+            latest = entry.latest
+        self._retire(list(old.values()), code=old_code)
         log.info("model %s versions %s are READY", name, sorted(fresh))
-        return entry.latest
+        return latest
 
-    def _build_versions(self, name: str, folder: Path, entry: _Entry) -> dict[int, LoadedModel]:
-        if (folder / "backend.py").is_file():
-            load_backend_file(folder / "backend.py")
+    def _build_versions(self, name: str, folder: Path, entry: _Entry) -> tuple[dict[int, LoadedModel], ModelCode]:
+        code = load_model_code(name, folder)
+        try:
+            with code.scope():
+                return self._build_in_scope(name, folder, entry), code
+        except BaseException:
+            code.release()
+            raise
+
+    def _build_in_scope(self, name: str, folder: Path, entry: _Entry) -> dict[int, LoadedModel]:
         check_version_names(folder)
         on_disk = version_dirs(folder)
         config_path = folder / CONFIG_FILE
@@ -262,17 +311,25 @@ class ModelRepository:
             raise
         return LoadedModel(name=name, version=version, folder=folder, config=config, pipeline=pipeline, entry=entry)
 
-    def _retire(self, models: list[LoadedModel], drain: bool = True) -> None:
-        """Close old pipelines; draining happens off the caller's thread."""
+    def _retire(self, models: list[LoadedModel], drain: bool = True, code: ModelCode | None = None) -> None:
+        """Close old pipelines (then release their backend.py); draining happens off the
+        caller's thread."""
         if not models:
+            if code is not None:
+                code.release()
             return
         if not drain:
             for model in models:
                 model.pipeline.close()
             return
-        thread = threading.Thread(
-            target=lambda: [m.pipeline.close(drain=True) for m in models], name="trtserve-retire", daemon=True
-        )
+
+        def retire() -> None:
+            for model in models:
+                model.pipeline.close(drain=True)
+            if code is not None:
+                code.release()
+
+        thread = threading.Thread(target=retire, name="trtserve-retire", daemon=True)
         thread.start()
         with self._lock:
             self._draining = [t for t in self._draining if t.is_alive()] + [thread]
@@ -284,9 +341,12 @@ class ModelRepository:
             raise ModelNotFoundError(f"model {name!r} is not loaded; loaded models are {self.loaded()}", model=name)
         with entry.lock:
             old, entry.models = entry.models, {}
+            code, entry.code = entry.code, None
             entry.state, entry.reason, entry.fingerprint = ModelState.UNLOADED, None, None
         for model in old.values():
             model.pipeline.close(drain=True)
+        if code is not None:
+            code.release()
 
     def poll(self) -> dict[str, list[str]]:
         """One poll-mode pass: load added models, unload removed ones, reload changed ones."""
@@ -313,11 +373,16 @@ class ModelRepository:
         return changes
 
     def close(self) -> None:
+        self._closed = True  # a load still running closes what it builds (_install)
         for entry in list(self._entries.values()):
-            models, entry.models = entry.models, {}
+            with entry.lock:
+                models, entry.models = entry.models, {}
+                code, entry.code = entry.code, None
+                entry.state = ModelState.UNLOADED
             for model in models.values():
                 model.pipeline.close()
-            entry.state = ModelState.UNLOADED
+            if code is not None:
+                code.release()
         for thread in self._draining:
             thread.join()
 
@@ -366,3 +431,11 @@ class ModelRepository:
                 }
             )
         return rows
+
+
+def _discard(built: tuple[dict[int, LoadedModel], ModelCode]) -> None:
+    """What a load built that will never serve: close it, then release its backend.py."""
+    models, code = built
+    for model in models.values():
+        model.pipeline.close()
+    code.release()

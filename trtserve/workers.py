@@ -53,7 +53,7 @@ class _Instance:
         """Build and initialise the backend on the current thread; record a failure."""
         node = self.scheduler.node
         try:
-            backend = instantiate(node.expr, node.options)
+            backend = instantiate(node.expr, node.options, node.backends)
             backend.is_root = True
             backend.init(node.options, dict(self.scheduler.kwargs, instance_index=self.index))
             self.lo, self.hi = int(backend.min()), int(backend.max())
