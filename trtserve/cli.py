@@ -1,12 +1,13 @@
 """The ``trtserve`` command line (also ``python -m trtserve``).
 
-``trtserve serve --repository PATH`` loads the repository, listens and prints exactly one
-line to stdout once it accepts connections::
+``trtserve serve --repository PATH`` listens at once (``live`` answers), loads the
+repository, and prints exactly one line to stdout once the start-up models have loaded::
 
     trtserve listening on 127.0.0.1:8001
 
 (scripts and tests wait for it; logs go to stderr).  SIGINT/SIGTERM shut down gracefully
-and exit 0.  Exit status 2: bad arguments, repository, token or TLS files; 1: cannot listen.
+and exit 0, while models load too.  Exit status 2: bad arguments, repository, token or TLS
+files; 1: cannot listen.
 docs/server.md lists the flags; docs/operations.md explains model control, metrics and
 access control.
 """
@@ -55,6 +56,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _whole(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
 def _optional_port(text: str) -> int | None:
     return None if text.lower() == "off" else _port(text)
 
@@ -80,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_control_flags(serve, MODES, DEFAULT_POLL_INTERVAL_S)
     serve.add_argument("--max-connections", type=_positive_int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
                        help="open connections beyond this are refused with RESOURCE_EXHAUSTED (default: %(default)s)")
+    _hostile_peer_flags(serve)
     serve.add_argument("--token-file", metavar="PATH",
                        help="require this shared token (the file's content) in an auth request first on every connection")
     serve.add_argument("--auth-timeout", type=_seconds, default=DEFAULT_AUTH_TIMEOUT_S, metavar="SECONDS",
@@ -105,6 +117,27 @@ def _model_control_flags(serve: argparse.ArgumentParser, modes: tuple[str, ...],
     serve.add_argument("--allow-model-control", action="store_true",
                        help="let clients load and unload models; alone it means --model-control explicit "
                             "--load-model '*' (every model still loads at start)")
+
+
+def _hostile_peer_flags(serve: argparse.ArgumentParser) -> None:
+    """Memory and reaping limits (server/budget.py, server/reaper.py; docs/operations.md)."""
+    from .server.reaper import DEFAULT_IDLE_S, DEFAULT_MIN_RECEIVE_RATE, DEFAULT_RECEIVE_S, DEFAULT_WRITE_S
+
+    serve.add_argument("--max-buffered", type=_positive_int, default=None, metavar="BYTES",
+                       help="request bytes read and not yet answered, over all connections, before the server stops "
+                            "reading (default: a quarter of the machine's or container's memory)")
+    serve.add_argument("--max-buffered-per-connection", type=_positive_int, default=None, metavar="BYTES",
+                       help="the same for one connection (default: an eighth of --max-buffered, at least --max-frame)")
+    serve.add_argument("--idle-timeout", type=_seconds, default=DEFAULT_IDLE_S, metavar="SECONDS",
+                       help="close connections that sent no request for this long; 0 = never (default: %(default)s)")
+    serve.add_argument("--receive-timeout", type=_seconds, default=DEFAULT_RECEIVE_S, metavar="SECONDS",
+                       help="window over which a started frame must arrive at --min-receive-rate; 0 = off "
+                            "(default: %(default)s)")
+    serve.add_argument("--min-receive-rate", type=_whole, default=DEFAULT_MIN_RECEIVE_RATE, metavar="BYTES",
+                       help="bytes per second a started frame must arrive at; 0 = off (default: %(default)s)")
+    serve.add_argument("--write-timeout", type=_seconds, default=DEFAULT_WRITE_S, metavar="SECONDS",
+                       help="abort connections whose unread answers have not gone down for this long; 0 = never "
+                            "(default: %(default)s)")
 
 
 def use_uvloop() -> bool:
@@ -141,15 +174,23 @@ async def serve(args: argparse.Namespace) -> int:
         auth_timeout_s=args.auth_timeout,
         ssl_context=None if args.tls_cert is None else server_ssl_context(args.tls_cert, args.tls_key),
         metrics_port=args.metrics_port,
+        max_buffered=args.max_buffered,
+        max_buffered_per_connection=args.max_buffered_per_connection,
+        idle_timeout_s=args.idle_timeout,
+        receive_timeout_s=args.receive_timeout,
+        min_receive_rate=args.min_receive_rate,
+        write_timeout_s=args.write_timeout,
     )
-    await server.start()
-    # What loading built (modules, models, sessions) lives as long as the process: moved out
-    # of the collector's reach, the collections that pipelined requests trigger stop walking
-    # it (docs/performance.md).  Done here, not in Server, since it is process-wide.
-    gc.collect()
-    gc.freeze()
-    print(f"trtserve listening on {server.host}:{server.port}", flush=True)
-    await server.serve_forever()
+
+    def ready() -> None:
+        # What loading built (modules, models, sessions) lives as long as the process: moved
+        # out of the collector's reach, the collections that pipelined requests trigger stop
+        # walking it (docs/performance.md).  Done here, not in Server, since it is process-wide.
+        gc.collect()
+        gc.freeze()
+        print(f"trtserve listening on {server.host}:{server.port}", flush=True)
+
+    await server.serve_forever(on_ready=ready)
     return 0
 
 

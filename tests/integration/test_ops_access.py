@@ -150,22 +150,32 @@ def test_load_and_unload_are_refused_while_disabled(guarded):
         assert client.ready("echo") is True
 
 
-def test_connections_over_the_limit_are_refused(server_factory):
+def test_connections_over_the_limit_are_refused(server_factory, gates):
     handle = server_factory(max_connections=2)
     first, second = handle.connect(), handle.connect()
     try:
-        assert first.result("live") == second.result("live") == {"live": True}
+        # Both busy (a request in flight each): no slot can be freed, the third is refused.
+        held = [conn.request("infer", model="gate_wide", inputs={"x": b"held"}) for conn in (first, second)]
+        gates["gate_wide"].wait_started(2)
         with handle.connect() as third:
             error = assert_refused(third, None, "RESOURCE_EXHAUSTED")
         assert error["details"] == {"max_connections": 2} and "--max-connections" in error["message"]
+        assert "none of them idle" in error["message"]
         with Client(handle.host, handle.port, timeout=10) as client:
             with pytest.raises(ConnectionFailedError) as excinfo:
                 client.live()
             assert excinfo.value.details["cause_code"] == ErrorCode.RESOURCE_EXHAUSTED
-        first.close()
-        wait_connections(handle, 1)
+        gates["gate_wide"].open()
+        assert first.recv()["id"] == held[0] and second.recv()["id"] == held[1]
+        assert second.result("live") == {"live": True}  # first is now the one idle the longest
+        # Both idle: a new connection takes the slot of the one idle the longest.
         with handle.connect() as again:
             assert again.result("live") == {"live": True}
+            evicted = first.recv()
+            assert evicted["id"] is None and evicted["error"]["name"] == "RESOURCE_EXHAUSTED", evicted
+            assert "longest idle" in evicted["error"]["message"]
+            first.assert_closed()
+            assert second.result("live") == {"live": True}
     finally:
         first.close()
         second.close()

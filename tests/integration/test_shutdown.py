@@ -35,12 +35,13 @@ def test_signal_answers_everything_in_flight(process_factory, gates, sig):
         assert conn.result("live") == {"live": True}  # all n were read before the signal
         proc.send_signal(sig)
         wait_refused(proc.port)
-        assert conn.result("ready") == {"ready": False}
-        assert conn.error("infer", model="echo", inputs={"x": b"late"})["name"] == "SHUTTING_DOWN"
+        # Sent after the signal: the server reads no new frame, so this is never answered.
+        late = conn.request("infer", model="echo", inputs={"x": b"late"})
         gate.open()
         answers = conn.recv_many(n)
         assert {i: m["result"]["outputs"]["output"] for i, m in answers.items()} == sent
-        conn.assert_closed()
+        conn.assert_closed()  # a clean EOF after the last answer
+        assert late not in {m["id"] for m in conn.frames}
     assert proc.wait(30) == 0, proc.log()
     assert "stopped" in proc.log()
 

@@ -1,14 +1,23 @@
-"""The server: load the repository, listen, serve, shut down gracefully.
+"""The server: listen, load the repository, serve, shut down gracefully.
+
+Start: bind at once (``live`` answers, ``ready`` is false), then load the start-up models a
+few at a time on daemon threads; each serves as soon as it is READY, and ``ready`` turns
+true once every one has loaded or failed.  A model's own code cannot hold this up for more
+than its ``load_timeout`` (loadjob.py), nor keep a stop from going ahead.
 
 Shutdown (``stop``, or SIGINT/SIGTERM under ``serve_forever``):
 
-1. stop accepting connections; ``ready`` turns false; new infer/load/unload requests on
-   open connections get SHUTTING_DOWN (cheap queries are still answered);
-2. wait up to ``grace_s`` for every request in flight to be answered;
+1. stop accepting connections and stop reading new frames on every connection; ``ready``
+   turns false; requests already read are answered (new work among them gets
+   SHUTTING_DOWN);
+2. wait up to ``grace_s`` for every request in flight to be answered; a connection with
+   nothing left unanswered closes cleanly at once (protocol.py: half-close, then linger);
 3. answer whatever is still in flight with SHUTTING_DOWN, flush and close every connection;
-4. close the models (queued work fails, running batches finish, instance threads join).
+4. close the models (queued work fails, running batches finish, instance threads join);
+   loads still running are not waited for.
 
-A second signal skips the rest of the grace period.
+A second signal answers what is in flight with SHUTTING_DOWN and exits without waiting
+for the models.
 
 Model control modes live in control.py, access control in auth.py and protocol.py, the
 Prometheus exporter in metrics.py; docs/operations.md describes them for operators.
@@ -20,19 +29,22 @@ import logging
 import signal
 import ssl
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from trtserve_client.wire import DEFAULT_MAX_FRAME
 
 from ..errors import ConfigError, ShuttingDownError
 from ..repository import ModelRepository, ModelState
 from .auth import DEFAULT_AUTH_TIMEOUT_S, PRE_AUTH_MAX_FRAME, Authenticator
+from .budget import ByteBudget, default_limits
 from .control import ModelControl, poll_forever
 from .handlers import Dispatcher
 from .metrics import Metrics
 from .protocol import ServerProtocol
+from .reaper import DEFAULT_IDLE_S, DEFAULT_MIN_RECEIVE_RATE, DEFAULT_RECEIVE_S, DEFAULT_WRITE_S, Timeouts
+from .threads import DaemonExecutor
 from .tracker import DEFAULT_MAX_CONNECTIONS, ConnectionTracker
 
 log = logging.getLogger("trtserve.server")
@@ -40,7 +52,7 @@ log = logging.getLogger("trtserve.server")
 DEFAULT_MAX_IN_FLIGHT = 128  # per connection; enough to keep a batched model busy from one client
 DEFAULT_GRACE_S = 30.0  # as Triton's --exit-timeout-secs
 CLOSE_TIMEOUT_S = 5.0  # flushing answers to peers that stopped reading, after which they are cut
-CONTROL_WORKERS = 2  # threads for load/unload (backend inits block)
+HURRIED_CLOSE_S = 0.5  # the same after a second signal
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -63,8 +75,11 @@ class Server:
     Model control: ``model_control`` ("none", "poll" or "explicit"; control.py), with
     ``load_models`` (explicit), ``poll_interval_s`` (poll) and ``allow_model_control``.
     Access: ``token`` (str/bytes; the ``auth`` operation), ``ssl_context`` (TLS),
-    ``max_connections``, ``max_in_flight_per_connection``, ``max_frame``.  Metrics:
-    ``metrics_port`` (None = off; 0 = any free port, read ``.metrics_port`` after start).
+    ``max_connections``, ``max_in_flight_per_connection``, ``max_frame``.  Memory and
+    reaping: ``max_buffered`` and ``max_buffered_per_connection`` (bytes; None = sized from
+    the machine, budget.py), ``idle_timeout_s``, ``receive_timeout_s``, ``min_receive_rate``,
+    ``write_timeout_s`` (0 turns one off; reaper.py).  Metrics: ``metrics_port`` (None =
+    off; 0 = any free port, read ``.metrics_port`` after start).
     """
 
     def __init__(
@@ -85,6 +100,12 @@ class Server:
         auth_timeout_s: float = DEFAULT_AUTH_TIMEOUT_S,
         ssl_context: ssl.SSLContext | None = None,
         metrics_port: int | None = None,
+        max_buffered: int | None = None,
+        max_buffered_per_connection: int | None = None,
+        idle_timeout_s: float = DEFAULT_IDLE_S,
+        receive_timeout_s: float = DEFAULT_RECEIVE_S,
+        min_receive_rate: int = DEFAULT_MIN_RECEIVE_RATE,
+        write_timeout_s: float = DEFAULT_WRITE_S,
     ) -> None:
         self.repository = repository if isinstance(repository, ModelRepository) else ModelRepository(repository)
         self.host = host
@@ -106,12 +127,15 @@ class Server:
             auth_required=self.authenticator is not None,
             auth_timeout_s=float(auth_timeout_s),
             pre_auth_max_frame=PRE_AUTH_MAX_FRAME,
+            budget=ByteBudget(*default_limits(self.max_frame, max_buffered, max_buffered_per_connection)),
+            timeouts=Timeouts.checked(idle_timeout_s, receive_timeout_s, min_receive_rate, write_timeout_s),
         )
         self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self._listener: asyncio.AbstractServer | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: DaemonExecutor | None = None
         self._stop_requested = asyncio.Event()  # binds to a loop on first use (3.10+)
+        self._hurry = asyncio.Event()  # a second stop request: exit without waiting for models
         self._stopping: asyncio.Future | None = None
 
     @property
@@ -129,31 +153,42 @@ class Server:
 
     # -- start -------------------------------------------------------------------------
     async def start(self) -> None:
-        """Load every model (failures become UNAVAILABLE with their reason), then listen."""
+        """Listen at once, then load the start-up models (failures become UNAVAILABLE with
+        their reason; each model serves as soon as it is READY); return once all of them
+        have loaded or failed, or a stop was requested meanwhile."""
         from .. import __version__
 
         loop = asyncio.get_running_loop()
-        self._executor = ThreadPoolExecutor(CONTROL_WORKERS, thread_name_prefix="trtserve-control")
+        names = self.control.startup_models(self.repository)  # an unknown --load-model: before binding
+        self._executor = DaemonExecutor()
+        self.tracker.budget.call_soon = loop.call_soon
         if self.metrics_port is not None:  # before loading, so every version is subscribed as it is built
             self.metrics = Metrics(self.tracker, self._serving)
             self.metrics.watch(self.repository)
+        self.dispatcher = Dispatcher(
+            self.repository,
+            loop=loop,
+            executor=self._executor,
+            max_frame=self.max_frame,
+            control=self.control,
+            version=__version__,
+            authenticator=self.authenticator,
+            metrics=self.metrics,
+        )
         try:
-            await loop.run_in_executor(self._executor, self.control.load_at_start, self.repository)
-            self._log_models()
-            self.dispatcher = Dispatcher(
-                self.repository,
-                loop=loop,
-                executor=self._executor,
-                max_frame=self.max_frame,
-                control=self.control,
-                version=__version__,
-                authenticator=self.authenticator,
-                metrics=self.metrics,
-            )
             await self._listen(loop, self.dispatcher.dispatch)
         except BaseException:
-            await loop.run_in_executor(None, self._close_models)
+            await _off_loop(self._close_models)
             raise
+        self.tracker.reaper.start(loop)
+        log.info("accepting connections on %s:%d; loading models", self.host, self.port)
+        loading = loop.run_in_executor(self._executor, self.repository.load_all, names)
+        stop = loop.create_task(self._stop_requested.wait())
+        await asyncio.wait({loading, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not loading.done():
+            return  # stopped while loading: serve_forever or the caller's stop() goes on
+        self._log_models()
         self.dispatcher.ready = True
         if self.control.poll_interval_s is not None:
             self._poller = loop.create_task(poll_forever(self.repository, self._executor, self.control.poll_interval_s))
@@ -191,24 +226,31 @@ class Server:
         log.info("models READY: %s; not ready: %s", ", ".join(ready) or "none", ", ".join(other) or "none")
 
     # -- run -----------------------------------------------------------------------------
-    async def serve_forever(self) -> None:
-        """Serve until SIGINT/SIGTERM (or ``request_stop()``), then shut down gracefully."""
-        if self._listener is None:
-            await self.start()
+    async def serve_forever(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Serve until SIGINT/SIGTERM (or ``request_stop()``), then shut down gracefully.
+        Starts the server first unless it was started; ``on_ready()`` runs once the start-up
+        models have loaded.  The signal handlers are installed before loading, so a signal
+        while models load stops the server too."""
         loop = asyncio.get_running_loop()
         installed = self._install_signal_handlers(loop)
         try:
+            if self._listener is None:
+                await self.start()
+            if on_ready is not None and not self._stop_requested.is_set():
+                on_ready()
             await self._stop_requested.wait()
-            await self.stop()  # the handlers stay: a second signal cuts the grace period short
+            await self.stop()  # the handlers stay: a second signal cuts the shutdown short
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await self.stop()
 
     def request_stop(self) -> None:
-        """Ask serve_forever to shut down; a second request skips the grace period."""
+        """Ask serve_forever to shut down; a second request exits without waiting."""
         if self._stop_requested.is_set():
-            log.warning("second stop request: answering what is still in flight with SHUTTING_DOWN")
+            log.warning("second stop request: answering what is still in flight with SHUTTING_DOWN and exiting "
+                        "without waiting for the models")
+            self._hurry.set()
             self.tracker.force_idle()
         self._stop_requested.set()
 
@@ -244,29 +286,74 @@ class Server:
             self.dispatcher.ready = False
             self.dispatcher.draining = True
         if self._poller is not None:
-            self._poller.cancel()  # a poll already running in the executor finishes below
+            self._poller.cancel()  # a poll already running finishes on its own thread
         if self._listener is not None:
             self._listener.close()
         tracker = self.tracker
-        if not await tracker.wait_idle(grace_s):
+        if self.dispatcher is not None:
+            self.dispatcher.abandon_control(ShuttingDownError(
+                "the server is shutting down: this load/unload was not waited for (it goes on until the process exits)"))
+        for conn in list(tracker.connections):
+            conn.stop_reading()  # no new frames; closes at once when nothing is unanswered
+        if not self._hurry.is_set() and not await tracker.wait_idle(grace_s):
             log.warning("grace period over: answering %d request(s) still in flight with SHUTTING_DOWN", tracker.in_flight)
         error = ShuttingDownError("the server shut down before this request was answered; retry on another server")
         for conn in list(tracker.connections):
             conn.shut_down(error)
-        if not await tracker.wait_disconnected(CLOSE_TIMEOUT_S):
-            for conn in list(tracker.connections):
+        flush_s = HURRIED_CLOSE_S if self._hurry.is_set() else CLOSE_TIMEOUT_S
+        if not await tracker.wait_disconnected(flush_s):
+            for conn in list(tracker.connections) + list(tracker.lingering):
                 conn.abort()  # peers that stopped reading: their answers cannot be delivered
+        tracker.reaper.stop()
         if self._listener is not None:
             await self._listener.wait_closed()
-        await asyncio.get_running_loop().run_in_executor(None, self._close_models)
+        closing = asyncio.ensure_future(_off_loop(self._close_models))
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        await asyncio.wait({closing, hurry}, return_when=asyncio.FIRST_COMPLETED)
+        hurry.cancel()
+        if not closing.done():
+            log.warning("exiting without waiting for the models to close (second stop request)")
+            return
+        closing.result()
         log.info("stopped")
 
     def _close_models(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
         if self._executor is not None:
-            self._executor.shutdown(wait=True)  # a load in progress finishes before models close
+            self._executor.shutdown(wait=False)  # a load still running throws away what it builds
         self.repository.close()
+
+
+async def _off_loop(fn: Callable[[], None]) -> None:
+    """``fn()`` on a daemon thread (the default executor's threads are joined at exit: a
+    model that hangs while closing must not keep the process alive)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: B036 - reported to the awaiting coroutine
+            error = exc
+        else:
+            error = None
+        try:
+            loop.call_soon_threadsafe(_settle, done, error)
+        except RuntimeError:
+            pass  # the loop is gone (a hurried exit): nobody waits any more
+
+    threading.Thread(target=run, name="trtserve-close", daemon=True).start()
+    await done
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 def _count_failed_handshake(connected: list[bool], tracker: ConnectionTracker) -> None:

@@ -21,7 +21,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Iterable
 
-from ..errors import ConfigError, PermissionDeniedError, TrtserveError
+from ..errors import ConfigError, PermissionDeniedError
 from ..repository import ModelRepository
 
 log = logging.getLogger("trtserve.server")
@@ -71,11 +71,11 @@ class ModelControl:
             operation=op,
         )
 
-    def load_at_start(self, repository: ModelRepository) -> None:
-        """Load what the mode loads at start; a model that fails is UNAVAILABLE, never fatal."""
+    def startup_models(self, repository: ModelRepository) -> list[str] | None:
+        """What the mode loads at start (None: every model).  An unknown ``--load-model``
+        name is an operator's typo: refused before the server binds."""
         if self.mode != "explicit" or ALL_MODELS in self.load_models:
-            repository.load_all()
-            return
+            return None
         on_disk = repository.scan()
         unknown = [name for name in self.load_models if name not in on_disk]
         if unknown:  # an operator's typo: refuse to start rather than serve without the model
@@ -85,11 +85,7 @@ class ModelControl:
                 key="load_model",
                 value=unknown[0],
             )
-        for name in self.load_models:
-            try:
-                repository.load(name)
-            except TrtserveError:
-                pass  # recorded as UNAVAILABLE with its reason, as at any start
+        return list(self.load_models)
 
 
 def _interval(mode: str, poll_interval_s: float | None) -> float | None:

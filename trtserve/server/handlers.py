@@ -42,16 +42,22 @@ def cuda_poisoned() -> Any:
 
 class Deferred(Reply):
     """A blocking operation running in the control executor (load, unload), answered when
-    its job ends.  Cancelling drops the answer; the job itself goes on."""
+    its job ends.  Cancelling drops the answer; the job itself goes on.  ``pending`` (a set
+    of the calls not answered yet) lets a shutdown answer them at once."""
 
-    __slots__ = ()
+    __slots__ = ("pending",)
 
-    def __init__(self, job: asyncio.Future) -> None:
+    def __init__(self, job: asyncio.Future, pending: set | None = None) -> None:
         super().__init__()
+        self.pending = pending
+        if pending is not None:
+            pending.add(self)
         job.add_done_callback(self._settle)
 
     def _settle(self, job: asyncio.Future) -> None:
-        if self.done:  # cancelled: the caller went away before the job ended
+        if self.pending is not None:
+            self.pending.discard(self)
+        if self.done:  # cancelled, or answered by a shutdown, before the job ended
             return
         if job.cancelled():
             self.cancel()
@@ -83,6 +89,7 @@ class Dispatcher:
         self.version = version
         self.ready = False  # serving: set once listening, cleared when draining starts
         self.draining = False
+        self._control_calls: set[Deferred] = set()  # load/unload not answered yet
         self._ops: dict[str, Callable[[dict[str, Any]], Any]] = {
             "auth": self.auth,
             "infer": InferHandler(repository, loop, metrics),
@@ -216,7 +223,7 @@ class Dispatcher:
             model = self.repository.load(name)
             return {"name": model.name, "version": model.version, "state": "READY"}
 
-        return Deferred(self.loop.run_in_executor(self.executor, run))
+        return Deferred(self.loop.run_in_executor(self.executor, run), self._control_calls)
 
     def unload(self, message: dict[str, Any]) -> Deferred:
         name = self._controlled(message, "unload")
@@ -225,7 +232,16 @@ class Dispatcher:
             self.repository.unload(name)
             return {"name": name, "state": "UNLOADED"}
 
-        return Deferred(self.loop.run_in_executor(self.executor, run))
+        return Deferred(self.loop.run_in_executor(self.executor, run), self._control_calls)
+
+    def abandon_control(self, error: TrtserveError) -> None:
+        """Shutdown: answer every load and unload still running with ``error`` now.  Their
+        jobs go on (a load's model would only be closed again), but no stop waits for a
+        model's code, which may hang."""
+        for call in list(self._control_calls):
+            self._control_calls.discard(call)
+            if not call.done:
+                call.set_exception(error)
 
     def _controlled(self, message: dict[str, Any], op: str) -> str:
         if not self.control.operations:

@@ -8,7 +8,11 @@ Reading stops (``transport.pause_reading``) while either
 
 and resumes when both clear: the pattern of aiohttp's ``base_protocol.py``.  A client can
 therefore never make the server hold more than one frame being received, ``max_in_flight``
-requests and their responses, however fast it writes or slowly it reads.
+requests and their responses, however fast it writes or slowly it reads.  Every frame is
+also admitted at its header against the server's memory budget (budget.py): past it,
+reading stops until room appears, or the frame is RESOURCE_EXHAUSTED if it can never fit.
+The reaper (reaper.py) closes idle, trickling and non-reading peers, and makes room at the
+connection limit.
 
 Frames are received with ``asyncio.BufferedProtocol``: a large frame is read straight into
 a buffer of its own, and its tensors reach the model as numpy views of it (frames.py).
@@ -17,10 +21,13 @@ A frame the server cannot attribute to a request (oversized, not msgpack, not a 
 valid ``id``, a truncated frame at EOF) is answered with ``"id": nil`` and only that
 connection is closed.  A frame that can be attributed but not served (a bad buffer
 reference, the layout of protocol version 1) is answered for its id, and the connection
-goes on.  So is a connection over ``max_connections`` (RESOURCE_EXHAUSTED).
+goes on.  So is a connection over ``max_connections`` when none is idle (RESOURCE_EXHAUSTED).
 With a token configured, the first request must be ``auth`` (server/auth.py); anything
 else, a wrong token or no auth within the timeout is UNAUTHENTICATED, then close.  When a connection goes away, its requests in flight are cancelled
-(queued ones are never run) and their responses dropped.
+(queued ones are never run) and their responses dropped.  The server's closes are clean
+(reaper.linger_close): answers already sent are never destroyed by a reset.  At shutdown
+(``stop_reading``) no new frame is read, and the connection closes once every request read
+is answered.
 """
 from __future__ import annotations
 
@@ -28,9 +35,11 @@ import asyncio
 import collections
 import logging
 import socket
+import time
 from typing import Any
 
 from trtserve_client.frames import BadFrame, FrameDecoder, frame_parts, pack_v1
+from trtserve_client.limits import MAX_ELEMENTS
 from trtserve_client.writer import CoalescingWriter
 
 from ..errors import (
@@ -44,6 +53,7 @@ from ..errors import (
     UnauthenticatedError,
 )
 from ..hold import held_dispatch
+from .reaper import linger_close
 from .reply import Reply
 from .tracker import ConnectionTracker
 
@@ -51,6 +61,7 @@ __all__ = ["ConnectionTracker", "ServerProtocol"]
 
 log = logging.getLogger("trtserve.server")
 _MAX_ID = 2**64
+_DISCARD = memoryview(bytearray(64 * 1024))  # where a closing connection's late bytes go
 # Refusals counted in the metrics (trtserve_refusals_total{type}), by error code.
 _REFUSALS = {
     ErrorCode.UNAUTHENTICATED: "auth",
@@ -70,7 +81,14 @@ class ServerProtocol(asyncio.BufferedProtocol):
         self._dispatch = dispatch
         self._tracker = tracker
         self._limit = tracker.max_in_flight
-        self._decoder = FrameDecoder(tracker.max_frame)
+        # Every frame is admitted against the memory budget at its header (budget.py).
+        self._account = tracker.budget.account(self._resume_admission)
+        self._decoder = FrameDecoder(tracker.max_frame, admit=self._account.admit, max_elements=MAX_ELEMENTS)
+        self.received_bytes = 0  # what the reaper watches (reaper.py)
+        self.frames_read = 0
+        self.connected_at = time.monotonic()
+        self._stopped = False  # shutting down: no new frames are read
+        self._lingering = False  # closed for requests; reading and dropping until the peer closes
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, Any] = {}  # request id -> its pending call
         self._backlog: collections.deque[dict[str, Any]] = collections.deque()
@@ -115,10 +133,11 @@ class ServerProtocol(asyncio.BufferedProtocol):
             except OSError:
                 pass
         tracker = self._tracker
-        if len(tracker.connections) >= tracker.max_connections:
+        if len(tracker.connections) >= tracker.max_connections and not tracker.reaper.make_room(self.peer):
             self._fail(ResourceExhaustedError(
                 f"the server already serves {len(tracker.connections)} connections (--max-connections "
-                f"{tracker.max_connections}); retry later, reuse connections, or raise --max-connections",
+                f"{tracker.max_connections}), none of them idle; retry later, reuse connections, or raise "
+                "--max-connections",
                 max_connections=tracker.max_connections,
             ))
             return
@@ -147,10 +166,13 @@ class ServerProtocol(asyncio.BufferedProtocol):
             self._auth_timer.cancel()
         self._backlog.clear()
         self._cancel_pending()
+        self._account.close()
         self._transport = None
         self._tracker.connection_closed(self)
 
     def eof_received(self) -> bool:
+        if self._lingering:
+            return False  # the peer closed too: the close is clean
         if self._decoder.pending_partial_frame():
             self._fail(ProtocolError(
                 f"connection closed in the middle of a frame ({self._decoder.buffered} bytes of an "
@@ -175,9 +197,10 @@ class ServerProtocol(asyncio.BufferedProtocol):
 
     # -- reading -----------------------------------------------------------------------
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._decoder.get_buffer()
+        return _DISCARD if self._closing else self._decoder.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.received_bytes += nbytes
         if self._closing:
             return
         try:
@@ -191,6 +214,21 @@ class ServerProtocol(asyncio.BufferedProtocol):
                 )
             self._fail(exc)
             return
+        if messages:
+            self.frames_read += len(messages)
+            self._backlog.extend(messages)
+        self._drain()
+
+    def _resume_admission(self) -> None:
+        """The budget has room for the frame whose header waits: read on."""
+        if self._closing or not self._decoder.waiting:
+            return
+        try:
+            messages = self._decoder.resume()
+        except TrtserveError as exc:
+            self._fail(exc)
+            return
+        self.frames_read += len(messages)
         self._backlog.extend(messages)
         self._drain()
 
@@ -222,7 +260,8 @@ class ServerProtocol(asyncio.BufferedProtocol):
         self._maybe_finish()
 
     def _update_reading(self) -> None:
-        pause = self._writing_paused or bool(self._backlog) or len(self._pending) >= self._limit
+        pause = (self._writing_paused or bool(self._backlog) or len(self._pending) >= self._limit
+                 or self._decoder.waiting or self._stopped)
         if pause is self._reading_paused or self._closing or self._transport is None:
             return
         self._reading_paused = pause
@@ -233,6 +272,13 @@ class ServerProtocol(asyncio.BufferedProtocol):
             self._transport.resume_reading()
 
     def _handle(self, message: dict[str, Any] | BadFrame) -> None:
+        """One request; its frame's bytes count against the budget until it is answered."""
+        size = self._account.handled()
+        if not self._serve(message, size) and not self._closing:
+            self._account.release(size)
+
+    def _serve(self, message: dict[str, Any] | BadFrame, size: int) -> bool:
+        """Dispatch one request; True when it is pending (its frame is kept until answered)."""
         bad = None
         if type(message) is BadFrame:
             bad, message = message, message.message
@@ -244,7 +290,7 @@ class ServerProtocol(asyncio.BufferedProtocol):
                 field="id",
                 value=repr(req_id),
             ))
-            return
+            return False
         if req_id in self._pending:
             self._fail(InvalidArgumentError(
                 f"id {req_id} is already in flight on this connection; ids must be unique among "
@@ -252,45 +298,48 @@ class ServerProtocol(asyncio.BufferedProtocol):
                 field="id",
                 value=req_id,
             ))
-            return
+            return False
         if bad is not None:
             self._refuse_frame(req_id, bad)
-            return
+            return False
         if not self._authenticated and message.get("op") != "auth":
             self._fail(UnauthenticatedError(
                 f"this server requires authentication: the first request on a connection must be "
                 f"{{op: 'auth', token: ...}}, got op {message.get('op')!r}; pass token= to the client",
                 operation=repr(message.get("op")),
             ), req_id)
-            return
+            return False
         try:
             outcome = self._dispatch(message)
         except TrtserveError as exc:
             if exc.code == ErrorCode.UNAUTHENTICATED:
                 self._fail(exc, req_id)  # a wrong token: nothing more is read from this peer
-                return
+                return False
             if exc.code == ErrorCode.PERMISSION_DENIED:
                 self._tracker.refused("permission_denied")
             self._send_error(req_id, exc)
-            return
+            return False
         except Exception as exc:  # a bug must cost one request, not the connection
             log.exception("operation %r failed unexpectedly", message.get("op"))
             self._send_error(req_id, InternalError(f"internal error: {type(exc).__name__}: {exc}"))
-            return
+            return False
         if type(outcome) is dict:
             if not self._authenticated:
                 self._authenticated_now()  # the gate above let only an auth request through
             self._send(req_id, {"id": req_id, "result": outcome})
-            return
+            return False
         self._pending[req_id] = outcome
         self._tracker.in_flight += 1
+        self._account.keep(req_id, size)  # before the callback: an inline model may answer at once
         outcome.add_done_callback(self._complete, req_id)
+        return True
 
     def _complete(self, req_id: int, reply: Reply) -> None:
         if self._pending.get(req_id) is not reply:
             return  # cancelled (connection lost, shutdown): its answer is dropped
         del self._pending[req_id]
         self._tracker.request_done()
+        self._account.done(req_id)
         if reply.cancelled:
             return
         exc = reply.error
@@ -314,11 +363,21 @@ class ServerProtocol(asyncio.BufferedProtocol):
             self._writer.write([pack_v1({"id": req_id, "error": bad.error.to_wire()})], alone=not self._pending)
 
     def _maybe_finish(self) -> None:
-        if self._eof and not self._pending and not self._backlog and not self._closing:
-            self._flush()
-            self._closing = True
-            if self._transport is not None:
-                self._transport.close()
+        if (self._eof or self._stopped) and not self._pending and not self._backlog and not self._closing:
+            self._close_gracefully()
+
+    def _close_gracefully(self) -> None:
+        """Send what is queued, drop what is unanswered, then close without a reset."""
+        if self._closing:
+            return
+        self._flush()
+        self._closing = True
+        self._backlog.clear()
+        self._cancel_pending()
+        self._account.close()
+        if self._transport is not None and linger_close(self._transport, self._eof):
+            self._lingering = True  # the peer's late bytes go to _DISCARD; its EOF ends it
+            self._tracker.linger(self)
 
     # -- writing -----------------------------------------------------------------------
     def _send(self, req_id: int | None, message: dict[str, Any]) -> None:
@@ -344,18 +403,11 @@ class ServerProtocol(asyncio.BufferedProtocol):
     def _fail(self, exc: TrtserveError, req_id: int | None = None) -> None:
         """A refused connection or an unattributable frame: tell the peer why (``id`` nil
         unless the refusal answers one request), count it, then close this connection only."""
-        log.warning("closing connection from %s: %s", self.peer, exc.message)
-        self._tracker.refused(_REFUSALS.get(exc.code, "protocol_error"))
+        kind = _REFUSALS.get(exc.code, "protocol_error")
+        self._tracker.log.warning(kind, "closing connection from %s: %s", self.peer, exc.message)
+        self._tracker.refused(kind)
         self._send_error(req_id, exc)
-        self._close()
-
-    def _close(self) -> None:
-        self._flush()  # answers queued this turn go out before the close
-        self._closing = True
-        self._backlog.clear()
-        self._cancel_pending()
-        if self._transport is not None:
-            self._transport.close()  # flushes what is buffered, then closes
+        self._close_gracefully()
 
     def _cancel_pending(self) -> None:
         pending, self._pending = self._pending, {}
@@ -363,7 +415,29 @@ class ServerProtocol(asyncio.BufferedProtocol):
             call.cancel()
             self._tracker.request_done()
 
+    # -- reaping (reaper.py) ----------------------------------------------------------
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def partial_frame(self) -> bool:
+        """Bytes of a frame not yet complete are held (or its header waits for the budget)."""
+        return self._decoder.buffered > 0 or self._decoder.waiting
+
+    def close_with(self, error: TrtserveError | None = None) -> None:
+        """Close this connection cleanly, first telling the peer why (``"id": nil``) if ``error``."""
+        if error is not None:
+            self._send_error(None, error)
+        self._close_gracefully()
+
     # -- shutdown (called by the server) -----------------------------------------------
+    def stop_reading(self) -> None:
+        """Shutdown begins: read no new frame; close once every request read is answered."""
+        self._stopped = True
+        self._update_reading()
+        self._maybe_finish()
+
     def shut_down(self, error: TrtserveError) -> None:
         """Answer everything still unanswered with ``error``, then close."""
         if self._closing:
@@ -371,9 +445,9 @@ class ServerProtocol(asyncio.BufferedProtocol):
         for req_id in list(self._pending):
             self._send_error(req_id, error)
         for message in self._backlog:
-            req_id = message.get("id")
+            req_id = message.get("id") if type(message) is dict else None
             self._send_error(req_id if type(req_id) is int else None, error)
-        self._close()
+        self._close_gracefully()
 
     def abort(self) -> None:
         """Drop the connection without flushing (a peer that stopped reading during shutdown)."""

@@ -8,7 +8,12 @@ reads of an int or a set's size, which the GIL keeps whole) and sets ``refused``
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Callable
+
+from .budget import ByteBudget
+from .ratelog import RateLimitedLog
+from .reaper import Reaper, Timeouts
 
 if TYPE_CHECKING:
     from .protocol import ServerProtocol
@@ -32,6 +37,8 @@ class ConnectionTracker:
         auth_required: bool = False,
         auth_timeout_s: float = 10.0,
         pre_auth_max_frame: int = 64 * 1024,
+        budget: ByteBudget | None = None,
+        timeouts: Timeouts | None = None,
     ) -> None:
         self.max_frame = max_frame
         self.max_in_flight = max_in_flight
@@ -40,7 +47,12 @@ class ConnectionTracker:
         self.auth_timeout_s = auth_timeout_s
         self.pre_auth_max_frame = min(pre_auth_max_frame, max_frame)
         self.connections: set[ServerProtocol] = set()
+        self.lingering: set[ServerProtocol] = set()  # closed for requests, draining what the peer sends
         self.in_flight = 0
+        # Request bytes read and not yet answered (budget.py); without one, no limit.
+        self.budget = budget or ByteBudget(1 << 62, 1 << 62)
+        self.reaper = Reaper(self, timeouts or Timeouts(0, 0, 0, 0))  # idle, slow and stalled peers
+        self.log = RateLimitedLog(logging.getLogger("trtserve.server"))  # warnings about peers, rate-limited
         # refused(type): a connection or request was refused (auth, connection_limit,
         # frame_too_large, protocol_error, permission_denied, unsupported_protocol); paused(cause): reading stopped.
         self.refused: Callable[[str], None] = _ignore
@@ -55,8 +67,15 @@ class ConnectionTracker:
 
     def connection_closed(self, conn: "ServerProtocol") -> None:
         self.connections.discard(conn)
-        if not self.connections and self._empty is not None:
+        self.lingering.discard(conn)
+        if not self.connections and not self.lingering and self._empty is not None:
             self._empty.set()
+
+    def linger(self, conn: "ServerProtocol") -> None:
+        """``conn`` is closing and only reads what its peer still sends: its slot is free."""
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.lingering.add(conn)
 
     def force_idle(self) -> None:
         """End a wait_idle early (a second shutdown signal)."""
@@ -78,7 +97,7 @@ class ConnectionTracker:
 
     async def wait_disconnected(self, timeout: float) -> bool:
         """Wait until every connection is closed; False when ``timeout`` passed first."""
-        if not self.connections:
+        if not self.connections and not self.lingering:
             return True
         self._empty = asyncio.Event()
         try:
@@ -87,4 +106,4 @@ class ConnectionTracker:
             pass
         finally:
             self._empty = None
-        return not self.connections
+        return not self.connections and not self.lingering

@@ -1,0 +1,114 @@
+"""Hostile clients against the server's connections (server/reaper.py, the eviction in
+protocol.py, server/ratelog.py): idle floods, trickling senders, peers that never read
+their answers, and login floods, each against a ``trtserve serve`` subprocess on
+127.0.0.1, with a normal client served within hostile_support's p99 bound meanwhile."""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from .conftest import RawConn
+from .hostile_support import MIB, assert_normal_client_served, attack, baseline_p99
+from .ops_support import log_problems, rss_mb, server_process, socket_count, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_an_idle_flood_cannot_lock_out_a_normal_client(repository, tmp_path):
+    """2,000 idle connections against 1,024 slots: before, a normal client got 0 of 87
+    attempts through.  Now a new connection at the limit closes the one idle the longest
+    (here 400 against 64 slots, to keep the test short)."""
+    args = ("--max-connections", "64", "--log-level", "WARNING")
+    with server_process(repository, tmp_path / "server.log", *args) as proc:
+        unloaded = baseline_p99(proc.host, proc.port)
+        with attack("idle", proc.port, 400) as flood:
+            assert flood.ready["opened"] == 400  # accepted: each new one evicted an older idle one
+            for _ in range(20):  # 20 fresh connections in a row, each served at once
+                with RawConn(proc.host, proc.port) as conn:
+                    assert conn.result("live") == {"live": True}
+            assert_normal_client_served(proc.host, proc.port, unloaded)
+            assert flood.finish()["closed"] >= 400 - 64
+        assert 1 <= proc.log().count("closing idle connection") <= 10  # 336 evictions, logged at a bounded rate
+
+
+def test_trickling_senders_are_closed(repository, tmp_path):
+    """200 connections sending a frame at 1 byte/s: before, all still open after 30 s.
+    Now each is answered PROTOCOL_ERROR and closed after a --receive-timeout window."""
+    args = ("--receive-timeout", "1", "--log-level", "WARNING")
+    with server_process(repository, tmp_path / "server.log", *args) as proc:
+        unloaded = baseline_p99(proc.host, proc.port)
+        sockets = socket_count(proc.proc.pid)
+        with attack("trickle", proc.port, 200) as trickle:
+            assert trickle.ready["connections"] == 200
+            assert_normal_client_served(proc.host, proc.port, unloaded)
+            wait_for(lambda: socket_count(proc.proc.pid) <= sockets, 8, "the trickling connections closed")
+            end = trickle.finish()
+        assert end["closed"] == 200 and end["bytes_each"] <= 6
+    assert not log_problems(proc.log())
+
+
+def test_peers_that_never_read_their_answers_are_cut(repository, tmp_path):
+    """20 half-closed peers that never read their 4 MiB answers: before, 183 MB and 20
+    descriptors held indefinitely.  Now they are aborted after --write-timeout, and a second
+    wave of them reuses the memory the first one held (the allocator keeps what it got)."""
+    args = ("--write-timeout", "1", "--log-level", "WARNING")
+    with server_process(repository, tmp_path / "server.log", *args) as proc:
+        pid = proc.proc.pid
+        unloaded = baseline_p99(proc.host, proc.port)
+        sockets, after = socket_count(pid), []
+        for _ in range(2):
+            with attack("no-read", proc.port, 20, 4 * MIB) as readers:
+                assert readers.ready["connections"] == 20
+                time.sleep(0.3)  # the server has read the 80 MiB and written what the peers' buffers take
+                assert_normal_client_served(proc.host, proc.port, unloaded)
+                wait_for(lambda: socket_count(pid) <= sockets, 10, "the non-reading peers' sockets closed")
+                readers.finish()
+            after.append(rss_mb(pid))
+        assert "unread for" in proc.log()
+        assert after[1] < after[0] + 16, f"RSS after each wave: {after} MiB"
+
+
+def test_idle_connections_are_closed_but_busy_ones_are_not(repository, tmp_path, gates):
+    args = ("--idle-timeout", "1", "--log-level", "WARNING")
+    with server_process(repository, tmp_path / "server.log", *args) as proc:
+        with proc.connect() as idle, proc.connect() as busy:
+            assert idle.result("live") == {"live": True}
+            held = busy.request("infer", model="gate", inputs={"x": b"held"})
+            gates["gate"].wait_started(1)
+            started = time.monotonic()
+            idle.assert_closed()  # a clean close, no error frame: the client reconnects when it needs to
+            assert 0.9 < time.monotonic() - started < 4
+            time.sleep(1.5)
+            gates["gate"].open()
+            assert busy.recv()["id"] == held  # in flight all along: never idle
+            assert busy.result("live") == {"live": True}
+
+
+def test_failed_logins_are_logged_at_a_bounded_rate(repository, tmp_path):
+    """2,000 failed logins in a row: before, 2,000 log lines.  Now at most 10 per 10 s and
+    one line with the count of the rest."""
+    token = tmp_path / "token"
+    token.write_text("s" * 32)
+    token.chmod(0o600)
+    with server_process(repository, tmp_path / "server.log", "--token-file", str(token)) as proc:
+        with attack("bad-logins", proc.port, 2000) as logins:
+            assert logins.ready["refused"] == 2000
+            logins.finish()
+        with socket.create_connection((proc.host, proc.port)) as sock:  # the server still serves
+            sock.settimeout(5)
+        lines = [line for line in proc.log().splitlines() if "wrong access token" in line]
+        assert 1 <= len(lines) <= 10, len(lines)
+
+
+def test_long_names_and_unknown_models_reveal_nothing_of_the_disk(repository, tmp_path):
+    with server_process(repository, tmp_path / "server.log", "--allow-model-control", "--log-level", "WARNING") as proc, \
+            proc.connect() as conn:
+        for name in ("x" * 300, "\u00e9" * 200, "../identity", ".hidden", "a/b", "ghost"):
+            error = conn.error("load", model=name)
+            assert error["name"] == "MODEL_NOT_FOUND", error
+            message = error["message"]
+            assert str(repository) not in message and "identity" not in message.replace(name, ""), message
+        assert conn.error("infer", model="x" * 300, inputs={"x": b""})["name"] == "MODEL_NOT_FOUND"
+    assert not log_problems(proc.log())
