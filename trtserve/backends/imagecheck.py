@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import Key, TensorSpec
+from ..backend import NO_RESULT, Key, TensorSpec
 from ..errors import ConfigError, InvalidInputError
+from .imagesize import image_size
 
 COLORS = ("rgb", "bgr")
 ANY_IMAGE = TensorSpec("image", "uint8", (-1, -1, 3), layout="HWC")
@@ -34,6 +35,32 @@ RESIZE_KEYS = {
     "resize_h": Key(int, None, "output height in pixels (required)", check=at_least_one, example="224"),
     "resize_w": Key(int, None, "output width in pixels (required)", check=at_least_one, example="224"),
 }
+
+
+# The decoders' limit on an image's size, checked from its header before decoding.
+DEFAULT_MAX_PIXELS = 8192 * 8192  # 64 Mpixel: 192 MiB decoded; a 1 MB PNG can claim 400 Mpixel
+MAX_PIXELS_KEY = {
+    "max_pixels": Key(int, DEFAULT_MAX_PIXELS, "largest image decoded, in pixels (width x height); a larger one "
+                      "is refused before decoding, as a NO_RESULT for that request", check=at_least_one,
+                      example=str(DEFAULT_MAX_PIXELS)),
+}
+
+
+def refuse_oversized(item: dict[str, Any], max_pixels: int, backend: str) -> bool:
+    """True (with the reason in ``item[NO_RESULT]``) when the item's encoded image must not
+    be decoded: its header gives no size, or more than ``max_pixels`` pixels."""
+    data = item.get("data")
+    size = image_size(data) if data is not None else None
+    if size is None:
+        item[NO_RESULT] = (f"{backend} could not read the image's size from its header, so it did not decode it: "
+                           "send a whole JPEG, PNG, BMP, GIF, WebP, TIFF, PNM, JPEG 2000 or AVIF file")
+        return True
+    width, height = size
+    if width * height > max_pixels:
+        item[NO_RESULT] = (f"{backend} refused a {width} x {height} image ({width * height} pixels): over the node's "
+                           f"max_pixels = {max_pixels}; send a smaller image, or raise max_pixels in the model's config")
+        return True
+    return False
 
 
 def channel_values(value: Any, key: str) -> tuple[float, float, float]:

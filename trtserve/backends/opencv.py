@@ -21,11 +21,14 @@ from ..backend import Backend, Key, TensorSpec
 from .imagecheck import (
     ANY_IMAGE,
     COLORS,
+    DEFAULT_MAX_PIXELS,
     ENCODED_IMAGE,
+    MAX_PIXELS_KEY,
     RESIZE_KEYS,
     check_encoded,
     check_hwc_image,
     image_spec,
+    refuse_oversized,
     require_key,
     resize_size,
     source_color,
@@ -46,13 +49,21 @@ class _ImageBackend(Backend):
 
 
 class DecodeMat(_ImageBackend):
-    """Encoded image bytes (JPEG, PNG, ...) -> BGR HWC uint8; sets ``item["color"] = "bgr"``."""
+    """Encoded image bytes (JPEG, PNG, ...) -> BGR HWC uint8; sets ``item["color"] = "bgr"``.
+
+    The image's size is read from its header first: one over ``max_pixels`` (or whose size
+    cannot be read) is not decoded, a soft failure saying why (``item[NO_RESULT]``)."""
+
+    config_keys = MAX_PIXELS_KEY
 
     def validate(self, item: dict[str, Any]) -> None:
         check_encoded(item.get("data"), "DecodeMat")
 
     def forward(self, items: list[dict[str, Any]]) -> None:
+        max_pixels = self.config.get("max_pixels") or DEFAULT_MAX_PIXELS
         for item in items:
+            if refuse_oversized(item, max_pixels, "DecodeMat"):
+                continue
             image = self.decode(item.get("data"))
             if image is not None:
                 item["result"] = image

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from trtserve_client.wire import decode_value, encode_value, fast_value
 
-from ..backend import TensorSpec
+from ..backend import NO_RESULT, TensorSpec
 from ..errors import BackendError, InvalidArgumentError, InvalidInputError, NoResultError
 from ..repository import LoadedModel
 
@@ -94,9 +94,10 @@ class ModelIO:
 
     def encode(self, item: dict[str, Any], wanted: list[str] | None) -> dict[str, Any]:
         if "result" not in item:
+            why = item.get(NO_RESULT)
             raise NoResultError(
-                f"model {self.name!r} finished the request without a result: a backend could not "
-                "handle this input (an undecodable image, say)",
+                f"model {self.name!r} finished the request without a result: "
+                + (why if type(why) is str else "a backend could not handle this input (an undecodable image, say)"),
                 model=self.name,
             )
         result = item["result"]

@@ -32,10 +32,13 @@ from ...errors import ConfigError, ModelUnavailableError
 from ..imagecheck import (
     ANY_IMAGE,
     COLORS,
+    DEFAULT_MAX_PIXELS,
     ENCODED_IMAGE,
+    MAX_PIXELS_KEY,
     RESIZE_KEYS,
     check_encoded,
     check_hwc_image,
+    refuse_oversized,
     require_key,
     resize_size,
     source_color,
@@ -118,11 +121,13 @@ class _GpuImage(Backend):
 class DecodeTensor(_GpuImage):
     """Encoded image bytes -> HWC uint8 DeviceArray; sets ``item["color"]``.
 
-    Undecodable bytes are a soft failure (no ``result``), as in DecodeMat.
+    Undecodable bytes, and images over ``max_pixels`` (read from the header, before any
+    decoding), are a soft failure (no ``result``), as in DecodeMat.
     """
 
     config_keys = {
         "decoder": Key(str, "auto", "auto: nvImageCodec when installed, else OpenCV on the host", choices=("auto", "nvimgcodec", "opencv")),
+        **MAX_PIXELS_KEY,
     }
 
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
@@ -155,6 +160,10 @@ class DecodeTensor(_GpuImage):
         check_encoded(item.get("data"), "DecodeTensor")
 
     def forward(self, items: list[dict[str, Any]]) -> None:
+        max_pixels = self.config.get("max_pixels") or DEFAULT_MAX_PIXELS
+        items = [item for item in items if not refuse_oversized(item, max_pixels, "DecodeTensor")]
+        if not items:
+            return
         if self.nvimgcodec is not None:
             self._forward_nvimgcodec(items)
             return
