@@ -164,6 +164,7 @@ class RayRepository(ModelRepository):
         except Exception as exc:
             raise ModelUnavailableError(f"model {name!r}: its replicas did not report metadata: {exc}", model=name) from exc
         view = self.views[name] = ClusterView(app=app, deployment=deployment)
+        self.monitor.observe(view)
         forwarder = Forwarder(handle, name, settings.max_requests_per_call or config.entry.max)
         log.info("model %s: Ray Serve application %s, deployment %s, versions %s", name, app, deployment, sorted(metadata))
         return {

@@ -27,7 +27,7 @@ from ..errors import ConfigError
 TABLE = "ray"
 DEFAULT_APP_PREFIX = "trtserve-"  # Serve application of model M: DEFAULT_APP_PREFIX + M
 # Keys that only mean something when Serve autoscales (min_replicas/max_replicas given).
-AUTOSCALING_ONLY = ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s")
+AUTOSCALING_ONLY = ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s", "look_back_period_s")
 REPLICA_COUNT_KEYS = ("num_replicas", "min_replicas", "max_replicas")
 
 
@@ -58,6 +58,7 @@ KEYS: dict[str, tuple[Any, str]] = {
     "target_ongoing_requests": (_positive_number, "autoscaling: calls in flight per replica to aim at"),
     "upscale_delay_s": (_at_least(0, False), "autoscaling: seconds of high load before adding a replica"),
     "downscale_delay_s": (_at_least(0, False), "autoscaling: seconds of low load before removing one"),
+    "look_back_period_s": (_positive_number, "autoscaling: seconds of load history the decision averages"),
     "num_cpus": (_at_least(0, False), "CPUs reserved per replica"),
     "num_gpus": (_at_least(0, False), "GPUs reserved per replica (a fraction shares one)"),
     "max_ongoing_requests": (_at_least(1, True), "calls one replica runs at once; more wait in Ray's router"),
@@ -75,6 +76,7 @@ class RaySettings:
     target_ongoing_requests: float | None = None
     upscale_delay_s: float | None = None
     downscale_delay_s: float | None = None
+    look_back_period_s: float | None = None
     num_cpus: float | None = None
     num_gpus: float | None = None
     max_ongoing_requests: int | None = None

@@ -76,6 +76,12 @@ class StatusMonitor:
             except Exception:  # a cluster hiccup must not end the thread: the next poll retries
                 log.warning("Ray status poll failed", exc_info=True)
 
+    def observe(self, view: ClusterView) -> None:
+        """Fill a new view at once, so the index is right from the model's first moment."""
+        from ray import serve
+
+        _apply_status(view, serve.status().applications.get(view.app))
+
     def refresh(self) -> None:
         """One poll: application states, then each deployed model's replica statistics."""
         from ray import serve

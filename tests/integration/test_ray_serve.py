@@ -1,0 +1,202 @@
+"""The Ray Serve path against a real local Ray cluster: replicas, kills, autoscaling.
+
+The front door is the real server (in-process, on its own thread) over a RayRepository;
+the clients are the real trtserve_client over TCP; replicas are real Serve replicas
+running the model's trtserve pipeline in Ray worker processes.  Expected outputs come from
+the same model run in-process with ``trtserve.pipe()``.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import trtserve
+from trtserve_client import Client
+from trtserve_client.errors import ModelUnavailableError
+
+from .ray_support import (
+    EXAMPLES,
+    SLOW_BACKEND,
+    LoadLoop,
+    front_door,  # noqa: F401  (fixture)
+    model_folder,
+    ray,
+    ray_cluster,  # noqa: F401  (fixture)
+    replica_actors,
+    running_replicas,
+    serve,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+CLIENTS = 32
+MLP_CONFIG = (EXAMPLES / "tensor_mlp" / "config.toml").read_text()
+
+
+def mlp_repository(tmp_path, replicas: int = 2):
+    root = tmp_path / "repo"
+    model_folder(root, "tensor_mlp", MLP_CONFIG + f"\n[ray]\nnum_replicas = {replicas}\nnum_cpus = 1\n",
+                 source=EXAMPLES / "tensor_mlp")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """tensor_mlp in-process: what every answer through Ray must equal."""
+    with trtserve.pipe(str(EXAMPLES / "tensor_mlp" / "config.toml")) as models:
+        yield models
+
+
+def mlp_check(reference):
+    def check(data: np.ndarray, outputs: dict) -> None:
+        item = {"data": data}
+        reference(item)
+        # Rows are independent; a different batch composition may round the last bit differently.
+        np.testing.assert_allclose(outputs["y"], item["result"], rtol=1e-6, atol=1e-6)
+
+    return check
+
+
+def mlp_input(rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal((int(rng.integers(1, 4)), 16)).astype(np.float32)
+
+
+def test_two_replicas_answer_32_clients_like_pipe(front_door, reference, tmp_path):
+    door = front_door(mlp_repository(tmp_path, replicas=2))
+    load = LoadLoop(lambda: Client(door.host, door.port), "tensor_mlp", CLIENTS, mlp_input, mlp_check(reference),
+                    max_requests=40, max_seconds=120).start()
+    load.finish()
+    assert load.errors == []
+    assert load.answered == CLIENTS * 40
+
+    with Client(door.host, door.port) as client:
+        assert client.ready("tensor_mlp")
+        metadata = client.model_metadata("tensor_mlp")
+        assert [t["name"] for t in metadata["inputs"]] == ["x"] and metadata["max_batch_size"] == 8
+        assert metadata["deployment"]["settings"] == {"num_replicas": 2, "num_cpus": 1}
+
+        def both_replicas_reported():  # replica statistics are polled once a second
+            row = client.statistics("tensor_mlp")["models"][0]
+            done = sum(r["success_count"] for r in row["replicas"]) == CLIENTS * 40
+            return row if done and all(r["success_count"] for r in row["replicas"]) else None
+
+        row = wait_for(both_replicas_reported, 30, "statistics from both replicas")
+        assert len(row["replicas"]) == 2
+        assert row["success_count"] == CLIENTS * 40
+        assert sum(r["forwarded"] for r in row["replicas"]) == CLIENTS * 40
+        assert row["deployment"]["replica_states"] == {"RUNNING": 2}
+        index = {r["name"]: r for r in client.repository_index()["models"]}
+        assert index["tensor_mlp"]["state"] == "READY"
+        assert index["tensor_mlp"]["deployment"]["running_replicas"] == 2
+
+
+def test_replica_killed_five_times_under_load(front_door, reference, tmp_path):
+    door = front_door(mlp_repository(tmp_path, replicas=2))
+    app = door.server.repository.app_prefix + "tensor_mlp"
+    with Client(door.host, door.port) as probe:
+        load = LoadLoop(lambda: Client(door.host, door.port), "tensor_mlp", CLIENTS, mlp_input, mlp_check(reference),
+                        max_seconds=240).start()
+        try:
+            for _ in range(5):
+                wait_for(lambda: len(replica_actors(app)) == 2 and running_replicas(probe, "tensor_mlp") == 2,
+                         120, "two running replicas")
+                answered = load.answered
+                wait_for(lambda: load.answered > answered + 50, 30, "load flowing before the kill")
+                ray.kill(replica_actors(app)[0], no_restart=True)
+                time.sleep(0.5)  # under load while Serve notices the death and replaces it
+            wait_for(lambda: running_replicas(probe, "tensor_mlp") == 2, 120, "the replacement replica")
+            answered = load.answered
+            wait_for(lambda: load.answered > answered + 50, 30, "load flowing after the last kill")
+        finally:
+            load.stop()
+        assert load.errors == [], f"{len(load.errors)} failed, first: {load.errors[:1]!r}"
+        row = probe.statistics("tensor_mlp")["models"][0]
+        assert row["success_count"] == load.answered
+        assert row["failure_count"] == 0
+        # The kills hit calls in flight, which the front door sent again to the survivor.
+        assert row["resent_calls"] >= 1
+
+
+def test_autoscaling_from_one_to_two_replicas_and_back(front_door, tmp_path):
+    root = tmp_path / "repo"
+    model_folder(root, "slow", """backend = "Slow"
+sleep_ms = 20
+[ray]
+min_replicas = 1
+max_replicas = 2
+target_ongoing_requests = 1
+upscale_delay_s = 0.5
+downscale_delay_s = 2
+look_back_period_s = 1
+max_requests_per_call = 1
+num_cpus = 1
+""", backend=SLOW_BACKEND)
+    door = front_door(root)
+
+    def doubled(data, outputs):
+        np.testing.assert_array_equal(outputs["output"], data * 2)
+
+    with Client(door.host, door.port) as probe:
+        assert running_replicas(probe, "slow") == 1
+        load = LoadLoop(lambda: Client(door.host, door.port), "slow", 8, lambda rng: rng.standard_normal((1, 4)),
+                        doubled, max_seconds=120).start()
+        try:
+            wait_for(lambda: running_replicas(probe, "slow") == 2, 90, "the scale-up to 2 replicas")
+        finally:
+            load.stop()
+        assert load.errors == []
+        wait_for(lambda: running_replicas(probe, "slow") == 1, 90, "the scale-down to 1 replica when idle")
+        assert probe.infer("slow", np.ones((1, 4)))["output"].tolist() == [[2.0, 2.0, 2.0, 2.0]]
+
+
+def test_second_front_door_attaches_without_redeploying(front_door, reference, tmp_path):
+    root = mlp_repository(tmp_path, replicas=1)
+    first = front_door(root)
+    prefix = first.server.repository.app_prefix
+    app = prefix + "tensor_mlp"
+    before = {a._actor_id.hex() for a in replica_actors(app)}
+    second = front_door(root, app_prefix=prefix)
+    assert {a._actor_id.hex() for a in replica_actors(app)} == before  # same replicas: attached
+    data = np.ones((2, 16), np.float32)
+    with Client(first.host, first.port) as a, Client(second.host, second.port) as b:
+        np.testing.assert_array_equal(a.infer("tensor_mlp", data)["y"], b.infer("tensor_mlp", data)["y"])
+
+
+def test_model_failing_in_its_replicas_is_unavailable_with_the_reason(front_door, tmp_path):
+    root = tmp_path / "repo"
+    # Valid for the front door; the warmup sample (wrong dtype for the model) runs only in replicas.
+    model_folder(root, "bad_warmup", MLP_CONFIG + """
+[ray]
+num_cpus = 0.5
+[[warmup]]
+[warmup.inputs.x]
+dtype = "int64"
+shape = [1, 16]
+""", source=EXAMPLES / "tensor_mlp")
+    model_folder(root, "typo", 'backend = "Identity"\n[ray]\nnum_replica = 2\n')
+    door = front_door(root)
+    with Client(door.host, door.port) as client:
+        index = {r["name"]: r for r in client.repository_index()["models"]}
+        assert index["typo"]["state"] == "UNAVAILABLE"
+        assert "ray.num_replica" in index["typo"]["reason"] and "num_replicas" in index["typo"]["reason"]
+        assert index["bad_warmup"]["state"] == "UNAVAILABLE"
+        assert "deployment failed" in index["bad_warmup"]["reason"]
+        with pytest.raises(ModelUnavailableError):
+            client.infer("bad_warmup", np.ones((1, 16), np.float32))
+        assert client.ready("typo") is False
+
+
+def test_unload_deletes_the_serve_application(front_door, tmp_path):
+    door = front_door(mlp_repository(tmp_path, replicas=1), server_options={"model_control": "explicit",
+                                                                          "load_models": ["*"]})
+    app = door.server.repository.app_prefix + "tensor_mlp"
+    assert app in serve.status().applications
+    with Client(door.host, door.port) as client:
+        client.unload("tensor_mlp")
+        wait_for(lambda: app not in serve.status().applications, 60, "the application's deletion")
+        assert client.ready("tensor_mlp") is False
+        client.load("tensor_mlp")
+        assert client.infer("tensor_mlp", np.ones((1, 16), np.float32))["y"].shape == (1, 4)
