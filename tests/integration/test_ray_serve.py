@@ -7,15 +7,17 @@ the same model run in-process with ``trtserve.pipe()``.
 """
 from __future__ import annotations
 
+import signal
 import time
 
 import numpy as np
 import pytest
-
-import trtserve
 from trtserve_client import Client
 from trtserve_client.errors import ModelUnavailableError
 
+import trtserve
+
+from .conftest import ServerProcess
 from .ray_support import (
     EXAMPLES,
     SLOW_BACKEND,
@@ -200,3 +202,22 @@ def test_unload_deletes_the_serve_application(front_door, tmp_path):
         assert client.ready("tensor_mlp") is False
         client.load("tensor_mlp")
         assert client.infer("tensor_mlp", np.ones((1, 16), np.float32))["y"].shape == (1, 4)
+
+
+def test_one_command_starts_a_local_cluster_and_stops_it(reference, tmp_path, monkeypatch):
+    """`trtserve serve --ray local` as an operator runs it: its own cluster, gone at exit."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    root = mlp_repository(tmp_path, replicas=1)
+    door = ServerProcess(root, "--ray", "local", "--ray-set", "num_cpus=0.5", "--ray-app-prefix", "cli-",
+                         "--log-level", "WARNING", log_path=tmp_path / "door.log")
+    try:
+        door.start(timeout=240)  # starting Ray and a replica takes seconds, more on a busy machine
+        data = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+        with Client(door.host, door.port) as client:
+            mlp_check(reference)(data, client.infer("tensor_mlp", data))
+            row = next(r for r in client.repository_index()["models"] if r["name"] == "tensor_mlp")
+            assert row["deployment"]["app"] == "cli-tensor_mlp" and row["deployment"]["running_replicas"] == 1
+        door.send_signal(signal.SIGTERM)
+        assert door.wait(120) == 0, door.log()
+    finally:
+        door.close()
