@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _ray_flags(serve: argparse.ArgumentParser) -> None:
     """Scale-out on Ray Serve (docs/scaling.md).  Parsing them imports no Ray."""
-    from .scaleout.settings import DEFAULT_APP_PREFIX
+    from .scaleout.settings import DEFAULT_APP_PREFIX, DEFAULT_DEPLOY_TIMEOUT_S
 
     ray = serve.add_argument_group("Ray Serve (needs the [ray] extra)")
     ray.add_argument("--ray", type=_ray_address, default=None, metavar="ADDRESS",
@@ -107,6 +107,16 @@ def _ray_flags(serve: argparse.ArgumentParser) -> None:
                           "e.g. num_replicas=2 or resnet:num_gpus=1 (repeatable)")
     ray.add_argument("--ray-app-prefix", default=DEFAULT_APP_PREFIX, metavar="PREFIX",
                      help="Serve application names are PREFIX + model name (default: %(default)s)")
+    ray.add_argument("--ray-deploy-timeout", type=_positive_seconds, default=DEFAULT_DEPLOY_TIMEOUT_S, metavar="SECONDS",
+                     help="a model whose replicas do not all run by then (too few CPUs/GPUs in the cluster, "
+                          "say) is UNAVAILABLE with Serve's reason (default: %(default)s)")
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a number of seconds > 0, got 0")
+    return value
 
 
 def _ray_address(text: str) -> str:
@@ -162,7 +172,8 @@ async def serve(args: argparse.Namespace) -> int:
         return await _serve(args, ModelRepository(args.repository))
     from .scaleout.frontdoor import ray_repository
 
-    with ray_repository(args.ray, args.repository, args.ray_set, args.ray_app_prefix) as repository:
+    with ray_repository(args.ray, args.repository, args.ray_set, args.ray_app_prefix,
+                        args.ray_deploy_timeout) as repository:
         return await _serve(args, repository)
 
 

@@ -102,9 +102,11 @@ def front_door(ray_cluster):
 
 
 def delete_applications(prefix: str) -> None:
+    """Delete a test's applications; not waiting: a replica that never got placed takes
+    Serve's 30 s grace to go, and the next test's replicas fit beside it (LOGICAL_CPUS)."""
     for app in list(serve.status().applications):
         if app.startswith(prefix):
-            serve.delete(app)
+            serve.delete(app, _blocking=False)
 
 
 def model_folder(root: Path, name: str, config: str, source: Path | None = None, backend: str | None = None) -> Path:

@@ -221,3 +221,23 @@ def test_one_command_starts_a_local_cluster_and_stops_it(reference, tmp_path, mo
         assert door.wait(120) == 0, door.log()
     finally:
         door.close()
+
+
+def test_model_that_cannot_be_placed_is_unavailable_after_the_deploy_timeout(front_door, tmp_path):
+    root = tmp_path / "repo"
+    model_folder(root, "huge", 'backend = "Identity"\n[ray]\nnum_cpus = 1000\n')  # more than the cluster has
+    model_folder(root, "small", 'backend = "Identity"\n[ray]\nnum_cpus = 0.5\n')
+    door = front_door(root, deploy_timeout_s=5)
+    app = door.server.repository.app_prefix + "huge"
+    with Client(door.host, door.port) as client:
+        index = {r["name"]: r for r in client.repository_index()["models"]}
+        assert index["huge"]["state"] == "UNAVAILABLE"
+        assert "not running after 5 s" in index["huge"]["reason"]
+        assert "asks for 1000 CPU" in index["huge"]["reason"]
+        assert index["small"]["state"] == "READY"  # the others serve
+        assert client.infer("small", np.ones((1, 2), np.float32))["output"].tolist() == [[1.0, 1.0]]
+    def deleted_or_deleting():
+        status = serve.status().applications.get(app)
+        return status is None or str(getattr(status.status, "value", status.status)) == "DELETING"
+
+    wait_for(deleted_or_deleting, 30, "the unplaceable application's deletion")

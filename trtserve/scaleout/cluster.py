@@ -65,7 +65,9 @@ def connect(address: str, num_cpus: float | None = None) -> Cluster:
     check_address(address)
     started = not ray.is_initialized()
     if started:
-        options = {"logging_level": logging.WARNING, "include_dashboard": False}
+        # log_to_driver off: workers' logs stay in Ray's log folder, and stdout keeps its one
+        # "listening" line (scripts read it).
+        options = {"logging_level": logging.WARNING, "include_dashboard": False, "log_to_driver": False}
         if address == LOCAL:
             ray.init(num_cpus=num_cpus, **options)
         else:

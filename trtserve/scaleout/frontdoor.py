@@ -18,7 +18,8 @@ RAY_MISSING = ("--ray needs Ray Serve, which is not installed here: pip install 
 
 
 @contextlib.contextmanager
-def ray_repository(address: str, root: str | Path, overrides: list[Override], app_prefix: str) -> Iterator[object]:
+def ray_repository(address: str, root: str | Path, overrides: list[Override], app_prefix: str,
+                   deploy_timeout_s: float) -> Iterator[object]:
     """Join (or start) the cluster, yield a RayRepository over ``root``, then leave it."""
     try:
         import ray  # noqa: F401  (the one place that tells a user to install the extra)
@@ -31,7 +32,7 @@ def ray_repository(address: str, root: str | Path, overrides: list[Override], ap
     cluster = connect(address)
     repository = None
     try:
-        repository = RayRepository(root, overrides=overrides, app_prefix=app_prefix)
+        repository = RayRepository(root, overrides=overrides, app_prefix=app_prefix, deploy_timeout_s=deploy_timeout_s)
         yield repository
     finally:
         if repository is not None:

@@ -40,11 +40,11 @@ from ..repository import (
 )
 from ..stats import ModelStats
 from ..versions import fingerprint
-from .cluster import REPLICA_LOGGING
+from .deploy import deploy
 from .forwarder import Forwarder, Ticket
-from .replica import ModelReplica
 from .settings import (
     DEFAULT_APP_PREFIX,
+    DEFAULT_DEPLOY_TIMEOUT_S,
     Override,
     RaySettings,
     apply_overrides,
@@ -54,10 +54,7 @@ from .status import DEFAULT_STATUS_INTERVAL_S, ClusterView, StatusMonitor
 
 log = logging.getLogger("trtserve.scaleout")
 
-DEPLOY_TIMEOUT_S = 600.0  # metadata from a fresh replica; its load already happened in serve.run
-CONSTRUCTOR_RETRIES = 2  # a model that fails to load fails its deployment after this many tries
-# Serve's graceful shutdown of a replica: what it accepted runs first (as the server's drain).
-REPLICA_GRACE_S = 30.0
+METADATA_TIMEOUT_S = 120.0  # asked of a replica that already runs: its load is done
 
 
 class RemotePipeline:
@@ -142,8 +139,13 @@ class RayRepository(ModelRepository):
         overrides: list[Override] = (),
         app_prefix: str = DEFAULT_APP_PREFIX,
         status_interval_s: float = DEFAULT_STATUS_INTERVAL_S,
+        deploy_timeout_s: float = DEFAULT_DEPLOY_TIMEOUT_S,
     ) -> None:
         super().__init__(root, kwargs)
+        if not deploy_timeout_s > 0:
+            raise ConfigError(f"--ray-deploy-timeout must be > 0 seconds, got {deploy_timeout_s!r}",
+                              key="ray_deploy_timeout", value=repr(deploy_timeout_s))
+        self.deploy_timeout_s = float(deploy_timeout_s)
         self.overrides = list(overrides)
         self.app_prefix = _check_prefix(app_prefix)
         unknown = sorted({o.model for o in self.overrides if o.model is not None} - set(self.scan()))
@@ -158,9 +160,10 @@ class RayRepository(ModelRepository):
     def _build_versions(self, name: str, folder: Path, entry: _Entry) -> dict[int, LoadedModel]:
         config, settings = self._validate(name, folder)
         app, deployment = self.app_prefix + name, f"{name}-{self._digest(folder, settings)}"
-        handle = _deploy(app, deployment, settings, (str(self.root.resolve()), name, dict(self.kwargs)))
+        handle = deploy(app, deployment, settings, (str(self.root.resolve()), name, dict(self.kwargs)),
+                        timeout_s=self.deploy_timeout_s, replacing=bool(entry.models))
         try:
-            metadata = handle.metadata.remote().result(timeout_s=DEPLOY_TIMEOUT_S)
+            metadata = handle.metadata.remote().result(timeout_s=METADATA_TIMEOUT_S)
         except Exception as exc:
             raise ModelUnavailableError(f"model {name!r}: its replicas did not report metadata: {exc}", model=name) from exc
         view = self.views[name] = ClusterView(app=app, deployment=deployment)
@@ -217,35 +220,6 @@ class RayRepository(ModelRepository):
             if view is not None:
                 row["deployment"] = view.summary()
         return rows
-
-
-def _deploy(app: str, deployment: str, settings: RaySettings, init_args: tuple) -> Any:
-    """The deployment's handle: attached when that exact deployment already runs, else deployed."""
-    running = serve.status().applications.get(app)
-    if running is not None and str(getattr(running.status, "value", running.status)) == "RUNNING" \
-            and set(running.deployments) == {deployment}:
-        log.info("application %s already runs deployment %s: attaching to it", app, deployment)
-        return serve.get_deployment_handle(deployment, app)
-    replica = serve.deployment(ModelReplica).options(
-        name=deployment,
-        logging_config=REPLICA_LOGGING,
-        max_constructor_retry_count=CONSTRUCTOR_RETRIES,
-        graceful_shutdown_timeout_s=REPLICA_GRACE_S,
-        **settings.deployment_options(),
-    )
-    try:
-        return serve.run(replica.bind(*init_args), name=app, route_prefix=None)
-    except RuntimeError as exc:  # the replicas failed to start: the model's load failed there
-        raise ModelUnavailableError(
-            f"model {init_args[1]!r}: its Ray Serve deployment failed to start: {_last_line(str(exc))}",
-            model=init_args[1], app=app,
-        ) from None
-
-
-def _last_line(text: str) -> str:
-    """Serve's failure message ends with the replica's exception: keep that."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else text
 
 
 def _check_prefix(prefix: str) -> str:

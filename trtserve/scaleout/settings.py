@@ -26,6 +26,7 @@ from ..errors import ConfigError
 
 TABLE = "ray"
 DEFAULT_APP_PREFIX = "trtserve-"  # Serve application of model M: DEFAULT_APP_PREFIX + M
+DEFAULT_DEPLOY_TIMEOUT_S = 300.0  # --ray-deploy-timeout: replicas not running by then = UNAVAILABLE
 # Keys that only mean something when Serve autoscales (min_replicas/max_replicas given).
 AUTOSCALING_ONLY = ("target_ongoing_requests", "upscale_delay_s", "downscale_delay_s", "look_back_period_s")
 REPLICA_COUNT_KEYS = ("num_replicas", "min_replicas", "max_replicas")
