@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+
 from trtserve_client import AsyncClient, Client
 from trtserve_client.errors import ConnectionFailedError, InvalidArgumentError
 
