@@ -8,6 +8,7 @@ Client).  Serve starts without its HTTP proxies: trtserve's front door is the in
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 
@@ -69,6 +70,9 @@ def connect(address: str, num_cpus: float | None = None) -> Cluster:
         # "listening" line (scripts read it).
         options = {"logging_level": logging.WARNING, "include_dashboard": False, "log_to_driver": False}
         if address == LOCAL:
+            # Ray runs workers at nice 15; here the replicas (which run the models) share
+            # the cores with this front door, and must not starve behind it.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(num_cpus=num_cpus, **options)
         else:
             try:

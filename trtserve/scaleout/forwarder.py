@@ -8,6 +8,11 @@ of the turn they leave as calls of at most ``max_per_call`` requests each; the r
 submits a call's requests together, so its nodes batch them as ``trtserve serve`` would.
 A lone request leaves at the end of its own turn: no waiting at low load.
 
+Calls in flight are capped at what the replicas can run at once (running replicas times
+``max_ongoing_requests``): beyond that Serve's router would only queue them.  Requests
+that arrive while every slot is taken wait here instead, and leave together when a call
+returns, so calls fill up under load as batches do in a node whose instances are busy.
+
 Replicas die (a node lost, ``ray.kill``, a failed health check).  Inference is
 idempotent, so a call whose replica died before answering is sent again (Ray Serve routes
 it to a live replica), up to ``RESEND_LIMIT`` times, for the requests whose deadline has
@@ -84,12 +89,14 @@ class Ticket:
 class Forwarder:
     """Sends one model's requests to its Serve deployment, grouped per loop turn."""
 
-    def __init__(self, handle: Any, model: str, max_per_call: int) -> None:
+    def __init__(self, handle: Any, model: str, max_per_call: int, max_calls: Callable[[], int]) -> None:
         self.handle = handle  # DeploymentHandle of the model's deployment
+        self.max_calls = max_calls  # calls the replicas run at once, now (it follows autoscaling)
         self._infer = handle.options(method_name="infer")  # resolved once, not per call
         self.model = model
         self.max_per_call = max_per_call
         self.replica_requests: Counter[str] = Counter()  # requests answered, by replica id
+        self.calls = 0  # calls sent (resends included): requests per call = answered / calls
         self.resent_calls = 0
         self._queued: list[Ticket] = []
         self._flush_scheduled = False
@@ -114,19 +121,23 @@ class Forwarder:
         return ticket
 
     def _flush(self) -> None:
+        """Send what is queued, as calls of at most max_per_call, while call slots are free."""
         self._flush_scheduled = False
-        queued, self._queued = self._queued, []
         live = []
-        for ticket in queued:
-            if ticket.cancelled:
-                if ticket.cancel_error is not None:
-                    ticket.finish(ticket.cancel_error)
-            else:
+        for ticket in self._queued:
+            if not ticket.cancelled:
                 live.append(ticket)
+            elif ticket.cancel_error is not None:
+                ticket.finish(ticket.cancel_error)
         loop = asyncio.get_running_loop()
-        for start in range(0, len(live), self.max_per_call):
+        slots = max(self.max_calls() - self._calls_in_flight, 0)
+        sent = 0
+        while sent < len(live) and slots > 0:
             self._calls_in_flight += 1
-            loop.create_task(self._call(live[start:start + self.max_per_call]))
+            slots -= 1
+            loop.create_task(self._call(live[sent:sent + self.max_per_call]))
+            sent += self.max_per_call
+        self._queued = live[sent:]  # they leave when a call returns
 
     async def _call(self, tickets: list[Ticket]) -> None:
         try:
@@ -135,6 +146,7 @@ class Forwarder:
                 if not tickets:
                     return
                 now = time.monotonic()
+                self.calls += 1
                 try:
                     replica, outcomes = await self._infer.remote([t.wire_form(now) for t in tickets])
                 except REPLICA_LOST as exc:
@@ -155,6 +167,9 @@ class Forwarder:
                                          f"{type(exc).__name__}: {exc}", model=self.model))
         finally:
             self._calls_in_flight -= 1
+            if self._queued and not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
 
     def _deliver(self, tickets: list[Ticket], replica: str, outcomes: list[tuple]) -> None:
         self.replica_requests[replica] += len(tickets)

@@ -54,6 +54,7 @@ from .status import DEFAULT_STATUS_INTERVAL_S, ClusterView, StatusMonitor
 
 log = logging.getLogger("trtserve.scaleout")
 
+SERVE_MAX_ONGOING_REQUESTS = 5  # Serve's default max_ongoing_requests, when [ray] sets none
 METADATA_TIMEOUT_S = 120.0  # asked of a replica that already runs: its load is done
 
 
@@ -119,6 +120,7 @@ class DeployedModel(LoadedModel):
             })
         stats["batch_sizes"] = dict(sorted(batch_sizes.items(), key=lambda kv: int(kv[0])))
         stats["replicas"] = replicas
+        stats["calls"] = self.pipeline.forwarder.calls  # of every version of this deployment generation
         stats["resent_calls"] = self.pipeline.forwarder.resent_calls
         return stats
 
@@ -168,7 +170,9 @@ class RayRepository(ModelRepository):
             raise ModelUnavailableError(f"model {name!r}: its replicas did not report metadata: {exc}", model=name) from exc
         view = self.views[name] = ClusterView(app=app, deployment=deployment)
         self.monitor.observe(view)
-        forwarder = Forwarder(handle, name, settings.max_requests_per_call or config.entry.max)
+        per_replica = settings.max_ongoing_requests or SERVE_MAX_ONGOING_REQUESTS
+        forwarder = Forwarder(handle, name, settings.max_requests_per_call or config.entry.max,
+                              max_calls=lambda: max(view.running_replicas, 1) * per_replica)
         log.info("model %s: Ray Serve application %s, deployment %s, versions %s", name, app, deployment, sorted(metadata))
         return {
             version: DeployedModel(name=name, version=version, folder=folder, config=config, entry=entry,
