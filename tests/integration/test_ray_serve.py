@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ def mlp_input(rng: np.random.Generator) -> np.ndarray:
 
 
 def test_two_replicas_answer_32_clients_like_pipe(front_door, reference, tmp_path):
-    door = front_door(mlp_repository(tmp_path, replicas=2))
+    door = front_door(mlp_repository(tmp_path, replicas=2), server_options={"metrics_port": 0})
     load = LoadLoop(lambda: Client(door.host, door.port), "tensor_mlp", CLIENTS, mlp_input, mlp_check(reference),
                     max_requests=40, max_seconds=120).start()
     load.finish()
@@ -93,6 +94,11 @@ def test_two_replicas_answer_32_clients_like_pipe(front_door, reference, tmp_pat
         index = {r["name"]: r for r in client.repository_index()["models"]}
         assert index["tensor_mlp"]["state"] == "READY"
         assert index["tensor_mlp"]["deployment"]["running_replicas"] == 2
+    # The front door's Prometheus metrics count what it answered, as any server's do.
+    url = f"http://{door.host}:{door.server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    assert f'trtserve_request_success_total{{model="tensor_mlp",version="1"}} {float(CLIENTS * 40)}' in text
 
 
 def test_replica_killed_five_times_under_load(front_door, reference, tmp_path):
