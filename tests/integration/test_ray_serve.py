@@ -67,6 +67,23 @@ def mlp_input(rng: np.random.Generator) -> np.ndarray:
     return rng.standard_normal((int(rng.integers(1, 4)), 16)).astype(np.float32)
 
 
+# The Slow test model (ray_support.SLOW_BACKEND): result = data * 2 after 20 ms per batch.
+SLOW_CONFIG = """backend = "Slow"
+sleep_ms = 20
+max = 8
+[ray]
+{ray}
+"""
+
+
+def slow_input(rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal((1, 4))
+
+
+def doubled(data: np.ndarray, outputs: dict) -> None:
+    np.testing.assert_array_equal(outputs["output"], data * 2)
+
+
 def test_two_replicas_answer_32_clients_like_pipe(front_door, reference, tmp_path):
     door = front_door(mlp_repository(tmp_path, replicas=2), server_options={"metrics_port": 0})
     load = LoadLoop(lambda: Client(door.host, door.port), "tensor_mlp", CLIENTS, mlp_input, mlp_check(reference),
@@ -101,56 +118,55 @@ def test_two_replicas_answer_32_clients_like_pipe(front_door, reference, tmp_pat
     assert f'trtserve_request_success_total{{model="tensor_mlp",version="1"}} {float(CLIENTS * 40)}' in text
 
 
-def test_replica_killed_five_times_under_load(front_door, reference, tmp_path):
-    door = front_door(mlp_repository(tmp_path, replicas=2))
-    app = door.server.repository.app_prefix + "tensor_mlp"
+def test_replica_killed_five_times_under_load(front_door, tmp_path):
+    # Each call keeps its replica busy for 20 ms, so every kill lands on calls in flight.
+    root = tmp_path / "repo"
+    model_folder(root, "slow", SLOW_CONFIG.format(ray="num_replicas = 2\nnum_cpus = 1"), backend=SLOW_BACKEND)
+    door = front_door(root)
+    app = door.server.repository.app_prefix + "slow"
     with Client(door.host, door.port) as probe:
-        load = LoadLoop(lambda: Client(door.host, door.port), "tensor_mlp", CLIENTS, mlp_input, mlp_check(reference),
+        load = LoadLoop(lambda: Client(door.host, door.port), "slow", CLIENTS, slow_input, doubled,
                         max_seconds=240).start()
         try:
             for _ in range(5):
-                wait_for(lambda: len(replica_actors(app)) == 2 and running_replicas(probe, "tensor_mlp") == 2,
+                wait_for(lambda: len(replica_actors(app)) == 2 and running_replicas(probe, "slow") == 2,
                          120, "two running replicas")
                 answered = load.answered
                 wait_for(lambda: load.answered > answered + 50, 30, "load flowing before the kill")
                 ray.kill(replica_actors(app)[0], no_restart=True)
                 time.sleep(0.5)  # under load while Serve notices the death and replaces it
-            wait_for(lambda: running_replicas(probe, "tensor_mlp") == 2, 120, "the replacement replica")
+            wait_for(lambda: running_replicas(probe, "slow") == 2, 120, "the replacement replica")
             answered = load.answered
             wait_for(lambda: load.answered > answered + 50, 30, "load flowing after the last kill")
         finally:
             load.stop()
         assert load.errors == [], f"{len(load.errors)} failed, first: {load.errors[:1]!r}"
-        row = probe.statistics("tensor_mlp")["models"][0]
+        row = probe.statistics("slow")["models"][0]
         assert row["success_count"] == load.answered
         assert row["failure_count"] == 0
         # The kills hit calls in flight, which the front door sent again to the survivor.
         assert row["resent_calls"] >= 1
 
 
+# Serve warns that look_back_period_s should exceed its deprecated metrics_interval_s (10 s);
+# the test's metric push interval is 0.5 s (ray_support.SERVE_ENV), so 1 s looks back far enough.
+@pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning")
 def test_autoscaling_from_one_to_two_replicas_and_back(front_door, tmp_path):
     root = tmp_path / "repo"
-    model_folder(root, "slow", """backend = "Slow"
-sleep_ms = 20
-[ray]
-min_replicas = 1
+    autoscaling = """min_replicas = 1
 max_replicas = 2
 target_ongoing_requests = 1
 upscale_delay_s = 0.5
 downscale_delay_s = 2
 look_back_period_s = 1
 max_requests_per_call = 1
-num_cpus = 1
-""", backend=SLOW_BACKEND)
+num_cpus = 1"""
+    model_folder(root, "slow", SLOW_CONFIG.format(ray=autoscaling), backend=SLOW_BACKEND)
     door = front_door(root)
-
-    def doubled(data, outputs):
-        np.testing.assert_array_equal(outputs["output"], data * 2)
 
     with Client(door.host, door.port) as probe:
         assert running_replicas(probe, "slow") == 1
-        load = LoadLoop(lambda: Client(door.host, door.port), "slow", 8, lambda rng: rng.standard_normal((1, 4)),
-                        doubled, max_seconds=120).start()
+        load = LoadLoop(lambda: Client(door.host, door.port), "slow", 8, slow_input, doubled, max_seconds=120).start()
         try:
             wait_for(lambda: running_replicas(probe, "slow") == 2, 90, "the scale-up to 2 replicas")
         finally:

@@ -92,7 +92,7 @@ class StatusMonitor:
         for name, handle in self.repository.deployment_handles().items():
             view = self.repository.views.get(name)
             if view is not None and view.running_replicas:
-                view.replicas = _replica_statistics(handle, self.interval_s)
+                view.replicas = _replica_statistics(handle, self.interval_s, view.replicas)
             elif view is not None:
                 view.replicas = []
 
@@ -113,6 +113,14 @@ def _apply_status(view: ClusterView, app: Any) -> None:
     view.message = deployment.message or view.message
 
 
-def _replica_statistics(handle: Any, timeout_s: float) -> list[dict[str, Any]]:
-    rows = handle.broadcast("statistics").results(timeout_s=max(timeout_s * 2, 1.0), return_exceptions=True)
+def _replica_statistics(handle: Any, timeout_s: float, previous: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every replica's statistics; the previous rows while none can answer (all of them
+    being replaced, say): statistics then lag, they never vanish."""
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        rows = handle.broadcast("statistics").results(timeout_s=max(timeout_s * 2, 1.0), return_exceptions=True)
+    except (RayServeException, TimeoutError) as exc:
+        log.debug("replica statistics unavailable for now: %s", exc)
+        return previous
     return sorted((r for r in rows if isinstance(r, dict)), key=lambda r: r.get("replica", ""))
