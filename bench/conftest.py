@@ -74,6 +74,15 @@ def echo_server():
         yield server
 
 
+@pytest.fixture(scope="session")
+def bare_server():
+    """trtserve_bench/bare.py: plain sockets, no msgpack, no asyncio (the transport's floor)."""
+    import sys
+
+    with ServerProcess([sys.executable, "-m", "trtserve_bench.bare", "serve", "--host", "127.0.0.1", "--port", "0"]) as server:
+        yield server
+
+
 @pytest.fixture
 def target(benchmark: Any, request: pytest.FixtureRequest) -> Callable[..., bool]:
     """``target(name, value, "<=", threshold)``: record a ratio and its verdict in extra_info."""

@@ -1,8 +1,9 @@
 """The floor: a bare asyncio + uvloop server speaking trtserve's framing, doing nothing else.
 
-It decodes each frame with wire.py's FrameDecoder and answers ``infer`` with the request's
-inputs as outputs, in the same reply shape as trtserve, so any trtserve client (and the
-load generator) can drive it unchanged.  Whatever trtserve costs on top of this is the
+It receives frames with frames.py's FrameDecoder (an ``asyncio.BufferedProtocol``, as the
+server does) and answers ``infer`` with the request's inputs as outputs, in the same reply
+shape as trtserve and written the same way (frame_parts + writelines: the tensor bytes by
+reference), so any trtserve client (and the load generator) can drive it unchanged.  Whatever trtserve costs on top of this is the
 price of its scheduling, validation and model code.
 
     python bench/echo_server.py --host 127.0.0.1 --port 0   # prints "echo listening on HOST:PORT"
@@ -18,32 +19,45 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "clients"))  # run from a checkout without installing
 
 from trtserve_client.errors import ErrorCode  # noqa: E402
-from trtserve_client.wire import FrameDecoder, pack  # noqa: E402
+from trtserve_client.frames import FrameDecoder, OutOfBand, frame_parts  # noqa: E402
+from trtserve_client.wire import DEFAULT_MAX_FRAME  # noqa: E402
+from trtserve_client.writer import gather  # noqa: E402
 
 
-class EchoProtocol(asyncio.Protocol):
+class EchoProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
-        self.decoder = FrameDecoder()
+        self.decoder = FrameDecoder(DEFAULT_MAX_FRAME)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            messages = self.decoder.feed(data)
+            messages = self.decoder.buffer_updated(nbytes)
         except Exception:  # garbage on the wire: the floor does not try to recover
             self.transport.close()
             return
-        # One write per received chunk, as a pipelining server would batch its answers.
-        self.transport.write(b"".join(pack(reply(message)) for message in messages))
+        if messages:  # one write per read, as a pipelining server batches its answers
+            self.transport.writelines(gather([part for m in messages if type(m) is dict for part in frame_parts(reply(m))]))
 
 
 def reply(message: dict) -> dict:
     op = message.get("op")
     if op == "infer":
-        return {"id": message.get("id"), "result": {"model": message.get("model"), "version": 1, "outputs": message.get("inputs", {})}}
+        outputs = {name: echoed(value) for name, value in message.get("inputs", {}).items()}
+        return {"id": message.get("id"), "result": {"model": message.get("model"), "version": 1, "outputs": outputs}}
     if op == "live":
         return {"id": message.get("id"), "result": {"live": True}}
     error = {"code": int(ErrorCode.UNKNOWN_OPERATION), "name": "UNKNOWN_OPERATION", "message": f"the echo server only answers infer and live, not {op!r}", "details": {}}
     return {"id": message.get("id"), "error": error}
+
+
+def echoed(value):
+    """A received value sent back as it came: its bytes by reference, out of band again."""
+    if isinstance(value, dict) and isinstance(value.get("data"), (bytes, memoryview)):
+        return dict(value, data=OutOfBand(value["data"]))
+    return OutOfBand(value) if isinstance(value, (bytes, memoryview)) else value
 
 
 async def serve(host: str, port: int) -> None:

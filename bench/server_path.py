@@ -29,7 +29,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "clients")]
 
 from trtserve.server.app import Server  # noqa: E402
 from trtserve.server.protocol import ServerProtocol  # noqa: E402
-from trtserve_client.wire import encode_tensor, pack  # noqa: E402
+from trtserve_client.frames import pack  # noqa: E402
+from trtserve_client.wire import encode_tensor  # noqa: E402
 
 
 class MemoryTransport(asyncio.Transport):
@@ -70,7 +71,7 @@ def bursts(model: str, input_name: str, shape: tuple[int, ...], count: int, per_
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     frames, ids = [], iter(range(1, count * per_burst + 1))
     for _ in range(count):
-        frames.append(b"".join(pack({"v": 1, "op": "infer", "id": next(ids), "model": model,
+        frames.append(b"".join(pack({"v": 2, "op": "infer", "id": next(ids), "model": model,
                                      "inputs": {input_name: encode_tensor(x)}}) for _ in range(per_burst)))
     return frames
 

@@ -8,6 +8,9 @@
   reported without a target: that hand-off is what a model with real compute pays.
 * tensor_mlp (batched) through the server at high concurrency vs in-process ``pipe()`` at
   the same concurrency.  Target: >= 0.8x pipe() throughput.
+* 600 KB tensors (one [1,3,224,224] float32 image), 16 in flight on one connection: the
+  echo server vs the bare-socket echo (trtserve_bench/bare.py, the transport's floor).
+  Target: >= 0.6x.  The same tensors through trtserve's Identity are reported beside them.
 
 Both servers are child processes (bench/conftest.py) so the client and the server do not
 share a GIL, as in production; the load generator is trtserve-bench's raw pipelined driver.
@@ -18,6 +21,7 @@ import numpy as np
 import pytest
 
 import trtserve
+from trtserve_bench import bare
 from trtserve_bench.drivers import RawDriver
 from trtserve_bench.inproc import pipe_statistics, threaded_level
 from trtserve_bench.output import best, summary
@@ -101,3 +105,28 @@ def test_batched_model_server_vs_pipe(benchmark, target, trtserve_server, mlp_pi
                                 p50_ms=server["p50_ms"], p99_ms=server["p99_ms"])
     target("throughput_ratio_to_pipe", server["throughput"] / pipe["throughput"], ">=", 0.8)
     assert server["errors"] == 0
+
+
+BIG = {"input": np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+
+
+def test_big_tensors_echo_vs_bare_floor(benchmark, target, trtserve_server, echo_server, bare_server, settings, repeats):
+    concurrency, seconds = 16, settings.window_s * 3
+
+    def framed(server):
+        return measure(lambda: RawDriver(server.host, server.port, "identity", connections=1), "identity", [BIG], settings,
+                       concurrency=concurrency)
+
+    echo_rows, trt_rows, bare_rows = benchmark.pedantic(
+        alternate,
+        args=(repeats, lambda: framed(echo_server), lambda: framed(trtserve_server),
+              lambda: bare.load(bare_server.host, bare_server.port, BIG["input"].nbytes, concurrency, seconds)),
+        rounds=1,
+        iterations=1,
+    )
+    echo, trt, floor = best(echo_rows), best(trt_rows), best(bare_rows)
+    benchmark.extra_info.update(concurrency=concurrency, request_bytes=BIG["input"].nbytes, echo=summary(echo),
+                                trtserve=summary(trt), bare=floor, rps=round(echo["throughput"], 1))
+    benchmark.extra_info["trtserve_ratio_to_echo"] = round(trt["throughput"] / echo["throughput"], 4)
+    target("echo_ratio_to_bare", echo["throughput"] / floor["throughput"], ">=", 0.6)
+    assert echo["errors"] == 0 and trt["errors"] == 0

@@ -10,6 +10,7 @@ from .config import load_config
 from .errors import TrtserveError
 from .hold import held_dispatch
 from .pipeline import Pipeline
+from .warmup import run_warmup
 from .repository import latest_version_dir
 
 
@@ -79,5 +80,10 @@ def pipe(config: dict[str, Any] | str | Path, **kwargs: Any) -> Pipe:
             load_backend_file(folder / "backend.py")
         model_dir = latest_version_dir(folder) or folder
     model_config = load_config(config, model_dir=model_dir)
-    pipeline = Pipeline(model_config, kwargs)
-    return Pipe(pipeline.start())
+    pipeline = Pipeline(model_config, kwargs).start()
+    try:
+        run_warmup(pipeline, model_config.warmup, model_config.name)  # as the server does before READY
+    except BaseException:
+        pipeline.close()
+        raise
+    return Pipe(pipeline)

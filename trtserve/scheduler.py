@@ -153,6 +153,12 @@ class Scheduler(BatchForming):
         if self._timer.is_alive() and self._timer is not threading.current_thread():
             self._timer.join()  # (an inline batch or an expiry callback may run on the timer)
 
+    def on_each_instance(self, fn: Callable[[Any], Any]) -> list[Any]:
+        """``fn(instance)`` on every instance's own thread, all at once; the results in
+        instance order (the first exception is raised).  For load-time work such as warm-up."""
+        futures = [inst.call(fn) for inst in self._instances]
+        return [future.result() for future in futures]
+
     def _not_started(self, item: dict[str, Any], sized: bool) -> int:
         raise ModelUnavailableError(f"node {self.node.name!r} is not started", node=self.node.name)
 

@@ -3,16 +3,23 @@
 config.toml (Triton's model_warmup, in TOML)::
 
     [[warmup]]
-    count = 2                      # how many times to run this sample
+    count = 2                      # how many times to run this sample at each batch size
+    # batch_sizes = [1, 8]         # default: every size from each instance's min to its max
     [warmup.inputs.x]
     dtype = "float32"
     shape = [1, 16]
     fill = "random"                # "zeros" (default) or "random" (seeded)
     # file = "sample.jpg"          # raw bytes (dtype = "bytes") or a .npy array, relative to the model folder
+
+Each sample runs on **every instance of every node, at every batch size** it can form:
+``k`` copies of the sample make a batch of ``k`` times the sample's size.  That is where
+the one-time work of each batch size and instance happens (a CUDA graph capture, cuDNN's
+algorithm choice, TorchScript's specialisation, a decoder's first call), which otherwise
+stalls the first requests of each size for tens of milliseconds to seconds.  Node by node:
+what the first node makes of a sample is the sample of the next one.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +28,11 @@ import numpy as np
 
 from trtserve_client.wire import DTYPES
 
-from .errors import ConfigError, ModelUnavailableError
+from .completion import Completion
+from .errors import ConfigError, ModelUnavailableError, TrtserveError
+from .stats import uncounted
 
-SAMPLE_KEYS = {"count", "inputs"}
+SAMPLE_KEYS = {"count", "inputs", "batch_sizes"}
 INPUT_KEYS = {"dtype", "shape", "fill", "file"}
 
 
@@ -31,6 +40,12 @@ INPUT_KEYS = {"dtype", "shape", "fill", "file"}
 class WarmupSample:
     count: int
     inputs: dict[str, Any]  # name -> ndarray or bytes, ready to send
+    batch_sizes: tuple[int, ...] | None = None  # None: every size an instance can form
+
+    @property
+    def data(self) -> Any:
+        """The item's ``data``: the lone input's value, or the dict of them."""
+        return next(iter(self.inputs.values())) if len(self.inputs) == 1 else dict(self.inputs)
 
 
 def parse_warmup(raw: Any, where: str, folder: Path) -> list[WarmupSample]:
@@ -51,7 +66,12 @@ def _sample(table: dict, key: str, where: str, folder: Path) -> WarmupSample:
     inputs = table.get("inputs")
     if not isinstance(inputs, dict) or not inputs:
         raise _fail(where, f"{key}.inputs", f"{key} needs at least one [{key.split('[')[0]}.inputs.NAME] table")
-    return WarmupSample(count, {n: _value(spec, f"{key}.inputs.{n}", where, folder) for n, spec in inputs.items()})
+    sizes = table.get("batch_sizes")
+    if sizes is not None and (not isinstance(sizes, list) or not sizes or not all(type(n) is int and n >= 1 for n in sizes)):
+        raise _fail(where, f"{key}.batch_sizes", f"{key}.batch_sizes must be a list of integers >= 1, e.g. [1, 8], "
+                    f"got {sizes!r}; leave it out to warm every batch size")
+    values = {n: _value(spec, f"{key}.inputs.{n}", where, folder) for n, spec in inputs.items()}
+    return WarmupSample(count, values, None if sizes is None else tuple(sorted(set(sizes))))
 
 
 def _value(spec: Any, key: str, where: str, folder: Path) -> Any:
@@ -82,21 +102,60 @@ def _fail(where: str, key: str, message: str) -> ConfigError:
     return ConfigError(f"{where}: {message}", file=where, key=key)
 
 
-def run_warmup(pipeline, samples: list[WarmupSample], model: str) -> None:
-    """Run every sample through the pipeline; any failure makes the load fail."""
-    for index, sample in enumerate(samples):
-        data = next(iter(sample.inputs.values())) if len(sample.inputs) == 1 else dict(sample.inputs)
+def run_warmup(pipeline: Any, samples: list[WarmupSample], model: str) -> None:
+    """Every sample through every node, on each instance at each batch size; any failure,
+    or a sample that a node finishes without a result, makes the load fail."""
+    data = [sample.data for sample in samples]
+    for node in pipeline.nodes:
+        where = _Where(model, node.node.name)
+        per_instance = node.on_each_instance(
+            lambda inst: [_warm(inst, d, s, where.sample(i)) for i, (d, s) in enumerate(zip(data, samples))])
+        data = per_instance[0]  # every instance made the same of each sample
+
+
+@dataclass(frozen=True)
+class _Where:
+    model: str
+    node: str
+    index: int = 0
+
+    def sample(self, index: int) -> "_Where":
+        return _Where(self.model, self.node, index)
+
+    def fail(self, what: str) -> ModelUnavailableError:
+        return ModelUnavailableError(f"model {self.model!r}: warmup sample {self.index} failed in node {self.node!r}: "
+                                     f"{what}", model=self.model, node=self.node, sample=self.index)
+
+
+def _warm(instance: Any, data: Any, sample: WarmupSample, where: _Where) -> Any:
+    """On the instance's own thread: the sample at each batch size, ``count`` times; its
+    result (the next node's sample)."""
+    backend = instance.backend
+    try:
+        size = backend.admit({"data": data}, True)
+    except TrtserveError as exc:
+        raise where.fail(f"the node refuses it: {exc.message}") from None
+    copies = [k for k in range(1, instance.hi // size + 1)
+              if instance.lo <= k * size and (sample.batch_sizes is None or k * size in sample.batch_sizes)]
+    if not copies:
+        raise where.fail(f"a sample of size {size} forms no batch of sizes {instance.lo}..{instance.hi} "
+                         f"(batch_sizes {list(sample.batch_sizes or ())}); send a smaller sample or other batch_sizes")
+    result: Any = None
+    for k in copies:
         for _ in range(sample.count):
-            done, outcome = threading.Event(), {}
+            result = _run(backend, [{"data": data} for _ in range(k)], where)
+    return result
 
-            def on_done(item, error, outcome=outcome, done=done):
-                outcome.update(item=item, error=error)
-                done.set()
 
-            pipeline.submit({"data": data}, on_done)
-            done.wait()
-            if outcome["error"] is not None or "result" not in outcome["item"]:
-                reason = outcome["error"].message if outcome["error"] is not None else "no result"
-                raise ModelUnavailableError(
-                    f"model {model!r}: warmup sample {index} failed: {reason}", model=model, sample=index
-                )
+def _run(backend: Any, items: list[dict[str, Any]], where: _Where) -> Any:
+    try:
+        with uncounted():  # warm-up is no traffic: its model calls stay out of the statistics
+            completion = backend.forward(items)
+            if isinstance(completion, Completion):
+                completion.wait()
+    except Exception as exc:
+        reason = exc.message if isinstance(exc, TrtserveError) else f"{type(exc).__name__}: {exc}"
+        raise where.fail(f"a batch of {len(items)}: {reason}") from exc
+    if "result" not in items[0]:
+        raise where.fail(f"a batch of {len(items)} ended without a result; the sample must be an input the model handles")
+    return items[0]["result"]

@@ -20,7 +20,8 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Callable
 
 from .backend import Backend
 from .errors import ModelUnavailableError, ShuttingDownError, TrtserveError
@@ -67,12 +68,28 @@ class _Instance:
             self.init_error = exc
 
 
+class _Call:
+    """A function to run on an instance's own thread between batches (warm-up at load)."""
+
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[_Instance], Any]) -> None:
+        self.fn = fn
+        self.future: Future = Future()
+
+    def run(self, instance: _Instance) -> None:
+        try:
+            self.future.set_result(self.fn(instance))
+        except BaseException as exc:  # the caller re-raises it
+            self.future.set_exception(exc)
+
+
 class InstanceThread(_Instance):
     """One instance of a node: its backend, built, initialised and run on its own thread."""
 
     def __init__(self, index: int, scheduler: Scheduler) -> None:
         super().__init__(index, scheduler)
-        self.inbox: queue.SimpleQueue[list[Request] | None] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[list[Request] | _Call | None] = queue.SimpleQueue()
         self.ready = threading.Event()
         self.thread = threading.Thread(
             target=self._run, name=f"trtserve-{scheduler.node.name}-{index}", daemon=True
@@ -86,6 +103,12 @@ class InstanceThread(_Instance):
 
     def assign(self, batch: list[Request]) -> None:
         self.inbox.put(batch)
+
+    def call(self, fn: Callable[[_Instance], Any]) -> Future:
+        """Run ``fn(instance)`` on this instance's thread, after the batch it is running."""
+        call = _Call(fn)
+        self.inbox.put(call)
+        return call.future
 
     def stop(self) -> None:
         """Finish the running batch, then end the thread (not waited for from itself)."""
@@ -101,7 +124,10 @@ class InstanceThread(_Instance):
             return
         try:
             while (batch := self.inbox.get()) is not None:
-                self.scheduler._execute(self, batch)
+                if type(batch) is _Call:
+                    batch.run(self)
+                else:
+                    self.scheduler._execute(self, batch)
                 del batch  # not held until the next get: see _Finisher._run
         finally:
             # A deferred batch still in flight: the device finishes it and its callers are
@@ -133,6 +159,12 @@ class InlineInstance(_Instance):
 
     def assign(self, batch: list[Request]) -> None:
         self.scheduler.inline_work.append((self, batch))
+
+    def call(self, fn: Callable[[_Instance], Any]) -> Future:
+        """Run ``fn(instance)`` here and now: an inline instance has no thread of its own."""
+        call = _Call(fn)
+        call.run(self)
+        return call.future
 
     def run(self, batch: list[Request]) -> None:
         me = self.running_on = threading.get_ident()

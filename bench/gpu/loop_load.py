@@ -2,18 +2,18 @@
 
 run_all.py's thread rows put one Python thread per request in flight, and with 64 of them
 every GIL hand-off of the two instance threads waits behind clients (bench/gpu/timeline.py
-measured 100-150 us per hand-off).  A server has one event-loop thread instead.  These two
+measured 100-150 us per hand-off).  A server has one event-loop thread instead.  These
 drivers measure the same model the way it is served:
 
 * ``loop_rows``: runner.py's closed loop over ``PipeDriver`` (trtserve_bench/inproc.py),
   one event-loop thread submitting to the pipe, answers back through the server's doorbell;
-* ``server_rows``: ``trtserve serve`` on a one-model repository in a child process, driven
-  over TCP by trtserve-bench's pipelined raw driver from this process;
-* ``process_rows``: the same server (or the echo floor) driven by several ``trtserve-bench``
-  processes at once, as perf_analyzer users run several clients: one Python client packs
-  and parses 600 KB tensors at ~2 500 requests/s on its own, below what the model serves.
+* ``process_rows``: ``trtserve serve`` on a repository (or the echo server) in a child
+  process, driven by several ``trtserve-bench`` processes at once, as perf_analyzer users
+  run several clients;
+* ``bare_rows``: the bare-socket echo (trtserve_bench/bare.py) with the same client
+  processes: the floor of the transport itself.
 
-Both use trtserve-bench's windows and stability rule; a row says whether it was stable.
+All use trtserve-bench's windows; a row says whether it was stable.
 """
 from __future__ import annotations
 
@@ -26,17 +26,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "clients"), str(ROOT / "bench")]
 
-from trtserve_bench.drivers import RawDriver  # noqa: E402
 from trtserve_bench.inproc import PipeDriver  # noqa: E402
 from trtserve_bench.runner import Settings, measure  # noqa: E402
 from trtserve_bench.serverproc import ServerProcess, echo_argv, trtserve_argv  # noqa: E402
 
 MODEL = "resnet18"
+TENSOR_WARMUP = '\n[[warmup]]\n[warmup.inputs.input]\ndtype = "float32"\nshape = [1, 3, 224, 224]\nfill = "random"\n'
+TENSOR_WARMUP_DICT = {"inputs": {"input": {"dtype": "float32", "shape": [1, 3, 224, 224], "fill": "random"}}}
 
 
 def settings_for(seconds: float) -> Settings:
@@ -58,12 +58,14 @@ def loop_rows(models: Any, samples: list[Any], concurrencies: list[int], seconds
             for c in concurrencies]
 
 
-def write_repository(folder: Path, model_path: Path, config: dict[str, Any]) -> Path:
-    """``folder/resnet18/config.toml`` + ``1/model.pt``: the model as a repository serves it."""
+def write_repository(folder: Path, model_path: Path, config: dict[str, Any], extra: str = TENSOR_WARMUP) -> Path:
+    """``folder/resnet18/config.toml`` + ``1/model.pt``: the model as a repository serves it,
+    with ``extra`` TOML (by default a [[warmup]] sample: every batch size and instance is
+    warm before the server reports READY)."""
     model_dir = folder / MODEL
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model_path, model_dir / "1" / "model.pt")
-    (model_dir / "config.toml").write_text(toml_table(config) + "\n")
+    (model_dir / "config.toml").write_text(toml_table(config) + "\n" + extra)
     return folder
 
 
@@ -91,17 +93,6 @@ def _bench_env() -> dict[str, str]:
                                                         os.environ.get("PYTHONPATH", "")]))
 
 
-def server_rows(repository: Path, inputs: list[np.ndarray], concurrencies: list[int], seconds: float, connections: int = 4) -> list[dict[str, Any]]:
-    env = _bench_env()
-    values = [{"input": x} for x in inputs]
-    rows = []
-    with ServerProcess(trtserve_argv(repository, ["--log-level", "WARNING"]), startup_timeout=120, env=env) as server:
-        for c in concurrencies:
-            driver = lambda: RawDriver(server.host, server.port, MODEL, connections=connections)  # noqa: E731
-            rows.append(_row(measure(driver, MODEL, values, settings_for(seconds), concurrency=c), concurrency=c, connections=connections))
-    return rows
-
-
 TENSOR_INPUT = ("--shape", "1,3,224,224", "--dtype", "float32")
 
 
@@ -111,25 +102,50 @@ def process_rows(repository: Path | None, processes: int, concurrency: int, seco
     one connection, for three windows each (no stability retries, so they stay aligned);
     against ``trtserve serve`` on ``repository``, or the echo floor when it is None.
     ``input_args``: what each request carries (trtserve-bench's --shape/--dtype or --input-data)."""
-    env = _bench_env()
     argv = echo_argv() if repository is None else trtserve_argv(repository, ["--log-level", "WARNING"])
     window_ms = str(max(250.0, seconds * 1000 / 3))
-    with ServerProcess(argv, startup_timeout=120, env=env) as server, tempfile.TemporaryDirectory() as folder:
+
+    def client(port: int, out: Path) -> list[str]:
+        return [sys.executable, "-m", "trtserve_bench.cli", "-m", MODEL, "--port", str(port), "--concurrency",
+                str(concurrency), "--connections", "1", *input_args, "--window-ms", window_ms,
+                "--max-windows", "3", "--stability", "1000", "--warmup-ms", "500", "--quiet", "--json", str(out)]
+
+    results = _run_clients(argv, processes, client, lambda out: json.loads(out.read_text())["results"][0])
+    return dict(_merged(results, processes, concurrency), mean_batch=results[0].get("server_avg_batch"),
+                client_cpu=[r.get("client_cpu") for r in results])
+
+
+def bare_rows(processes: int, concurrency: int, seconds: float, size: int) -> dict[str, Any]:
+    """The transport's floor (trtserve_bench/bare.py): plain sockets, ``size``-byte frames,
+    the same client processes and concurrency as process_rows."""
+    argv = [sys.executable, "-m", "trtserve_bench.bare", "serve", "--host", "127.0.0.1", "--port", "0"]
+
+    def client(port: int, out: Path) -> list[str]:
+        return [sys.executable, "-m", "trtserve_bench.bare", "load", "--port", str(port), "--size", str(size),
+                "--concurrency", str(concurrency), "--seconds", str(seconds), "--json", str(out)]
+
+    return dict(_merged(_run_clients(argv, processes, client, lambda out: json.loads(out.read_text())), processes,
+                        concurrency), request_bytes=size)
+
+
+def _run_clients(server_argv: list[str], processes: int, command, read) -> list[dict[str, Any]]:
+    env = _bench_env()
+    with ServerProcess(server_argv, startup_timeout=120, env=env) as server, tempfile.TemporaryDirectory() as folder:
         clients = []
         for index in range(processes):
             out = Path(folder) / f"client{index}.json"
-            cmd = [sys.executable, "-m", "trtserve_bench.cli", "-m", MODEL, "--port", str(server.port), "--concurrency",
-                   str(concurrency), "--connections", "1", *input_args, "--window-ms", window_ms,
-                   "--max-windows", "3", "--stability", "1000", "--warmup-ms", "500", "--quiet", "--json", str(out)]
-            clients.append((subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out))
+            proc = subprocess.Popen(command(server.port, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            clients.append((proc, out))
         results = []
         for proc, out in clients:
             _, err = proc.communicate(timeout=120)
             if proc.returncode != 0:
-                raise RuntimeError(f"trtserve-bench client failed (exit {proc.returncode}): {err[-2000:]}")
-            results.append(json.loads(out.read_text())["results"][0])
+                raise RuntimeError(f"client failed (exit {proc.returncode}): {err[-2000:]}")
+            results.append(read(out))
+    return results
+
+
+def _merged(results: list[dict[str, Any]], processes: int, concurrency: int) -> dict[str, Any]:
     return {"per_s": sum(r["throughput"] for r in results), "p50_ms": max(r["p50_ms"] for r in results),
-            "p99_ms": max(r["p99_ms"] for r in results), "mean_batch": results[0].get("server_avg_batch"),
-            "stable": all(r["stable"] for r in results), "errors": sum(r["errors"] for r in results),
-            "client_cpu": [r.get("client_cpu") for r in results], "concurrency": processes * concurrency,
-            "processes": processes}
+            "p99_ms": max(r["p99_ms"] for r in results), "stable": all(r["stable"] for r in results),
+            "errors": sum(r["errors"] for r in results), "concurrency": processes * concurrency, "processes": processes}

@@ -1,4 +1,6 @@
-"""ResNet-18 through SyncTensor[TorchScriptTensor] against the raw model (run_all.py step 4).
+"""ResNet-18 through SyncTensor[TorchScriptTensor] against the raw model (run_all.py step
+``resnet``), and through ``trtserve serve`` against in-process and the transport's floors
+(step ``server``).
 
 The node: instance_num 2, max 8, batching_timeout 1 ms, each request one [1,3,224,224]
 float32 tensor; once launched op by op (``eager``), once replayed from CUDA graphs
@@ -14,9 +16,9 @@ The references, measured in the same run on the same GPU:
 * raw host I/O: one thread stacks 8 numpy requests, uploads them, runs the model and
   brings the result back, batch after batch: the same work as the pipe, without it.
 
-The load: Python threads (one request in flight each), one event-loop thread
-(loop_load.py's PipeDriver, as the server drives a pipe), and ``trtserve serve`` over TCP
-driven from this process and from several client processes.
+The load: Python threads (one request in flight each) and one event-loop thread
+(loop_load.py's PipeDriver, as the server drives a pipe); the server step drives
+``trtserve serve`` from four client processes (bench_server says what it compares).
 """
 from __future__ import annotations
 
@@ -43,12 +45,9 @@ from closed_loop import closed_loop  # noqa: E402
 # TorchScriptTensor's cuda_graph key, SyncTensor's overlap key (docs/configuration.md)
 MODES = {"eager": {}, "cuda_graph": {"cuda_graph": True}, "overlap": {"overlap": True},
          "cuda_graph+overlap": {"cuda_graph": True, "overlap": True}}
-SERVER_MODES = ("eager", "cuda_graph+overlap")
-# A shorter run: RESNET_MODES=eager,cuda_graph+overlap and RESNET_SERVER=0 (no TCP rows).
+# A shorter run: RESNET_MODES=eager,cuda_graph+overlap.
 if os.environ.get("RESNET_MODES"):
     MODES = {name: MODES[name] for name in os.environ["RESNET_MODES"].split(",")}
-if os.environ.get("RESNET_SERVER") == "0":
-    SERVER_MODES = ()
 NODE = {"backend": "SyncTensor[TorchScriptTensor]", "instance_num": 2, "max": 8, "batching_timeout": 1}
 
 
@@ -147,54 +146,107 @@ def pipe_rows(config: dict[str, Any], inputs: list[np.ndarray], seconds: float) 
     return out
 
 
-def server_rows(workdir: Path, mode: str, config: dict[str, Any], model_path: Path, inputs: list[np.ndarray],
-                seconds: float) -> dict[str, Any]:
-    repository = loop_load.write_repository(workdir / f"repository-{mode}", model_path, config)
-    return {"in_process_client": loop_load.server_rows(repository, inputs, [64], seconds),
-            "four_client_processes": loop_load.process_rows(repository, 4, 16, seconds)}
+# --------------------------------------------------------------------------- the server step
+
+REQUEST_BYTES = 3 * 224 * 224 * 4  # one [1,3,224,224] float32 tensor
 
 
-def jpeg_rows(seconds: float, model_path: Path, support: Any, workdir: Path) -> dict[str, Any]:
-    """The deployment this is for: JPEG bytes in (640x480, ~50 KB), GPU decode + fused
-    resize/normalise (4 instances), ResNet-18 with cuda_graph and overlap; in-process and
-    through ``trtserve serve`` with four client processes sending the files."""
+def jpeg_nodes(model_path: Path, support: Any, pre_max: int) -> dict[str, Any]:
+    """The JPEG chain: ``pre_max`` images per decode call (1: one nvImageCodec call per image)."""
+    pre = {"backend": "SyncTensor[S[DecodeTensor,FusedPreprocessTensor]]", "instance_num": 4, "max": pre_max,
+           "batching_timeout": 1, "resize_h": 224, "resize_w": 224, "color": "rgb", "mean": list(support.MEAN),
+           "std": list(support.STD), "overlap": True, "next": "model"}
+    return {"pre": pre, "model": dict(NODE, model=str(model_path), cuda_graph=True, overlap=True)}
+
+
+def bench_server(seconds: float, models: dict[str, Any], support: Any) -> dict[str, Any]:
+    """Through ``trtserve serve`` against in-process ``pipe()`` and against the transport's
+    floors, in one run: ResNet-18 (cuda_graph + overlap) with 600 KB tensors, the echo server
+    and the bare-socket echo with the same requests and client processes, and the JPEG
+    chain with one image per decode call and with batched decoding."""
+    path = Path(models["paths"]["chw"])
+    workdir = path.parent
+    config = dict(NODE, model=str(path), cuda_graph=True, overlap=True)
+    inputs = [np.random.default_rng(i).standard_normal((1, 3, 224, 224)).astype(np.float32) for i in range(16)]
+    out: dict[str, Any] = {"node": config}
+    with trtserve.pipe(dict(config, warmup=[loop_load.TENSOR_WARMUP_DICT])) as pipe:
+        closed_loop(lambda i: pipe({"data": inputs[i % 16]}), 16, 1.0)  # clocks up
+        out["resnet_pipe"] = loop_load.loop_rows(pipe, inputs, [64], seconds, inputs="numpy")[0]
+    repository = loop_load.write_repository(workdir / "repository-server", path, config)
+    out["resnet_server"] = loop_load.process_rows(repository, 4, 16, seconds)
+    out["echo"] = loop_load.process_rows(None, 4, 16, seconds)
+    out["bare"] = loop_load.bare_rows(4, 16, seconds, REQUEST_BYTES)
     jpegs = [support.jpeg(support.photo(480, 640, seed=200 + i)) for i in range(16)]
-    pre = {"backend": "SyncTensor[S[DecodeTensor,FusedPreprocessTensor]]", "instance_num": 4, "resize_h": 224,
-           "resize_w": 224, "color": "rgb", "mean": list(support.MEAN), "std": list(support.STD), "overlap": True,
-           "next": "model"}
-    model = dict(NODE, model=str(model_path), cuda_graph=True, overlap=True)
-    out: dict[str, Any] = {"jpeg_mean_bytes": sum(map(len, jpegs)) / len(jpegs), "pre": pre, "model": model}
-    with trtserve.pipe({"pre": pre, "model": model}) as pipe:
-        _capture_every_size(pipe, jpegs)
-        out["pipe_threads"] = [dict(closed_loop(lambda i: pipe({"data": jpegs[i % 16]}), 64, seconds), concurrency=64)]
-        out["pipe_loop"] = loop_load.loop_rows(pipe, jpegs, [64], seconds, inputs="JPEG")
-    folder = workdir / "repository-jpeg"
-    model_dir = folder / loop_load.MODEL
-    (model_dir / "1").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(model_path, model_dir / "1" / "model.pt")
-    (model_dir / "config.toml").write_text(f"[pre]\n{loop_load.toml_table(pre)}\n\n[model]\n{loop_load.toml_table(model)}\n\n"
-                                           '[[input]]\nname = "image"\ndtype = "bytes"\nshape = [-1]\n')
     images = workdir / "jpegs"
     images.mkdir(exist_ok=True)
     for index, data in enumerate(jpegs):
         (images / f"{index:02d}.jpg").write_bytes(data)
-    out["server_four_processes"] = loop_load.process_rows(folder, 4, 16, seconds, ("--input-data", str(images)))
+    warm = {"inputs": {"image": {"file": str(images / "00.jpg"), "dtype": "bytes"}}}
+    out["jpeg_mean_bytes"] = sum(map(len, jpegs)) / len(jpegs)
+    for pre_max in (1, 8):
+        with trtserve.pipe(dict(jpeg_nodes(path, support, pre_max), warmup=[warm])) as pipe:
+            out[f"jpeg_pipe_max{pre_max}"] = loop_load.loop_rows(pipe, jpegs, [64], seconds, inputs="JPEG")[0]
+    nodes = jpeg_nodes(path, support, 8)
+    folder = workdir / "repository-jpeg-server"
+    model_dir = folder / loop_load.MODEL
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, model_dir / "1" / "model.pt")
+    (model_dir / "config.toml").write_text(
+        f"[pre]\n{loop_load.toml_table(nodes['pre'])}\n\n[model]\n{loop_load.toml_table(nodes['model'])}\n\n"
+        '[[input]]\nname = "image"\ndtype = "bytes"\nshape = [-1]\n\n'
+        f'[[warmup]]\n[warmup.inputs.image]\ndtype = "bytes"\nfile = "{images / "00.jpg"}"\n')
+    out["jpeg_server"] = loop_load.process_rows(folder, 4, 16, seconds, ("--input-data", str(images)))
+    out["targets"] = server_targets(out)
     return out
 
 
+def server_targets(out: dict[str, Any]) -> list[tuple[str, float, str, float]]:
+    """(figure, measured, op, target): the ratios this step exists to check, from one run."""
+    rows = [out["resnet_server"], out["jpeg_server"], out["echo"]]
+    return [
+        ("echo server / bare-socket echo, 600 KB requests", out["echo"]["per_s"] / out["bare"]["per_s"], ">=", 0.6),
+        ("echo server req/s, 600 KB requests", out["echo"]["per_s"], ">=", 3 * 1063),
+        ("ResNet-18 through trtserve serve / in-process pipe()", out["resnet_server"]["per_s"] / out["resnet_pipe"]["per_s"], ">=", 0.5),
+        ("JPEG chain through trtserve serve / in-process pipe()", out["jpeg_server"]["per_s"] / out["jpeg_pipe_max8"]["per_s"], ">=", 0.8),
+        ("worst p99 / p50 of the server rows", max(r["p99_ms"] / r["p50_ms"] for r in rows), "<=", 3.0),
+        ("in-process JPEG chain, batched decode / one image per call", out["jpeg_pipe_max8"]["per_s"] / out["jpeg_pipe_max1"]["per_s"], ">=", 1.5),
+    ]
+
+
+def server_markdown(r: dict[str, Any]) -> list[str]:
+    if "resnet_server" not in r:
+        return []
+    lines = ["", "## Through the server against in-process and the transport floors", "",
+             f"ResNet-18 node {r['node']['backend']} x{r['node']['instance_num']}, max {r['node']['max']}, cuda_graph, "
+             f"overlap; 600 KB requests. JPEG chain: 640x480 JPEGs ({r['jpeg_mean_bytes'] / 1e3:.0f} KB), GPU decode + "
+             "fused preprocessing x4, then the same model. Server rows: 4 client processes x 16 in flight.", "",
+             "| row | req/s | p50 ms | p99 ms | p99/p50 | mean batch |", "|---|---|---|---|---|---|"]
+    names = [("resnet_pipe", "ResNet-18, in-process pipe(), event loop, c=64"),
+             ("resnet_server", "ResNet-18 through trtserve serve"),
+             ("echo", "echo server (trtserve framing, no model)"),
+             ("bare", "bare-socket echo (recv_into, no msgpack)"),
+             ("jpeg_pipe_max1", "JPEG chain in-process, one image per decode call"),
+             ("jpeg_pipe_max8", "JPEG chain in-process, batched decode (max 8)"),
+             ("jpeg_server", "JPEG chain (batched decode) through trtserve serve")]
+    for key, name in names:
+        row = r[key]
+        batch = row.get("mean_batch")
+        lines.append(f"| {name} | {row['per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
+                     f"{row['p99_ms'] / row['p50_ms']:.2f} | {'-' if batch is None else f'{batch:.2f}'} |")
+    lines += ["", "| figure | measured | target | met |", "|---|---|---|---|"]
+    for figure, value, op, target in r["targets"]:
+        met = value >= target if op == ">=" else value <= target
+        lines.append(f"| {figure} | {value:.3g} | {op} {target:g} | {'yes' if met else '**no**'} |")
+    return lines
+
+
 # --------------------------------------------------------------------------- the whole step
-
-
-def bench_jpeg(seconds: float, models: dict[str, Any], support: Any) -> dict[str, Any]:
-    path = Path(models["paths"]["chw"])
-    return jpeg_rows(seconds, path, support, path.parent)
 
 
 def bench(seconds: float, models: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     path = Path(models["paths"]["chw"])
-    workdir = path.parent
     out: dict[str, Any] = {"model": models["source"], "precision": "float32 (cuDNN TF32 default)", "node": dict(NODE)}
     net = torch.jit.load(str(path), map_location="cuda").eval()
     stream = torch.cuda.Stream()
@@ -211,21 +263,9 @@ def bench(seconds: float, models: dict[str, Any]) -> dict[str, Any]:
         small = np.zeros((1, 4), np.float32)
         out["identity_pipe_64_threads_per_s"] = closed_loop(lambda i: pipe({"data": small}), 64, seconds)["per_s"]
     inputs = [np.random.default_rng(i).standard_normal((1, 3, 224, 224)).astype(np.float32) for i in range(16)]
-    out["pipes"], out["servers"] = {}, {}
+    out["pipes"] = {}
     for mode, extra in MODES.items():
-        config = dict(NODE, model=str(path), **extra)
-        out["pipes"][mode] = pipe_rows(config, inputs, seconds)
-        if mode not in SERVER_MODES:
-            continue
-        try:
-            out["servers"][mode] = server_rows(workdir, mode, config, path, inputs, seconds)
-        except Exception as exc:
-            out["servers"][mode] = {"error": f"{type(exc).__name__}: {exc}"}
-    try:
-        if SERVER_MODES:
-            out["echo_floor_four_client_processes"] = loop_load.process_rows(None, 4, 16, seconds)
-    except Exception as exc:
-        out["echo_floor_four_client_processes"] = {"error": f"{type(exc).__name__}: {exc}"}
+        out["pipes"][mode] = pipe_rows(dict(NODE, model=str(path), **extra), inputs, seconds)
     out["raw_batch8_after"] = raw_eager(torch, net, stream, 8)
     out["raw_batch8_host_io"] = raw_host_io(torch, net, stream, inputs, 8, seconds)
     _add_ratios(out)
@@ -237,10 +277,6 @@ def _rows(out: dict[str, Any]) -> list[dict[str, Any]]:
     for pipes in out["pipes"].values():
         for key in ("threads_numpy", "loop_numpy", "threads_device", "loop_device"):
             rows += pipes.get(key, [])
-    for servers in out["servers"].values():
-        rows += servers.get("in_process_client", [])
-        if "per_s" in servers.get("four_client_processes", {}):
-            rows.append(servers["four_client_processes"])
     return rows
 
 
@@ -274,16 +310,6 @@ def markdown(r: dict[str, Any]) -> list[str]:
                                     ("threads_device", "threads", "DeviceArray"), ("loop_device", "event loop", "DeviceArray")):
             lines += [_line(mode, driver, inputs, row) for row in pipes.get(key, [])]
         lines.append(f"| {mode} | graphs captured per instance: {pipes.get('graphs_captured_per_instance')} | | | | | | | | | |")
-    for mode, servers in r["servers"].items():
-        if "error" in servers:
-            lines.append(f"| {mode} | server: **failed** `{servers['error']}` | | | | | | | | | |")
-            continue
-        lines += [_line(mode, "server, in-process client", "numpy", row) for row in servers["in_process_client"]]
-        lines.append(_line(mode, "server, 4 client processes", "numpy", servers["four_client_processes"]))
-    echo = r.get("echo_floor_four_client_processes", {})
-    if "per_s" in echo:
-        lines += ["", f"Echo floor (bench/echo_server.py, no model), the same 4 client processes and 600 KB requests: "
-                      f"{echo['per_s']:.0f} req/s, p50 {echo['p50_ms']:.2f} ms."]
     return lines
 
 
@@ -292,19 +318,3 @@ def _line(mode: str, driver: str, inputs: str, row: dict[str, Any]) -> str:
     return (f"| {mode} | {driver} | {inputs} | {row['concurrency']} | {row['per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
             f"{'-' if batch is None else f'{batch:.2f}'} | {row.get('ratio_to_raw_b8', float('nan')):.2f} | "
             f"{row.get('ratio_to_raw_b8_graph', float('nan')):.2f} | {row.get('ratio_to_raw_b8_host_io', float('nan')):.2f} |")
-
-
-def jpeg_markdown(r: dict[str, Any]) -> list[str]:
-    if "pipe_loop" not in r:
-        return []
-    lines = ["", "## JPEG -> GPU decode + fused preprocessing -> ResNet-18 (cuda_graph, overlap)", "",
-             f"640x480 JPEGs, {r['jpeg_mean_bytes'] / 1e3:.0f} KB on average; pre node {r['pre']['backend']} x{r['pre']['instance_num']}, "
-             f"model node instance_num {r['model']['instance_num']}, max {r['model']['max']}.", "",
-             "| driver | concurrency | images/s | p50 ms | p99 ms | mean batch |", "|---|---|---|---|---|---|"]
-    rows = [("pipe, threads", x) for x in r["pipe_threads"]] + [("pipe, event loop", x) for x in r["pipe_loop"]]
-    rows.append(("`trtserve serve`, 4 client processes", r["server_four_processes"]))
-    for driver, row in rows:
-        batch = row.get("mean_batch")
-        lines.append(f"| {driver} | {row['concurrency']} | {row['per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
-                     f"{'-' if batch is None else f'{batch:.2f}'} |")
-    return lines

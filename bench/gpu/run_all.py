@@ -13,6 +13,9 @@ OUTDIR/report.md (the tables, also printed last).  Benchmarks:
 4. ResNet-18 (random weights) as SyncTensor[TorchScriptTensor], instance_num 2, max 8,
    launched eagerly and from CUDA graphs, against the raw traced model at batch 8 on its
    own stream (resnet.py says how).
+5. The server: ResNet-18 and the JPEG chain through ``trtserve serve`` against in-process
+   ``pipe()``, the echo server and the bare-socket echo, with the targets they are held to
+   (resnet.bench_server).
 """
 from __future__ import annotations
 
@@ -305,7 +308,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"| pipe: the same chain, decoder = opencv (host decode + pinned upload) | {p['pipe_gpu_chain_opencv_decode']['per_s']:.0f} |",
                   f"| pipe: JPEG -> S[DecodeMat,ResizeMat,CvtColorMat] x8, 16 clients | {p['pipe_cpu_chain']['per_s']:.0f} |"]
     lines += resnet.markdown(report.get("resnet", {}))
-    lines += resnet.jpeg_markdown(report.get("jpeg", {}))
+    lines += resnet.server_markdown(report.get("server", {}))
     for name, err in report.get("errors", {}).items():
         lines += ["", f"**{name} failed:** `{err.splitlines()[-1] if err else ''}`"]
     return "\n".join(lines) + "\n"
@@ -316,7 +319,7 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--seconds", type=float, default=2.0, help="per throughput measurement")
-    parser.add_argument("--only", default="", help="comma-separated benchmarks to run (copies, fused, preprocess, resnet, jpeg); default all")
+    parser.add_argument("--only", default="", help="comma-separated benchmarks to run (copies, fused, preprocess, resnet, server); default all")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not cuda.is_available():
@@ -332,7 +335,7 @@ def main() -> int:
         ("fused", lambda: bench_fused(report.get("copies", {}).get("d2d_GBps_read_plus_write"))),
         ("preprocess", lambda: bench_preprocess(args.seconds)),
         ("resnet", lambda: resnet.bench(args.seconds, support.build_models(Path(tempfile.mkdtemp(prefix="trtserve-resnet-"))))),
-        ("jpeg", lambda: resnet.bench_jpeg(args.seconds, support.build_models(Path(tempfile.mkdtemp(prefix="trtserve-jpeg-"))), support)),
+        ("server", lambda: resnet.bench_server(args.seconds, support.build_models(Path(tempfile.mkdtemp(prefix="trtserve-server-"))), support)),
     ]
     only = {name for name in args.only.split(",") if name}
     for name, step in steps:

@@ -32,15 +32,17 @@ from .errors import (
     TrtserveError,
     error_from_wire,
 )
+from .frames import FrameDecoder, frame_parts, frame_size
 from .writer import CoalescingWriter
-from .wire import DEFAULT_MAX_FRAME, HEADER_SIZE, PROTOCOL_VERSION, FrameDecoder, pack
+from .wire import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 _ID_SPACE = 1 << 64  # ids are uint64 on the wire
 
 
-class _Protocol(asyncio.Protocol):
-    """Transport callbacks; all state lives in the owning :class:`Connection`."""
+class _Protocol(asyncio.BufferedProtocol):
+    """Transport callbacks; all state lives in the owning :class:`Connection`.  Responses are
+    read straight into their frame's buffer, and their tensors are views of it (frames.py)."""
 
     def __init__(self, owner: "Connection") -> None:
         self.owner = owner
@@ -61,9 +63,15 @@ class _Protocol(asyncio.Protocol):
             # Small request frames must not wait for Nagle: latency matters more here.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            messages = self.decoder.feed(data)
+            messages = self.decoder.buffer_updated(nbytes)
+            for message in messages:
+                if type(message) is not dict:  # a server never refers to bytes it did not send
+                    raise message.error
         except TrtserveError as exc:  # garbage from the server: nothing after it can be trusted
             self.owner._abort(self, self.owner._failure("the server sent an invalid frame", exc))
             return
@@ -149,7 +157,7 @@ class Connection:
         if self._closed:
             raise ConnectionFailedError(f"connection to {self.address} is closed", address=self.address)
         request_id = next(self._ids) % _ID_SPACE
-        frame = pack({"v": PROTOCOL_VERSION, "id": request_id, "op": op, **(fields or {})})
+        frame = frame_parts({"v": PROTOCOL_VERSION, "id": request_id, "op": op, **(fields or {})})
         self._check_size(frame, op)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
@@ -171,7 +179,7 @@ class Connection:
             self._pending.pop(request_id, None)
         return _result_of(response)
 
-    async def _exchange(self, request_id: int, frame: bytes, future: asyncio.Future) -> dict[str, Any]:
+    async def _exchange(self, request_id: int, frame: list[Any], future: asyncio.Future) -> dict[str, Any]:
         protocol = await self._ensure_connected()
         try:
             await self._write(protocol, request_id, frame)
@@ -179,10 +187,10 @@ class Connection:
         finally:
             protocol.sent.discard(request_id)
 
-    def _check_size(self, frame: bytes, op: str) -> None:
+    def _check_size(self, frame: list[Any], op: str) -> None:
         # The server would answer an oversized frame by closing the connection, failing every
         # other request pipelined on it; refusing here keeps the damage to this one call.
-        size = len(frame) - HEADER_SIZE
+        size = frame_size(frame)
         if size > self.max_frame:
             raise FrameTooLargeError(
                 f"{op} request of {size} bytes exceeds the maximum frame of {self.max_frame} bytes; "
@@ -191,7 +199,7 @@ class Connection:
                 max_frame=self.max_frame,
             )
 
-    async def _write(self, protocol: _Protocol, request_id: int, frame: bytes) -> None:
+    async def _write(self, protocol: _Protocol, request_id: int, frame: list[Any]) -> None:
         # Backpressure: while the transport's buffer is over its high-water mark, wait.
         if not protocol.can_write.is_set():
             await protocol.can_write.wait()
@@ -253,7 +261,8 @@ class Connection:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            protocol.transport.write(pack({"v": PROTOCOL_VERSION, "id": request_id, "op": "auth", "token": self.token}))
+            protocol.transport.writelines(frame_parts({"v": PROTOCOL_VERSION, "id": request_id, "op": "auth",
+                                                       "token": self.token}))
             protocol.sent.add(request_id)
             _result_of(await future)
         finally:

@@ -1,25 +1,21 @@
-"""The one definition of trtserve's wire format, shared by the server and every client.
+"""trtserve's wire values and constants, shared by the server and every client.
 
-A frame is a 4-byte big-endian unsigned length followed by exactly that many bytes of one
-msgpack map.  Tensors travel as ``{"dtype": str, "shape": [int, ...], "data": bin}`` with the
-data little-endian and C-ordered; raw byte inputs (a JPEG, say) travel as plain msgpack
-``bin``.  docs/PROTOCOL.md is the normative description; this module implements it.
+Tensors travel as ``{"dtype": str, "shape": [int, ...], "data": ...}`` with the data
+little-endian and C-ordered; raw byte inputs (a JPEG, say) travel as bare values.  Data of
+1 KiB or more travels out of band, in the frame's buffer region (frames.py); smaller data as
+msgpack ``bin``.  A receiver accepts either.  docs/PROTOCOL.md is the normative description.
 """
 from __future__ import annotations
 
 import math
-import struct
-import threading
 from typing import Any
 
-import msgpack
 import numpy as np
 
-from .errors import FrameTooLargeError, InvalidInputError, ProtocolError
+from .errors import InvalidInputError
+from .frames import LAYOUT, OutOfBand
 
-PROTOCOL_VERSION = 1
-HEADER = struct.Struct(">I")
-HEADER_SIZE = HEADER.size
+PROTOCOL_VERSION = LAYOUT
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024  # 64 MiB: a 4K RGB float32 image fits with room to spare
 
 OPERATIONS = (
@@ -56,115 +52,16 @@ _NUMPY_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}
 _WIRE_NAMES = {np.dtype(name): name for name in DTYPES}
 MAX_DIMS = 32  # numpy 1.x's limit; a peer must not be able to make reshape raise
 _MAX_INDEX = int(np.iinfo(np.intp).max)
-
-
-# --------------------------------------------------------------------------- framing
-
-
-_packers = threading.local()
-
-
-def pack(message: dict[str, Any]) -> bytes:
-    """Serialize one message into a complete frame (header + msgpack payload)."""
-    # msgpack.packb builds a new Packer per call; reusing one per thread (a Packer is not
-    # thread-safe) halves the cost of a small message: 1.29 -> 0.70 us.  A failed pack
-    # leaves the Packer empty, so the next message is unaffected.
-    try:
-        packer = _packers.packer
-    except AttributeError:
-        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
-    payload = packer.pack(message)
-    return HEADER.pack(len(payload)) + payload
-
-
-class FrameDecoder:
-    """Incremental frame parser: feed it bytes as they arrive, get back complete messages.
-
-    Raises FrameTooLargeError as soon as a header declares more than ``max_frame`` bytes
-    (before buffering any of it), and ProtocolError when a payload is not one msgpack map.
-    """
-
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        self.max_frame = max_frame
-        self._buf = bytearray()
-        self._parsed = 0  # bytes of complete frames in what _parse last saw
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
-        # Frames are parsed in place through a memoryview: slicing and then bytes() copied
-        # every frame twice (3.3x slower on a 4 MB tensor).  In the common case, nothing
-        # buffered, the received bytes are parsed where they lie and only what follows the
-        # last complete frame is kept, also when a frame is refused.  A view of the buffer
-        # is released before the buffer is resized (a live export would make that fail).
-        messages: list[dict[str, Any]] = []
-        buf = self._buf
-        if buf:
-            buf += data
-            try:
-                with memoryview(buf) as view:
-                    self._parse(view, messages)
-            finally:
-                del buf[: self._parsed]
-        else:
-            with memoryview(data) as view:
-                try:
-                    self._parse(view, messages)
-                finally:
-                    if self._parsed < len(view):
-                        buf += view[self._parsed :]
-        return messages
-
-    def _parse(self, view: memoryview, messages: list[dict[str, Any]]) -> None:
-        """Append the complete frames at the start of ``view``; ``_parsed`` = bytes they span."""
-        self._parsed = pos = 0
-        size = len(view)
-        while size - pos >= HEADER_SIZE:
-            (length,) = HEADER.unpack_from(view, pos)
-            if length > self.max_frame:
-                raise FrameTooLargeError(
-                    f"frame of {length} bytes exceeds the maximum of {self.max_frame} bytes; "
-                    "send smaller requests or raise the server's --max-frame",
-                    length=length,
-                    max_frame=self.max_frame,
-                )
-            end = pos + HEADER_SIZE + length
-            if size < end:
-                break
-            # The slice is released even when unpacking raises: a traceback holding it would
-            # keep the buffer exported, and resizing it would then fail with BufferError.
-            with view[pos + HEADER_SIZE : end] as payload:
-                messages.append(unpack_payload(payload))
-            self._parsed = pos = end
-
-    def pending_partial_frame(self) -> bool:
-        """True when bytes of an incomplete frame are buffered (a truncated frame at EOF)."""
-        return bool(self._buf)
-
-
-def unpack_payload(payload: bytes) -> dict[str, Any]:
-    try:
-        message = msgpack.unpackb(payload, raw=False, use_list=True)
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise ProtocolError(
-            f"frame payload is not valid msgpack ({type(exc).__name__}: {exc})",
-            payload_size=len(payload),
-        ) from None
-    if not isinstance(message, dict):
-        raise ProtocolError(
-            f"frame payload must be a msgpack map, got {type(message).__name__}",
-            payload_type=type(message).__name__,
-        )
-    return message
+# What a received tensor's data is: bin decodes to bytes, a buffer reference to a memoryview.
+_DATA_TYPES = (bytes, memoryview)
 
 
 # --------------------------------------------------------------------------- tensors
 
 
 def encode_tensor(array: np.ndarray) -> dict[str, Any]:
-    """A numpy array as a wire tensor.  C-contiguous little-endian arrays are not copied here."""
+    """A numpy array as a wire tensor.  C-contiguous little-endian arrays are not copied: the
+    frame refers to their memory, so it must not change until the frame is written."""
     if type(array) is not np.ndarray:
         array = np.asarray(array)
     name = _WIRE_NAMES.get(array.dtype) or array.dtype.name  # .name: non-native byte order
@@ -177,12 +74,12 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
         # astype, not ascontiguousarray: the latter turns a 0-d array into shape (1,).
         array = array.astype(_NUMPY_DTYPES[name], order="C")
     # memoryview.cast refuses shapes with a zero in them, and an empty tensor has no bytes.
-    data = memoryview(array).cast("B") if array.size else b""
+    data = OutOfBand(memoryview(array).cast("B")) if array.size else b""
     return {"dtype": name, "shape": list(array.shape), "data": data}
 
 
 def decode_tensor(obj: Any, where: str = "tensor") -> np.ndarray:
-    """A wire tensor as a read-only numpy view over the received bytes (no copy)."""
+    """A wire tensor as a read-only numpy view over the received frame (no copy)."""
     array = fast_tensor(obj)
     return array if array is not None else _decode_tensor_checked(obj, where)
 
@@ -195,7 +92,7 @@ def fast_tensor(obj: Any) -> np.ndarray | None:
         return None
     dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
     np_dtype = _NUMPY_DTYPES.get(dtype) if type(dtype) is str else None
-    if np_dtype is None or type(shape) is not list or type(data) is not bytes or len(shape) > MAX_DIMS:
+    if np_dtype is None or type(shape) is not list or type(data) not in _DATA_TYPES or len(shape) > MAX_DIMS:
         return None
     size = np_dtype.itemsize
     for d in shape:
@@ -228,7 +125,8 @@ def _decode_tensor_checked(obj: Any, where: str) -> np.ndarray:
             shape=repr(shape),
         )
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise InvalidInputError(f"{where}: data must be msgpack bin, got {type(data).__name__}", where=where)
+        raise InvalidInputError(
+            f"{where}: data must be msgpack bin or a buffer reference, got {type(data).__name__}", where=where)
     np_dtype = _NUMPY_DTYPES[dtype]
     # numpy refuses a shape whose non-zero dims overflow its index type, even when another
     # dim is 0 and the array is empty; check first so a peer cannot provoke a ValueError.
@@ -240,34 +138,41 @@ def _decode_tensor_checked(obj: Any, where: str) -> np.ndarray:
             dtype=dtype,
         )
     expected = math.prod(shape) * np_dtype.itemsize  # Python ints: huge dims cannot wrap to 0
-    if expected != len(data):
+    received = memoryview(data).nbytes
+    if expected != received:
         raise InvalidInputError(
-            f"{where}: shape {shape} of {dtype} needs {expected} bytes but {len(data)} were sent",
+            f"{where}: shape {shape} of {dtype} needs {expected} bytes but {received} were sent",
             where=where,
             shape=shape,
             dtype=dtype,
             expected_bytes=expected,
-            received_bytes=len(data),
+            received_bytes=received,
         )
     return np.frombuffer(data, dtype=np_dtype).reshape(shape)
 
 
 def encode_value(value: Any) -> Any:
-    """An input/output value: bytes travel as bin, everything array-like as a tensor."""
+    """An input/output value: bytes travel as a bare value, everything array-like as a tensor."""
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value) if isinstance(value, bytearray) else value
+        return OutOfBand(memoryview(value).cast("B") if isinstance(value, memoryview) else value)
     return encode_tensor(np.asarray(value))
 
 
 def decode_value(obj: Any, where: str) -> Any:
-    if isinstance(obj, (bytes, bytearray)):
-        return obj
-    return decode_tensor(obj, where)
+    """A received value: raw bytes as ``bytes`` (what backends and callers expect; the one
+    copy of them), a tensor as a numpy view."""
+    value = fast_value(obj)
+    return decode_tensor(obj, where) if value is None else value
 
 
 def fast_value(obj: Any) -> Any:
-    """decode_value's fast path: bytes as they are, a well-formed tensor, else None."""
-    return obj if type(obj) is bytes else fast_tensor(obj)
+    """decode_value's fast path: raw bytes, a well-formed tensor, else None."""
+    kind = type(obj)
+    if kind is bytes:
+        return obj
+    if kind is memoryview:
+        return obj.tobytes()
+    return fast_tensor(obj)
 
 
 def encode_tensors(values: dict[str, Any]) -> dict[str, Any]:

@@ -31,7 +31,8 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import uvloop
-from trtserve_client.wire import FrameDecoder, decode_tensor, encode_tensor, pack
+from trtserve_client.frames import FrameDecoder, pack
+from trtserve_client.wire import decode_tensor, encode_tensor
 
 from trtserve.server import Server
 
@@ -193,7 +194,7 @@ class RawConn:
     def request(self, op: str, **fields: Any) -> int:
         """Send one request without waiting; returns its id."""
         req_id = fields.pop("id", None) or next(self.ids)
-        self.send({"v": 1, "id": req_id, "op": op, **fields})
+        self.send({"v": 2, "id": req_id, "op": op, **fields})
         return req_id
 
     def recv(self) -> dict[str, Any]:

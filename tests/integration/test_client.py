@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from trtserve_client import AsyncClient, Client, errors, wire
+from trtserve_client import AsyncClient, Client, errors, frames, wire
 from trtserve_client.errors import (
     ConnectionFailedError,
     DeadlineExceededError,
@@ -567,13 +567,13 @@ def test_garbage_from_the_peer_fails_pending_then_reconnects():
             nonlocal connections
             connections += 1
             header = await reader.readexactly(4)
-            request = wire.unpack_payload(await reader.readexactly(int.from_bytes(header, "big")))
+            [request] = frames.FrameDecoder(1 << 20).feed(header + await reader.readexactly(int.from_bytes(header, "big")))
             if connections == 1:
-                writer.write(b"\x00\x00\x00\x01\xc1")  # one byte msgpack never uses
+                writer.write(b"\x00\x00\x00\x01\x00")  # neither frame layout
             elif connections == 2:
-                writer.write(wire.pack({"id": request["id"], "result": {"live": True}})[:-3])
+                writer.write(frames.pack({"id": request["id"], "result": {"live": True}})[:-3])
             else:
-                writer.write(wire.pack({"id": request["id"], "result": {"live": True}}))
+                writer.write(frames.pack({"id": request["id"], "result": {"live": True}}))
             await writer.drain()
             writer.close()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from trtserve_client.errors import ErrorCode
-from trtserve_client.wire import pack
+from trtserve_client.frames import pack
 
 from .conftest import SUPPORT_BACKENDS, array, assert_serving, build_test_repository, tensor, write_model
 
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.parametrize("repository", [_repository], indirect=True)
 
 def _burst(conn, model: str, values: list, **fields) -> dict[int, dict]:
     """Send every request in one write (so the server reads them together); answers by id."""
-    frames = [pack({"v": 1, "id": i + 1, "op": "infer", "model": model, "inputs": {"input": v}, **fields})
+    frames = [pack({"v": 2, "id": i + 1, "op": "infer", "model": model, "inputs": {"input": v}, **fields})
               for i, v in enumerate(values)]
     conn.send_bytes(b"".join(frames))
     return conn.recv_many(len(values))
@@ -93,7 +93,7 @@ def test_inline_and_threaded_models_mix_on_one_connection(server):
         frames = []
         for i in range(20):
             model = "fast" if i % 2 else "identity"
-            frames.append(pack({"v": 1, "id": i + 1, "op": "infer", "model": model, "inputs": {"input": tensor(x + i)}}))
+            frames.append(pack({"v": 2, "id": i + 1, "op": "infer", "model": model, "inputs": {"input": tensor(x + i)}}))
         conn.send_bytes(b"".join(frames))
         answers = conn.recv_many(20)
     for i in range(20):

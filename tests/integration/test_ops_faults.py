@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
-from trtserve_client.wire import pack
+from trtserve_client.frames import pack
 
 from .conftest import GateControl, RawConn, write_model
 from .ops_support import (
@@ -258,7 +258,7 @@ def test_slow_reader_does_not_block_others_or_grow_memory(serve):
     would take seconds); server RSS stays within RSS_BOUND_MB of the baseline."""
     served = serve("--max-in-flight", str(MAX_IN_FLIGHT))
     count = 1000
-    frames = b"".join(pack({"v": 1, "id": i + 1, "op": "infer", "model": "big", "inputs": {"x": b"1"}}) for i in range(count))
+    frames = b"".join(pack({"v": 2, "id": i + 1, "op": "infer", "model": "big", "inputs": {"x": b"1"}}) for i in range(count))
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as slow:
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
         slow.connect((served.host, served.port))

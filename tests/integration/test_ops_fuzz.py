@@ -4,12 +4,15 @@ Each hypothesis example is a burst of 20-25 frames sent back to back on one conn
 
 * requests with a valid id whose every other field may have a wrong type or value: ``v``,
   ``op``, ``model``, ``version``, ``inputs`` (tensor ``dtype``/``shape``/``data``, raw bytes,
-  anything), ``timeout_ms``, ``priority``, ``outputs``, plus unknown fields;
+  anything), ``timeout_ms``, ``priority``, ``outputs``, plus unknown fields; tensor data
+  and raw byte values inline or out of band, where a buffer reference may point past the
+  frame, overlap another, or disagree with dtype x shape;
 * optionally, as the burst's last frame, one that the protocol answers by closing the
   connection: an invalid ``id`` (missing, nil, wrong type, negative; msgpack cannot carry
   one >= 2**64), a payload that is not msgpack, a msgpack value that is not a map, a map
   with a non-string key, a declared length over ``--max-frame``, a truncated frame (then a
-  half-close), or raw random bytes.
+  half-close), a frame head with a wrong marker, layout, reserved field or map length, or
+  raw random bytes.
 
 Checked for every burst: every response is well formed (``{"id", "result"}`` or ``{"id",
 "error"}`` with a known code, its name, a str message and a details map); ``INTERNAL`` never
@@ -29,6 +32,7 @@ import itertools
 import socket
 import struct
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
@@ -36,8 +40,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from trtserve_client.errors import ErrorCode, ProtocolError
-from trtserve_client.wire import DTYPES, OPERATIONS, FrameDecoder, unpack_payload
+from trtserve_client.errors import ErrorCode, TrtserveError
+from trtserve_client.frames import BadFrame, FrameDecoder, decode_frame
+from trtserve_client.wire import DTYPES, OPERATIONS
 
 from .conftest import build_test_repository
 from .ops_support import assert_healthy, log_problems, rss_mb, server_process
@@ -75,6 +80,19 @@ ITEMSIZE = {name: int(name[-2:]) // 8 if name[-2:].isdigit() else int(name[-1]) 
 NAMES = ["input", "a", "b", "blob", "x", "", "output", "\x00"]
 
 
+@dataclass(frozen=True)
+class Ref:
+    """Out-of-band data in a fuzzed frame: ``content`` placed in the buffer region
+    (``offset`` None), or a reference to any ``offset``/``length`` at all."""
+
+    offset: int | None
+    length: int
+    content: bytes = b""
+
+
+refs = st.builds(Ref, st.integers(0, 700), st.integers(0, 700))
+
+
 @st.composite
 def tensors(draw):
     """A tensor map: consistent (so it reaches the model), or with any field wrong or missing."""
@@ -83,13 +101,17 @@ def tensors(draw):
     size = None
     if isinstance(dtype, str) and dtype in ITEMSIZE and isinstance(shape, list) and all(type(d) is int and 0 <= d < 64 for d in shape):
         size = ITEMSIZE[dtype] * int(np.prod(shape, dtype=np.int64))
-    mode = draw(st.integers(0, 3))
+    mode = draw(st.integers(0, 5))
     if mode <= 1 and size is not None:
         data = bytes(range(256)) * (size // 256) + bytes(range(size % 256))  # exactly right
+        if mode == 1:
+            data = Ref(None, len(data), data)
     elif mode == 2:
         data = draw(st.binary(max_size=48))
-    else:
+    elif mode == 3:
         data = draw(st.sampled_from(WRONG))
+    else:
+        data = draw(refs)
     table = {"dtype": dtype, "shape": shape, "data": data}
     drop = draw(st.integers(0, 7))  # sometimes a field is missing
     if drop < 3:
@@ -97,7 +119,8 @@ def tensors(draw):
     return table
 
 
-values = st.one_of(tensors(), st.binary(max_size=16), st.sampled_from(WRONG))
+values = st.one_of(tensors(), st.binary(max_size=16), st.sampled_from(WRONG), refs,
+                   st.binary(max_size=16).map(lambda b: Ref(None, len(b), b)))
 fuzzed_inputs = st.one_of(st.dictionaries(st.sampled_from(NAMES), values, min_size=1, max_size=3), st.sampled_from(WRONG))
 
 
@@ -136,7 +159,7 @@ def requests(draw):
         return draw(right)
 
     message = {
-        "v": pick(st.just(1), wrong_in_10=1),
+        "v": pick(st.just(2), wrong_in_10=1),
         "op": pick(st.sampled_from(["infer"] * 6 + list(OPERATIONS)), WRONG + ["", "Infer", "infer ", "nope"], 1),
     }
     model = pick(st.sampled_from(MODELS), wrong_in_10=1)
@@ -151,24 +174,50 @@ def requests(draw):
     for bit, (key, strategy) in enumerate(OPTIONAL.items()):
         if present >> bit & 1 and draw(st.booleans()):
             message[key] = draw(strategy)
+    message["extra"] = draw(st.sampled_from([0, 0, 64, 700]))  # unreferenced region bytes for random refs to hit
     return ("request", message)
 
 
-def packed(value) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
+def _align(n: int) -> int:
+    return (n + 63) // 64 * 64
 
 
-def framed(payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + payload
+def packed(value, region: bytearray | None = None) -> bytes:
+    """msgpack; a Ref becomes a buffer reference (ext 1), its content appended to ``region``."""
+
+    def reference(obj):
+        if not isinstance(obj, Ref):
+            raise TypeError(type(obj))
+        offset, length = obj.offset, obj.length
+        if offset is None and region is not None:
+            offset = _align(len(region))
+            region.extend(bytes(offset - len(region)) + obj.content)
+        return msgpack.ExtType(1, struct.pack(">QQ", offset or 0, length))
+
+    return msgpack.packb(value, use_bin_type=True, default=reference)
+
+
+def framed(payload: bytes, region: bytes = b"", head: tuple = (0xC1, 2, 0)) -> bytes:
+    """A version-2 frame: head, map, padding to 64, buffer region."""
+    map_end = 12 + len(payload)
+    start = _align(map_end) if region else map_end
+    return struct.pack(">IBBHI", start + len(region) - 4, *head, len(payload)) + payload + bytes(start - map_end) + region
+
+
+def framed_request(message: dict) -> bytes:
+    region = bytearray()
+    payload = packed({k: v for k, v in message.items() if k != "extra"}, region)
+    return framed(payload, bytes(region) + b"\xab" * message.get("extra", 0))
 
 
 def _expected_for_payload(payload: bytes):
     """Random bytes usually are not one msgpack value (PROTOCOL_ERROR); a map without a valid
     id closes with INVALID_ARGUMENT; one that happens to carry a valid id is a request."""
     try:
-        message = unpack_payload(payload)
-    except ProtocolError:
+        decoded = decode_frame(memoryview(framed(payload)))
+    except TrtserveError:
         return {ErrorCode.PROTOCOL_ERROR}
+    message = decoded.message if isinstance(decoded, BadFrame) else decoded
     req_id = message.get("id")
     if type(req_id) is int and 0 <= req_id < 2**64:
         return None
@@ -179,13 +228,13 @@ def _expected_for_payload(payload: bytes):
 def closers(draw):
     """A final frame the server answers with an ``"id": nil`` error and a close:
     (kind, bytes, expected codes; None = whatever happens, as long as the server closes)."""
-    kind = draw(st.sampled_from(["bad_id", "not_msgpack", "not_map", "key_type", "huge", "truncated", "raw"]))
+    kind = draw(st.sampled_from(["bad_id", "not_msgpack", "not_map", "key_type", "huge", "truncated", "head", "raw"]))
     if kind == "bad_id":
         message = draw(requests())[1]
         bad = draw(st.sampled_from(["missing", -1, -(2**63), 1e20, 1.5, "7", None, [], {}, True, b"\x01"]))
         if bad != "missing":
             message["id"] = bad
-        return kind, framed(packed(message)), {ErrorCode.INVALID_ARGUMENT}
+        return kind, framed_request(message), {ErrorCode.INVALID_ARGUMENT}
     if kind == "not_msgpack":
         payload = draw(st.binary(min_size=1, max_size=64))
         return kind, framed(payload), _expected_for_payload(payload)
@@ -193,14 +242,21 @@ def closers(draw):
         value = draw(st.sampled_from([v for v in WRONG if not isinstance(v, dict)]))
         return kind, framed(packed(value)), {ErrorCode.PROTOCOL_ERROR}
     if kind == "key_type":
-        return kind, framed(packed({"v": 1, "id": 5, "op": "live", draw(INT64): 1})), {ErrorCode.PROTOCOL_ERROR}
+        return kind, framed(packed({"v": 2, "id": 5, "op": "live", draw(INT64): 1})), {ErrorCode.PROTOCOL_ERROR}
     if kind == "huge":
         length = draw(st.integers(MAX_FRAME + 1, 2**32 - 1))
         return kind, struct.pack(">I", length) + draw(st.binary(max_size=32)), {ErrorCode.FRAME_TOO_LARGE}
     if kind == "truncated":
-        whole = framed(packed({"v": 1, "id": 3, "op": "infer", "model": "echo", "inputs": {"x": draw(st.binary(max_size=64))}}))
+        whole = framed(packed({"v": 2, "id": 3, "op": "infer", "model": "echo", "inputs": {"x": draw(st.binary(max_size=64))}}))
         cut = draw(st.integers(1, len(whole) - 1))
         return kind, whole[:cut], {ErrorCode.PROTOCOL_ERROR}
+    if kind == "head":  # a wrong marker byte, layout or reserved field, or a map past the end
+        marker, layout, reserved = draw(st.sampled_from([(0xC0, 2, 0), (0x00, 2, 0), (0xC1, 3, 0), (0xC1, 1, 0), (0xC1, 2, 1)]))
+        frame = bytearray(framed(packed({"v": 2, "id": 4, "op": "live"}), head=(marker, layout, reserved)))
+        if draw(st.booleans()) and (marker, layout, reserved) == (0xC0, 2, 0):
+            frame[4], frame[8:12] = 0xC1, struct.pack(">I", 1 << 20)  # map_length past the frame
+        unsupported = marker == 0xC1 and layout != 2 and not reserved
+        return kind, bytes(frame), {ErrorCode.UNSUPPORTED_PROTOCOL if unsupported else ErrorCode.PROTOCOL_ERROR}
     return kind, draw(st.binary(max_size=64)), None
 
 
@@ -264,7 +320,7 @@ class Fuzzer:
         for _, message in requests:
             req_id = next(self.ids)
             sent.add(req_id)
-            chunks.append(framed(packed({**message, "id": req_id})))
+            chunks.append(framed_request({**message, "id": req_id}))
         if closer is not None:
             chunks.append(closer[1])
         sock.sendall(b"".join(chunks))

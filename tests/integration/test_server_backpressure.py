@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from trtserve_client.wire import FrameDecoder, pack
+from trtserve_client.frames import FrameDecoder, pack
 
 from .conftest import HOST, assert_serving
 
@@ -35,7 +35,7 @@ def test_in_flight_limit_stops_reading(server_factory, gates):
         # backlogged before reading pauses (separate writes could leave them in the socket).
         ids = [1, 2, 3, 4]
         conn.send_bytes(b"".join(
-            pack({"v": 1, "id": i, "op": "infer", "model": "gate_wide", "inputs": {"x": b"%d" % (i - 1)}})
+            pack({"v": 2, "id": i, "op": "infer", "model": "gate_wide", "inputs": {"x": b"%d" % (i - 1)}})
             for i in ids))
         gate.wait_started(2)
         wait_for(lambda: connection_state(handle) == [(2, 2, True, 0)])
@@ -56,7 +56,7 @@ def test_slow_reader_is_not_buffered_without_bound(server_factory):
     payload = b"\x07" * size
 
     def frame(i: int) -> bytes:
-        return pack({"v": 1, "id": i + 1, "op": "infer", "model": "echo", "inputs": {"x": payload}})
+        return pack({"v": 2, "id": i + 1, "op": "infer", "model": "echo", "inputs": {"x": payload}})
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)

@@ -8,7 +8,8 @@ import time
 import msgpack
 import numpy as np
 import pytest
-from trtserve_client.wire import OPERATIONS, pack
+from trtserve_client.frames import pack
+from trtserve_client.wire import OPERATIONS
 
 from .conftest import array, assert_serving, tensor
 
@@ -84,7 +85,7 @@ def test_bad_fields_name_the_field(server, op, fields, field):
 @pytest.mark.parametrize("op", [17, ["infer"], None])
 def test_op_must_be_a_string(server, op):
     with server.connect() as conn:
-        conn.send({"v": 1, "id": 5, "op": op})
+        conn.send({"v": 2, "id": 5, "op": op})
         message = conn.recv()
         assert message["id"] == 5 and message["error"]["name"] == "INVALID_ARGUMENT"
         assert message["error"]["details"]["field"] == "op"
@@ -139,10 +140,10 @@ def test_backend_failures(server, data, name):
 
 def test_unsupported_protocol_version_keeps_the_connection(server):
     with server.connect() as conn:
-        conn.send({"v": 2, "id": 1, "op": "live"})
+        conn.send({"v": 3, "id": 1, "op": "live"})
         message = conn.recv()
         assert message["id"] == 1 and message["error"]["name"] == "UNSUPPORTED_PROTOCOL"
-        assert message["error"]["details"] == {"version": 2, "supported": [1]}
+        assert message["error"]["details"] == {"version": 3, "supported": [2]}
         conn.send({"id": 2, "op": "live"})
         missing = conn.recv()
         assert missing["id"] == 2 and missing["error"]["details"]["field"] == "v"
@@ -165,7 +166,7 @@ def test_oversized_frame(server_factory):
         assert error["details"] == {"length": 2048, "max_frame": 1024}
     with handle.connect() as conn:  # a frame just at the limit is fine
         filler = b"\x00" * 960
-        message = {"v": 1, "id": 1, "op": "infer", "model": "echo", "inputs": {"x": filler}}
+        message = {"v": 2, "id": 1, "op": "infer", "model": "echo", "inputs": {"x": filler}}
         assert len(pack(message)) - 4 <= 1024
         conn.send(message)
         assert conn.recv()["result"]["outputs"]["output"] == filler
@@ -194,7 +195,7 @@ def test_garbage_closes_only_that_connection(server, data, name):
 @pytest.mark.parametrize("req_id", [None, -1, "7", True, 1.5])
 def test_bad_id_closes_the_connection(server, req_id):
     with server.connect() as conn:
-        message = {"v": 1, "op": "live"}
+        message = {"v": 2, "op": "live"}
         if req_id is not None:
             message["id"] = req_id
         conn.send(message)
@@ -314,3 +315,53 @@ def test_model_control_refused_without_the_flag(server_factory):
             assert "--allow-model-control" in error["message"]
         assert conn.result("ready", model="echo") == {"ready": True}
     assert_serving(handle.host, handle.port)
+
+
+def test_a_version_1_client_is_told_in_its_own_layout_and_keeps_the_connection(server):
+    """A client of protocol version 1 sends ``[length][msgpack map]``: it gets
+    UNSUPPORTED_PROTOCOL for each request, in that layout so it can read it, and nothing else
+    on the connection breaks."""
+    import msgpack
+
+    with server.connect() as conn:
+        for req_id in (1, 2):
+            payload = msgpack.packb({"v": 1, "id": req_id, "op": "live"})
+            conn.send_bytes(len(payload).to_bytes(4, "big") + payload)
+            length = int.from_bytes(recv_exactly(conn.sock, 4), "big")
+            answer = msgpack.unpackb(recv_exactly(conn.sock, length), raw=False)
+            assert answer["id"] == req_id and answer["error"]["name"] == "UNSUPPORTED_PROTOCOL", answer
+            assert answer["error"]["details"]["supported"] == [2]
+        assert conn.result("live") == {"live": True}  # the same connection, now in version 2
+
+
+def recv_exactly(sock, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "the server closed the connection"
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("case", ["past-the-end", "overlap", "disagrees-with-shape"])
+def test_bad_buffer_references_are_invalid_input_and_the_connection_goes_on(server, case):
+    import struct
+
+    import msgpack
+
+    def ref(offset, length):
+        return msgpack.ExtType(1, struct.pack(">QQ", offset, length))
+
+    inputs = {
+        "past-the-end": {"x": {"dtype": "uint8", "shape": [100], "data": ref(0, 100)}},
+        "overlap": {"x": {"dtype": "uint8", "shape": [40], "data": ref(0, 40)}, "y": ref(32, 8)},
+        "disagrees-with-shape": {"x": {"dtype": "float32", "shape": [4], "data": ref(0, 12)}},
+    }[case]
+    body = msgpack.packb({"v": 2, "id": 7, "op": "infer", "model": "echo", "inputs": inputs}, use_bin_type=True)
+    start = (12 + len(body) + 63) // 64 * 64
+    frame = struct.pack(">IBBHI", start + 64 - 4, 0xC1, 2, 0, len(body)) + body + bytes(start - 12 - len(body)) + bytes(64)
+    with server.connect() as conn:
+        conn.send_bytes(frame)
+        message = conn.recv()
+        assert message["id"] == 7 and message["error"]["name"] == "INVALID_INPUT", message
+        assert conn.result("live") == {"live": True}

@@ -39,7 +39,7 @@ def test_server_metadata(server):
     assert meta == {
         "name": "trtserve",
         "version": trtserve.__version__,
-        "protocol": 1,
+        "protocol": 2,
         "operations": list(OPERATIONS),
         "max_frame": DEFAULT_MAX_FRAME,
     }

@@ -170,9 +170,10 @@ def test_warmup_runs_before_ready_and_a_failing_warmup_makes_the_model_unavailab
     make_model(tmp_path, "cold", 'backend = "Tagged"\nfail_warmup = true\n' + warm)
     repo.load_all()
     stats = repo.get("warm").statistics()
-    assert stats["success_count"] == 3
+    assert stats["success_count"] == 0  # warm-up runs on the instances: it is not traffic
     row = {r["name"]: r for r in repo.index()}["cold"]
-    assert row["state"] == "UNAVAILABLE" and "warmup sample 0 failed" in row["reason"]
+    assert row["state"] == "UNAVAILABLE" and "warmup sample 0 failed in node 'cold'" in row["reason"]
+    assert "this model cannot run" in row["reason"]
 
 
 @pytest.mark.parametrize(
@@ -180,6 +181,8 @@ def test_warmup_runs_before_ready_and_a_failing_warmup_makes_the_model_unavailab
     [
         ('[[warmup]]\ncount = 0\n[warmup.inputs.x]\ndtype = "uint8"\nshape = [1]\n', "count must be an integer >= 1"),
         ("[[warmup]]\ncount = 1\n", "needs at least one"),
+        ('[[warmup]]\nbatch_sizes = [0]\n[warmup.inputs.x]\ndtype = "uint8"\nshape = [1]\n', "batch_sizes must be a list"),
+        ('[[warmup]]\nbatch_sizes = 4\n[warmup.inputs.x]\ndtype = "uint8"\nshape = [1]\n', "batch_sizes must be a list"),
         ('[[warmup]]\n[warmup.inputs.x]\ndtype = "int3"\nshape = [1]\n', "dtype = 'int3'"),
         ('[[warmup]]\n[warmup.inputs.x]\ndtype = "uint8"\nshape = [0]\n', "concrete positive integers"),
         ('[[warmup]]\n[warmup.inputs.x]\nfile = "nope.jpg"\n', "does not exist"),
@@ -299,3 +302,86 @@ def test_the_old_version_serves_until_the_new_one_has_warmed_up(tmp_path, repo):
         hold.unlink()
         loader.join(20)
     assert infer(repo.get("m"), "after") == (1, "new", "after")
+
+
+@pytest.mark.parametrize("folder_name", ["v1", "V2", "version_3", "ver-4"])
+def test_a_version_folder_named_like_v1_is_not_a_version_and_says_so(tmp_path, repo, folder_name):
+    folder = make_model(tmp_path, "m", 'backend = "Tagged"\n', versions=())
+    (folder / folder_name).mkdir()
+    with pytest.raises(ConfigError) as caught:
+        repo.load("m")
+    number = "".join(ch for ch in folder_name if ch.isdigit())
+    assert f"folder {folder_name!r} is not a version" in caught.value.message
+    assert f"rename it to {folder / number}" in caught.value.message
+    assert repo.index()[0]["state"] == "UNAVAILABLE"
+
+
+def test_a_model_without_version_folders_is_served_from_its_folder_as_version_1(tmp_path, repo):
+    folder = make_model(tmp_path, "m", 'backend = "Tagged"\nmodel = "weights.bin"\n', versions=())
+    with pytest.raises(ConfigError) as caught:
+        repo.load("m")
+    assert "no numbered version folder, so the model folder itself is served as version 1" in caught.value.message
+    (folder / "weights.bin").write_bytes(b"w")
+    model = repo.load("m")
+    assert model.version == 1 and model.config.entry.model == str((folder / "weights.bin").resolve())
+
+
+FIRST_SIGHT = """
+import time
+import trtserve
+
+class FirstSight(trtserve.Backend):
+    '''Slow the first time an instance sees a batch size, as a CUDA graph capture or a
+    per-shape compilation is; records each (instance, size) it saw and when.'''
+
+    def init(self, config, kwargs):
+        super().init(config, kwargs)
+        self.index = kwargs["instance_index"]
+        self.seen = []
+
+    def forward(self, items):
+        if len(items) not in self.seen:
+            self.seen.append(len(items))
+            time.sleep(0.05)
+        for item in items:
+            item["result"] = item["data"]
+
+trtserve.register("FirstSight", FirstSight)
+"""
+
+
+def test_warmup_runs_every_instance_at_every_batch_size_before_ready(tmp_path, repo):
+    """The cause of the multi-second p99 stalls through the server on the GPU: one-time work
+    per batch size and instance (CUDA graph capture, cuDNN's algorithm choice) ran on the
+    first live requests of each size, because warm-up sent its sample through the pipeline
+    once, to one instance, at one size.  Now no batch served after READY meets a size its
+    instance has not run before."""
+    warm = '[[warmup]]\n[warmup.inputs.x]\ndtype = "float32"\nshape = [1, 4]\n'
+    make_model(tmp_path, "m", 'backend = "FirstSight"\ninstance_num = 2\nmax = 4\nbatching_timeout = 5\n' + warm,
+               backend=FIRST_SIGHT)
+    repo.load_all()
+    node = repo.get("m").pipeline.nodes[0]
+    assert node.on_each_instance(lambda inst: sorted(inst.backend.seen)) == [[1, 2, 3, 4], [1, 2, 3, 4]]
+    import numpy as np
+
+    for _ in range(5):  # bursts: batches of every size on both instances
+        done = [threading.Event() for _ in range(24)]
+        for event in done:
+            repo.get("m").submit({"data": np.zeros((1, 4), np.float32)}, lambda item, err, e=event: e.set())
+        assert all(event.wait(10) for event in done)
+    assert node.on_each_instance(lambda inst: sorted(inst.backend.seen)) == [[1, 2, 3, 4], [1, 2, 3, 4]]
+
+
+def test_warmup_batch_sizes_limit_what_is_warmed(tmp_path, repo):
+    warm = '[[warmup]]\nbatch_sizes = [2, 4, 9]\n[warmup.inputs.x]\ndtype = "float32"\nshape = [1, 4]\n'
+    make_model(tmp_path, "m", 'backend = "FirstSight"\nmax = 4\n' + warm, backend=FIRST_SIGHT)
+    repo.load_all()
+    assert repo.get("m").pipeline.nodes[0].on_each_instance(lambda inst: inst.backend.seen) == [[2, 4]]
+
+
+def test_a_warmup_sample_too_large_for_every_batch_is_a_load_failure(tmp_path, repo):
+    warm = '[[warmup]]\nbatch_sizes = [1]\n[warmup.inputs.x]\ndtype = "float32"\nshape = [3, 4]\n'
+    make_model(tmp_path, "m", 'backend = "FirstSight"\nmax = 4\n' + warm, backend=FIRST_SIGHT)
+    repo.load_all()
+    row = {r["name"]: r for r in repo.index()}["m"]
+    assert row["state"] == "UNAVAILABLE" and "forms no batch" in row["reason"]

@@ -5,6 +5,8 @@ import asyncio
 import threading
 
 import pytest
+from trtserve_client.frames import FrameDecoder, pack
+from trtserve_client.wire import decode_tensors
 
 from trtserve.server.doorbell import Doorbell
 from trtserve.server.handlers import Deferred
@@ -139,10 +141,15 @@ class RecordingTransport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
         self.writes: list[bytes] = []
+        self.pieces: list[list] = []  # what each writelines was given
         self.closing = False
 
     def write(self, data) -> None:
         self.writes.append(bytes(data))
+
+    def writelines(self, pieces) -> None:
+        self.pieces.append(list(pieces))
+        self.writes.append(b"".join(pieces))
 
     def is_closing(self) -> bool:
         return self.closing
@@ -154,23 +161,41 @@ def test_writer_sends_a_lone_frame_at_once_and_coalesces_the_rest():
     async def scenario():
         transport = RecordingTransport()
         writer = CoalescingWriter(transport, asyncio.get_running_loop())
-        writer.write(b"lone", alone=True)
+        writer.write([b"lone"], alone=True)
         assert transport.writes == [b"lone"]  # no loop turn needed
-        writer.write(b"a", alone=False)
-        writer.write(b"b", alone=True)  # alone, but frames are queued: keeps the order
-        writer.write(b"c", alone=False)
+        writer.write([b"a"], alone=False)
+        writer.write([b"b"], alone=True)  # alone, but frames are queued: keeps the order
+        writer.write([b"c", b"C"], alone=False)
         assert transport.writes == [b"lone"]
         await asyncio.sleep(0)
-        assert transport.writes == [b"lone", b"abc"]  # one write for the turn
-        writer.write(b"d", alone=False)
+        assert transport.writes == [b"lone", b"abcC"]  # one write for the turn
+        writer.write([b"d"], alone=False)
         writer.flush()  # what a close does first
         assert transport.writes[-1] == b"d"
         transport.closing = True
-        writer.write(b"late", alone=False)
+        writer.write([b"late"], alone=False)
         await asyncio.sleep(0)
         return transport.writes
 
-    assert asyncio.run(scenario()) == [b"lone", b"abc", b"d"]  # nothing written once closing
+    assert asyncio.run(scenario()) == [b"lone", b"abcC", b"d"]  # nothing written once closing
+
+
+def test_writer_joins_small_pieces_and_passes_large_ones_by_reference():
+    from trtserve_client.writer import JOIN_BELOW, CoalescingWriter
+
+    big = memoryview(bytearray(b"x" * JOIN_BELOW))
+
+    async def scenario():
+        transport = RecordingTransport()
+        writer = CoalescingWriter(transport, asyncio.get_running_loop())
+        writer.write([b"head1", b"pad", big, b"tail"], alone=False)
+        writer.write([b"head2"], alone=False)
+        await asyncio.sleep(0)
+        return transport.pieces
+
+    [pieces] = asyncio.run(scenario())
+    assert pieces[0] == b"head1pad" and pieces[2] == b"tailhead2"
+    assert pieces[1] is big  # the tensor's own memory, not a copy
 
 
 def test_the_server_deadline_timer_drops_a_queued_request_and_counts_it(tmp_path, probe):
@@ -201,7 +226,9 @@ def test_the_server_deadline_timer_drops_a_queued_request_and_counts_it(tmp_path
         return running.value
 
     try:
-        assert asyncio.run(scenario())["outputs"] == {"output": b"first"}
+        outputs = asyncio.run(scenario())["outputs"]
+        [received] = FrameDecoder(1 << 20).feed(pack({"outputs": outputs}))
+        assert decode_tensors(received["outputs"], "outputs") == {"output": b"first"}
         stats = repository.get("gated").statistics()
         assert stats["success_count"] == 1 and stats["failure_by_reason"] == {"DEADLINE_EXCEEDED": 1}
         assert [data for _, data in probe.batches] == [[b"first"]]

@@ -1,4 +1,5 @@
-"""The wire format (clients/trtserve_client/wire.py) and the error objects that travel on it.
+"""Wire values (clients/trtserve_client/wire.py) and the error objects that travel on them.
+Frames themselves are tested in test_frames.py.
 
 Everything here is pure: bytes in, messages/arrays/exceptions out.  Failures are asserted
 by error code (and class), never by message text.
@@ -14,15 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from trtserve_client import errors, wire
-from trtserve_client.errors import ErrorCode, FrameTooLargeError, InvalidInputError, ProtocolError, TrtserveError
+from trtserve_client import errors, frames, wire
+from trtserve_client.errors import ErrorCode, InvalidInputError, ProtocolError, TrtserveError
 
 ALL_DTYPES = [np.dtype(name) for name in wire.DTYPES]
 
 
 def roundtrip(message: dict) -> dict:
     """pack -> FrameDecoder, asserting exactly one message comes out."""
-    [decoded] = wire.FrameDecoder().feed(wire.pack(message))
+    [decoded] = frames.FrameDecoder(wire.DEFAULT_MAX_FRAME).feed(frames.pack(message))
     return decoded
 
 
@@ -43,143 +44,6 @@ def sample_array(dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
 
 def assert_code(excinfo: pytest.ExceptionInfo, code: ErrorCode) -> None:
     assert excinfo.value.code == code, excinfo.value
-
-
-# --------------------------------------------------------------------------- framing
-
-
-def test_frame_is_big_endian_length_then_one_msgpack_map():
-    frame = wire.pack({"id": 7, "op": "live"})
-    (length,) = struct.unpack(">I", frame[:4])
-    assert length == len(frame) - 4
-    assert msgpack.unpackb(frame[4:], raw=False) == {"id": 7, "op": "live"}
-
-
-def test_a_message_that_cannot_be_packed_leaves_the_next_frame_intact():
-    with pytest.raises(TypeError):
-        wire.pack({"id": 1, "x": object()})  # the server answers INTERNAL for such a result
-    assert roundtrip({"id": 2, "op": "live"}) == {"id": 2, "op": "live"}
-
-
-def test_threads_packing_at_once_each_get_their_own_frames():
-    from concurrent.futures import ThreadPoolExecutor
-
-    def frames(worker: int) -> list[bytes]:
-        return [wire.pack({"id": worker * 10_000 + i, "blob": bytes([worker]) * (i % 97)}) for i in range(2000)]
-
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(frames, range(8)))
-    for worker, packed in enumerate(results):
-        decoded = wire.FrameDecoder().feed(b"".join(packed))
-        assert decoded == [{"id": worker * 10_000 + i, "blob": bytes([worker]) * (i % 97)} for i in range(2000)]
-
-
-MESSAGES = [
-    {"v": 1, "id": 1, "op": "live"},
-    {"id": 2, "result": {"live": True}},
-    {"id": 3, "error": {"code": 8, "name": "QUEUE_FULL", "message": "full", "details": {"queued": 4}}},
-    {"id": 4, "op": "infer", "inputs": {"x": wire.encode_tensor(np.arange(12, dtype=np.float32).reshape(3, 4))}},
-    {"id": None, "blob": b"\x00\xff" * 300},
-]
-
-
-def normalised(messages: list[dict]) -> list[dict]:
-    """What a peer decodes (memoryviews come back as bytes)."""
-    return [msgpack.unpackb(msgpack.packb(m, use_bin_type=True), raw=False) for m in messages]
-
-
-def test_frames_split_at_every_byte_boundary_decode_identically():
-    stream = b"".join(wire.pack(m) for m in MESSAGES)
-    expected = normalised(MESSAGES)
-    for cut in range(len(stream) + 1):
-        decoder = wire.FrameDecoder()
-        got = decoder.feed(stream[:cut]) + decoder.feed(stream[cut:])
-        assert got == expected, cut
-        assert decoder.buffered == 0
-
-
-def test_frames_fed_one_byte_at_a_time():
-    frames = [wire.pack(m) for m in MESSAGES]
-    boundaries = {sum(len(f) for f in frames[: k + 1]) for k in range(len(frames))}
-    stream = b"".join(frames)
-    decoder = wire.FrameDecoder()
-    got = []
-    for i in range(len(stream)):
-        got += decoder.feed(stream[i : i + 1])
-        assert decoder.pending_partial_frame() == (i + 1 not in boundaries)
-        assert len(got) == sum(1 for b in boundaries if b <= i + 1)
-    assert got == normalised(MESSAGES)
-
-
-def test_coalesced_frames_in_one_read():
-    many = [{"id": i, "result": {"n": i}} for i in range(1000)]
-    assert wire.FrameDecoder().feed(b"".join(wire.pack(m) for m in many)) == many
-
-
-def test_partial_frame_is_reported_until_complete():
-    frame = wire.pack({"id": 1})
-    decoder = wire.FrameDecoder()
-    assert decoder.feed(frame[:-1]) == []
-    assert decoder.pending_partial_frame()
-    assert decoder.feed(frame[-1:]) == [{"id": 1}]
-    assert not decoder.pending_partial_frame()
-
-
-def test_frame_at_max_size_is_accepted():
-    message = {"b": b""}
-    overhead = len(wire.pack(message)) - 4
-    limit = 1000
-    big = {"b": b"x" * (limit - overhead - 1)}  # bin8 -> bin16 header grows by one byte
-    frame = wire.pack(big)
-    assert len(frame) - 4 == limit
-    assert wire.FrameDecoder(max_frame=limit).feed(frame) == [big]
-
-
-def test_frame_over_max_is_refused_from_the_header_alone():
-    decoder = wire.FrameDecoder(max_frame=1000)
-    with pytest.raises(FrameTooLargeError) as excinfo:
-        decoder.feed(struct.pack(">I", 1001))  # no payload sent: refused before buffering it
-    assert_code(excinfo, ErrorCode.FRAME_TOO_LARGE)
-    assert excinfo.value.details == {"length": 1001, "max_frame": 1000}
-    assert isinstance(excinfo.value, ProtocolError)  # callers may catch the family
-
-
-def test_default_max_frame_is_64_mib():
-    assert wire.DEFAULT_MAX_FRAME == 64 * 1024 * 1024
-    with pytest.raises(FrameTooLargeError):
-        wire.FrameDecoder().feed(struct.pack(">I", wire.DEFAULT_MAX_FRAME + 1))
-
-
-def test_frames_before_an_oversized_header_are_still_consumed():
-    decoder = wire.FrameDecoder(max_frame=100)
-    with pytest.raises(FrameTooLargeError):
-        decoder.feed(wire.pack({"id": 1}) + struct.pack(">I", 101))
-    assert decoder.buffered == 4  # the good frame was consumed; only the bad header remains
-
-
-@pytest.mark.parametrize(
-    "payload",
-    [
-        b"",  # zero-length frame
-        b"\xc1",  # never-used msgpack byte
-        b"\x92\x01",  # truncated array
-        b"\x81\xa1k",  # map whose value is missing
-        msgpack.packb({"a": 1}) + b"\x00",  # trailing bytes after the map
-    ],
-    ids=["empty", "reserved-byte", "truncated", "missing-value", "trailing-bytes"],
-)
-def test_garbage_payload_is_a_protocol_error(payload):
-    with pytest.raises(ProtocolError) as excinfo:
-        wire.FrameDecoder().feed(struct.pack(">I", len(payload)) + payload)
-    assert_code(excinfo, ErrorCode.PROTOCOL_ERROR)
-
-
-@pytest.mark.parametrize("value", [[1, 2], 5, "op", None, b"bin", True, 1.5], ids=repr)
-def test_payload_that_is_not_a_map_is_a_protocol_error(value):
-    payload = msgpack.packb(value, use_bin_type=True)
-    with pytest.raises(ProtocolError) as excinfo:
-        wire.FrameDecoder().feed(struct.pack(">I", len(payload)) + payload)
-    assert_code(excinfo, ErrorCode.PROTOCOL_ERROR)
 
 
 # --------------------------------------------------------------------------- tensors
@@ -203,25 +67,29 @@ def test_tensor_bytes_are_little_endian_c_order():
     array = np.array([[1, 2], [3, 256]], dtype=np.uint16)
     encoded = wire.encode_tensor(array)
     assert encoded["shape"] == [2, 2]
-    assert bytes(encoded["data"]) == b"\x01\x00\x02\x00\x03\x00\x00\x01"
+    assert bytes(encoded["data"].view) == b"\x01\x00\x02\x00\x03\x00\x00\x01"
 
 
-def test_decode_is_a_zero_copy_read_only_view_of_the_received_bytes():
+def test_decode_is_a_zero_copy_read_only_view_of_the_received_frame():
     message = roundtrip({"t": wire.encode_tensor(np.arange(1000, dtype=np.float32).reshape(10, 100))})
     received = message["t"]["data"]
+    assert type(received) is memoryview  # 4000 bytes travel out of band
     decoded = wire.decode_tensor(message["t"])
     assert np.shares_memory(decoded, np.frombuffer(received, np.uint8))
-    base = decoded
-    while isinstance(base, np.ndarray):
-        base = base.base
-    assert base is received
-    assert not decoded.flags.writeable  # the bytes object is immutable, so is the view
+    assert not decoded.flags.writeable  # a received frame is read-only
+
+
+def test_small_data_travels_inline_and_decodes_the_same():
+    message = roundtrip({"t": wire.encode_tensor(np.arange(8, dtype=np.float32))})
+    assert type(message["t"]["data"]) is bytes  # under frames.INLINE_LIMIT: msgpack bin
+    np.testing.assert_array_equal(wire.decode_tensor(message["t"]), np.arange(8, dtype=np.float32))
 
 
 def test_encode_does_not_copy_a_c_contiguous_little_endian_array():
     array = np.arange(64, dtype="<f8").reshape(8, 8)
     data = wire.encode_tensor(array)["data"]
-    assert np.shares_memory(np.frombuffer(data, np.uint8), array)
+    assert isinstance(data, frames.OutOfBand)
+    assert np.shares_memory(np.frombuffer(data.view, np.uint8), array)
 
 
 @pytest.mark.parametrize("dtype", [">u2", ">i4", ">f4", ">f8", ">i8", ">f2"])
@@ -230,7 +98,7 @@ def test_big_endian_input_travels_little_endian(dtype):
     encoded = wire.encode_tensor(array)
     little = array.astype(np.dtype(dtype).newbyteorder("<"))
     assert encoded["dtype"] == little.dtype.name
-    assert bytes(encoded["data"]) == little.tobytes()
+    assert bytes(encoded["data"].view) == little.tobytes()
     np.testing.assert_array_equal(tensor_roundtrip(array), array)
 
 
@@ -248,7 +116,7 @@ def test_big_endian_input_travels_little_endian(dtype):
 def test_non_contiguous_input_travels_in_c_order(make):
     view = make(np.arange(24, dtype=np.int32).reshape(4, 6))
     encoded = wire.encode_tensor(view)
-    assert bytes(encoded["data"]) == np.ascontiguousarray(view).tobytes()
+    assert bytes(encoded["data"].view) == np.ascontiguousarray(view).tobytes()
     np.testing.assert_array_equal(tensor_roundtrip(view), view)
 
 
@@ -296,13 +164,23 @@ def test_bad_tensor_maps_are_invalid_input(tensor):
     assert excinfo.value.details["where"] == "inputs['x']"
 
 
-def test_bytes_values_travel_as_msgpack_bin():
+def test_small_bytes_values_travel_as_msgpack_bin():
     encoded = wire.encode_tensors({"jpeg": b"\xff\xd8\xff", "buf": bytearray(b"ab"), "x": np.ones(2, np.uint8)})
-    packed = msgpack.packb(encoded, use_bin_type=True)
+    packed = frames.pack({"outputs": encoded})
     assert b"\xc4\x03\xff\xd8\xff" in packed  # bin8, length 3
-    decoded = wire.decode_tensors(msgpack.unpackb(packed, raw=False), "outputs")
+    decoded = wire.decode_tensors(roundtrip({"outputs": encoded})["outputs"], "outputs")
     assert decoded["jpeg"] == b"\xff\xd8\xff" and decoded["buf"] == b"ab"
     np.testing.assert_array_equal(decoded["x"], [1, 1])
+
+
+@pytest.mark.parametrize("make", [bytes, bytearray, memoryview], ids=["bytes", "bytearray", "memoryview"])
+def test_large_bytes_values_travel_out_of_band_and_arrive_as_bytes(make):
+    jpeg = bytes(range(256)) * 40
+    packed = frames.pack({"inputs": wire.encode_tensors({"image": make(jpeg)})})
+    (map_length,) = struct.unpack(">I", packed[8:12])
+    assert jpeg not in packed[: 12 + map_length] and jpeg in packed[12 + map_length :]  # in the region
+    decoded = wire.decode_tensors(roundtrip({"inputs": wire.encode_tensors({"image": make(jpeg)})})["inputs"], "inputs")
+    assert type(decoded["image"]) is bytes and decoded["image"] == jpeg
 
 
 @pytest.mark.parametrize("value", [[1, 2], "text", None, 3])
@@ -399,9 +277,9 @@ json_like = st.recursive(
 )
 @settings(max_examples=100, deadline=None, database=None)
 def test_property_message_streams_survive_arbitrary_chunking(messages, cuts):
-    stream = b"".join(wire.pack(m) for m in messages)
+    stream = b"".join(frames.pack(m) for m in messages)
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
-    decoder = wire.FrameDecoder()
+    decoder = frames.FrameDecoder(wire.DEFAULT_MAX_FRAME)
     got = []
     for start, end in zip(points, points[1:]):
         got += decoder.feed(stream[start:end])
@@ -412,12 +290,12 @@ def test_property_message_streams_survive_arbitrary_chunking(messages, cuts):
 @given(garbage=st.binary(max_size=200))
 @settings(max_examples=500, deadline=None, database=None)
 def test_property_garbage_never_escapes_the_error_tree(garbage):
-    decoder = wire.FrameDecoder(max_frame=64)
+    decoder = frames.FrameDecoder(max_frame=64)
     try:
         for message in decoder.feed(garbage):
-            assert isinstance(message, dict)
+            assert isinstance(message, (dict, frames.BadFrame))
     except TrtserveError as exc:
-        assert exc.code in (ErrorCode.PROTOCOL_ERROR, ErrorCode.FRAME_TOO_LARGE)
+        assert exc.code in (ErrorCode.PROTOCOL_ERROR, ErrorCode.FRAME_TOO_LARGE, ErrorCode.UNSUPPORTED_PROTOCOL)
 
 
 @given(
@@ -438,19 +316,3 @@ def test_zero_dimensional_big_endian_scalar_keeps_its_shape():
     # ascontiguousarray would have made it shape (1,); found by the property test above.
     decoded = tensor_roundtrip(np.array(513, dtype=">u2"))
     assert decoded.shape == () and int(decoded) == 513
-
-
-@pytest.mark.parametrize("bad", [b"\xc1", msgpack.packb([1, 2])])  # not msgpack; not a map
-def test_a_bad_payload_after_buffered_bytes_is_a_protocol_error(bad):
-    """The buffered path (a frame split across reads) reports a bad payload as ProtocolError,
-    consumes the good frame before it and keeps the bad one, as the unbuffered path does."""
-    good = wire.pack({"id": 1})
-    decoder = wire.FrameDecoder()
-    assert decoder.feed(good[:3]) == []  # something buffered: the next feed takes that path
-    with pytest.raises(ProtocolError):
-        decoder.feed(good[3:] + struct.pack(">I", len(bad)) + bad)
-    assert decoder.buffered == 4 + len(bad)
-    unbuffered = wire.FrameDecoder()
-    with pytest.raises(ProtocolError):
-        unbuffered.feed(good + struct.pack(">I", len(bad)) + bad)
-    assert unbuffered.buffered == 4 + len(bad)

@@ -184,6 +184,7 @@ class RayRepository(ModelRepository):
         """The whole config as `trtserve serve` validates it, plus the overridden [ray] table."""
         if (folder / "backend.py").is_file():
             load_backend_file(folder / "backend.py")
+        check_version_names(folder)
         path = folder / CONFIG_FILE
         config = load_config(path, name=name, model_dir=latest_version_dir(folder) or folder)
         table = apply_overrides(read_toml(path).get("ray"), name, self.overrides)

@@ -6,7 +6,7 @@ Three sources, each as cheap as it can be on the serving path:
   ``trtserve_request_duration_seconds``): counted by the infer path once per answer, as the
   client sees it, through a :class:`ModelMeter` cached per served model version (label
   lookups happen once, not per request).
-* **Model statistics** (queue and compute time, batch sizes): listeners on each served
+* **Model statistics** (queue and compute time, batch sizes, rows per model call): listeners on each served
   version's ``ModelStats``/``NodeStats``, subscribed by a repository load hook when the
   version is built, before it serves.  A reload builds new pipelines with new statistics,
   so each is subscribed exactly once; the listeners hold only metric children, never the
@@ -38,7 +38,8 @@ log = logging.getLogger("trtserve.server")
 # Seconds: from 100 us (an Identity round trip) to 10 s (a big batch on a slow model).
 LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-REFUSAL_TYPES = ("auth", "connection_limit", "frame_too_large", "protocol_error", "permission_denied", "tls_handshake")
+REFUSAL_TYPES = ("auth", "connection_limit", "frame_too_large", "protocol_error", "permission_denied", "tls_handshake",
+                 "unsupported_protocol")
 PAUSE_CAUSES = ("in_flight", "write_buffer")
 
 
@@ -97,6 +98,10 @@ class Metrics:
             "trtserve_batch_size", "Size of each batch a node ran (rows, counted as toward max)",
             model_version + ["node"], buckets=BATCH_BUCKETS, registry=r,
         )
+        self.call_rows = Histogram(
+            "trtserve_model_call_rows", "Rows of each model call a node's backend made (a batch of mixed shapes may take several)",
+            model_version + ["node"], buckets=BATCH_BUCKETS, registry=r,
+        )
         self.refusals = Counter("trtserve_refusals", "Connections and requests refused, by type", ["type"], registry=r)
         self.pauses = Counter("trtserve_reading_paused", "Times the server stopped reading a connection, by cause", ["cause"], registry=r)
         for kind in REFUSAL_TYPES:  # every type shows, at 0, before the first refusal
@@ -143,6 +148,7 @@ class Metrics:
         for node in pipeline.nodes:
             observe = self.batch_size.labels(*labels, node.node.name).observe
             node.stats.add_listener(lambda size, compute_ns, failed, observe=observe: observe(size))
+            node.stats.add_call_listener(self.call_rows.labels(*labels, node.node.name).observe)
 
     # -- answers -------------------------------------------------------------------------
     def meter(self, model: LoadedModel) -> ModelMeter:

@@ -10,9 +10,14 @@ and resumes when both clear: the pattern of aiohttp's ``base_protocol.py``.  A c
 therefore never make the server hold more than one frame being received, ``max_in_flight``
 requests and their responses, however fast it writes or slowly it reads.
 
+Frames are received with ``asyncio.BufferedProtocol``: a large frame is read straight into
+a buffer of its own, and its tensors reach the model as numpy views of it (frames.py).
+
 A frame the server cannot attribute to a request (oversized, not msgpack, not a map, no
 valid ``id``, a truncated frame at EOF) is answered with ``"id": nil`` and only that
-connection is closed.  So is a connection over ``max_connections`` (RESOURCE_EXHAUSTED).
+connection is closed.  A frame that can be attributed but not served (a bad buffer
+reference, the layout of protocol version 1) is answered for its id, and the connection
+goes on.  So is a connection over ``max_connections`` (RESOURCE_EXHAUSTED).
 With a token configured, the first request must be ``auth`` (server/auth.py); anything
 else, a wrong token or no auth within the timeout is UNAUTHENTICATED, then close.  When a connection goes away, its requests in flight are cancelled
 (queued ones are never run) and their responses dropped.
@@ -25,7 +30,7 @@ import logging
 import socket
 from typing import Any
 
-from trtserve_client.wire import FrameDecoder, pack
+from trtserve_client.frames import BadFrame, FrameDecoder, frame_parts, pack_v1
 from trtserve_client.writer import CoalescingWriter
 
 from ..errors import (
@@ -57,7 +62,7 @@ _REFUSALS = {
 }
 
 
-class ServerProtocol(asyncio.Protocol):
+class ServerProtocol(asyncio.BufferedProtocol):
     """One client connection.  ``dispatch(message)`` answers at once (a dict) or later
     (a server/reply.Reply: handlers.Deferred, infer.InferCall)."""
 
@@ -169,11 +174,14 @@ class ServerProtocol(asyncio.Protocol):
         self._drain()
 
     # -- reading -----------------------------------------------------------------------
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self._closing:
             return
         try:
-            messages = self._decoder.feed(data)
+            messages = self._decoder.buffer_updated(nbytes)
         except TrtserveError as exc:
             if not self._authenticated and exc.code == ErrorCode.FRAME_TOO_LARGE:
                 exc = FrameTooLargeError(
@@ -224,7 +232,10 @@ class ServerProtocol(asyncio.Protocol):
         else:
             self._transport.resume_reading()
 
-    def _handle(self, message: dict[str, Any]) -> None:
+    def _handle(self, message: dict[str, Any] | BadFrame) -> None:
+        bad = None
+        if type(message) is BadFrame:
+            bad, message = message, message.message
         req_id = message.get("id")
         if type(req_id) is not int or not 0 <= req_id < _MAX_ID:
             self._fail(InvalidArgumentError(
@@ -241,6 +252,9 @@ class ServerProtocol(asyncio.Protocol):
                 field="id",
                 value=req_id,
             ))
+            return
+        if bad is not None:
+            self._refuse_frame(req_id, bad)
             return
         if not self._authenticated and message.get("op") != "auth":
             self._fail(UnauthenticatedError(
@@ -290,6 +304,15 @@ class ServerProtocol(asyncio.Protocol):
         if (self._backlog or self._reading_paused or self._eof) and not self._handling:
             self._drain()  # (inside _drain's loop, answered at once: that loop goes on itself)
 
+    def _refuse_frame(self, req_id: int, bad: BadFrame) -> None:
+        """A frame that parsed but cannot be served: its id gets the error, in the layout the
+        peer speaks (a version-1 client could not read a version-2 answer)."""
+        if not bad.v1:
+            self._send_error(req_id, bad.error)
+        elif not self._closing and self._writer is not None:
+            self._tracker.refused("unsupported_protocol")
+            self._writer.write([pack_v1({"id": req_id, "error": bad.error.to_wire()})], alone=not self._pending)
+
     def _maybe_finish(self) -> None:
         if self._eof and not self._pending and not self._backlog and not self._closing:
             self._flush()
@@ -302,11 +325,11 @@ class ServerProtocol(asyncio.Protocol):
         if self._closing or self._transport is None:
             return
         try:
-            frame = pack(message)
+            frame = frame_parts(message)
         except Exception as exc:  # a result holding a type msgpack cannot encode
             log.error("cannot encode the response to request %s: %s", req_id, exc)
             error = InternalError(f"the server could not encode its response: {type(exc).__name__}: {exc}")
-            frame = pack({"id": req_id, "error": error.to_wire()})
+            frame = frame_parts({"id": req_id, "error": error.to_wire()})
         # A lone answer (nothing else in flight on this connection) leaves at once; answers
         # given while a burst of requests is handled leave together at its end (_drain).
         self._writer.write(frame, alone=not self._pending and not self._handling)  # type: ignore[union-attr]

@@ -42,7 +42,7 @@ class ConnectionTracker:
         self.connections: set[ServerProtocol] = set()
         self.in_flight = 0
         # refused(type): a connection or request was refused (auth, connection_limit,
-        # frame_too_large, protocol_error, permission_denied); paused(cause): reading stopped.
+        # frame_too_large, protocol_error, permission_denied, unsupported_protocol); paused(cause): reading stopped.
         self.refused: Callable[[str], None] = _ignore
         self.paused: Callable[[str], None] = _ignore
         self._idle: asyncio.Event | None = None  # exists only while someone waits (shutdown)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 log = logging.getLogger("trtserve.backends")
@@ -115,10 +116,14 @@ class GraphRunner:
     def _capture(self, key: tuple[Any, ...], inputs: list[Any]) -> _Graph | None:
         static = [x.clone() for x in inputs]  # on the instance stream, outside the pool
         with _CAPTURE_LOCK:
+            started = time.perf_counter()
             try:
                 for _ in range(WARMUP_RUNS):
                     self.model(*static)
-                return self._record(static)
+                graph = self._record(static)
+                log.info("%s: captured a CUDA graph for inputs %s in %.1f ms", self.name, _describe(key),
+                         (time.perf_counter() - started) * 1e3)
+                return graph
             except Exception as exc:  # a model that cannot be captured still runs, eagerly
                 log.warning("%s: the model cannot be captured in a CUDA graph for inputs %s, so they run "
                             "eagerly (%s: %s); set cuda_graph = false to stop trying",
