@@ -25,6 +25,7 @@ serve = pytest.importorskip("ray.serve", reason="Ray Serve tests need the [ray] 
 from trtserve.scaleout.repository import RayRepository  # noqa: E402
 
 from .conftest import ServerThread  # noqa: E402
+from .ops_support import wait_for as poll_until  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "model_repository"
 LOGICAL_CPUS = 8  # Ray's bookkeeping, not cores: replicas ask for fractions of these
@@ -135,15 +136,9 @@ def replica_actors(app: str) -> list[Any]:
     return handles
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    give_up = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > give_up:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    """ops_support.wait_for, polling the cluster five times a second rather than constantly."""
+    return poll_until(condition, timeout, what, interval=0.2)
 
 
 def running_replicas(client, model: str) -> int:

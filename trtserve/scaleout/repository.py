@@ -34,6 +34,7 @@ from ..errors import ConfigError, ModelUnavailableError
 from ..repository import (
     CONFIG_FILE,
     LoadedModel,
+    check_version_names,
     ModelRepository,
     _Entry,
     latest_version_dir,
