@@ -34,9 +34,9 @@ from ..errors import ConfigError, ModelUnavailableError
 from ..repository import (
     CONFIG_FILE,
     LoadedModel,
-    check_version_names,
     ModelRepository,
     _Entry,
+    check_version_names,
     latest_version_dir,
 )
 from ..stats import ModelStats
