@@ -45,7 +45,8 @@ class Cluster:
 
     def close(self) -> None:
         """A local cluster (and its Serve applications) is stopped; on a shared cluster the
-        deployments stay, for the other front doors (``serve delete`` removes them)."""
+        deployments stay, for the other front doors (``unload``, ``ray.serve.delete`` or
+        ``serve shutdown`` remove them)."""
         if not self.local:
             return
         import ray
