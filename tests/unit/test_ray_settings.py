@@ -136,6 +136,7 @@ def test_ray_flags_parse():
     args = build_parser().parse_args(["serve", "--repository", "r", "--ray", "auto", "--ray-set", "m:num_gpus=1",
                                       "--ray-app-prefix", "prod-"])
     assert args.ray == "auto" and args.ray_set[0].model == "m" and args.ray_app_prefix == "prod-"
+    assert args.ray_deploy_timeout == 300.0
     assert build_parser().parse_args(["serve", "--repository", "r"]).ray is None
 
 
@@ -147,6 +148,8 @@ def test_accepted_ray_addresses(address):
 @pytest.mark.parametrize("argv, fragment", [
     (["--ray", "somewhere"], "expected 'local'"),
     (["--ray", "auto", "--ray-set", "bogus=1"], "unknown key 'bogus'"),
+    (["--ray", "auto", "--ray-deploy-timeout", "0"], "seconds > 0, got 0"),
+    (["--ray", "auto", "--ray-deploy-timeout", "soon"], "expected a number of seconds, got 'soon'"),
 ])
 def test_bad_ray_flags_exit_2_with_the_reason(capsys, argv, fragment):
     with pytest.raises(SystemExit) as info:
