@@ -4,8 +4,10 @@ None of this needs Ray: the table is validated by every server, the flags by the
 """
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -210,3 +212,15 @@ def test_front_door_options_are_checked_before_anything_is_deployed(tmp_path):
         with pytest.raises(ConfigError, match="--ray-app-prefix"):
             _check_prefix(bad)
     assert _check_prefix("prod-") == "prod-"
+
+
+@pytest.mark.parametrize("form", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}"])
+def test_an_address_where_no_cluster_answers_fails_fast(capsys, tmp_path, form):
+    pytest.importorskip("ray", reason="--ray needs the [ray] extra")
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        address = form.format(port=sock.getsockname()[1])
+    started = time.monotonic()
+    assert main(["serve", "--repository", str(tmp_path), "--ray", address]) == 2
+    assert time.monotonic() - started < 30  # Ray itself would wait minutes
+    assert "nothing answers there" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -17,6 +18,7 @@ from ..errors import ConfigError
 log = logging.getLogger("trtserve.scaleout")
 
 LOCAL, AUTO = "local", "auto"
+PROBE_TIMEOUT_S = 5.0  # connecting to the head's port, before handing the address to Ray
 _ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 # Serve's access log writes a line per call on every replica: a cost per call that the
 # front door's own metrics already cover.
@@ -59,6 +61,20 @@ class Cluster:
                 ray.shutdown()
 
 
+def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Fail fast on a cluster address nothing listens on: ``ray.init`` would wait minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"--ray {address}: nothing answers there ({exc.strerror or exc}); give the address of a running Ray "
+            "head (`ray start --head` prints it), or use --ray local",
+            key="ray",
+            value=address,
+        ) from None
+
+
 def connect(address: str, num_cpus: float | None = None) -> Cluster:
     """Join (or start) the cluster and make sure Serve runs on it."""
     import ray
@@ -76,6 +92,8 @@ def connect(address: str, num_cpus: float | None = None) -> Cluster:
             os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(num_cpus=num_cpus, **options)
         else:
+            if address != AUTO:
+                probe(address)
             try:
                 ray.init(address=address, **options)
             except ConnectionError as exc:
