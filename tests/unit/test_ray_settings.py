@@ -4,6 +4,7 @@ None of this needs Ray: the table is validated by every server, the flags by the
 """
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -22,6 +23,15 @@ from trtserve.scaleout.settings import (
     parse_override,
     parse_ray_table,
 )
+
+
+@pytest.fixture
+def cli_main():
+    """trtserve.cli.main in this process; the event loop policy it installs (uvloop) is
+    put back afterwards, so later tests run as they would without it."""
+    policy = asyncio.get_event_loop_policy()
+    yield main
+    asyncio.set_event_loop_policy(policy)
 
 
 def config_with(tmp_path: Path, table: str, multi_node: bool = False) -> Path:
@@ -159,8 +169,8 @@ def test_bad_ray_flags_exit_2_with_the_reason(capsys, argv, fragment):
     assert info.value.code == 2 and fragment in capsys.readouterr().err
 
 
-def test_ray_set_without_ray_is_refused(capsys, tmp_path):
-    assert main(["serve", "--repository", str(tmp_path), "--ray-set", "num_replicas=2"]) == 2
+def test_ray_set_without_ray_is_refused(capsys, tmp_path, cli_main):
+    assert cli_main(["serve", "--repository", str(tmp_path), "--ray-set", "num_replicas=2"]) == 2
     assert "applies only with --ray" in capsys.readouterr().err
 
 
@@ -215,12 +225,12 @@ def test_front_door_options_are_checked_before_anything_is_deployed(tmp_path):
 
 
 @pytest.mark.parametrize("form", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}"])
-def test_an_address_where_no_cluster_answers_fails_fast(capsys, tmp_path, form):
+def test_an_address_where_no_cluster_answers_fails_fast(capsys, tmp_path, form, cli_main):
     pytest.importorskip("ray", reason="--ray needs the [ray] extra")
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         address = form.format(port=sock.getsockname()[1])
     started = time.monotonic()
-    assert main(["serve", "--repository", str(tmp_path), "--ray", address]) == 2
+    assert cli_main(["serve", "--repository", str(tmp_path), "--ray", address]) == 2
     assert time.monotonic() - started < 30  # Ray itself would wait minutes
     assert "nothing answers there" in capsys.readouterr().err
