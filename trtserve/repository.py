@@ -100,6 +100,10 @@ class LoadedModel:
             # This version was swapped out between lookup and submit: the new one answers.
             return successor.submit(item, on_done, deadline, priority)
 
+    def is_ready(self) -> bool:
+        """Whether this version can take requests now (a remote one may have lost its replicas)."""
+        return True
+
     def metadata(self) -> dict[str, Any]:
         inputs, outputs = self.pipeline.io_spec()
         return {
