@@ -18,7 +18,8 @@ import numpy as np
 
 from .connection import DEFAULT_CONNECT_TIMEOUT, Connection
 from .errors import InvalidArgumentError, InvalidInputError, ProtocolError, TrtserveError
-from .wire import DEFAULT_MAX_FRAME, decode_tensors, encode_tensors
+from .regions import Region, SystemSharedMemory, decode_outputs
+from .wire import DEFAULT_MAX_FRAME, decode_value, encode_tensors
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8001
@@ -47,6 +48,11 @@ class AsyncClient:
     ``ssl=`` an ``ssl.SSLContext`` (or True for the system's CAs), or ``tls=True`` with
     ``ca_file=`` the PEM file that signed the server's certificate (a self-signed
     certificate is its own CA); ``server_hostname`` overrides the name checked.
+
+    Shared memory (a server on the same host): ``register_system_shm`` / ``register_cuda_shm``
+    register a region on every pooled connection (and again after a reconnect); inputs
+    given as ``region.tensor(...)`` travel as references, and outputs named in
+    ``infer(shm_outputs=...)`` come back as views of their regions (regions.py).
     """
 
     def __init__(
@@ -85,6 +91,7 @@ class AsyncClient:
         ]
         self._turn = itertools.count()
         self._input_names: dict[tuple[str, int | None], str] = {}
+        self._regions: dict[str, Region] = {}
 
     # -- pool --------------------------------------------------------------------------
     @property
@@ -169,6 +176,7 @@ class AsyncClient:
         outputs: Iterable[str] | None = None,
         timeout: float | None = None,
         priority: int | None = None,
+        shm_outputs: Mapping[str, Any] | None = None,
     ) -> dict[str, Value]:
         """Run ``model`` on ``inputs`` and return ``{output name: ndarray or bytes}``.
 
@@ -179,12 +187,19 @@ class AsyncClient:
         bounds the whole call and is also sent as ``timeout_ms`` so the server drops the
         request instead of computing an answer nobody waits for.  Returned arrays are
         read-only views over the received bytes (no copy); ``.copy()`` one to modify it.
+
+        Shared memory: an input value may be ``region.tensor(shape, dtype, offset)``, and
+        ``shm_outputs`` maps output names to a registered region (the whole of it) or
+        ``region.slot(offset, byte_size)``; those outputs are written there by the server
+        and returned as views of the region (numpy, or DeviceView for CUDA regions).
         """
         model = _model(model)
         timeout = self._timeout(timeout)
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         named = await self._named(model, version, inputs, timeout)
         fields = _infer_fields(model, named, version, outputs, priority)
+        if shm_outputs is not None:
+            fields["shm_outputs"] = self._slots(shm_outputs)
         remaining = _remaining(deadline)
         if remaining is not None:
             fields["timeout_ms"] = remaining * 1000.0
@@ -196,7 +211,7 @@ class AsyncClient:
                 # new inputs): look it up again on the next call.
                 self._input_names.pop((model, version), None)
             raise
-        return _decode_outputs(result)
+        return _decode_outputs(result, self._regions)
 
     async def _named(self, model: str, version: int | None, inputs: Inputs, timeout: float | None) -> Mapping[str, Any]:
         if isinstance(inputs, Mapping):
@@ -206,6 +221,73 @@ class AsyncClient:
             name = _sole_input(await self.model_metadata(model, version, timeout))
             self._input_names[(model, version)] = name
         return {name: inputs}
+
+    # -- shared memory -------------------------------------------------------------------
+    async def register_system_shm(self, name: str, byte_size: int, key: str | None = None, offset: int = 0,
+                                  timeout: float | None = None) -> SystemSharedMemory:
+        """Register ``byte_size`` bytes of POSIX shared memory as region ``name``: a new object
+        (removed again when the region is unregistered), or ``offset`` into the existing
+        object ``key``.  Returns the region (``ndarray``, ``write``, ``tensor``, ``slot``)."""
+        return await self._register(SystemSharedMemory(name, byte_size, key, offset), timeout)
+
+    async def register_cuda_shm(self, name: str, byte_size: int, device: int = 0, memory: Any = None,
+                                timeout: float | None = None) -> Any:
+        """Register ``byte_size`` bytes of device memory on ``device`` as region ``name``,
+        shared through CUDA IPC: allocated here, or ``memory`` (an address, or an object with
+        ``__cuda_array_interface__``).  Needs cuda-python; returns a CudaSharedMemory."""
+        from .cuda_regions import CudaSharedMemory  # only CUDA users need cuda-python
+
+        return await self._register(CudaSharedMemory(name, byte_size, device, memory), timeout)
+
+    async def _register(self, region: Region, timeout: float | None) -> Any:
+        if region.name in self._regions:
+            region.close()
+            raise InvalidArgumentError(f"this client already has a region named {region.name!r}; unregister it first",
+                                       field="name", region=region.name)
+        timeout = self._timeout(timeout)
+        self._regions[region.name] = region
+        # Every connection's answer first, so none is left registered behind a failure.
+        outcomes = await asyncio.gather(*(c.register_region(region.registration(), timeout) for c in self._pool),
+                                        return_exceptions=True)
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if failures:
+            await self.unregister_shm(region.name, timeout)
+            raise failures[0]
+        return region
+
+    async def unregister_shm(self, name: str | Region | None = None, timeout: float | None = None) -> None:
+        """Unregister region ``name`` (or every region) on every connection, then release this
+        process's side of it.  Returns once the server no longer uses it (requests in flight
+        that use it finish first)."""
+        name = name.name if isinstance(name, Region) else name
+        if name is not None and name not in self._regions:
+            raise InvalidArgumentError(f"this client has no region named {name!r}; it has {sorted(self._regions)}",
+                                       field="name", region=name)
+        timeout = self._timeout(timeout)
+        outcomes = await asyncio.gather(*(c.unregister_region(name, timeout) for c in self._pool), return_exceptions=True)
+        for region in [self._regions.pop(name)] if name is not None else list(self._regions.values()):
+            region.close()
+        if name is None:
+            self._regions.clear()
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if failures:
+            raise failures[0]
+
+    async def shm_status(self, name: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """``{"regions": [...], "max_regions", "max_bytes", "mapped_bytes"}`` as one pooled
+        connection's server side sees it (every connection holds the same regions)."""
+        return await self.request("shm_status", timeout, **_optional(name=name))
+
+    def _slots(self, shm_outputs: Mapping[str, Any]) -> dict[str, Any]:
+        slots = {}
+        for name, slot in shm_outputs.items():
+            if isinstance(slot, Region):
+                slot = slot.slot()
+            if not isinstance(slot, dict) or slot.get("region") not in self._regions:
+                raise InvalidArgumentError(f"shm_outputs[{name!r}] must be a region registered by this client or "
+                                           f"region.slot(...), got {slot!r:.80}", field="shm_outputs")
+            slots[name] = slot
+        return slots
 
     def _forget(self, model: str) -> None:
         # A (re)load may change the model's inputs; look its input name up again next time.
@@ -218,8 +300,12 @@ class AsyncClient:
 
     # -- lifecycle ---------------------------------------------------------------------
     async def close(self) -> None:
-        """Close every connection; requests still pending fail with ConnectionFailedError."""
+        """Close every connection (the server drops their regions); requests still pending
+        fail with ConnectionFailedError.  Regions this client created are released."""
         await asyncio.gather(*(c.close() for c in self._pool))
+        regions, self._regions = list(self._regions.values()), {}
+        for region in regions:
+            region.close()
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -302,9 +388,9 @@ def _sole_input(metadata: dict[str, Any]) -> str:
     )
 
 
-def _decode_outputs(result: dict[str, Any]) -> dict[str, Value]:
+def _decode_outputs(result: dict[str, Any], regions: dict[str, Region]) -> dict[str, Value]:
     try:
-        return decode_tensors(result.get("outputs"), "outputs")
+        return decode_outputs(result.get("outputs"), regions, decode_value)
     except TrtserveError as exc:
         # Our own request was fine; a tensor the server sent cannot be decoded.
         raise ProtocolError(f"the server sent malformed outputs: {exc.message}", **exc.details) from None
