@@ -61,8 +61,9 @@ class ShmRequest:
                 "register it with shm_register on this connection first", "unknown_region", where=where,
                 region=name)
         region = self.table.get(name, where, cls)
-        self.table.acquire(region)
-        self.leases.append(region)
+        if not any(held is region for held in self.leases):  # in_use counts requests, not references
+            self.table.acquire(region)
+            self.leases.append(region)
         return region
 
     def _span(self, ref: Any, where: str, cls: type[TrtserveError]) -> tuple[Region, int, int]:
