@@ -267,7 +267,7 @@ def measure(
         driver = make_driver()
         await driver.open()
         try:
-            requests = [driver.prepare(v) for v in values]
+            requests = await driver.prepare_all(values)
             return await run_level(driver, model, requests, settings, concurrency=concurrency, rate=rate)
         finally:
             await driver.close()
