@@ -26,6 +26,7 @@ DEFAULT_PORT = 8001
 #: Name used for a lone input when the model declares no inputs (the server then accepts any).
 ANONYMOUS_INPUT = "input"
 STRATEGIES = ("least_in_flight", "round_robin")
+_CLOSE_UNREGISTER_S = 5.0  # close() waits this long for the server to let go of regions
 
 Value = Union[np.ndarray, bytes]
 Inputs = Union[Mapping[str, Any], np.ndarray, bytes, bytearray, memoryview]
@@ -300,12 +301,15 @@ class AsyncClient:
 
     # -- lifecycle ---------------------------------------------------------------------
     async def close(self) -> None:
-        """Close every connection (the server drops their regions); requests still pending
-        fail with ConnectionFailedError.  Regions this client created are released."""
+        """Close every connection; requests still pending fail with ConnectionFailedError.
+        Regions are unregistered first (so the server has let go of device memory before it
+        is freed), then released on this side."""
+        if self._regions:
+            try:
+                await self.unregister_shm(timeout=_CLOSE_UNREGISTER_S)
+            except TrtserveError:
+                pass  # closing the connections releases them on the server anyway
         await asyncio.gather(*(c.close() for c in self._pool))
-        regions, self._regions = list(self._regions.values()), {}
-        for region in regions:
-            region.close()
 
     async def __aenter__(self) -> "AsyncClient":
         return self

@@ -185,7 +185,7 @@ def decode_outputs(outputs: Any, regions: dict[str, Region], decode: Any) -> dic
     values = {}
     for name, obj in outputs.items():
         where = f"outputs[{name!r}]"
-        if type(obj) is dict and SHM in obj:
+        if type(obj) is dict and SHM in obj and "data" not in obj:
             ref = obj[SHM]
             region = regions.get(ref.get("region")) if isinstance(ref, dict) else None
             if region is None:

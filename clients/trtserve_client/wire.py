@@ -175,7 +175,7 @@ def tensor_layout(dtype: Any, shape: Any, where: str) -> tuple[np.dtype, int]:
 def encode_value(value: Any) -> Any:
     """An input/output value: bytes travel as a bare value, a shared-memory reference
     (regions.py) as it is, everything array-like as a tensor."""
-    if type(value) is dict and SHM in value:
+    if type(value) is dict and SHM in value and "data" not in value:
         return value
     if isinstance(value, (bytes, bytearray, memoryview)):
         return OutOfBand(memoryview(value).cast("B") if isinstance(value, memoryview) else value)

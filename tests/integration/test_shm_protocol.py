@@ -12,10 +12,13 @@ the in-process server shares this process).
 from __future__ import annotations
 
 import os
+import time
 from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
+
+from trtserve.server.shm import ALIVE_CHECK_S
 
 from .conftest import array, assert_serving, tensor
 from .ops_support import wait_for
@@ -169,12 +172,14 @@ def test_a_region_that_vanished_or_shrank_is_refused(server, segments):
     with server.connect() as conn:
         register(conn, "gone", shm)
         shm.unlink()  # removed from /dev/shm: the server's mapping no longer reaches the client's object
+        time.sleep(2 * ALIVE_CHECK_S)  # the server looks at most this often
         error = conn.error("infer", model="identity", inputs={"input": ref("gone")})
         assert (error["name"], reason(error)) == ("INVALID_INPUT", "vanished")
         assert "/dev/shm" in error["message"]
         small = segments()
         register(conn, "small", small)
         os.truncate(f"/dev/shm/{small.name}", 16)  # touching the lost pages would be SIGBUS
+        time.sleep(2 * ALIVE_CHECK_S)
         error = conn.error("infer", model="identity", inputs={"input": tensor(X)},
                            shm_outputs={"output": {"region": "small", "offset": 0, "byte_size": 32}})
         assert (error["name"], reason(error)) == ("INVALID_ARGUMENT", "vanished")

@@ -33,19 +33,19 @@ class ModelIO:
         """The item's ``data``: the value of a lone input, or a dict name -> value.  ``shm``
         (a shm_io.ShmRequest) resolves inputs given as shared-memory references."""
         if type(raw) is dict and len(raw) == 1 and (self.inputs is None or self._lone is not None):
-            value = self._lone_value(raw)
+            value = self._lone_value(raw, shm)
             if value is not None:
                 return value
         return self._item_data(raw, shm)
 
-    def _lone_value(self, raw: dict[str, Any]) -> Any:
+    def _lone_value(self, raw: dict[str, Any], shm: Any) -> Any:
         """The hot path: the one input of a one-input model, well formed; None otherwise
         (then _item_data decodes it, or names what is wrong)."""
         for name, obj in raw.items():  # exactly one
             lone = self._lone
             if type(name) is not str or (lone is not None and name != lone.spec.name):
                 return None
-            value = fast_value(obj)
+            value = fast_value(obj) if shm is None or not is_reference(obj) else input_value(shm, obj, f"inputs[{name!r}]")
             if value is not None and lone is not None and not lone.fits(value):
                 return None
             return value

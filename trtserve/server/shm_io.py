@@ -24,7 +24,8 @@ from ..errors import BackendError, InvalidArgumentError, InvalidInputError, Trts
 from .shm import Region, RegionTable, region_error
 
 def is_reference(obj: Any) -> bool:
-    return type(obj) is dict and SHM in obj
+    """A value whose bytes are in a region (a map with ``data`` is read by its ``data``)."""
+    return type(obj) is dict and SHM in obj and "data" not in obj
 
 
 def parse_reference(ref: Any, where: str, cls: type[TrtserveError]) -> tuple[Any, int, int]:
