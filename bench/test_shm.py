@@ -26,7 +26,7 @@ import trtserve
 from trtserve_bench.drivers import RawDriver
 from trtserve_bench.inproc import PipeDriver, pipe_statistics, threaded_level
 from trtserve_bench.output import best, summary
-from trtserve_bench.runner import measure
+from trtserve_bench.runner import alternate, measure
 from trtserve_bench.serverproc import ServerProcess, trtserve_argv
 
 pytestmark = pytest.mark.timeout(280)
@@ -86,14 +86,6 @@ def in_process(models, settings) -> dict:
     threads = threaded_level(lambda i: lambda: models({"data": xs[i % len(xs)]}), CONCURRENCY, settings,
                              statistics=lambda: pipe_statistics(models))
     return max(loop, threads, key=lambda r: r["throughput"])
-
-
-def alternate(repeats: int, *measurements):
-    results = [[] for _ in measurements]
-    for _ in range(repeats):
-        for rows, run in zip(results, measurements):
-            rows.append(run())
-    return results
 
 
 def test_shared_memory_inputs_vs_pipe(benchmark, target, image_server, image_pipe, settings, repeats):

@@ -15,15 +15,12 @@ p99/p50 <= 3 in these rows.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 import loop_load
 import trtserve
 from closed_loop import closed_loop
-from resnet import NODE
+from resnet import rows_and_targets, server_node
 from trtserve import cuda
 
 ROWS = [("pipe_numpy", "ResNet-18, in-process pipe(), event loop, c=64, numpy inputs"),
@@ -35,9 +32,7 @@ SERVER_ROWS = ("server_tcp", "server_system", "server_cuda")
 
 
 def bench_shm(seconds: float, models: dict[str, Any]) -> dict[str, Any]:
-    path = Path(models["paths"]["chw"])
-    config = dict(NODE, model=str(path), cuda_graph=True, overlap=True)
-    inputs = [np.random.default_rng(i).standard_normal((1, 3, 224, 224)).astype(np.float32) for i in range(16)]
+    path, config, inputs = server_node(models)
     out: dict[str, Any] = {"node": config}
     with trtserve.pipe(dict(config, warmup=[loop_load.TENSOR_WARMUP_DICT])) as pipe:
         closed_loop(lambda i: pipe({"data": inputs[i % 16]}), 16, 1.0)  # clocks up
@@ -72,12 +67,4 @@ def markdown(r: dict[str, Any]) -> list[str]:
              f"Node {r['node']['backend']} x{r['node']['instance_num']}, max {r['node']['max']}, cuda_graph, overlap; "
              "600 KB requests. Server rows: 4 trtserve-bench processes x 16 in flight, one connection each.", "",
              "| row | req/s | p50 ms | p99 ms | p99/p50 | mean batch |", "|---|---|---|---|---|---|"]
-    for key, name in ROWS:
-        row, batch = r[key], r[key].get("mean_batch")
-        lines.append(f"| {name} | {row['per_s']:.0f} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
-                     f"{row['p99_ms'] / row['p50_ms']:.2f} | {'-' if batch is None else f'{batch:.2f}'} |")
-    lines += ["", "| figure | measured | target | met |", "|---|---|---|---|"]
-    for figure, value, op, target in r["targets"]:
-        met = value >= target if op == ">=" else value <= target
-        lines.append(f"| {figure} | {value:.3g} | {op} {target:g} | {'yes' if met else '**no**'} |")
-    return lines
+    return lines + rows_and_targets(r, ROWS)

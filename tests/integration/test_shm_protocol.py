@@ -335,3 +335,19 @@ def test_unregister_while_a_request_uses_the_region(server, segments, gates):
         assert answers[unregister]["result"] == {"unregistered": ["r"]}
         assert conn.result("shm_status")["regions"] == []
         register(conn, "r", shm)  # the name is free again
+
+
+def test_a_connection_that_closes_while_its_unregister_waits(server, segments, gates, caplog):
+    shm = segments()
+    put(shm, X)
+    conn = server.connect()
+    register(conn, "r", shm)
+    conn.request("infer", model="gate", inputs={"x": ref("r")})
+    gates["gate"].wait_started(1)
+    conn.request("shm_unregister", name="r")
+    conn.abort()  # a reset: the unregister's answer and the held request's are dropped with the connection
+    wait_for(lambda: not server.call(lambda: len(server.server.shm.tables)), what="the connection's table to go")
+    gates["gate"].open()  # the held request finishes and lets go of a region nobody owns any more
+    wait_for(lambda: server.call(lambda: server.server.tracker.in_flight == 0), what="the held request to end")
+    assert_serving(server.host, server.port)
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text

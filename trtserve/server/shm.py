@@ -263,7 +263,7 @@ class RegionTable:
 
     def release(self, region: Region) -> None:
         region.in_use -= 1
-        if region.retiring and region.in_use == 0:
+        if region.retiring and region.in_use == 0 and region in self.retiring:  # (not after close())
             self._retire(region)
 
     def unregister(self, name: str | None, reply: Reply) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 from trtserve_client.frames import OutOfBand
-from trtserve_client.wire import SHM, dtype_name, encode_tensor, tensor_layout
+from trtserve_client.wire import SHM, dtype_name, encode_tensor, fast_layout, tensor_layout
 
 from ..errors import BackendError, InvalidArgumentError, InvalidInputError, TrtserveError
 from .shm import Region, RegionTable, region_error
@@ -80,7 +80,7 @@ class ShmRequest:
         if "dtype" not in obj and "shape" not in obj:
             return region.raw(offset, size, where)
         shape = obj.get("shape")
-        np_dtype, nbytes = tensor_layout(obj.get("dtype"), shape, where)
+        np_dtype, nbytes = fast_layout(obj.get("dtype"), shape) or tensor_layout(obj.get("dtype"), shape, where)
         if nbytes != size:
             raise region_error(
                 InvalidInputError, f"{where}: shape {shape} of {obj['dtype']} needs {nbytes} bytes but the reference "
