@@ -15,6 +15,9 @@ Models:
   (ImageNet mean/std) and NHWC -> NCHW transpose inside the graph, then
   conv-relu-pool x2, global average pool, gemm, softmax -> ``probs [N, 10]``.
   Keeping the preprocessing in the graph means the model node is a plain ``OnnxRuntime``.
+* ``classifier_nchw/1/model.onnx``: the same CNN with the same weights, without the in-graph
+  preprocessing: it takes what the CPU stage Mat2Tensor produces, float32 NCHW normalised
+  RGB ``x [N, 3, 64, 64]``, as most exported vision models do -> ``probs [N, 10]``.
 * ``tensor_mlp/1/model.onnx``: an MLP ``x float32 [N, 16]`` -> relu(gemm 32) -> gemm ->
   ``y float32 [N, 4]``.
 """
@@ -60,13 +63,22 @@ def _model(graph: onnx.GraphProto, doc: str) -> onnx.ModelProto:
 
 
 def classifier_model(seed: int = 0) -> onnx.ModelProto:
+    return _cnn(seed, preprocess=True)
+
+
+def classifier_nchw_model(seed: int = 0) -> onnx.ModelProto:
+    return _cnn(seed, preprocess=False)
+
+
+def _cnn(seed: int, preprocess: bool) -> onnx.ModelProto:
+    """The example CNN; with ``preprocess`` it takes NHWC uint8 and normalises in the graph,
+    without it takes what Mat2Tensor gives, float32 NCHW already normalised.  Same weights."""
     rng = np.random.RandomState(seed)
     # (x / 255 - mean) / std == x * scale - shift, one Mul and one Sub over the channel axis
     scale = np.array([1.0 / (255.0 * s) for s in STD], dtype=np.float32)
     shift = np.array([m / s for m, s in zip(MEAN, STD)], dtype=np.float32)
-    inits = [
-        _init("scale", scale),
-        _init("shift", shift),
+    inits = [_init("scale", scale), _init("shift", shift)] if preprocess else []
+    inits += [
         _init("conv1_w", _weights(rng, (8, 3, 3, 3), 27)),
         _init("conv1_b", np.zeros(8, np.float32)),
         _init("conv2_w", _weights(rng, (16, 8, 3, 3), 72)),
@@ -81,7 +93,9 @@ def classifier_model(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Mul", ["image_f", "scale"], ["scaled"]),
         helper.make_node("Sub", ["scaled", "shift"], ["normalised"]),
         helper.make_node("Transpose", ["normalised"], ["nchw"], perm=[0, 3, 1, 2]),
-        helper.make_node("Conv", ["nchw", "conv1_w", "conv1_b"], ["c1"], **conv),
+    ] if preprocess else []
+    nodes += [
+        helper.make_node("Conv", ["nchw" if preprocess else "x", "conv1_w", "conv1_b"], ["c1"], **conv),
         helper.make_node("Relu", ["c1"], ["r1"]),
         helper.make_node("MaxPool", ["r1"], ["p1"], **pool),
         helper.make_node("Conv", ["p1", "conv2_w", "conv2_b"], ["c2"], **conv),
@@ -92,14 +106,20 @@ def classifier_model(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Gemm", ["features", "fc_w", "fc_b"], ["logits"]),
         helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
     ]
+    if preprocess:
+        graph_input = helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", IMAGE_SIZE, IMAGE_SIZE, 3])
+        doc = "Example CNN: NHWC uint8 RGB 64x64 -> 10 class probabilities (random weights)."
+    else:
+        graph_input = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, IMAGE_SIZE, IMAGE_SIZE])
+        doc = "Example CNN: NCHW float32 normalised RGB 64x64 -> 10 class probabilities (random weights)."
     graph = helper.make_graph(
         nodes,
-        "classifier",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", IMAGE_SIZE, IMAGE_SIZE, 3])],
+        "classifier" if preprocess else "classifier_nchw",
+        [graph_input],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", CLASSES])],
         initializer=inits,
     )
-    return _model(graph, "Example CNN: NHWC uint8 RGB 64x64 -> 10 class probabilities (random weights).")
+    return _model(graph, doc)
 
 
 def mlp_model(seed: int = 1) -> onnx.ModelProto:
@@ -125,7 +145,7 @@ def mlp_model(seed: int = 1) -> onnx.ModelProto:
     return _model(graph, "Example MLP: float32 [N, 16] -> [N, 4] (random weights).")
 
 
-MODELS = {"classifier": classifier_model, "tensor_mlp": mlp_model}
+MODELS = {"classifier": classifier_model, "classifier_nchw": classifier_nchw_model, "tensor_mlp": mlp_model}
 
 
 def write_all(out: Path = HERE) -> list[Path]:

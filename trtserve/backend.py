@@ -19,7 +19,7 @@ import importlib
 import importlib.util
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -35,18 +35,53 @@ class Key:
     help: str = ""
     choices: tuple[Any, ...] | None = None
     check: Callable[[Any], str | None] | None = field(default=None, compare=False)
+    example: str = ""  # a valid value as TOML writes it, for the message of a required key
 
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output as metadata reports it; -1 marks a dynamic dimension."""
+    """One input or output as metadata reports it; -1 marks a dynamic dimension.
+
+    ``batched``: ``shape[0]`` is the batch dimension and an item may also carry one sample
+    without it (the model backends' convention); otherwise an item carries exactly
+    ``shape``.  ``layout`` (``"HWC"``, ``"CHW"``) is set where a stage knows it.
+    """
 
     name: str
     dtype: str  # numpy dtype name, or "bytes" for raw byte strings
     shape: tuple[int, ...]
+    batched: bool = field(default=False, compare=False)
+    layout: str | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+def follow(inputs: list[TensorSpec], outputs: list[TensorSpec], given: list[TensorSpec] | None) -> list[TensorSpec]:
+    """A model's outputs as its items will carry them: a model whose batched inputs are fed
+    single samples (one rank short) hands back single samples; fed whole batches, whole
+    batches; fed what is not known, either (the outputs stay ``batched``)."""
+    if not given or len(given) != len(inputs) or not all(s.batched for s in inputs):
+        return outputs
+    if all(len(g.shape) == len(s.shape) - 1 for g, s in zip(given, inputs)):
+        return [replace(o, shape=o.shape[1:], batched=False) for o in outputs]
+    if all(len(g.shape) == len(s.shape) and not g.batched for g, s in zip(given, inputs)):
+        return [replace(o, batched=False) for o in outputs]
+    return outputs
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The inputs and outputs a backend read from its model file, for checking what a config
+    declares.  ``typed`` is False where the file keeps no dtypes or shapes (TorchScript):
+    then only counts, and the output names in ``outputs``, are known.  ``input_names`` is
+    False where the model takes its inputs by position."""
+
+    file: str
+    inputs: tuple[TensorSpec, ...] | None  # None: the file does not say
+    outputs: tuple[TensorSpec, ...] | None
+    typed: bool = True
+    input_names: bool = True
 
 
 class Backend:
@@ -62,6 +97,9 @@ class Backend:
     #: backends: the instance's current CUDA stream).  Such a backend needs its own instance
     #: thread, so a node using it cannot be ``inline``.
     thread_bound: ClassVar[bool] = False
+    #: Config keys this backend cannot run without (its own or the node's, e.g. ``model``):
+    #: a config that leaves one out fails at load, naming the file and the key.
+    required_keys: ClassVar[tuple[str, ...]] = ()
     #: True on the outermost backend of a node (set before ``init``): only its ``forward``
     #: may return a Completion, since a wrapper would drop it (completion.py).
     is_root: bool = False
@@ -125,6 +163,23 @@ class Backend:
             return self.children[0].io_spec()
         return None
 
+    def signature(self) -> Signature | None:
+        """The I/O read from the model file this backend serves (None: it serves none).
+        The pipeline checks the config's ``[[input]]``/``[[output]]`` against it at load."""
+        if len(self.children) == 1:
+            return self.children[0].signature()
+        return None
+
+    def produces(self, given: list[TensorSpec] | None) -> list[TensorSpec] | None:
+        """What this backend's results look like when its items look like ``given`` (None:
+        not known), for the load-time check that a pipeline's stages fit.  By default the
+        outputs of ``io_spec``; a model backend's outputs lose their batch dimension when
+        its items are single samples (see signature.follow)."""
+        if len(self.children) == 1:
+            return self.children[0].produces(given)
+        spec = self.io_spec()
+        return None if spec is None else follow(spec[0], spec[1], given)
+
     def close(self) -> None:
         """Release resources.  Runs on the instance's own thread."""
         for child in self.children:
@@ -143,6 +198,7 @@ _BUILTIN: dict[str, str] = {
     "ResizeMat": "trtserve.backends.opencv:ResizeMat",
     "CvtColorMat": "trtserve.backends.opencv:CvtColorMat",
     "cvtColorMat": "trtserve.backends.opencv:CvtColorMat",  # TorchPipe's spelling
+    "Mat2Tensor": "trtserve.backends.tensor:Mat2Tensor",
     "OnnxRuntime": "trtserve.backends.onnxruntime:OnnxRuntime",
     "SyncTensor": "trtserve.backends.gpu.sync:SyncTensor",
     "TensorrtTensor": "trtserve.backends.gpu.tensorrt:TensorrtTensor",
@@ -174,6 +230,12 @@ def register(name: str, cls: type[Backend]) -> type[Backend]:
 def registered_names() -> list[str]:
     with _lock:
         return sorted(set(_BUILTIN) | set(_registered))
+
+
+def is_builtin(name: str) -> bool:
+    """Shipped with trtserve (not registered by a user or a model's backend.py)."""
+    with _lock:
+        return name in _BUILTIN and name not in _registered
 
 
 def is_registered(name: str) -> bool:
@@ -222,6 +284,17 @@ def load_backend_file(path: Path) -> None:
         ) from exc
 
 
+def call_recorder(kwargs: dict[str, Any]) -> Callable[[int], None]:
+    """How a backend that runs a model counts each call: ``record(rows)`` into the node's
+    statistics (``kwargs["stats"]``, set by the pipeline), or nowhere outside a pipeline."""
+    stats = kwargs.get("stats")
+    return stats.record_call if stats is not None else _ignore_call
+
+
+def _ignore_call(rows: int) -> None:
+    """Outside a pipeline nothing counts model calls."""
+
+
 def item_size(item: dict[str, Any]) -> int:
     """How much of a node's ``max`` one item uses (TorchPipe's request_size).
 
@@ -240,6 +313,7 @@ __all__ = [
     "Backend",
     "InvalidInputError",
     "Key",
+    "Signature",
     "TensorSpec",
     "backend_class",
     "item_size",

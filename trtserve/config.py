@@ -7,7 +7,8 @@ Two forms, as in TorchPipe:
   other node points to.
 
 Model-level ``[[input]]`` / ``[[output]]`` tables declare tensors for validation and
-metadata.  Every error names the file, the key, the offending value and the fix.
+metadata; ``[ray]`` says how ``trtserve serve --ray`` deploys the model (scaleout/settings.py),
+so ``ray`` cannot name a node.  Every error names the file, the key, the offending value and the fix.
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from typing import Any
 
 from trtserve_client.wire import DTYPES
 
-from .backend import Key, TensorSpec, backend_class, did_you_mean
+from .backend import Key, TensorSpec, backend_class, did_you_mean, is_builtin
 from .errors import ConfigError
 from .expression import Expr, ExpressionError, parse, resolve
+from .scaleout.settings import RaySettings, parse_ray_table
 from .versions import VersionPolicy, parse_policy
 from .warmup import WarmupSample, parse_warmup
 
@@ -42,16 +44,25 @@ NODE_KEYS: dict[str, Key] = {
     "batching_timeout": Key((int, float), 0, "ms to wait for a batch to fill", check=_non_negative),
     "max": Key(int, 1, "largest batch (sum of request sizes)", check=_positive),
     "min": Key(int, 1, "smallest batch the backend accepts", check=_positive),
-    "model": Key(str, None, "model file, relative to the version folder"),
+    "model": Key(str, None, "model file, relative to the version folder", example='"model.onnx"'),
     "next": Key(str, None, "name of the node that receives this node's results"),
     "max_queue_size": Key(int, 0, "queued requests before QUEUE_FULL; 0 = unbounded", check=_non_negative),
     "queue_timeout": Key((int, float), 0, "ms a request may wait in the queue; 0 = no limit", check=_non_negative),
     "priority_levels": Key(int, 1, "number of priority levels; 1 is the highest", check=_positive),
     "default_priority": Key(int, 0, "level for requests without a priority; 0 = the lowest", check=_non_negative),
 }
-MODEL_KEYS = {"input", "output", "version_policy", "warmup"}
-TENSOR_KEYS = {"name", "dtype", "shape"}
+MODEL_KEYS = {"input", "output", "version_policy", "warmup", "ray"}
+TENSOR_KEYS = {"input": {"name", "dtype", "shape"}, "output": {"name", "dtype", "shape", "source"}}
 TENSOR_DTYPES = DTYPES + ("bytes",)
+# Triton's spellings of scheduler keys, and what they are called here.
+TRITON_KEYS = {
+    "max_batch_size": "max (the largest batch, in rows)",
+    "instance_count": "instance_num",
+    "count": "instance_num",
+    "max_queue_delay_microseconds": "batching_timeout (in milliseconds)",
+    "default_model_filename": "model",
+    "platform": "backend",
+}
 
 
 @dataclass
@@ -73,10 +84,12 @@ class ModelConfig:
     nodes: list[NodeConfig]  # chain order: the entry node first
     inputs: list[TensorSpec] | None = None
     outputs: list[TensorSpec] | None = None
+    output_sources: dict[str, str] = field(default_factory=dict)  # declared name -> the model's name
     source: str = "<dict>"
     raw: dict[str, Any] = field(default_factory=dict)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     warmup: list[WarmupSample] = field(default_factory=list)
+    ray: RaySettings = field(default_factory=RaySettings)  # how `trtserve serve --ray` deploys it
 
     @property
     def entry(self) -> NodeConfig:
@@ -134,33 +147,50 @@ class _Validator:
             nodes = [self.node(name, node_raw, prefix="")]
         else:
             nodes = self.node_tables(raw)
+        sources: dict[str, str] = {}
         return ModelConfig(
             name=name,
             nodes=self.chain(nodes),
-            inputs=self.tensors(raw.get("input"), "input"),
-            outputs=self.tensors(raw.get("output"), "output"),
+            inputs=self.tensors(raw.get("input"), "input", {}),
+            outputs=self.tensors(raw.get("output"), "output", sources),
+            output_sources=sources,
             source=self.where,
             raw=raw,
             version_policy=parse_policy(raw.get("version_policy"), self.where),
             warmup=parse_warmup(raw.get("warmup"), self.where, self.folder),
+            ray=parse_ray_table(raw.get("ray"), self.where),
         )
 
     def node_tables(self, raw: dict[str, Any]) -> list[NodeConfig]:
+        tables = {key: value for key, value in raw.items() if isinstance(value, dict) and key not in MODEL_KEYS}
         nodes = []
         for key, value in raw.items():
             if key in MODEL_KEYS:
                 continue
             if not isinstance(value, dict):
-                hint = did_you_mean(key, list(NODE_KEYS) + sorted(MODEL_KEYS))
-                raise self.fail(
-                    f"unknown top-level key {key!r}{hint}; a config is either one node "
-                    "(with a top-level 'backend' key) or one [table] per node",
-                    key=key,
-                )
+                raise self.loose_key(key, _toml(value), tables)
             nodes.append(self.node(key, value, prefix=f"[{key}]."))
         if not nodes:
             raise self.fail("no 'backend' key and no node tables; add backend = \"Identity\" for example", key="backend")
         return nodes
+
+    def loose_key(self, key: str, value: Any, tables: dict[str, Any]) -> ConfigError:
+        """A top-level key that is not a node table, in a config made of node tables."""
+        if tables and (key in NODE_KEYS or key in TRITON_KEYS or key in _backend_keys(tables.values())):
+            ours = TRITON_KEYS[key].split(" ")[0] if key in TRITON_KEYS else key  # Triton's name: ours, moved
+            return self.fail(
+                f"top-level key {key!r}: this config has node tables ({', '.join(f'[{t}]' for t in tables)}), "
+                f"and {ours} is a key of one node: move the line {ours} = {value} below the [header] of the node it "
+                "is for (a node key at the top level only works in a one-node config, one with a top-level "
+                "'backend' key)",
+                key=key,
+                value=value,
+            )
+        return self.fail(
+            f"unknown top-level key {key!r}{did_you_mean(key, list(NODE_KEYS) + sorted(MODEL_KEYS))}; a config is "
+            "either one node (with a top-level 'backend' key) or one [table] per node",
+            key=key,
+        )
 
     def chain(self, nodes: list[NodeConfig]) -> list[NodeConfig]:
         by_name = {n.name: n for n in nodes}
@@ -208,11 +238,7 @@ class _Validator:
         options = {}
         for key, value in raw.items():
             if key not in spec:
-                raise self.fail(
-                    f"unknown key {prefix}{key}{did_you_mean(key, list(spec))} for backend {raw['backend']!r}; "
-                    f"valid keys are {', '.join(sorted(spec))}",
-                    key=prefix + key,
-                )
+                raise self.unknown_key(prefix, key, value, spec, expr)
             options[key] = self.value(prefix + key, value, spec[key])
         for key, k in spec.items():
             options.setdefault(key, k.default)
@@ -231,9 +257,39 @@ class _Validator:
             )
         if options["inline"]:
             self.check_inline(expr, prefix)
+        self.check_required(expr, options, spec, prefix)
         if options["model"] is not None:
             options["model"] = self.model_file(prefix, options["model"])
         return NodeConfig(name=name, expr=expr, options=options)
+
+    def unknown_key(self, prefix: str, key: str, value: Any, spec: dict[str, Key], expr: Expr) -> ConfigError:
+        if key in TRITON_KEYS:
+            ours = TRITON_KEYS[key].split(" ")[0]
+            hint = f": Triton's {key} is called {TRITON_KEYS[key]} here; write {prefix}{ours} = {_toml(value)}"
+        else:
+            hint = did_you_mean(key, list(spec))
+        custom = sorted({n for n in expr.names() if not is_builtin(n)})
+        if custom and not hint:
+            hint = (
+                f"; if {' or '.join(custom)} reads it, the backend must declare it: add config_keys = "
+                f"{{{key!r}: trtserve.Key(type, default, \"help\")}} to its class"
+            )
+        return self.fail(
+            f"unknown key {prefix}{key} for backend {str(expr)!r}{hint}; valid keys are {', '.join(sorted(spec))}",
+            key=prefix + key,
+        )
+
+    def check_required(self, expr: Expr, options: dict[str, Any], spec: dict[str, Key], prefix: str) -> None:
+        """Keys a backend cannot run without, reported here where the file is known."""
+        for name in expr.names():
+            for key in (k for k in backend_class(name).required_keys if options.get(k) is None):
+                known = spec.get(key, Key(str))  # (a required key the backend forgot to declare: no help)
+                raise self.fail(
+                    f"{name} needs the key {prefix}{key} ({known.help or 'required'}); add {key} = "
+                    f"{known.example or '...'} to {'the node ' + prefix[:-1] if prefix else 'the config'}",
+                    key=prefix + key,
+                    backend=name,
+                )
 
     def check_inline(self, expr: Expr, prefix: str) -> None:
         """An inline node's forward runs on whichever thread submits: a backend whose init
@@ -278,8 +334,12 @@ class _Validator:
     def model_file(self, prefix: str, relative: str) -> str:
         path = (self.model_dir / relative).resolve()
         if not path.is_file():
+            served = ""
+            if self.where != "<config dict>" and self.model_dir.resolve() == self.folder.resolve():
+                served = (" (this model has no numbered version folder, so the model folder itself is served "
+                          "as version 1; model files usually go in a folder 1/)")
             raise self.fail(
-                f"{prefix}model = {relative!r}: file {path} does not exist; put the model file there "
+                f"{prefix}model = {relative!r}: file {path} does not exist{served}; put the model file there "
                 "or fix the key",
                 key=prefix + "model",
                 value=relative,
@@ -287,20 +347,27 @@ class _Validator:
         return str(path)
 
     # -- declared tensors --------------------------------------------------------------
-    def tensors(self, raw: Any, kind: str) -> list[TensorSpec] | None:
+    def tensors(self, raw: Any, kind: str, sources: dict[str, str]) -> list[TensorSpec] | None:
+        """Declared tensors; an output's ``source`` (the model's name for it) goes to ``sources``."""
         if raw is None:
             return None
         if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
             raise self.fail(f"{kind} must be an array of tables: [[{kind}]] name = ... dtype = ... shape = [...]", key=kind)
-        specs = []
+        specs, allowed = [], sorted(TENSOR_KEYS[kind])
         for i, table in enumerate(raw):
             where = f"{kind}[{i}]"
             for key in table:
-                if key not in TENSOR_KEYS:
-                    raise self.fail(f"unknown key {where}.{key}{did_you_mean(key, sorted(TENSOR_KEYS))}", key=f"{where}.{key}")
+                if key not in allowed:
+                    raise self.fail(f"unknown key {where}.{key}{did_you_mean(key, allowed)}; valid keys are {allowed}", key=f"{where}.{key}")
             name, dtype, shape = table.get("name"), table.get("dtype"), table.get("shape", [-1])
             if not isinstance(name, str) or not name:
                 raise self.fail(f"{where}.name must be a non-empty string, got {name!r}", key=f"{where}.name")
+            if any(s.name == name for s in specs):
+                raise self.fail(f"{where}.name = {name!r} is declared twice; every {kind} needs its own name", key=f"{where}.name")
+            source = table.get("source", name)
+            if not isinstance(source, str) or not source:
+                raise self.fail(f"{where}.source must be the model's name for this output, got {source!r}", key=f"{where}.source")
+            sources.update({name: source} if source != name else {})
             if dtype not in TENSOR_DTYPES:
                 raise self.fail(
                     f"{where}.dtype = {dtype!r}{did_you_mean(str(dtype), list(TENSOR_DTYPES))}; "
@@ -312,6 +379,26 @@ class _Validator:
                 raise self.fail(f"{where}.shape must be a list of integers (-1 = any), got {shape!r}", key=f"{where}.shape")
             specs.append(TensorSpec(name, dtype, tuple(shape)))
         return specs
+
+
+def _toml(value: Any) -> str:
+    """A value as TOML writes it, for a fix the user can paste (booleans lower case)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _backend_keys(tables: Any) -> set[str]:
+    """The config keys of the backends the node tables name (those that parse)."""
+    keys: set[str] = set()
+    for table in tables:
+        try:
+            keys.update(key for name in parse(table["backend"]).names() for key in backend_class(name).config_keys)
+        except (KeyError, ConfigError):
+            continue  # a broken table is reported on its own
+    return keys
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "an array"}

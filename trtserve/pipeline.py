@@ -7,7 +7,12 @@ on whichever thread finished the item.
 Item lifecycle: any stale ``result`` is removed on entry; between nodes ``result``
 becomes ``data``; at the end the caller's original ``data`` is put back, so an item
 comes out as it went in, plus ``result`` (absent when the item failed) and whatever keys
-backends added (``color``, say).
+backends added (``color``, say).  Outputs declared with ``source`` are renamed then.
+
+At start the pipeline checks that it fits together (signature.py): declared tensors
+against the model files, each stage's results against the next stage's inputs.  A
+request a later node still refuses fails with BackendError naming both nodes: what it
+sent was made by a stage, not by the client.
 """
 from __future__ import annotations
 
@@ -15,8 +20,9 @@ from typing import Any, Callable
 
 from .backend import TensorSpec
 from .config import ModelConfig
-from .errors import TrtserveError
+from .errors import BackendError, ConfigError, InvalidInputError, TrtserveError
 from .scheduler import Request, Scheduler
+from .signature import check_pipeline, label
 from .stats import ModelStats
 
 ItemCallback = Callable[[dict[str, Any], "TrtserveError | None"], None]
@@ -27,19 +33,34 @@ class Pipeline:
     def __init__(self, config: ModelConfig, kwargs: dict[str, Any] | None = None) -> None:
         self.config = config
         self.nodes = [Scheduler(node, dict(kwargs or {}, model=config.name)) for node in config.nodes]
+        for node in self.nodes:
+            node.kwargs["stats"] = node.stats  # backends count their model calls (Backend.init)
         self.stats = ModelStats()
+        self._outputs: list[TensorSpec] | None = None  # what the last node gives, checked at start
+        self._renames = {source: name for name, source in config.output_sources.items()}
 
     def start(self) -> "Pipeline":
         started = []
         try:
             for node in self.nodes:
-                node.start()
+                try:
+                    node.start()
+                except ConfigError as exc:
+                    raise self._in_config(exc, node) from None
                 started.append(node)
+            self._outputs = check_pipeline(self.config, self.nodes)
         except BaseException:
             for node in started:
                 node.close()
             raise
         return self
+
+    def _in_config(self, exc: ConfigError, node: Scheduler) -> ConfigError:
+        """A backend's init error, with the config file and node it belongs to."""
+        source = self.config.source
+        where = "" if exc.message.startswith(source) else f"{source}: "
+        message = f"{where}node {node.node.name!r}: {exc.message}"
+        return ConfigError(message, **{"file": source, "node": node.node.name, **exc.details})
 
     def close(self, drain: bool = False) -> None:
         """Stop accepting work; running work finishes; queued work fails, or runs if ``drain``.
@@ -55,11 +76,11 @@ class Pipeline:
         return self.nodes[-1].max_size
 
     def io_spec(self) -> tuple[list[TensorSpec] | None, list[TensorSpec] | None]:
-        """Declared tensors win; otherwise what the first and last backends report."""
-        first, last = self.nodes[0].backend.io_spec(), self.nodes[-1].backend.io_spec()
+        """Declared tensors win; otherwise what the first backend takes and what the last
+        gives as the stages feed it (a model fed single images gives single results)."""
+        first = self.nodes[0].backend.io_spec()
         inputs = self.config.inputs or (first[0] if first else None)
-        outputs = self.config.outputs or (last[1] if last else None)
-        return inputs, outputs
+        return inputs, self.config.outputs or self._outputs
 
     def submit(
         self, item: dict[str, Any], on_done: ItemCallback, deadline: float | None = None, priority: int = 0
@@ -97,8 +118,20 @@ class Pipeline:
         req.priority = 0  # downstream nodes use their own default level
         try:
             self.nodes[position].submit(req)
+        except InvalidInputError as exc:  # what a stage made, not what the client sent
+            self._finish(req, self._misfit(position, exc))
         except TrtserveError as exc:
             self._finish(req, exc)
+
+    def _misfit(self, position: int, exc: InvalidInputError) -> BackendError:
+        before, node = self.nodes[position - 1], self.nodes[position]
+        return BackendError(
+            f"{label(node)} refused what {label(before)} produced for this request: {exc.message}; "
+            "the stages do not fit for this input (a configuration problem, not the request's): make "
+            f"{before.node.name!r} produce what {node.node.name!r} takes (docs/configuration.md, \"Stages that fit\")",
+            node=node.node.name,
+            producer=before.node.name,
+        )
 
     def _finish(self, req: "_Flow", error: TrtserveError | None) -> None:
         item = req.item
@@ -106,6 +139,9 @@ class Pipeline:
             item["data"] = req.original
         if error is not None:
             item.pop("result", None)
+        elif self._renames and type(item.get("result")) is dict:
+            renames = self._renames
+            item["result"] = {renames.get(key, key): value for key, value in item["result"].items()}
         outcome = error.name if error is not None else None if "result" in item else "NO_RESULT"
         self.stats.record(req.queue_ns, req.compute_ns, outcome)
         req.caller(item, error)

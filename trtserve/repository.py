@@ -14,13 +14,14 @@ Loading runs backend inits (threads, sessions): event-loop callers use an execut
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
-from .backend import load_backend_file
+from .backend import Signature, load_backend_file
 from .config import ModelConfig, load_config, read_toml
 from .errors import (
     ConfigError,
@@ -46,11 +47,29 @@ class ModelState(str, Enum):
     UNLOADED = "UNLOADED"
 
 
+# A folder named like a version that is not one: ``v1``, ``version_2``, ``V3``.
+_LOOKS_LIKE_VERSION = re.compile(r"^(v|ver|version)[-_]?(\d+)$", re.IGNORECASE)
+
+
 def version_dirs(model_folder: Path) -> dict[int, Path]:
     """Numbered version folders of a model, by version number."""
     if not model_folder.is_dir():
         return {}
     return {int(p.name): p for p in model_folder.iterdir() if p.is_dir() and p.name.isdigit()}
+
+
+def check_version_names(model_folder: Path) -> None:
+    """A ``v1`` folder is not a version: the model would silently load from elsewhere."""
+    for path in sorted(model_folder.iterdir()):
+        match = _LOOKS_LIKE_VERSION.match(path.name) if path.is_dir() else None
+        if match:
+            number = int(match.group(2))
+            raise ConfigError(
+                f"{path}: folder {path.name!r} is not a version: version folders are named by their number "
+                f"only (1, 2, ...); rename it to {model_folder / str(number)}",
+                path=str(path),
+                fix=str(number),
+            )
 
 
 def latest_version_dir(model_folder: Path) -> Path | None:
@@ -81,6 +100,10 @@ class LoadedModel:
             # This version was swapped out between lookup and submit: the new one answers.
             return successor.submit(item, on_done, deadline, priority)
 
+    def is_ready(self) -> bool:
+        """Whether this version can take requests now (a remote one may have lost its replicas)."""
+        return True
+
     def metadata(self) -> dict[str, Any]:
         inputs, outputs = self.pipeline.io_spec()
         return {
@@ -90,7 +113,8 @@ class LoadedModel:
             "outputs": [t.to_dict() for t in outputs or []],
             "max_batch_size": self.pipeline.max_batch,
             "nodes": [
-                {"name": n.node.name, "backend": str(n.node.expr), "instance_num": n.node.instance_num}
+                {"name": n.node.name, "backend": str(n.node.expr), "instance_num": n.node.instance_num,
+                 **_model_file(n.backend.signature(), self.folder)}
                 for n in self.pipeline.nodes
             ],
         }
@@ -99,8 +123,26 @@ class LoadedModel:
         stats = self.pipeline.stats.snapshot()
         stats.update(name=self.name, version=self.version)
         stats["nodes"] = {n.node.name: n.stats.snapshot() for n in self.pipeline.nodes}
-        stats["batch_sizes"] = self.pipeline.nodes[-1].stats.snapshot()["batch_sizes"]
+        last = stats["nodes"][self.pipeline.nodes[-1].node.name]
+        for key in ("batch_sizes", "model_calls", "call_rows"):  # the model node's, at the top
+            stats[key] = last[key]
         return stats
+
+
+def _model_file(signature: Signature | None, folder: Path) -> dict[str, Any]:
+    """A node's model file (relative to the model folder) and the signature read from it
+    (Triton's auto-complete shows this; declared tensors were checked against it at load)."""
+    if signature is None:
+        return {}
+    path = Path(signature.file)
+    shown = str(path.relative_to(folder.resolve())) if path.is_relative_to(folder.resolve()) else path.name
+
+    def tensors(specs: Any) -> list[dict[str, Any]] | None:
+        if specs is None:
+            return None
+        return [t.to_dict() if signature.typed else {"name": t.name} for t in specs]
+
+    return {"model_file": shown, "model_inputs": tensors(signature.inputs), "model_outputs": tensors(signature.outputs)}
 
 
 @dataclass
@@ -187,10 +229,12 @@ class ModelRepository:
     def _build_versions(self, name: str, folder: Path, entry: _Entry) -> dict[int, LoadedModel]:
         if (folder / "backend.py").is_file():
             load_backend_file(folder / "backend.py")
+        check_version_names(folder)
         on_disk = version_dirs(folder)
         config_path = folder / CONFIG_FILE
         policy = parse_policy(read_toml(config_path).get("version_policy"), str(config_path))
-        wanted = policy.select(list(on_disk)) if on_disk else [1]  # no version folders: serve the folder as 1
+        # No numbered folder: the model folder itself is version 1 (docs/configuration.md).
+        wanted = policy.select(list(on_disk)) if on_disk else [1]
         if not wanted:
             raise ModelUnavailableError(
                 f"model {name!r}: version_policy selects none of the versions on disk {sorted(on_disk)}",

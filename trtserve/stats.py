@@ -8,11 +8,25 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+_local = threading.local()
+
+
+@contextmanager
+def uncounted() -> Iterator[None]:
+    """Model calls this thread makes inside are not counted (warm-up's, which are no traffic)."""
+    _local.off = True
+    try:
+        yield
+    finally:
+        _local.off = False
 
 
 class NodeStats:
-    """What one node executed: batch count, sizes and compute time."""
+    """What one node executed: batch count, sizes and compute time; and the model calls
+    its backend made for those batches (a batch of mixed shapes may take several)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -20,10 +34,26 @@ class NodeStats:
         self.failed_batches = 0
         self.compute_ns = 0
         self.batch_sizes: Counter[int] = Counter()
+        self.model_calls = 0
+        self.call_rows: Counter[int] = Counter()
         self.listeners: list[Callable[[int, int, bool], None]] = []  # (size, compute_ns, failed)
+        self.call_listeners: list[Callable[[int], None]] = []  # (rows)
 
     def add_listener(self, listener: Callable[[int, int, bool], None]) -> None:
         self.listeners.append(listener)
+
+    def add_call_listener(self, listener: Callable[[int], None]) -> None:
+        self.call_listeners.append(listener)
+
+    def record_call(self, rows: int) -> None:
+        """One model call of ``rows`` rows (a backend reports each run of its model)."""
+        if getattr(_local, "off", False):
+            return
+        with self._lock:
+            self.model_calls += 1
+            self.call_rows[rows] += 1
+        for listener in self.call_listeners:
+            listener(rows)
 
     def record_batch(self, size: int, compute_ns: int, failed: bool) -> None:
         with self._lock:
@@ -41,6 +71,8 @@ class NodeStats:
                 "failed_batches": self.failed_batches,
                 "compute_ns": self.compute_ns,
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "model_calls": self.model_calls,
+                "call_rows": {str(k): v for k, v in sorted(self.call_rows.items())},
             }
 
 

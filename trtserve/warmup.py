@@ -30,6 +30,7 @@ from trtserve_client.wire import DTYPES
 
 from .completion import Completion
 from .errors import ConfigError, ModelUnavailableError, TrtserveError
+from .stats import uncounted
 
 SAMPLE_KEYS = {"count", "inputs", "batch_sizes"}
 INPUT_KEYS = {"dtype", "shape", "fill", "file"}
@@ -148,9 +149,10 @@ def _warm(instance: Any, data: Any, sample: WarmupSample, where: _Where) -> Any:
 
 def _run(backend: Any, items: list[dict[str, Any]], where: _Where) -> Any:
     try:
-        completion = backend.forward(items)
-        if isinstance(completion, Completion):
-            completion.wait()
+        with uncounted():  # warm-up is no traffic: its model calls stay out of the statistics
+            completion = backend.forward(items)
+            if isinstance(completion, Completion):
+                completion.wait()
     except Exception as exc:
         reason = exc.message if isinstance(exc, TrtserveError) else f"{type(exc).__name__}: {exc}"
         raise where.fail(f"a batch of {len(items)}: {reason}") from exc

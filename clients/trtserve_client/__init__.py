@@ -6,8 +6,9 @@
 
 ``Client`` (blocking, thread-safe) wraps ``AsyncClient`` (asyncio); both pipeline many
 requests per connection over a pool of connections and raise the typed errors below,
-chosen by the wire error code.  A client on the server's host can pass tensors through
-shared memory instead (``register_system_shm``, ``register_cuda_shm``: regions.py).
+chosen by the wire error code.  ``Client(endpoints=["h1:8001", "h2:8001"])`` balances
+requests over several servers and fails over between them (docs/scaling.md).  A client on the server's host can pass tensors through shared
+memory instead (``register_system_shm``, ``register_cuda_shm``: regions.py).
 docs/PROTOCOL.md specifies the wire format.
 """
 from .aio import DEFAULT_HOST, DEFAULT_PORT, AsyncClient

@@ -230,7 +230,7 @@ def test_every_example_loads_ready_with_metadata():
     try:
         repository.load_all()
         states = {row["name"]: (row["state"], row["reason"]) for row in repository.index()}
-        assert states == {name: ("READY", None) for name in ("classifier", "identity", "tensor_mlp")}
+        assert states == {name: ("READY", None) for name in ("classifier", "classifier_nchw", "identity", "tensor_mlp")}
         meta = repository.get("classifier").metadata()
         assert meta["inputs"] == [{"name": "image", "dtype": "bytes", "shape": [-1]}]
         assert meta["outputs"] == [{"name": "probs", "dtype": "float32", "shape": [10]}]

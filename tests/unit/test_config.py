@@ -151,3 +151,86 @@ def test_register_rejects_non_backends_and_bad_names():
         trtserve.register("NotABackend", object)
     with pytest.raises(ConfigError, match="must be a Python identifier"):
         trtserve.register("bad name", trtserve.Backend)
+
+
+# --------------------------------------------------------------------------- habits that miss
+
+
+@pytest.mark.parametrize(
+    "text, key, fragments",
+    [
+        ('backend = "Identity"\nmax_batch_size = 8\n', "max_batch_size",
+         ["Triton's max_batch_size is called max (the largest batch, in rows) here; write max = 8"]),
+        ('backend = "Identity"\ninstance_count = 2\n', "instance_count", ["write instance_num = 2"]),
+        ('[pre]\nbackend = "Identity"\nnext = "model"\n[model]\nbackend = "Identity"\n', None, []),
+    ],
+)
+def test_triton_spellings_say_what_they_are_called_here(tmp_path, text, key, fragments):
+    if key is None:
+        load_config(write(tmp_path, text))  # (a valid two-node config, for contrast)
+        return
+    error = error_for(write(tmp_path, text))
+    assert error.details["key"] == key
+    for fragment in fragments:
+        assert fragment in error.message, error.message
+
+
+@pytest.mark.parametrize("key, line", [("instance_num", "instance_num = 2"), ("max", "max = 8"), ("max_batch_size", "max = 8")])
+def test_a_node_key_at_the_top_of_a_multi_node_config_belongs_in_a_node(tmp_path, key, line):
+    value = line.split(" = ")[1]
+    text = f'{key} = {value}\n[pre]\nbackend = "Identity"\nnext = "model"\n[model]\nbackend = "Identity"\n'
+    error = error_for(write(tmp_path, text))
+    assert error.details["key"] == key and error.message.startswith(str(tmp_path / "config.toml"))
+    assert "this config has node tables ([pre], [model])" in error.message
+    assert f"move the line {line} below the [header] of the node it is for" in error.message
+    assert "did you mean" not in error.message
+
+
+def test_a_backend_key_at_the_top_of_a_multi_node_config_belongs_in_a_node(tmp_path):
+    text = 'resize_h = 64\n[pre]\nbackend = "ResizeMat"\nresize_w = 64\nnext = "model"\n[model]\nbackend = "Identity"\n'
+    error = error_for(write(tmp_path, text))
+    assert error.details["key"] == "resize_h" and "move the line resize_h = 64 below" in error.message
+
+
+@pytest.mark.parametrize(
+    "text, key, example",
+    [
+        ('backend = "OnnxRuntime"\n', "model", 'add model = "model.onnx" to the config'),
+        ('[model]\nbackend = "OnnxRuntime"\n', "[model].model", 'add model = "model.onnx" to the node [model]'),
+        ('backend = "S[DecodeMat,ResizeMat]"\nresize_w = 64\n', "resize_h", "add resize_h = 224"),
+        ('backend = "CvtColorMat"\n', "color", 'add color = "rgb"'),
+    ],
+)
+def test_a_missing_required_key_names_the_file_the_key_and_an_example(tmp_path, text, key, example):
+    path = write(tmp_path, text)
+    error = error_for(path)
+    assert error.details["key"] == key and error.details["file"] == str(path)
+    assert error.message.startswith(str(path)) and example in error.message
+
+
+def test_an_undeclared_key_of_a_custom_backend_says_the_backend_must_declare_it(tmp_path):
+    class Thresholded(trtserve.Backend):
+        def forward(self, items):
+            for item in items:
+                item["result"] = item["data"] > self.config.get("threshold", 0)
+
+    trtserve.register("Thresholded", Thresholded)
+    error = error_for(write(tmp_path, 'backend = "Thresholded"\nthreshold = 0.5\n'))
+    assert error.details["key"] == "threshold"
+    assert "if Thresholded reads it, the backend must declare it: add config_keys = {'threshold': trtserve.Key(" in error.message
+    # a plain typo keeps its suggestion and gets no such hint
+    error = error_for(write(tmp_path, 'backend = "Thresholded"\ninstance_nmu = 2\n'))
+    assert "did you mean 'instance_num'" in error.message and "must declare" not in error.message
+
+
+def test_output_source_and_duplicate_names(tmp_path):
+    config = load_config(write(tmp_path, 'backend = "Identity"\n[[output]]\nname = "boxes"\ndtype = "float32"\n'
+                                          'source = "save_infer_model/scale_0.tmp_1"\n'))
+    assert config.output_sources == {"boxes": "save_infer_model/scale_0.tmp_1"}
+    error = error_for(write(tmp_path, 'backend = "Identity"\n[[input]]\nname = "x"\ndtype = "uint8"\nsource = "y"\n'))
+    assert error.details["key"] == "input[0].source"
+    error = error_for(write(tmp_path, 'backend = "Identity"\n[[output]]\nname = "y"\ndtype = "uint8"\nsource = ""\n'))
+    assert error.details["key"] == "output[0].source"
+    error = error_for(write(tmp_path, 'backend = "Identity"\n[[input]]\nname = "x"\ndtype = "uint8"\n'
+                                      '[[input]]\nname = "x"\ndtype = "uint8"\n'))
+    assert error.details["key"] == "input[1].name" and "declared twice" in error.message

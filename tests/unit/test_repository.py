@@ -304,6 +304,28 @@ def test_the_old_version_serves_until_the_new_one_has_warmed_up(tmp_path, repo):
     assert infer(repo.get("m"), "after") == (1, "new", "after")
 
 
+@pytest.mark.parametrize("folder_name", ["v1", "V2", "version_3", "ver-4"])
+def test_a_version_folder_named_like_v1_is_not_a_version_and_says_so(tmp_path, repo, folder_name):
+    folder = make_model(tmp_path, "m", 'backend = "Tagged"\n', versions=())
+    (folder / folder_name).mkdir()
+    with pytest.raises(ConfigError) as caught:
+        repo.load("m")
+    number = "".join(ch for ch in folder_name if ch.isdigit())
+    assert f"folder {folder_name!r} is not a version" in caught.value.message
+    assert f"rename it to {folder / number}" in caught.value.message
+    assert repo.index()[0]["state"] == "UNAVAILABLE"
+
+
+def test_a_model_without_version_folders_is_served_from_its_folder_as_version_1(tmp_path, repo):
+    folder = make_model(tmp_path, "m", 'backend = "Tagged"\nmodel = "weights.bin"\n', versions=())
+    with pytest.raises(ConfigError) as caught:
+        repo.load("m")
+    assert "no numbered version folder, so the model folder itself is served as version 1" in caught.value.message
+    (folder / "weights.bin").write_bytes(b"w")
+    model = repo.load("m")
+    assert model.version == 1 and model.config.entry.model == str((folder / "weights.bin").resolve())
+
+
 FIRST_SIGHT = """
 import time
 import trtserve

@@ -282,3 +282,55 @@ def test_refused_cached_engine_is_rebuilt_once(gpu, tmp_path, monkeypatch):
     model.write_bytes(b"onnx")
     trtserve.pipe({"backend": "TensorrtTensor", "model": str(model), "max": 8}).close()
     assert attempts == ["cache", "built"]
+
+
+# --------------------------------------------------------------------------- declared tensors
+
+
+def test_declared_tensors_are_checked_against_the_engine(gpu, plan):
+    base = {"backend": "TensorrtTensor", "model": str(plan), "max": 8}
+    inputs = [{"name": "a", "dtype": "float32", "shape": [-1, 3]}, {"name": "b", "dtype": "int32", "shape": [-1, 2]}]
+    outputs = [{"name": "scaled", "dtype": "float32", "shape": [-1, 3]}, {"name": "b_plus", "dtype": "int64", "shape": [-1, 2]}]
+    with pytest.raises(ConfigError) as caught:
+        trtserve.pipe({**base, "input": inputs, "output": outputs})
+    assert caught.value.details["key"] == "output[1].dtype" and str(plan) in caught.value.message
+    assert "dtype int64, expected int32" in caught.value.message
+    with pytest.raises(ConfigError, match=r"declares 1 input\(s\) \['a'\] but .*model.plan has 2"):
+        trtserve.pipe({**base, "input": inputs[:1]})
+    outputs[1].update(dtype="int32", name="plus_one", source="b_plus")
+    models = trtserve.pipe({**base, "input": inputs, "output": outputs})
+    try:
+        item = {"data": {"a": np.ones((2, 3), np.float32), "b": np.ones((2, 2), np.int32)}}
+        models(item)
+        assert set(item["result"]) == {"scaled", "plus_one"}
+        stats = models.pipeline.nodes[0].stats.snapshot()
+        assert stats["model_calls"] == 1 and stats["call_rows"] == {"2": 1}
+    finally:
+        models.close()
+
+
+def test_declared_tensors_against_an_engine_built_for_real_by_tensorrt_rtx(gpu, tmp_path, monkeypatch):
+    """The real ONNX -> engine build (tensorrt_rtx runs it on a CPU) gives the I/O the check
+    uses; only running the engine is emulated."""
+    rtx = pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx is not installed")
+    import onnx_models as om
+    from trtserve.tensorrt import ensure_engine as real_ensure
+
+    model = om.save(tmp_path / "model.onnx", [om.node("Relu", ["x"], ["y"])],
+                    [om.info("x", om.FLOAT, ["N", 3, 16, 16])], [om.info("y", om.FLOAT, ["N", 3, 16, 16])])
+    profile = ((1, 3, 16, 16), (4, 3, 16, 16), (4, 3, 16, 16))
+    gpu.engine = fake.FakeEngine(inputs={"x": fake.Tensor(fake.DataType.FLOAT, (-1, 3, 16, 16), profile)},
+                                 outputs={"y": fake.Tensor(fake.DataType.FLOAT, (-1, 3, 16, 16))},
+                                 compute=lambda f: {"y": np.maximum(f["x"], 0)})
+    monkeypatch.setattr("trtserve.tensorrt.ensure_engine", lambda trt, path, spec, **kw: real_ensure(rtx, path, spec, **kw))
+    base = {"backend": "TensorrtTensor", "model": model, "max": 4, "engine_cache": False}
+    with pytest.raises(ConfigError) as caught:
+        trtserve.pipe({**base, "output": [{"name": "y", "dtype": "float32", "shape": [-1, 3, 16, 8]}]})
+    assert "dimension 3 is 8, expected 16" in caught.value.message and model in caught.value.message
+    models = trtserve.pipe({**base, "output": [{"name": "y", "dtype": "float32", "shape": [3, 16, 16]}]})
+    try:
+        item = {"data": np.full((3, 16, 16), -1, np.float32)}
+        models(item)
+        assert item["result"].shape == (3, 16, 16) and not item["result"].any()
+    finally:
+        models.close()

@@ -137,3 +137,56 @@ def test_cuda_graph_with_device_auto_on_a_cpu_machine_is_ignored_and_the_model_s
     with torch.no_grad():
         expected = torch.jit.load(str(net_path))(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(item["result"], expected, rtol=1e-5, atol=1e-6)
+
+
+def _outputs(*names: str) -> list[dict]:
+    return [{"name": name, "dtype": "float32", "shape": [-1]} for name in names]
+
+
+def test_declared_counts_and_output_names_are_checked_against_the_saved_file(net_path, tmp_path):
+    """A saved TorchScript file keeps how many tensors forward takes and returns (not their
+    dtypes or shapes): those are checked at load."""
+    two = tmp_path / "two.pt"
+    torch.jit.save(torch.jit.trace(TwoOutputs(), (torch.rand(2, 3), torch.rand(2, 3))), str(two))
+    base = {"backend": "TorchScriptTensor", "model": str(two), "device": "cpu", "max": 4}
+    with pytest.raises(ConfigError) as caught:
+        trtserve.pipe({**base, "output": _outputs("output0")}).close()
+    assert caught.value.details["key"] == "output" and "declares 1 output(s)" in caught.value.message
+    assert "has 2" in caught.value.message and str(two) in caught.value.message
+    with pytest.raises(ConfigError) as caught:
+        trtserve.pipe({**base, "input": [{"name": "a", "dtype": "float32", "shape": [-1, 3]}]}).close()
+    assert caught.value.details["key"] == "input" and "declares 1 input(s)" in caught.value.message
+    with pytest.raises(ConfigError, match="add source = 'output1' to rename it"):
+        trtserve.pipe({**base, "output": _outputs("output0", "product")}).close()
+    renamed = _outputs("output0", "product")
+    renamed[1]["source"] = "output1"
+    with trtserve.pipe({**base, "output": renamed}) as models:
+        item = {"data": {"a": np.ones((1, 3), np.float32), "b": np.full((1, 3), 2, np.float32)}}
+        models(item)
+        assert set(item["result"]) == {"output0", "product"}
+        np.testing.assert_allclose(item["result"]["product"], [6.0])
+    # One input and one output: any names, any dtypes (the file does not say).
+    trtserve.pipe({"backend": "TorchScriptTensor", "model": str(net_path), "device": "cpu",
+                   "input": [{"name": "image", "dtype": "float32", "shape": [-1, 3, 8, 8]}],
+                   "output": _outputs("logits")}).close()
+
+
+def test_model_calls_are_counted(net_path):
+    with trtserve.pipe({"backend": "TorchScriptTensor", "model": str(net_path), "device": "cpu", "max": 8, "inline": False}) as models:
+        models({"data": np.zeros((3, 3, 8, 8), np.float32)})
+        stats = models.pipeline.nodes[0].stats.snapshot()
+    assert stats["model_calls"] == 1 and stats["call_rows"] == {"3": 1}
+
+
+def test_mixed_sample_shapes_run_as_one_call_per_shape(net_path):
+    """The conv net takes any image size: a batch of two sizes is two calls, each exact."""
+    rng = np.random.default_rng(3)
+    inputs = [rng.standard_normal((1, 3, size, size)).astype(np.float32) for size in (8, 12, 8, 12, 16)]
+    config = {"backend": "TorchScriptTensor", "model": str(net_path), "device": "cpu", "max": 8}
+    with trtserve.pipe(config) as models:
+        items = [{"data": x} for x in inputs]
+        models.pipeline.nodes[0].backend.forward(items)  # these five as one batch, as the scheduler would
+        stats = models.pipeline.nodes[0].stats.snapshot()
+    assert stats["model_calls"] == 3 and stats["call_rows"] == {"1": 1, "2": 2}
+    for x, item in zip(inputs, items):
+        np.testing.assert_allclose(item["result"], _reference(x), rtol=1e-5, atol=1e-5)

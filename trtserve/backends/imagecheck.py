@@ -7,6 +7,7 @@ with the same messages.  Works on numpy arrays and on anything array-like with `
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -15,8 +16,13 @@ from ..backend import Key, TensorSpec
 from ..errors import ConfigError, InvalidInputError
 
 COLORS = ("rgb", "bgr")
-ANY_IMAGE = TensorSpec("image", "uint8", (-1, -1, 3))
+ANY_IMAGE = TensorSpec("image", "uint8", (-1, -1, 3), layout="HWC")
 ENCODED_IMAGE = TensorSpec("image", "bytes", (-1,))
+
+
+def image_spec(height: int, width: int) -> TensorSpec:
+    """An HWC uint8 image of a known size (what a resize stage gives)."""
+    return TensorSpec("image", "uint8", (height, width, 3), layout="HWC")
 
 
 def at_least_one(value: int) -> str | None:
@@ -25,8 +31,42 @@ def at_least_one(value: int) -> str | None:
 
 # ResizeMat's and ResizeTensor's keys, and how both read them.
 RESIZE_KEYS = {
-    "resize_h": Key(int, None, "output height in pixels (required)", check=at_least_one),
-    "resize_w": Key(int, None, "output width in pixels (required)", check=at_least_one),
+    "resize_h": Key(int, None, "output height in pixels (required)", check=at_least_one, example="224"),
+    "resize_w": Key(int, None, "output width in pixels (required)", check=at_least_one, example="224"),
+}
+
+
+def channel_values(value: Any, key: str) -> tuple[float, float, float]:
+    """Three per-channel numbers from ``[a, b, c]``, ``[a]``, one number, or TorchPipe's string
+    form ``"a, b, c"``; one number applies to every channel."""
+    numbers = _numbers(value)
+    if numbers is None:
+        raise ConfigError(f"{key} = {value!r} {CHANNELS_WANTED}", key=key, value=repr(value))
+    return (numbers[0],) * 3 if len(numbers) == 1 else (numbers[0], numbers[1], numbers[2])
+
+
+CHANNELS_WANTED = "must be 1 or 3 finite numbers, e.g. [123.675, 116.28, 103.53]"
+
+
+def _numbers(value: Any) -> list[float] | None:
+    parts = value.replace(",", " ").split() if isinstance(value, str) else value if isinstance(value, list) else [value]
+    try:
+        numbers = [math.nan if isinstance(part, bool) else float(part) for part in parts]
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) in (1, 3) and all(math.isfinite(n) for n in numbers) else None
+
+
+def _channel_check(value: Any) -> str | None:
+    return None if _numbers(value) is not None else CHANNELS_WANTED
+
+
+# Per-channel normalisation keys (Mat2Tensor), in the units of the values they apply to.
+CHANNEL_KEYS = {
+    "mean": Key((list, str, int, float), None, "per-channel mean, subtracted after scale, e.g. [123.675, 116.28, 103.53]",
+                check=_channel_check),
+    "std": Key((list, str, int, float), None, "per-channel std, divided by after the mean, e.g. [58.395, 57.12, 57.375]",
+               check=_channel_check),
 }
 
 

@@ -11,10 +11,12 @@ Items:
   HWC image coming out of ``S[DecodeMat,ResizeMat,CvtColorMat]`` feeds an NHWC model without
   an extra stage.
 
-A batch stacks every input along axis 0 (items whose other dimensions differ, possible
-with dynamic dims, run as separate groups), runs once, and splits each output back by each
-item's row count.  Inputs are checked against the model in ``validate`` (before queueing)
-so one bad request never fails a batch of good ones.
+A batch stacks every input along axis 0, runs once, and splits each output back by each
+item's row count.  Items whose other dimensions differ (dynamic dims) run as one call per
+shape, or padded into one call where the ``pad`` key says so (shapes.py).  Every call is
+counted in the node's statistics (``model_calls``, ``call_rows``).  Inputs are checked
+against the model in ``validate`` (before queueing) so one bad request never fails a batch
+of good ones.
 
 One InferenceSession per instance, created on the instance's own thread; ``run`` releases
 the GIL, so instances run in parallel.  ``intra_op_threads`` defaults to 1 because
@@ -28,8 +30,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..backend import Backend, Key, TensorSpec, did_you_mean
+from ..backend import Backend, Key, Signature, TensorSpec, call_recorder, did_you_mean
 from ..errors import BackendError, ConfigError, InvalidInputError, ModelUnavailableError
+from .shapes import Padding, check_pad, group, pad_rules, stack
 
 _NUMPY_DTYPES = {
     "tensor(float)": np.float32,
@@ -79,7 +82,8 @@ class Port:
         return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
 
     def spec(self) -> TensorSpec:
-        return TensorSpec(self.name, self.dtype.name, tuple(d if isinstance(d, int) else -1 for d in self.shape))
+        dims = tuple(d if isinstance(d, int) else -1 for d in self.shape)
+        return TensorSpec(self.name, self.dtype.name, dims, batched=bool(dims))
 
 
 @dataclass
@@ -90,9 +94,6 @@ class Prepared:
     rows: int
     unbatched: bool  # the caller sent one sample without a batch dim: strip it from results
 
-    def group_key(self) -> tuple[tuple[int, ...], ...]:
-        return tuple([a.shape[1:] for a in self.arrays.values()])
-
 
 class OnnxRuntime(Backend):
     config_keys = {
@@ -101,20 +102,15 @@ class OnnxRuntime(Backend):
         "providers": Key(
             list, None, 'onnxruntime execution providers, default ["CPUExecutionProvider"]', check=_provider_list
         ),
+        "pad": Key(dict, None, "per input: pad its dynamic dims to the batch's largest, e.g. { x = { value = 0.0, limit = 1280 } }",
+                   check=check_pad),
     }
+    required_keys = ("model",)
 
     # -- lifecycle ---------------------------------------------------------------------
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         super().init(config, kwargs)
-        path = config.get("model")
-        if not path:
-            raise ConfigError(
-                'OnnxRuntime needs the config key \'model\'; add model = "model.onnx" (relative to the '
-                "version folder) to the node's config",
-                key="model",
-                backend="OnnxRuntime",
-            )
-        self.path = path
+        self.path = path = config["model"]  # required_keys: load_config refuses a config without it
         self.session = self._open(path, config)
         self.inputs = [self._port(a, "input") for a in self.session.get_inputs()]
         self.outputs = [self._port(a, "output") for a in self.session.get_outputs()]
@@ -135,6 +131,8 @@ class OnnxRuntime(Backend):
                 model_file=path,
             )
         self._check_batchable()
+        self._pad = pad_rules(config.get("pad"), self.inputs, path)
+        self._record_call = call_recorder(kwargs)
 
     def _open(self, path: str, config: dict[str, Any]) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -206,6 +204,10 @@ class OnnxRuntime(Backend):
 
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         return [p.spec() for p in self.inputs], [p.spec() for p in self.outputs]
+
+    def signature(self) -> Signature:
+        inputs, outputs = self.io_spec()
+        return Signature(self.path, tuple(inputs), tuple(outputs))
 
     def prepare(self, item: dict[str, Any]) -> Prepared:
         """The item's inputs with a batch dimension, or InvalidInputError naming the problem."""
@@ -319,11 +321,8 @@ class OnnxRuntime(Backend):
         if self._one_group:
             self._run_group(items, prepared)
             return
-        groups: dict[tuple, list[int]] = {}
-        for index, prep in enumerate(prepared):
-            groups.setdefault(prep.group_key(), []).append(index)
-        for indices in groups.values():
-            self._run_group([items[i] for i in indices], [prepared[i] for i in indices])
+        for indices, padded in group(prepared, self._pad):
+            self._run_group([items[i] for i in indices], [prepared[i] for i in indices], padded)
 
     def _forward_sole(self, items: list[dict[str, Any]]) -> bool:
         """The common batch (one-input, one-output model; every item one batched array that
@@ -342,6 +341,7 @@ class OnnxRuntime(Backend):
             arrays.append(data)
         (out,) = self.session.run(None, {sole.name: np.concatenate(arrays)})
         total = sum(a.shape[0] for a in arrays)
+        self._record_call(total)
         self._check_outputs([out], total)
         start = 0
         for item, array in zip(items, arrays):
@@ -350,18 +350,21 @@ class OnnxRuntime(Backend):
             start = stop
         return True
 
-    def _run_group(self, items: list[dict[str, Any]], prepared: list[Prepared]) -> None:
+    def _run_group(self, items: list[dict[str, Any]], prepared: list[Prepared], padded: Padding | None = None) -> None:
+        """One model call for items that stack (``padded``: what to pad each input to)."""
         if len(prepared) == 1:
             feeds = prepared[0].arrays
         else:
-            feeds = {port.name: np.concatenate([p.arrays[port.name] for p in prepared], axis=0) for port in self.inputs}
+            pads = padded or {}
+            feeds = {port.name: stack([p.arrays[port.name] for p in prepared], pads.get(port.name)) for port in self.inputs}
         outputs = self.session.run(None, {name: np.ascontiguousarray(a) for name, a in feeds.items()})
-        if len(prepared) == 1:
-            self._hand_back(items[0], prepared[0], outputs)
-            return
         total = 0
         for prep in prepared:
             total += prep.rows
+        self._record_call(total)
+        if len(prepared) == 1:
+            self._hand_back(items[0], prepared[0], outputs)
+            return
         self._check_outputs(outputs, total)
         start = 0
         for item, prep in zip(items, prepared):

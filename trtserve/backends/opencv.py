@@ -1,4 +1,5 @@
 """CPU image backends on OpenCV: DecodeMat, ResizeMat, CvtColorMat (TorchPipe's names).
+Mat2Tensor (tensor.py) turns their image into a model's float tensor.
 
 Images travel between stages as HWC uint8 numpy arrays with 3 channels; ``item["color"]``
 records the channel order ("bgr" after decoding, as OpenCV produces it).  Each item is one
@@ -24,6 +25,7 @@ from .imagecheck import (
     RESIZE_KEYS,
     check_encoded,
     check_hwc_image,
+    image_spec,
     require_key,
     resize_size,
     source_color,
@@ -78,6 +80,7 @@ class ResizeMat(_ImageBackend):
     """Resize to ``resize_h`` x ``resize_w`` with bilinear interpolation (cv2.INTER_LINEAR)."""
 
     config_keys = RESIZE_KEYS
+    required_keys = ("resize_h", "resize_w")
 
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         super().init(config, kwargs)
@@ -96,13 +99,14 @@ class ResizeMat(_ImageBackend):
                 item["result"] = cv2.resize(image, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
 
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        return [ANY_IMAGE], [TensorSpec("image", "uint8", (self.height, self.width, 3))]
+        return [ANY_IMAGE], [image_spec(self.height, self.width)]
 
 
 class CvtColorMat(_ImageBackend):
     """Reorder channels to ``color`` ("rgb" or "bgr") from ``item["color"]`` (default "bgr")."""
 
-    config_keys = {"color": Key(str, None, "target channel order (required)", choices=COLORS)}
+    config_keys = {"color": Key(str, None, "target channel order (required)", choices=COLORS, example='"rgb"')}
+    required_keys = ("color",)
 
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         super().init(config, kwargs)
@@ -127,3 +131,6 @@ class CvtColorMat(_ImageBackend):
 
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         return [ANY_IMAGE], [ANY_IMAGE]
+
+    def produces(self, given: list[TensorSpec] | None) -> list[TensorSpec] | None:
+        return given or [ANY_IMAGE]  # the same image, channels reordered

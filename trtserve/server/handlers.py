@@ -178,10 +178,10 @@ class Dispatcher:
         name = require_model(message)
         version = optional_version(message)
         try:
-            self.repository.get(name, version)
+            model = self.repository.get(name, version)
         except ModelUnavailableError:
             return {"ready": False}
-        return {"ready": not self.draining}
+        return {"ready": not self.draining and model.is_ready()}
 
     def server_metadata(self, message: dict[str, Any]) -> dict[str, Any]:
         return {

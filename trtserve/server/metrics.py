@@ -6,7 +6,7 @@ Three sources, each as cheap as it can be on the serving path:
   ``trtserve_request_duration_seconds``): counted by the infer path once per answer, as the
   client sees it, through a :class:`ModelMeter` cached per served model version (label
   lookups happen once, not per request).
-* **Model statistics** (queue and compute time, batch sizes): listeners on each served
+* **Model statistics** (queue and compute time, batch sizes, rows per model call): listeners on each served
   version's ``ModelStats``/``NodeStats``, subscribed by a repository load hook when the
   version is built, before it serves.  A reload builds new pipelines with new statistics,
   so each is subscribed exactly once; the listeners hold only metric children, never the
@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_a
 
 from ..repository import LoadedModel, ModelRepository
 from .collector import LiveCollector
+from .health import with_health
 from .tracker import ConnectionTracker
 
 log = logging.getLogger("trtserve.server")
@@ -97,6 +98,10 @@ class Metrics:
             "trtserve_batch_size", "Size of each batch a node ran (rows, counted as toward max)",
             model_version + ["node"], buckets=BATCH_BUCKETS, registry=r,
         )
+        self.call_rows = Histogram(
+            "trtserve_model_call_rows", "Rows of each model call a node's backend made (a batch of mixed shapes may take several)",
+            model_version + ["node"], buckets=BATCH_BUCKETS, registry=r,
+        )
         self.refusals = Counter("trtserve_refusals", "Connections and requests refused, by type", ["type"], registry=r)
         self.pauses = Counter("trtserve_reading_paused", "Times the server stopped reading a connection, by cause", ["cause"], registry=r)
         for kind in REFUSAL_TYPES:  # every type shows, at 0, before the first refusal
@@ -143,6 +148,7 @@ class Metrics:
         for node in pipeline.nodes:
             observe = self.batch_size.labels(*labels, node.node.name).observe
             node.stats.add_listener(lambda size, compute_ns, failed, observe=observe: observe(size))
+            node.stats.add_call_listener(self.call_rows.labels(*labels, node.node.name).observe)
 
     # -- answers -------------------------------------------------------------------------
     def meter(self, model: LoadedModel) -> ModelMeter:
@@ -154,10 +160,12 @@ class Metrics:
 
     # -- HTTP ----------------------------------------------------------------------------
     def serve(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` (any path) on ``host:port`` from a daemon thread; the bound port."""
+        """Serve ``/metrics`` (any path but the health ones: health.py) on ``host:port`` from a
+        daemon thread; the bound port."""
         server_class = type("MetricsHTTPServer", (ThreadingMixIn, WSGIServer), {"daemon_threads": True})
         server_class.address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        self._http = make_server(host, port, make_wsgi_app(self.registry), server_class, handler_class=_QuietHandler)
+        app = with_health(make_wsgi_app(self.registry), self._ready)  # /healthz, /readyz, else metrics
+        self._http = make_server(host, port, app, server_class, handler_class=_QuietHandler)
         self.port = self._http.server_port
         # A short poll interval: shutdown() waits for it, and tests stop many servers.
         self._thread = threading.Thread(

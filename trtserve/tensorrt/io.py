@@ -28,7 +28,7 @@ class TensorInfo:
         return self.shape[1:]
 
     def spec(self) -> TensorSpec:
-        return TensorSpec(self.name, self.dtype, self.shape)
+        return TensorSpec(self.name, self.dtype, self.shape, batched=bool(self.shape))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}

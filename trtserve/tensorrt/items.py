@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import did_you_mean
+from ..backends.shapes import group as group_shapes
 from ..errors import BackendError, InvalidInputError
 from .io import TensorInfo
 
@@ -52,9 +53,6 @@ class Prepared:
     arrays: dict[str, np.ndarray | DeviceInput]  # every input, with its batch dimension
     rows: int
     unbatched: bool
-
-    def group_key(self) -> tuple[tuple[int, ...], ...]:
-        return tuple(a.shape[1:] for a in self.arrays.values())
 
 
 class ItemChecker:
@@ -147,11 +145,9 @@ class ItemChecker:
 
 
 def group(prepared: list[Prepared]) -> list[list[int]]:
-    """Indices of items that can share one execution (same non-batch shapes), in order."""
-    groups: dict[tuple, list[int]] = {}
-    for index, prep in enumerate(prepared):
-        groups.setdefault(prep.group_key(), []).append(index)
-    return list(groups.values())
+    """Indices of items that can share one execution (same non-batch shapes), in order.
+    The engine's profile fixes every other dimension, so nothing is ever padded here."""
+    return [indices for indices, _ in group_shapes(prepared)]
 
 
 def split(outputs: dict[str, np.ndarray], prepared: list[Prepared], where: str) -> list[Any]:

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ...backend import Backend, Key, TensorSpec
+from ...backend import Backend, Key, Signature, TensorSpec, call_recorder
 from ...errors import ConfigError, ModelUnavailableError
 
 log = logging.getLogger("trtserve.tensorrt")
@@ -45,12 +45,15 @@ class TensorrtTensor(Backend):
         "engine_cache": Key(bool, True, "cache the built engine next to the ONNX model"),
         "input_shapes": Key(dict, None, "per-row shapes of inputs with dynamic non-batch dims", check=_input_shapes),
     }
+    required_keys = ("model",)
 
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         super().init(config, kwargs)
         self.runner = None
         self._keep: tuple[Any, ...] = ()
+        self._record_call = call_recorder(kwargs)
         path = self._model_path(config)
+        self.path = str(path)
         from ... import cuda
 
         if not cuda.is_available():
@@ -153,6 +156,10 @@ class TensorrtTensor(Backend):
     def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         return self.io.specs()
 
+    def signature(self) -> Signature:
+        inputs, outputs = self.io.specs()
+        return Signature(self.path, tuple(inputs), tuple(outputs))
+
     # -- execution (instance thread) ---------------------------------------------------
     def forward(self, items: list[dict[str, Any]]) -> None:
         from ...tensorrt.items import group, split
@@ -162,6 +169,7 @@ class TensorrtTensor(Backend):
         for indices in group(prepared):
             members = [prepared[i] for i in indices]
             outputs = self.runner.run(members)
+            self._record_call(sum(m.rows for m in members))
             for index, result in zip(indices, split(outputs, members, self.checker.where)):
                 items[index]["result"] = result
 

@@ -13,7 +13,8 @@ CPU with numpy in and out, no SyncTensor needed.  PyTorch is an optional extra
 (``pip install 'trtserve[torch]'``) imported only when an instance initialises.
 
 Batching: the items' inputs are concatenated along the first dimension, the model runs
-once, and each output is split back by the items' row counts.  ``add_batch_dim = true``
+once, and each output is split back by the items' row counts.  Items of different sample
+shapes (a model with dynamic dimensions) run as one call per shape.  ``add_batch_dim = true``
 is for items that are single samples without a batch dimension (HWC images from
 ResizeTensor): each counts 1 toward ``max``, gets a leading dimension of 1, and its
 results come back without it.  A dict input is passed positionally in key order; tuple
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ... import cuda
-from ...backend import Backend, Key
+from ...backend import Backend, Key, Signature, TensorSpec, call_recorder
 from ...errors import BackendError, ConfigError, InvalidInputError, ModelUnavailableError
 from .torchgraph import GraphRunner
 
@@ -50,6 +51,7 @@ class TorchScriptTensor(Backend):
         "result_device": Key(str, "host", "host: numpy results; device: DeviceArray results on the GPU", choices=("host", "device")),
         "cuda_graph": Key(bool, False, "capture the model in a CUDA graph per input shape and replay it (CUDA only)"),
     }
+    required_keys = ("model",)
 
     def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
         super().init(config, kwargs)
@@ -61,7 +63,8 @@ class TorchScriptTensor(Backend):
                 backend="TorchScriptTensor",
             ) from None
         self.torch = torch
-        path = config.get("model")
+        self._record_call = call_recorder(kwargs)
+        path = self.path = config.get("model")
         if not path:
             raise ConfigError("TorchScriptTensor needs the config key 'model' (a TorchScript .pt file)", key="model")
         self.add_batch_dim = bool(config.get("add_batch_dim"))
@@ -135,6 +138,20 @@ class TorchScriptTensor(Backend):
         self.staging = []
         super().close()
 
+    def signature(self) -> Signature:
+        """What a saved TorchScript file tells: how many tensors ``forward`` takes (by position)
+        and returns (``output0``, ``output1``, ... for a tuple).  It keeps no dtypes or shapes,
+        even for a traced model, and a dict's keys only show when it runs."""
+        schema = self.model.forward.schema
+        inputs = tuple(TensorSpec(a.name, "", ()) for a in schema.arguments[1:] if not a.has_default_value())
+        returned = schema.returns[0].type if len(schema.returns) == 1 else None
+        outputs = None
+        if isinstance(returned, self.torch.TensorType):
+            outputs = (TensorSpec("output0", "", ()),)
+        elif isinstance(returned, self.torch.TupleType):
+            outputs = tuple(TensorSpec(f"output{i}", "", ()) for i in range(len(returned.elements())))
+        return Signature(str(self.path), inputs, outputs, typed=False, input_names=False)
+
     # -- item checks -------------------------------------------------------------------
     def request_size(self, item: dict[str, Any]) -> int:
         if self.add_batch_dim:
@@ -166,6 +183,40 @@ class TorchScriptTensor(Backend):
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, items: list[dict[str, Any]]) -> None:
+        groups = self._shape_groups(items)
+        if groups is None:
+            self._run(items)
+            return
+        for indices in groups:  # mixed sample shapes: one call per shape (docs/configuration.md)
+            self._run([items[i] for i in indices])
+
+    def _shape_groups(self, items: list[dict[str, Any]]) -> list[list[int]] | None:
+        """Item indices by sample shape, in order of first appearance; None when every item
+        has one shape (the common batch: one call)."""
+        skip = 0 if self.add_batch_dim else 1
+        first = items[0]["data"]
+        if not isinstance(first, dict):  # the common batch, checked without building keys
+            shape = getattr(first, "shape", ())[skip:]
+            for item in items:
+                data = item["data"]
+                if isinstance(data, dict) or getattr(data, "shape", ())[skip:] != shape:
+                    break
+            else:
+                return None
+        keys = []
+        for item in items:
+            data = item["data"]
+            values = data.values() if isinstance(data, dict) else (data,)
+            keys.append(tuple(tuple(getattr(v, "shape", ())[skip:]) for v in values))
+        if len(set(keys)) == 1:
+            return None
+        groups: dict[tuple, list[int]] = {}
+        for index, key in enumerate(keys):
+            groups.setdefault(key, []).append(index)
+        return list(groups.values())
+
+    def _run(self, items: list[dict[str, Any]]) -> None:
+        """One model call for items of one sample shape."""
         torch = self.torch
         self._turn ^= 1  # which staging buffer of each input this batch packs into
         with torch.inference_mode(), (torch.cuda.stream(self.torch_stream) if self.torch_stream else contextlib.nullcontext()):
@@ -174,6 +225,7 @@ class TorchScriptTensor(Backend):
             inputs = [self._batch(col, index) for index, col in enumerate(columns)]
             outputs = self._named_outputs((self.graphs or self.model)(*inputs))
             total = sum(rows)
+            self._record_call(total)
             for name, out in outputs.items():
                 if out.ndim == 0 or out.shape[0] != total:
                     raise BackendError(
