@@ -66,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .server.shm import DEFAULT_MAX_BYTES, DEFAULT_MAX_REGIONS
     from .server.tracker import DEFAULT_MAX_CONNECTIONS
 
+    from . import __version__
+    from trtserve_client.wire import PROTOCOL_VERSION
+
     parser = argparse.ArgumentParser(prog="trtserve", description="A small, fast model server for TensorRT and ONNX models.")
+    parser.add_argument("--version", action="version", version=f"trtserve {__version__} (protocol version {PROTOCOL_VERSION})")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="serve a model repository over TCP")
     serve.add_argument("--repository", required=True, metavar="PATH", help="model repository folder (<model>/config.toml)")

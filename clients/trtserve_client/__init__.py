@@ -19,7 +19,7 @@ from .errors import __all__ as _error_names
 from .regions import SystemSharedMemory
 from .wire import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "AsyncClient",
     "Client",
