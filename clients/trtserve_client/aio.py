@@ -447,6 +447,12 @@ def _optional(**fields: Any) -> dict[str, Any]:
 def _infer_fields(
     model: str, inputs: Mapping[str, Any], version: int | None, outputs: Iterable[str] | None, priority: int | None
 ) -> dict[str, Any]:
+    for name, value in inputs.items():
+        if isinstance(value, (list, tuple)):
+            raise InvalidInputError(
+                f"input {name!r} is a Python {type(value).__name__}, not an array: the wire carries typed tensors; "
+                f"send numpy.asarray(value, dtype=...) with the model's dtype (model_metadata lists it)",
+                input=name, type=type(value).__name__)
     fields = {"model": model, "inputs": encode_tensors(inputs)}
     fields.update(_optional(version=version, outputs=None if outputs is None else _names(outputs), priority=priority))
     return fields
