@@ -74,9 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .server.app import DEFAULT_GRACE_S, DEFAULT_MAX_IN_FLIGHT
     from .server.auth import DEFAULT_AUTH_TIMEOUT_S
     from .server.control import DEFAULT_POLL_INTERVAL_S, MODES
+    from .server.shm import DEFAULT_MAX_BYTES, DEFAULT_MAX_REGIONS
     from .server.tracker import DEFAULT_MAX_CONNECTIONS
 
+    from . import __version__
+    from trtserve_client.wire import PROTOCOL_VERSION
+
     parser = argparse.ArgumentParser(prog="trtserve", description="A small, fast model server for TensorRT and ONNX models.")
+    parser.add_argument("--version", action="version", version=f"trtserve {__version__} (protocol version {PROTOCOL_VERSION})")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="serve a model repository over TCP")
     serve.add_argument("--repository", required=True, metavar="PATH", help="model repository folder (<model>/config.toml)")
@@ -100,8 +105,59 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", metavar="PATH", help="the PEM private key of --tls-cert")
     serve.add_argument("--metrics-port", type=_optional_port, default=None, metavar="PORT",
                        help="serve Prometheus metrics over HTTP on --host:PORT (default: off)")
+    serve.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
+                       help="refuse the shm_register/shm_unregister/shm_status operations (clients send tensors inline)")
+    serve.add_argument("--shm-max-regions", type=_positive_int, default=DEFAULT_MAX_REGIONS, metavar="N",
+                       help="shared-memory regions one connection may register (default: %(default)s)")
+    serve.add_argument("--shm-max-bytes", type=_positive_int, default=DEFAULT_MAX_BYTES, metavar="BYTES",
+                       help="bytes of shared memory one connection may map (default: %(default)s = 16 GiB)")
     serve.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, help="(default: %(default)s)")
+    _ray_flags(serve)
     return parser
+
+
+def _ray_flags(serve: argparse.ArgumentParser) -> None:
+    """Scale-out on Ray Serve (docs/scaling.md).  Parsing them imports no Ray."""
+    from .scaleout.settings import DEFAULT_APP_PREFIX, DEFAULT_DEPLOY_TIMEOUT_S
+
+    ray = serve.add_argument_group("Ray Serve (needs the [ray] extra)")
+    ray.add_argument("--ray", type=_ray_address, default=None, metavar="ADDRESS",
+                     help="serve each model as a Ray Serve deployment behind this front door: 'local' (start a "
+                          "Ray cluster here), 'auto' (this machine's cluster or RAY_ADDRESS), HOST:PORT or "
+                          "ray://HOST:PORT (default: off, models run in this process)")
+    ray.add_argument("--ray-set", type=_ray_override, action="append", default=[], metavar="[MODEL:]KEY=VALUE",
+                     help="override a key of the models' [ray] config table (every model, or MODEL's), "
+                          "e.g. num_replicas=2 or resnet:num_gpus=1 (repeatable)")
+    ray.add_argument("--ray-app-prefix", default=DEFAULT_APP_PREFIX, metavar="PREFIX",
+                     help="Serve application names are PREFIX + model name (default: %(default)s)")
+    ray.add_argument("--ray-deploy-timeout", type=_positive_seconds, default=DEFAULT_DEPLOY_TIMEOUT_S, metavar="SECONDS",
+                     help="a model whose replicas do not all run by then (too few CPUs/GPUs in the cluster, "
+                          "say) is UNAVAILABLE with Serve's reason (default: %(default)s)")
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a number of seconds > 0, got 0")
+    return value
+
+
+def _ray_address(text: str) -> str:
+    from .scaleout.cluster import check_address
+
+    try:
+        return check_address(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _ray_override(text: str):
+    from .scaleout.settings import parse_override
+
+    try:
+        return parse_override(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def _model_control_flags(serve: argparse.ArgumentParser, modes: tuple[str, ...], poll_default: float) -> None:
@@ -152,13 +208,27 @@ def use_uvloop() -> bool:
 
 async def serve(args: argparse.Namespace) -> int:
     from .repository import ModelRepository
+
+    if args.ray is None:
+        if args.ray_set:
+            raise ConfigError(f"--ray-set {args.ray_set[0].text!r} applies only with --ray ADDRESS; add --ray or drop it",
+                              key="ray_set")
+        return await _serve(args, ModelRepository(args.repository))
+    from .scaleout.frontdoor import ray_repository
+
+    with ray_repository(args.ray, args.repository, args.ray_set, args.ray_app_prefix,
+                        args.ray_deploy_timeout) as repository:
+        return await _serve(args, repository)
+
+
+async def _serve(args: argparse.Namespace, repository) -> int:
     from .server import Server
     from .server.auth import read_token_file, server_ssl_context
 
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together: give both (a PEM certificate and its key) or neither")
     server = Server(
-        ModelRepository(args.repository),
+        repository,
         host=args.host,
         port=args.port,
         max_frame=args.max_frame,
@@ -174,6 +244,9 @@ async def serve(args: argparse.Namespace) -> int:
         auth_timeout_s=args.auth_timeout,
         ssl_context=None if args.tls_cert is None else server_ssl_context(args.tls_cert, args.tls_key),
         metrics_port=args.metrics_port,
+        shared_memory=args.shared_memory,
+        shm_max_regions=args.shm_max_regions,
+        shm_max_bytes=args.shm_max_bytes,
         max_buffered=args.max_buffered,
         max_buffered_per_connection=args.max_buffered_per_connection,
         idle_timeout_s=args.idle_timeout,

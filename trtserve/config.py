@@ -7,7 +7,8 @@ Two forms, as in TorchPipe:
   other node points to.
 
 Model-level ``[[input]]`` / ``[[output]]`` tables declare tensors for validation and
-metadata.  Every error names the file, the key, the offending value and the fix.
+metadata; ``[ray]`` says how ``trtserve serve --ray`` deploys the model (scaleout/settings.py),
+so ``ray`` cannot name a node.  Every error names the file, the key, the offending value and the fix.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from trtserve_client.wire import DTYPES
 from .backend import Backend, Key, TensorSpec, backend_class, current_scope, did_you_mean, is_builtin
 from .errors import ConfigError
 from .expression import Expr, ExpressionError, parse, resolve
+from .scaleout.settings import RaySettings, parse_ray_table
 from .versions import VersionPolicy, parse_policy
 from .warmup import WarmupSample, parse_warmup
 
@@ -49,7 +51,7 @@ NODE_KEYS: dict[str, Key] = {
     "priority_levels": Key(int, 1, "number of priority levels; 1 is the highest", check=_positive),
     "default_priority": Key(int, 0, "level for requests without a priority; 0 = the lowest", check=_non_negative),
 }
-MODEL_KEYS = {"input", "output", "version_policy", "warmup", "load_timeout"}  # load_timeout: loadjob.py
+MODEL_KEYS = {"input", "output", "version_policy", "warmup", "ray", "load_timeout"}  # load_timeout: loadjob.py
 TENSOR_KEYS = {"input": {"name", "dtype", "shape"}, "output": {"name", "dtype", "shape", "source"}}
 TENSOR_DTYPES = DTYPES + ("bytes",)
 # Triton's spellings of scheduler keys, and what they are called here.
@@ -88,6 +90,7 @@ class ModelConfig:
     raw: dict[str, Any] = field(default_factory=dict)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     warmup: list[WarmupSample] = field(default_factory=list)
+    ray: RaySettings = field(default_factory=RaySettings)  # how `trtserve serve --ray` deploys it
 
     @property
     def entry(self) -> NodeConfig:
@@ -156,6 +159,7 @@ class _Validator:
             raw=raw,
             version_policy=parse_policy(raw.get("version_policy"), self.where),
             warmup=parse_warmup(raw.get("warmup"), self.where, self.folder),
+            ray=parse_ray_table(raw.get("ray"), self.where),
         )
 
     def node_tables(self, raw: dict[str, Any]) -> list[NodeConfig]:

@@ -106,6 +106,10 @@ class LoadedModel:
             # This version was swapped out between lookup and submit: the new one answers.
             return successor.submit(item, on_done, deadline, priority)
 
+    def is_ready(self) -> bool:
+        """Whether this version can take requests now (a remote one may have lost its replicas)."""
+        return True
+
     def metadata(self) -> dict[str, Any]:
         inputs, outputs = self.pipeline.io_spec()
         return {
@@ -187,6 +191,15 @@ class ModelRepository:
         """Names of the model folders that hold a config.toml."""
         return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_FILE).is_file())
 
+    def _on_disk(self, name: str) -> bool:
+        """A model folder with a config.toml exists for ``name`` (a plain folder name only)."""
+        if not name or len(name) > 255 or "/" in name or "\\" in name or name in (".", ".."):
+            return False
+        try:
+            return (self.root / name / CONFIG_FILE).is_file()
+        except OSError:
+            return False
+
     def _entry(self, name: str) -> _Entry:
         with self._lock:
             return self._entries.setdefault(name, _Entry())
@@ -194,19 +207,19 @@ class ModelRepository:
     # -- load / unload -----------------------------------------------------------------
     def load_all(self, names: list[str] | None = None) -> None:
         """Load every model (or ``names``), a few at a time; failures are recorded as
-        UNAVAILABLE, never raised, and a model that hangs delays no other."""
-        load_in_turn(self.load, self.scan() if names is None else names)
+        UNAVAILABLE, never raised, and a model that hangs delays no other.  Each is LOADING
+        from the start, not only once its turn comes."""
+        names = self.scan() if names is None else names
+        for name in names:
+            entry = self._entry(name)
+            with entry.lock:
+                if not entry.models:
+                    entry.state, entry.reason = ModelState.LOADING, None
+        load_in_turn(self.load, names)
 
     def folder(self, name: str) -> Path:
         """The folder of model ``name``; MODEL_NOT_FOUND for a name that cannot be one."""
-        ok = (type(name) is str and 0 < len(name.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES
-              and not name.startswith(".") and "/" not in name and "\0" not in name)
-        folder = self.root / name if ok else self.root
-        try:
-            ok = ok and (folder / CONFIG_FILE).is_file()
-        except (OSError, ValueError):
-            ok = False
-        if not ok:
+        if type(name) is not str or name.startswith(".") or "\0" in name or not self._on_disk(name):
             # No paths and no listing: a caller learns nothing of the disk beyond this name.
             raise ModelNotFoundError(
                 f"no model {name!r:.80} in the repository: a model is a folder of the repository holding a "
@@ -214,11 +227,17 @@ class ModelRepository:
                 "repository_index lists the models",
                 model=name if type(name) is str and len(name) <= MAX_NAME_BYTES else repr(name)[:80],
             )
-        return folder
+        return self.root / name
 
     def load(self, name: str) -> LoadedModel:
         """Load or reload ``name``; returns its latest served version.  Errors are recorded too."""
-        folder = self.folder(name)
+        try:
+            folder = self.folder(name)
+        except ModelNotFoundError as exc:
+            entry = self._entries.get(name)  # marked LOADING by load_all, then its folder went
+            if entry is not None and not entry.models and not entry.load_lock.locked():
+                entry.state, entry.reason = ModelState.UNAVAILABLE, exc.message
+            raise
         entry = self._entry(name)
         with entry.load_lock:
             if entry.hung is not None and entry.hung.running:
@@ -235,7 +254,7 @@ class ModelRepository:
             job = None
             try:
                 timeout = load_timeout(read_toml(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
-                job = LoadJob(name, lambda: self._build_versions(name, folder, entry), _discard)
+                job = LoadJob(name, lambda: self._build_with_code(name, folder, entry), _discard)
                 fresh, code = job.run(timeout)
             except TrtserveError as exc:
                 if job is not None and job.running:
@@ -264,16 +283,17 @@ class ModelRepository:
         log.info("model %s versions %s are READY", name, sorted(fresh))
         return latest
 
-    def _build_versions(self, name: str, folder: Path, entry: _Entry) -> tuple[dict[int, LoadedModel], ModelCode]:
+    def _build_with_code(self, name: str, folder: Path, entry: _Entry) -> tuple[dict[int, LoadedModel], ModelCode]:
+        """The model's backend.py, then its versions, built where that code's backends are seen."""
         code = load_model_code(name, folder)
         try:
             with code.scope():
-                return self._build_in_scope(name, folder, entry), code
+                return self._build_versions(name, folder, entry), code
         except BaseException:
             code.release()
             raise
 
-    def _build_in_scope(self, name: str, folder: Path, entry: _Entry) -> dict[int, LoadedModel]:
+    def _build_versions(self, name: str, folder: Path, entry: _Entry) -> dict[int, LoadedModel]:
         check_version_names(folder)
         on_disk = version_dirs(folder)
         config_path = folder / CONFIG_FILE
@@ -394,6 +414,10 @@ class ModelRepository:
         """The served model (latest version unless named); typed errors otherwise."""
         entry = self._entries.get(name)
         if entry is None:
+            if self._on_disk(name):
+                raise ModelUnavailableError(
+                    f"model {name!r} is not loaded; start the server with --model-control poll, or with "
+                    f"--model-control explicit and load it", model=name, state="UNLOADED", reason="not loaded")
             raise ModelNotFoundError(f"unknown model {name!r}; available models are {self.loaded()}", model=name)
         models = entry.models
         if not models:

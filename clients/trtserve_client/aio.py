@@ -3,6 +3,10 @@
     async with AsyncClient("127.0.0.1", 8001, connections=4) as client:
         outputs = await client.infer("tensor_mlp", np.zeros((1, 16), np.float32))
 
+    # several servers (front doors, or trtserve serve processes), balanced per request:
+    async with AsyncClient(endpoints=["10.0.0.5:8001", "10.0.0.6:8001"]) as client:
+        ...
+
 Every operation of the protocol (docs/PROTOCOL.md) is one method.  Errors are the typed
 classes of :mod:`trtserve_client.errors`, chosen by the wire code.  The sync
 :class:`~trtserve_client.client.Client` runs this very class on a private event loop.
@@ -10,28 +14,43 @@ classes of :mod:`trtserve_client.errors`, chosen by the wire code.  The sync
 from __future__ import annotations
 
 import asyncio
-import itertools
 import ssl as _ssl
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 
 from .connection import DEFAULT_CONNECT_TIMEOUT, Connection
-from .errors import InvalidArgumentError, InvalidInputError, ProtocolError, TrtserveError
-from .wire import DEFAULT_MAX_FRAME, decode_tensors, encode_tensors
+from .endpoints import DEFAULT_DOWN_S, Endpoint, Endpoints, parse_endpoints
+from .errors import (
+    ConnectionFailedError,
+    InvalidArgumentError,
+    InvalidInputError,
+    ProtocolError,
+    ShuttingDownError,
+    TrtserveError,
+)
+from .regions import Region, SystemSharedMemory, decode_outputs
+from .wire import DEFAULT_MAX_FRAME, decode_value, encode_tensors
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8001
 #: Name used for a lone input when the model declares no inputs (the server then accepts any).
 ANONYMOUS_INPUT = "input"
 STRATEGIES = ("least_in_flight", "round_robin")
+# Answers that mean "this server did not answer this request; another one may": the
+# connection dropped (or never opened) before an answer, or the server is shutting down.
+RETRIABLE = (ConnectionFailedError, ShuttingDownError)
+# Operations that are safe to send again: they change nothing on the server.
+_IDEMPOTENT = frozenset({"infer", "live", "ready", "server_metadata", "model_metadata", "model_config",
+                         "repository_index", "statistics"})
+_CLOSE_UNREGISTER_S = 5.0  # close() waits this long for the server to let go of regions
 
 Value = Union[np.ndarray, bytes]
 Inputs = Union[Mapping[str, Any], np.ndarray, bytes, bytearray, memoryview]
 
 
 class AsyncClient:
-    """A pool of ``connections`` pipelined connections to one server.
+    """A pool of ``connections`` pipelined connections to one server, or to each of several.
 
     Each method is one protocol operation and returns that operation's ``result`` map as
     docs/PROTOCOL.md defines it, except ``live``/``ready`` (a bool) and ``infer`` (the
@@ -47,6 +66,21 @@ class AsyncClient:
     ``ssl=`` an ``ssl.SSLContext`` (or True for the system's CAs), or ``tls=True`` with
     ``ca_file=`` the PEM file that signed the server's certificate (a self-signed
     certificate is its own CA); ``server_hostname`` overrides the name checked.
+
+    Several servers: ``endpoints=["host:port", ("host", port), ...]`` instead of
+    host/port.  Each request goes to the endpoint with the fewest requests outstanding; an
+    endpoint whose connection fails is skipped for a while (endpoints.py) and used again
+    once it answers.  A request whose connection dropped before its answer (or that a
+    draining server refused with SHUTTING_DOWN) is sent again on another endpoint, at most
+    ``retries`` times (default: once per other endpoint; 0 turns it off).  This is safe
+    because inference is idempotent: running a request twice gives the same answer and
+    changes nothing.  ``load`` and ``unload`` are never re-sent.  With one endpoint nothing
+    is ever re-sent: whether a dropped request ran is the caller's call.
+
+    Shared memory (a server on the same host): ``register_system_shm`` / ``register_cuda_shm``
+    register a region on every connection of every endpoint (and again after a reconnect); inputs
+    given as ``region.tensor(...)`` travel as references, and outputs named in
+    ``infer(shm_outputs=...)`` come back as views of their regions (regions.py).
     """
 
     def __init__(
@@ -64,48 +98,73 @@ class AsyncClient:
         tls: bool = False,
         ca_file: str | None = None,
         server_hostname: str | None = None,
+        endpoints: Sequence[str | tuple[str, int]] | None = None,
+        retries: int | None = None,
+        down_s: float = DEFAULT_DOWN_S,
     ) -> None:
         if not isinstance(connections, int) or connections < 1:
             raise InvalidArgumentError(f"connections must be an integer >= 1, got {connections!r}", connections=repr(connections))
         if strategy not in STRATEGIES:
             raise InvalidArgumentError(f"strategy must be one of {STRATEGIES}, got {strategy!r}", strategy=repr(strategy))
         _check_timeout(timeout)
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            raise InvalidArgumentError(f"port must be an integer in 1..65535, got {port!r}", port=repr(port))
-        self.host, self.port = host, port
+        addresses = _addresses(host, port, endpoints)
+        self.host, self.port = addresses[0]
+        self.retries = _retries(retries, len(addresses))
+        if isinstance(down_s, bool) or not isinstance(down_s, (int, float)) or not down_s > 0:
+            raise InvalidArgumentError(f"down_s must be a number of seconds > 0, got {down_s!r}", field="down_s")
+        self.down_s = float(down_s)
         self.strategy = strategy
         self.timeout = timeout
         if token is not None and (not isinstance(token, (str, bytes)) or not token):
             raise InvalidArgumentError(f"token must be a non-empty str or bytes, got {type(token).__name__}", field="token")
         context = _ssl_context(ssl, tls, ca_file)
-        self._pool = [
-            Connection(host, port, max_frame=max_frame, connect_timeout=connect_timeout, token=token, ssl=context,
-                       server_hostname=server_hostname or (host if context is not None else None))
-            for _ in range(connections)
-        ]
-        self._turn = itertools.count()
+        self._endpoints = Endpoints([
+            Endpoint(h, p, connections, max_frame=max_frame, connect_timeout=connect_timeout, token=token, ssl=context,
+                     server_hostname=server_hostname or (h if context is not None else None))
+            for h, p in addresses
+        ])
         self._input_names: dict[tuple[str, int | None], str] = {}
+        self._regions: dict[str, Region] = {}
 
     # -- pool --------------------------------------------------------------------------
     @property
     def connections(self) -> list[Connection]:
-        return list(self._pool)
+        return [c for e in self._endpoints.all for c in e.pool]
+
+    @property
+    def endpoints(self) -> list[str]:
+        """``host:port`` of every endpoint, in the order given."""
+        return [e.address for e in self._endpoints.all]
 
     @property
     def in_flight(self) -> int:
-        return sum(c.in_flight for c in self._pool)
+        return sum(c.in_flight for c in self.connections)
 
-    def _pick(self) -> Connection:
-        start = next(self._turn) % len(self._pool)
-        if self.strategy == "round_robin":
-            return self._pool[start]
-        rotated = self._pool[start:] + self._pool[:start]  # rotation spreads ties evenly
-        return min(rotated, key=lambda c: c.in_flight)
+    def outstanding(self) -> dict[str, int]:
+        """Requests in flight per endpoint (``host:port``)."""
+        return {e.address: e.in_flight for e in self._endpoints.all}
 
     async def connect(self) -> None:
         """Open every pooled connection now (they otherwise open on first use), so that an
         unreachable server fails here with ConnectionFailedError."""
-        await asyncio.gather(*(c.connect() for c in self._pool))
+        await asyncio.gather(*(c.connect() for c in self.connections))
+
+    async def _send(self, op: str, fields: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        """One request on the chosen endpoint; re-sent elsewhere when it may be (class docstring)."""
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        tried: list[Endpoint] = []
+        while True:
+            endpoint = self._endpoints.pick(tried)
+            try:
+                result = await endpoint.connection(self.strategy).request(op, fields, _remaining(deadline))
+            except RETRIABLE:
+                endpoint.failed(self.down_s)  # dropped, unreachable or draining: skip it a while
+                tried.append(endpoint)
+                if op not in _IDEMPOTENT or len(tried) > self.retries or len(tried) == len(self._endpoints.all):
+                    raise
+                continue
+            endpoint.answered()
+            return result
 
     async def request(self, op: str, timeout: float | None = None, **fields: Any) -> dict[str, Any]:
         """Send any operation with raw wire fields; returns the ``result`` map as received.
@@ -114,7 +173,7 @@ class AsyncClient:
         ``timeout_ms`` for the server but no client-side timeout).
         """
         timeout = self._timeout(timeout)
-        return await self._pick().request(op, fields, timeout)
+        return await self._send(op, fields, timeout)
 
     # -- health and metadata -----------------------------------------------------------
     async def live(self, timeout: float | None = None) -> bool:
@@ -169,6 +228,7 @@ class AsyncClient:
         outputs: Iterable[str] | None = None,
         timeout: float | None = None,
         priority: int | None = None,
+        shm_outputs: Mapping[str, Any] | None = None,
     ) -> dict[str, Value]:
         """Run ``model`` on ``inputs`` and return ``{output name: ndarray or bytes}``.
 
@@ -179,24 +239,31 @@ class AsyncClient:
         bounds the whole call and is also sent as ``timeout_ms`` so the server drops the
         request instead of computing an answer nobody waits for.  Returned arrays are
         read-only views over the received bytes (no copy); ``.copy()`` one to modify it.
+
+        Shared memory: an input value may be ``region.tensor(shape, dtype, offset)``, and
+        ``shm_outputs`` maps output names to a registered region (the whole of it) or
+        ``region.slot(offset, byte_size)``; those outputs are written there by the server
+        and returned as views of the region (numpy, or DeviceView for CUDA regions).
         """
         model = _model(model)
         timeout = self._timeout(timeout)
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         named = await self._named(model, version, inputs, timeout)
         fields = _infer_fields(model, named, version, outputs, priority)
+        if shm_outputs is not None:
+            fields["shm_outputs"] = self._slots(shm_outputs)
         remaining = _remaining(deadline)
         if remaining is not None:
             fields["timeout_ms"] = remaining * 1000.0
         try:
-            result = await self._pick().request("infer", fields, remaining)
+            result = await self._send("infer", fields, remaining)
         except InvalidInputError:
             if not isinstance(inputs, Mapping):
                 # The cached input name may be stale (another client reloaded the model with
                 # new inputs): look it up again on the next call.
                 self._input_names.pop((model, version), None)
             raise
-        return _decode_outputs(result)
+        return _decode_outputs(result, self._regions)
 
     async def _named(self, model: str, version: int | None, inputs: Inputs, timeout: float | None) -> Mapping[str, Any]:
         if isinstance(inputs, Mapping):
@@ -206,6 +273,73 @@ class AsyncClient:
             name = _sole_input(await self.model_metadata(model, version, timeout))
             self._input_names[(model, version)] = name
         return {name: inputs}
+
+    # -- shared memory -------------------------------------------------------------------
+    async def register_system_shm(self, name: str, byte_size: int, key: str | None = None, offset: int = 0,
+                                  timeout: float | None = None) -> SystemSharedMemory:
+        """Register ``byte_size`` bytes of POSIX shared memory as region ``name``: a new object
+        (removed again when the region is unregistered), or ``offset`` into the existing
+        object ``key``.  Returns the region (``ndarray``, ``write``, ``tensor``, ``slot``)."""
+        return await self._register(SystemSharedMemory(name, byte_size, key, offset), timeout)
+
+    async def register_cuda_shm(self, name: str, byte_size: int, device: int = 0, memory: Any = None,
+                                timeout: float | None = None) -> Any:
+        """Register ``byte_size`` bytes of device memory on ``device`` as region ``name``,
+        shared through CUDA IPC: allocated here, or ``memory`` (an address, or an object with
+        ``__cuda_array_interface__``).  Needs cuda-python; returns a CudaSharedMemory."""
+        from .cuda_regions import CudaSharedMemory  # only CUDA users need cuda-python
+
+        return await self._register(CudaSharedMemory(name, byte_size, device, memory), timeout)
+
+    async def _register(self, region: Region, timeout: float | None) -> Any:
+        if region.name in self._regions:
+            region.close()
+            raise InvalidArgumentError(f"this client already has a region named {region.name!r}; unregister it first",
+                                       field="name", region=region.name)
+        timeout = self._timeout(timeout)
+        self._regions[region.name] = region
+        # Every connection's answer first, so none is left registered behind a failure.
+        outcomes = await asyncio.gather(*(c.register_region(region.registration(), timeout) for c in self.connections),
+                                        return_exceptions=True)
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if failures:
+            await self.unregister_shm(region.name, timeout)
+            raise failures[0]
+        return region
+
+    async def unregister_shm(self, name: str | Region | None = None, timeout: float | None = None) -> None:
+        """Unregister region ``name`` (or every region) on every connection, then release this
+        process's side of it.  Returns once the server no longer uses it (requests in flight
+        that use it finish first)."""
+        name = name.name if isinstance(name, Region) else name
+        if name is not None and name not in self._regions:
+            raise InvalidArgumentError(f"this client has no region named {name!r}; it has {sorted(self._regions)}",
+                                       field="name", region=name)
+        timeout = self._timeout(timeout)
+        outcomes = await asyncio.gather(*(c.unregister_region(name, timeout) for c in self.connections), return_exceptions=True)
+        for region in [self._regions.pop(name)] if name is not None else list(self._regions.values()):
+            region.close()
+        if name is None:
+            self._regions.clear()
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if failures:
+            raise failures[0]
+
+    async def shm_status(self, name: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """``{"regions": [...], "max_regions", "max_bytes", "mapped_bytes"}`` as one pooled
+        connection's server side sees it (every connection holds the same regions)."""
+        return await self.request("shm_status", timeout, **_optional(name=name))
+
+    def _slots(self, shm_outputs: Mapping[str, Any]) -> dict[str, Any]:
+        slots = {}
+        for name, slot in shm_outputs.items():
+            if isinstance(slot, Region):
+                slot = slot.slot()
+            if not isinstance(slot, dict) or slot.get("region") not in self._regions:
+                raise InvalidArgumentError(f"shm_outputs[{name!r}] must be a region registered by this client or "
+                                           f"region.slot(...), got {slot!r:.80}", field="shm_outputs")
+            slots[name] = slot
+        return slots
 
     def _forget(self, model: str) -> None:
         # A (re)load may change the model's inputs; look its input name up again next time.
@@ -218,8 +352,15 @@ class AsyncClient:
 
     # -- lifecycle ---------------------------------------------------------------------
     async def close(self) -> None:
-        """Close every connection; requests still pending fail with ConnectionFailedError."""
-        await asyncio.gather(*(c.close() for c in self._pool))
+        """Close every connection; requests still pending fail with ConnectionFailedError.
+        Regions are unregistered first (so the server has let go of device memory before it
+        is freed), then released on this side."""
+        if self._regions:
+            try:
+                await self.unregister_shm(timeout=_CLOSE_UNREGISTER_S)
+            except TrtserveError:
+                pass  # closing the connections releases them on the server anyway
+        await asyncio.gather(*(c.close() for c in self.connections))
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -228,7 +369,9 @@ class AsyncClient:
         await self.close()
 
     def __repr__(self) -> str:
-        return f"AsyncClient({self.host!r}, {self.port}, connections={len(self._pool)}, strategy={self.strategy!r})"
+        if len(self._endpoints.all) > 1:
+            return f"AsyncClient(endpoints={self.endpoints!r}, connections={len(self.connections)}, strategy={self.strategy!r})"
+        return f"AsyncClient({self.host!r}, {self.port}, connections={len(self.connections)}, strategy={self.strategy!r})"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -248,6 +391,26 @@ def _ssl_context(ssl: _ssl.SSLContext | bool | None, tls: bool, ca_file: str | N
         return _ssl.create_default_context(cafile=ca_file)
     except (OSError, _ssl.SSLError) as exc:
         raise InvalidArgumentError(f"ca_file={ca_file!r} cannot be loaded ({exc}); give a PEM file of CA certificates", field="ca_file") from None
+
+
+def _addresses(host: str, port: int, endpoints: Sequence[Any] | None) -> list[tuple[str, int]]:
+    if endpoints is not None:
+        if (host, port) != (DEFAULT_HOST, DEFAULT_PORT):
+            raise InvalidArgumentError("give either host/port or endpoints=[...], not both", field="endpoints")
+        return parse_endpoints(endpoints)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise InvalidArgumentError(f"port must be an integer in 1..65535, got {port!r}", port=repr(port))
+    return [(host, port)]
+
+
+def _retries(retries: int | None, endpoints: int) -> int:
+    """How many times one request may be re-sent: by default once on each other endpoint."""
+    if retries is None:
+        return endpoints - 1
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise InvalidArgumentError(f"retries must be an integer >= 0 (0 = never re-send), got {retries!r}",
+                                   field="retries")
+    return retries
 
 
 def _check_timeout(timeout: float | None) -> None:
@@ -284,6 +447,12 @@ def _optional(**fields: Any) -> dict[str, Any]:
 def _infer_fields(
     model: str, inputs: Mapping[str, Any], version: int | None, outputs: Iterable[str] | None, priority: int | None
 ) -> dict[str, Any]:
+    for name, value in inputs.items():
+        if isinstance(value, (list, tuple)):
+            raise InvalidInputError(
+                f"input {name!r} is a Python {type(value).__name__}, not an array: the wire carries typed tensors; "
+                f"send numpy.asarray(value, dtype=...) with the model's dtype (model_metadata lists it)",
+                input=name, type=type(value).__name__)
     fields = {"model": model, "inputs": encode_tensors(inputs)}
     fields.update(_optional(version=version, outputs=None if outputs is None else _names(outputs), priority=priority))
     return fields
@@ -302,9 +471,9 @@ def _sole_input(metadata: dict[str, Any]) -> str:
     )
 
 
-def _decode_outputs(result: dict[str, Any]) -> dict[str, Value]:
+def _decode_outputs(result: dict[str, Any], regions: dict[str, Region]) -> dict[str, Value]:
     try:
-        return decode_tensors(result.get("outputs"), "outputs")
+        return decode_outputs(result.get("outputs"), regions, decode_value)
     except TrtserveError as exc:
         # Our own request was fine; a tensor the server sent cannot be decoded.
         raise ProtocolError(f"the server sent malformed outputs: {exc.message}", **exc.details) from None

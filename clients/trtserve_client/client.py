@@ -37,8 +37,8 @@ def _blocking(coroutine_function: Callable[..., Awaitable[T]]) -> Callable[..., 
 
 class Client:
     """Blocking, thread-safe client; takes AsyncClient's arguments (host, port, connections,
-    strategy, timeout, connect_timeout, max_frame, token, ssl, tls, ca_file, server_hostname).
-    Use as a context manager or call close()."""
+    strategy, timeout, connect_timeout, max_frame, token, ssl, tls, ca_file, server_hostname,
+    endpoints, retries, down_s).  Use as a context manager or call close()."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._async = AsyncClient(*args, **kwargs)  # validates arguments before a thread starts
@@ -61,7 +61,16 @@ class Client:
 
     @property
     def address(self) -> str:
-        return f"{self._async.host}:{self._async.port}"
+        """``host:port``, or the endpoints joined with commas."""
+        return ",".join(self._async.endpoints)
+
+    @property
+    def endpoints(self) -> list[str]:
+        return self._async.endpoints
+
+    def outstanding(self) -> dict[str, int]:
+        """Requests in flight per endpoint."""
+        return self._async.outstanding()
 
     @property
     def in_flight(self) -> int:
@@ -79,6 +88,10 @@ class Client:
     load = _blocking(AsyncClient.load)
     unload = _blocking(AsyncClient.unload)
     infer = _blocking(AsyncClient.infer)
+    register_system_shm = _blocking(AsyncClient.register_system_shm)
+    register_cuda_shm = _blocking(AsyncClient.register_cuda_shm)
+    unregister_shm = _blocking(AsyncClient.unregister_shm)
+    shm_status = _blocking(AsyncClient.shm_status)
 
     def close(self) -> None:
         """Close the connections and stop the loop thread.  Idempotent."""
@@ -92,7 +105,8 @@ class Client:
 
     def __repr__(self) -> str:
         state = "open" if self._finalizer.alive else "closed"
-        return f"Client({self._async.host!r}, {self._async.port}, connections={len(self._async.connections)}, {state})"
+        where = f"{self._async.host!r}, {self._async.port}" if len(self.endpoints) == 1 else f"endpoints={self.endpoints!r}"
+        return f"Client({where}, connections={len(self._async.connections)}, {state})"
 
 
 # help(Client) and IDEs show AsyncClient's parameters, which __init__ passes through.

@@ -109,3 +109,33 @@ def test_many_threads_get_their_own_images():
         for t in threads:
             t.join()
     assert not failures, failures[:5]
+
+
+class _CountingDecoder:
+    """nvImageCodec's decoder, recording how many images each call decoded."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.calls: list[int] = []
+
+    def decode(self, sources, **kwargs):
+        self.calls.append(len(sources) if isinstance(sources, list) else 1)
+        return self.inner.decode(sources, **kwargs)
+
+
+def test_a_batch_of_jpegs_is_decoded_in_one_nvimgcodec_call():
+    """With ``max = 8`` the decode node hands nvImageCodec the batch as one list, so a
+    preprocessing node feeds its model node full batches."""
+    images = [_jpeg(support.photo(240, 320, seed=40 + i), cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444) for i in range(8)]
+    with trtserve.pipe({"backend": "SyncTensor[DecodeTensor]", "decoder": "nvimgcodec", "max": 8, "batching_timeout": 5}) as models:
+        [counter] = models.pipeline.nodes[0].on_each_instance(lambda inst: _install_counter(inst.backend.children[0]))
+        items = [{"data": data} for data in images]
+        models(items)
+    assert sum(counter.calls) == 8 and max(counter.calls) >= 4 and len(counter.calls) <= 3, counter.calls
+    for data, item in zip(images, items):
+        assert np.abs(item["result"].to_host().astype(int) - _reference_rgb(data)).max() <= 4
+
+
+def _install_counter(decode_tensor) -> _CountingDecoder:
+    decode_tensor.decoder = counter = _CountingDecoder(decode_tensor.decoder)
+    return counter

@@ -13,3 +13,10 @@ def test_every_config_key_is_documented():
         keys.update(backend_class(name).config_keys)
     missing = sorted(k for k in keys if f"`{k}`" not in DOC)
     assert not missing, f"document these keys in docs/configuration.md: {missing}"
+
+
+def test_every_ray_table_key_is_documented():
+    from trtserve.scaleout.settings import KEYS
+
+    missing = sorted(k for k in KEYS if f"| `{k}` |" not in DOC)
+    assert not missing, f"document these [ray] keys in docs/configuration.md: {missing}"

@@ -20,7 +20,8 @@ A second signal answers what is in flight with SHUTTING_DOWN and exits without w
 for the models.
 
 Model control modes live in control.py, access control in auth.py and protocol.py, the
-Prometheus exporter in metrics.py; docs/operations.md describes them for operators.
+Prometheus exporter in metrics.py, shared-memory regions in shm_ops.py; docs/operations.md
+describes them for operators.
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ from .handlers import Dispatcher
 from .metrics import Metrics
 from .protocol import ServerProtocol
 from .reaper import DEFAULT_IDLE_S, DEFAULT_MIN_RECEIVE_RATE, DEFAULT_RECEIVE_S, DEFAULT_WRITE_S, Timeouts
+from .shm import DEFAULT_MAX_BYTES, DEFAULT_MAX_REGIONS, ShmLimits
+from .shm_ops import SharedMemory
 from .threads import DaemonExecutor
 from .tracker import DEFAULT_MAX_CONNECTIONS, ConnectionTracker
 
@@ -79,7 +82,9 @@ class Server:
     reaping: ``max_buffered`` and ``max_buffered_per_connection`` (bytes; None = sized from
     the machine, budget.py), ``idle_timeout_s``, ``receive_timeout_s``, ``min_receive_rate``,
     ``write_timeout_s`` (0 turns one off; reaper.py).  Metrics: ``metrics_port`` (None =
-    off; 0 = any free port, read ``.metrics_port`` after start).
+    off; 0 = any free port, read ``.metrics_port`` after start).  Shared memory:
+    ``shared_memory`` (False refuses the shm operations), with per-connection limits
+    ``shm_max_regions`` and ``shm_max_bytes``.
     """
 
     def __init__(
@@ -100,6 +105,9 @@ class Server:
         auth_timeout_s: float = DEFAULT_AUTH_TIMEOUT_S,
         ssl_context: ssl.SSLContext | None = None,
         metrics_port: int | None = None,
+        shared_memory: bool = True,
+        shm_max_regions: int = DEFAULT_MAX_REGIONS,
+        shm_max_bytes: int = DEFAULT_MAX_BYTES,
         max_buffered: int | None = None,
         max_buffered_per_connection: int | None = None,
         idle_timeout_s: float = DEFAULT_IDLE_S,
@@ -130,6 +138,9 @@ class Server:
             budget=ByteBudget(*default_limits(self.max_frame, max_buffered, max_buffered_per_connection)),
             timeouts=Timeouts.checked(idle_timeout_s, receive_timeout_s, min_receive_rate, write_timeout_s),
         )
+        limits = ShmLimits(_positive_int("shm_max_regions", shm_max_regions), _positive_int("shm_max_bytes", shm_max_bytes))
+        self.shm = SharedMemory(limits if shared_memory else None)
+        self.tracker.closed = self.shm.connection_closed  # a connection's regions go with it
         self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self._listener: asyncio.AbstractServer | None = None
@@ -174,6 +185,7 @@ class Server:
             version=__version__,
             authenticator=self.authenticator,
             metrics=self.metrics,
+            shared_memory=self.shm,
         )
         try:
             await self._listen(loop, self.dispatcher.dispatch)
@@ -307,6 +319,7 @@ class Server:
         tracker.reaper.stop()
         if self._listener is not None:
             await self._listener.wait_closed()
+        self.shm.close()  # what aborted connections registered, too
         closing = asyncio.ensure_future(_off_loop(self._close_models))
         hurry = asyncio.ensure_future(self._hurry.wait())
         await asyncio.wait({closing, hurry}, return_when=asyncio.FIRST_COMPLETED)

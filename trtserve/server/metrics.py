@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_a
 
 from ..repository import LoadedModel, ModelRepository
 from .collector import LiveCollector
+from .health import with_health
 from .tracker import ConnectionTracker
 
 log = logging.getLogger("trtserve.server")
@@ -159,10 +160,12 @@ class Metrics:
 
     # -- HTTP ----------------------------------------------------------------------------
     def serve(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` (any path) on ``host:port`` from a daemon thread; the bound port."""
+        """Serve ``/metrics`` (any path but the health ones: health.py) on ``host:port`` from a
+        daemon thread; the bound port."""
         server_class = type("MetricsHTTPServer", (ThreadingMixIn, WSGIServer), {"daemon_threads": True})
         server_class.address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        self._http = make_server(host, port, make_wsgi_app(self.registry), server_class, handler_class=_QuietHandler)
+        app = with_health(make_wsgi_app(self.registry), self._ready)  # /healthz, /readyz, else metrics
+        self._http = make_server(host, port, app, server_class, handler_class=_QuietHandler)
         self.port = self._http.server_port
         # A short poll interval: shutdown() waits for it, and tests stop many servers.
         self._thread = threading.Thread(

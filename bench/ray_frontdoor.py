@@ -1,0 +1,123 @@
+"""Front door + Ray Serve replica vs `trtserve serve`, same model, same machine.
+
+    python bench/ray_frontdoor.py [--model tensor_mlp] [--repository model_repository]
+                                  [--json bench/results/ray_frontdoor.json]
+
+Runs, one after the other (never side by side, so they do not share the cores):
+
+1. ``trtserve serve --repository R --load-model M`` (the model in the server process);
+2. the same with ``--ray local --ray-set num_replicas=1`` (a local Ray cluster, one
+   replica running the model, the front door forwarding to it);
+
+and measures each with ``trtserve-bench`` at concurrency 1 (p50 latency) and 32
+(throughput).  Prints one row per path plus the two comparisons the README reports:
+p50 overhead (ms) at c=1 and the throughput ratio at c=32.  Not a test: numbers depend on
+the machine; docs/scaling.md says what was measured where.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFIX = "trtserve listening on "
+
+
+def trtserve() -> list[str]:
+    script = Path(sys.executable).with_name("trtserve")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "trtserve"]
+
+
+def bench_command() -> list[str]:
+    script = Path(sys.executable).with_name("trtserve-bench")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "trtserve_bench.cli"]
+
+
+def start(argv: list[str], log: Path, timeout: float = 300.0) -> tuple[subprocess.Popen, int]:
+    """Start a server; its port from the one line it prints once listening."""
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                                env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    give_up = time.monotonic() + timeout
+    line = proc.stdout.readline().decode()  # blocks until listening (or exit)
+    if not line.startswith(PREFIX) or time.monotonic() > give_up:
+        proc.kill()
+        raise RuntimeError(f"{argv} did not start: {line!r}; see {log}")
+    return proc, int(line.rsplit(":", 1)[1])
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def measure(port: int, model: str, windows: int) -> dict[int, dict]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run(bench_command() + ["-m", model, "--port", str(port), "--concurrency", "1,32",
+                                          "--max-windows", str(windows), "--json", out.name, "--quiet"], check=True)
+        results = json.load(open(out.name))["results"]
+    return {row["concurrency"]: row for row in results}
+
+
+def run_path(name: str, argv: list[str], model: str, windows: int, log: Path) -> dict:
+    proc, port = start(argv, log)
+    try:
+        rows = measure(port, model, windows)
+    finally:
+        stop(proc)
+    row = {"path": name, "p50_ms_c1": rows[1]["p50_ms"], "infer_per_s_c32": rows[32]["throughput"],
+           "p50_ms_c32": rows[32]["p50_ms"], "errors": rows[1]["errors"] + rows[32]["errors"]}
+    print(f"{name:<28} p50 c=1 {row['p50_ms_c1']:8.3f} ms   c=32 {row['infer_per_s_c32']:9.1f} infer/s "
+          f"(p50 {row['p50_ms_c32']:.2f} ms)   errors {row['errors']}", flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tensor_mlp")
+    p.add_argument("--repository", default=str(ROOT / "model_repository"))
+    p.add_argument("--windows", type=int, default=6, help="measurement windows (1 s) per level")
+    p.add_argument("--ray-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="more [ray] settings for the Ray path, e.g. max_requests_per_call=32 (repeatable)")
+    p.add_argument("--json", help="write the rows and the environment here")
+    args = p.parse_args(argv)
+    log = Path(tempfile.gettempdir()) / "ray_frontdoor_bench.log"
+    # Only the measured model loads: the other examples' replicas would take the cores.
+    base = trtserve() + ["serve", "--repository", args.repository, "--port", "0", "--log-level", "WARNING",
+                         "--model-control", "explicit", "--load-model", args.model]
+    direct = run_path("trtserve serve", base, args.model, args.windows, log)
+    extra = [a for setting in args.ray_set for a in ("--ray-set", setting)]
+    ray = run_path("front door + 1 Ray replica", base + ["--ray", "local", "--ray-set", "num_replicas=1", *extra],
+                   args.model, args.windows, log)
+    summary = {
+        "p50_overhead_ms_c1": ray["p50_ms_c1"] - direct["p50_ms_c1"],
+        "throughput_ratio_c32": ray["infer_per_s_c32"] / direct["infer_per_s_c32"],
+    }
+    print(f"p50 overhead at c=1: {summary['p50_overhead_ms_c1']:+.3f} ms (target <= 1 ms); "
+          f"throughput at c=32: {summary['throughput_ratio_c32']:.2f} of the direct server (target >= 0.7)")
+    if args.json:
+        import ray as ray_module
+
+        environment = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+                       "python": platform.python_version(), "cpu_count": os.cpu_count(), "ray": ray_module.__version__,
+                       "machine": platform.machine(), "model": args.model, "ray_set": args.ray_set}
+        Path(args.json).write_text(json.dumps({"rows": [direct, ray], "summary": summary,
+                                               "environment": environment}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

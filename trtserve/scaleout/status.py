@@ -1,0 +1,126 @@
+"""What the cluster says about each deployed model, refreshed off the serving path.
+
+A status thread asks Ray Serve, once every ``interval_s``, for each application's state
+(``serve.status()``) and for every replica's own statistics (a ``broadcast`` of the
+replica's ``statistics`` method).  ``repository_index``, ``ready``, ``model_metadata`` and
+``statistics`` read the latest answers, so they never block the front door's event loop on
+the cluster; they are at most one interval old.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .repository import RayRepository
+
+log = logging.getLogger("trtserve.scaleout")
+
+DEFAULT_STATUS_INTERVAL_S = 1.0
+SERVING_STATES = ("RUNNING",)  # replica states that take calls
+
+
+@dataclass
+class ClusterView:
+    """One model's deployment as the cluster last reported it."""
+
+    app: str
+    deployment: str
+    app_status: str = "UNKNOWN"  # until the first status poll
+    deployment_status: str = "UNKNOWN"
+    message: str = ""
+    replica_states: dict[str, int] = field(default_factory=dict)
+    replicas: list[dict[str, Any]] = field(default_factory=list)  # each replica's statistics()
+    updated: float = 0.0  # time.time() of the last successful poll
+
+    @property
+    def running_replicas(self) -> int:
+        return sum(n for state, n in self.replica_states.items() if state in SERVING_STATES)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "app": self.app,
+            "deployment": self.deployment,
+            "status": self.deployment_status,
+            "app_status": self.app_status,
+            "message": self.message,
+            "replica_states": dict(self.replica_states),
+            "running_replicas": self.running_replicas,
+        }
+
+
+class StatusMonitor:
+    """The daemon thread that keeps every ClusterView of a RayRepository current."""
+
+    def __init__(self, repository: RayRepository, interval_s: float = DEFAULT_STATUS_INTERVAL_S) -> None:
+        self.repository = repository
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="trtserve-ray-status", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.refresh()
+            except Exception:  # a cluster hiccup must not end the thread: the next poll retries
+                log.warning("Ray status poll failed", exc_info=True)
+
+    def observe(self, view: ClusterView) -> None:
+        """Fill a new view at once, so the index is right from the model's first moment."""
+        from ray import serve
+
+        _apply_status(view, serve.status().applications.get(view.app))
+
+    def refresh(self) -> None:
+        """One poll: application states, then each deployed model's replica statistics."""
+        from ray import serve
+
+        applications = serve.status().applications
+        for view in list(self.repository.views.values()):
+            _apply_status(view, applications.get(view.app))
+        for name, handle in self.repository.deployment_handles().items():
+            view = self.repository.views.get(name)
+            if view is not None and view.running_replicas:
+                view.replicas = _replica_statistics(handle, self.interval_s, view.replicas)
+            elif view is not None:
+                view.replicas = []
+
+
+def _apply_status(view: ClusterView, app: Any) -> None:
+    view.updated = time.time()
+    if app is None:
+        view.app_status, view.deployment_status, view.replica_states, view.message = "NOT_FOUND", "NOT_FOUND", {}, ""
+        return
+    view.app_status = str(getattr(app.status, "value", app.status))
+    view.message = app.message or ""
+    deployment = app.deployments.get(view.deployment)
+    if deployment is None:
+        view.deployment_status, view.replica_states = "NOT_FOUND", {}
+        return
+    view.deployment_status = str(getattr(deployment.status, "value", deployment.status))
+    view.replica_states = {str(getattr(k, "value", k)): int(v) for k, v in deployment.replica_states.items()}
+    view.message = deployment.message or view.message
+
+
+def _replica_statistics(handle: Any, timeout_s: float, previous: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every replica's statistics; the previous rows while none can answer (all of them
+    being replaced, say): statistics then lag, they never vanish."""
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        rows = handle.broadcast("statistics").results(timeout_s=max(timeout_s * 2, 1.0), return_exceptions=True)
+    except (RayServeException, TimeoutError) as exc:
+        log.debug("replica statistics unavailable for now: %s", exc)
+        return previous
+    return sorted((r for r in rows if isinstance(r, dict)), key=lambda r: r.get("replica", ""))
