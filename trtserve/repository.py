@@ -17,15 +17,13 @@ the caller's failure.  A model's backend.py is private to it and released with i
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
-from .backend import Signature
-from .config import ModelConfig, load_config, read_toml
+from .config import load_config, read_toml
 from .errors import (
     ConfigError,
     ModelNotFoundError,
@@ -36,9 +34,11 @@ from .errors import (
 )
 from .loadjob import LoadJob, load_in_turn, load_timeout
 from .modelcode import ModelCode, load_model_code
-from .pipeline import ItemCallback, Pipeline
-from .scheduler import Request
-from .versions import fingerprint, parse_policy
+from .pipeline import Pipeline
+from .served import LoadedModel
+# check_version_names, latest_version_dir, version_dirs and LoadedModel are imported from
+# here too (pipe.py, scaleout/repository.py, the server): they live in versions.py and served.py.
+from .versions import check_version_names, fingerprint, latest_version_dir, parse_policy, version_dirs  # noqa: F401
 from .warmup import run_warmup
 
 log = logging.getLogger("trtserve.repository")
@@ -51,104 +51,6 @@ class ModelState(str, Enum):
     LOADING = "LOADING"
     UNAVAILABLE = "UNAVAILABLE"
     UNLOADED = "UNLOADED"
-
-
-# A folder named like a version that is not one: ``v1``, ``version_2``, ``V3``.
-_LOOKS_LIKE_VERSION = re.compile(r"^(v|ver|version)[-_]?(\d+)$", re.IGNORECASE)
-
-
-def version_dirs(model_folder: Path) -> dict[int, Path]:
-    """Numbered version folders of a model, by version number."""
-    if not model_folder.is_dir():
-        return {}
-    return {int(p.name): p for p in model_folder.iterdir() if p.is_dir() and p.name.isdigit()}
-
-
-def check_version_names(model_folder: Path) -> None:
-    """A ``v1`` folder is not a version: the model would silently load from elsewhere."""
-    for path in sorted(model_folder.iterdir()):
-        match = _LOOKS_LIKE_VERSION.match(path.name) if path.is_dir() else None
-        if match:
-            number = int(match.group(2))
-            raise ConfigError(
-                f"{path}: folder {path.name!r} is not a version: version folders are named by their number "
-                f"only (1, 2, ...); rename it to {model_folder / str(number)}",
-                path=str(path),
-                fix=str(number),
-            )
-
-
-def latest_version_dir(model_folder: Path) -> Path | None:
-    versions = version_dirs(model_folder)
-    return versions[max(versions)] if versions else None
-
-
-@dataclass
-class LoadedModel:
-    """One served version of a model: its config and its running pipeline."""
-
-    name: str
-    version: int
-    folder: Path
-    config: ModelConfig
-    pipeline: Pipeline
-    entry: "_Entry | None" = field(default=None, repr=False)
-
-    def submit(
-        self, item: dict[str, Any], on_done: ItemCallback, deadline: float | None = None, priority: int = 0
-    ) -> Request:
-        try:
-            return self.pipeline.submit(item, on_done, deadline, priority)
-        except ShuttingDownError:
-            successor = self.entry.models.get(self.version) if self.entry else None
-            if successor is None or successor is self:
-                raise
-            # This version was swapped out between lookup and submit: the new one answers.
-            return successor.submit(item, on_done, deadline, priority)
-
-    def is_ready(self) -> bool:
-        """Whether this version can take requests now (a remote one may have lost its replicas)."""
-        return True
-
-    def metadata(self) -> dict[str, Any]:
-        inputs, outputs = self.pipeline.io_spec()
-        return {
-            "name": self.name,
-            "versions": sorted(self.entry.models) if self.entry else [self.version],
-            "inputs": [t.to_dict() for t in inputs or []],
-            "outputs": [t.to_dict() for t in outputs or []],
-            "max_batch_size": self.pipeline.max_batch,
-            "nodes": [
-                {"name": n.node.name, "backend": str(n.node.expr), "instance_num": n.node.instance_num,
-                 **_model_file(n.backend.signature(), self.folder)}
-                for n in self.pipeline.nodes
-            ],
-        }
-
-    def statistics(self) -> dict[str, Any]:
-        stats = self.pipeline.stats.snapshot()
-        stats.update(name=self.name, version=self.version)
-        stats["nodes"] = {n.node.name: n.stats.snapshot() for n in self.pipeline.nodes}
-        last = stats["nodes"][self.pipeline.nodes[-1].node.name]
-        for key in ("batch_sizes", "model_calls", "call_rows"):  # the model node's, at the top
-            stats[key] = last[key]
-        return stats
-
-
-def _model_file(signature: Signature | None, folder: Path) -> dict[str, Any]:
-    """A node's model file (relative to the model folder) and the signature read from it
-    (Triton's auto-complete shows this; declared tensors were checked against it at load)."""
-    if signature is None:
-        return {}
-    path = Path(signature.file)
-    shown = str(path.relative_to(folder.resolve())) if path.is_relative_to(folder.resolve()) else path.name
-
-    def tensors(specs: Any) -> list[dict[str, Any]] | None:
-        if specs is None:
-            return None
-        return [t.to_dict() if signature.typed else {"name": t.name} for t in specs]
-
-    return {"model_file": shown, "model_inputs": tensors(signature.inputs), "model_outputs": tensors(signature.outputs)}
 
 
 @dataclass

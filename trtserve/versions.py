@@ -1,4 +1,5 @@
-"""Which versions of a model to serve (Triton's version_policy) and change detection for poll mode.
+"""Which versions of a model to serve (Triton's version_policy), its numbered version
+folders, and change detection for poll mode.
 
 ``version_policy`` in config.toml:
 
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,3 +62,33 @@ def _generated(path: Path) -> bool:
     bytecode) are not model changes: counting them would reload a model after its first load."""
     name = path.name
     return "__pycache__" in path.parts or name.endswith(".trtcache") or (name.startswith(".") and name.endswith(".tmp"))
+
+
+# A folder named like a version that is not one: ``v1``, ``version_2``, ``V3``.
+_LOOKS_LIKE_VERSION = re.compile(r"^(v|ver|version)[-_]?(\d+)$", re.IGNORECASE)
+
+
+def version_dirs(model_folder: Path) -> dict[int, Path]:
+    """Numbered version folders of a model, by version number."""
+    if not model_folder.is_dir():
+        return {}
+    return {int(p.name): p for p in model_folder.iterdir() if p.is_dir() and p.name.isdigit()}
+
+
+def check_version_names(model_folder: Path) -> None:
+    """A ``v1`` folder is not a version: the model would silently load from elsewhere."""
+    for path in sorted(model_folder.iterdir()):
+        match = _LOOKS_LIKE_VERSION.match(path.name) if path.is_dir() else None
+        if match:
+            number = int(match.group(2))
+            raise ConfigError(
+                f"{path}: folder {path.name!r} is not a version: version folders are named by their number "
+                f"only (1, 2, ...); rename it to {model_folder / str(number)}",
+                path=str(path),
+                fix=str(number),
+            )
+
+
+def latest_version_dir(model_folder: Path) -> Path | None:
+    versions = version_dirs(model_folder)
+    return versions[max(versions)] if versions else None

@@ -37,7 +37,7 @@ from .errors import (
     TrtserveError,
     UnsupportedProtocolError,
 )
-from .limits import MAX_DEPTH, check_map, inspect, non_str_key, too_deep_message, unpack_limits
+from .limits import MAX_DEPTH, check_map, inspect, too_deep_message, unpack_limits, unpack_map
 
 LAYOUT = 2
 MARKER = 0xC1
@@ -206,6 +206,13 @@ class FrameDecoder:
         self.waiting = False
         return self._split()
 
+    def clear(self) -> None:
+        """Forget what is buffered of an incomplete frame (its connection is closing: a large
+        frame's buffer goes at once, not when the connection object does)."""
+        self._frame, self._filled = None, 0
+        self._start = self._end = 0
+        self.waiting = False
+
     @property
     def buffered(self) -> int:
         return self._filled if self._frame is not None else self._end - self._start
@@ -251,9 +258,9 @@ class FrameDecoder:
         scratch = self._scratch
         while self._end - self._start >= LENGTH.size:
             (length,) = LENGTH.unpack_from(scratch, self._start)
-            if length > self.max_frame:
+            if length > self._max_frame:
                 raise FrameTooLargeError(
-                    f"frame of {length} bytes exceeds the maximum of {self.max_frame} bytes; "
+                    f"frame of {length} bytes exceeds the maximum of {self._max_frame} bytes; "
                     "send smaller requests or raise the server's --max-frame",
                     length=length,
                     max_frame=self.max_frame,
@@ -318,7 +325,7 @@ def decode_frame(frame: memoryview, limits: tuple[int, int, int, int] | None = N
     problem, suspect = check_map(frame, HEAD_SIZE, map_end, max_elements)
     if problem is not None:
         raise ProtocolError(problem, map_length=map_length)
-    message = _unpack(frame[HEAD_SIZE:map_end], refs.resolve, limits or unpack_limits(len(frame)))
+    message = unpack_map(frame[HEAD_SIZE:map_end], refs.resolve, limits or unpack_limits(len(frame)))
     too_deep, timestamp = inspect(message) if suspect else (False, False)
     if too_deep:
         raise ProtocolError(too_deep_message(MAX_DEPTH), map_length=map_length)
@@ -364,30 +371,6 @@ class _References:
         if not self.errors:
             return None
         return InvalidInputError(f"bad buffer reference in the frame: {self.errors[0]}", reason=self.errors[0])
-
-
-def _unpack(payload: memoryview, ext_hook: Any, limits: tuple[int, int, int, int]) -> dict[str, Any]:
-    max_str, max_bin, max_array, max_map = limits
-    try:
-        message = msgpack.unpackb(payload, raw=False, use_list=True, ext_hook=ext_hook, max_str_len=max_str,
-                                  max_bin_len=max_bin, max_array_len=max_array, max_map_len=max_map)
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
-        kind = "nested deeper than msgpack's 1024 levels" if type(exc).__name__ == "StackError" else "not valid msgpack"
-        raise ProtocolError(
-            f"frame map is {kind} ({type(exc).__name__}: {exc})", payload_size=len(payload)
-        ) from None
-    if type(message) is not dict:
-        raise ProtocolError(f"frame payload must be a msgpack map, got {type(message).__name__}",
-                            payload_type=type(message).__name__)
-    key = non_str_key(message)
-    if key is not None:
-        raise ProtocolError(f"frame map has the key {key!r:.60}, a msgpack {_wire_type(key)}; map keys are msgpack str",
-                            key_type=_wire_type(key))
-    return message
-
-
-def _wire_type(value: Any) -> str:
-    return "bin" if isinstance(value, bytes) else type(value).__name__
 
 
 def _refuse_v1(frame: memoryview) -> BadFrame:

@@ -17,7 +17,7 @@ on the wire, and most of a second of one thread parsing it.  Here:
 
 Keys of the request map must be str, and ext type -1 (msgpack's timestamp, which the
 unpacker decodes itself, never asking the ext hook) is refused like every ext type other
-than 1: :func:`non_str_key`, :func:`check_map` and :func:`inspect` keep those checks cheap.
+than 1: :func:`unpack_map`, :func:`check_map` and :func:`inspect` keep those checks cheap.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ import struct
 from typing import Any
 
 import msgpack
+
+from .errors import ProtocolError
 
 #: Maps up to this size are parsed without counting their elements first.
 SCAN_OVER = 64 * 1024
@@ -141,8 +143,9 @@ def check_map(frame: memoryview, start: int, end: int, budget: int | None, max_d
         source = frame.obj
         if type(source) is not bytes:  # a large frame's own buffer: its (small) map alone
             source, start, end = bytes(frame[start:end]), 0, length
-        deep = length > max_depth and len(source[start:end].translate(None, _NOT_CONTAINERS)) > max_depth
-        return None, deep or _may_hold_timestamp(source, start, end)
+        if length > max_depth and len(source[start:end].translate(None, _NOT_CONTAINERS)) > max_depth:
+            return None, True  # may nest too deep
+        return None, source.find(b"\xff", start, end) >= 0 and _timestamp_head(source, start, end)
     seen = walk(frame[start:end], budget, max_depth)
     if seen.too_deep:
         return too_deep_message(max_depth), False
@@ -172,20 +175,38 @@ def inspect(value: Any, max_depth: int = MAX_DEPTH) -> tuple[bool, bool]:
     return False, timestamp
 
 
-def non_str_key(message: dict[Any, Any]) -> Any:
-    """The first key of ``message`` that is not a str (a bin key, say), or None."""
-    for key in message:
-        if type(key) is not str:
-            return key
-    return None
-
-
 # msgpack's timestamp encodings: fixext 4, fixext 8 and ext 8 of 12 bytes, all of type -1.
 _TIMESTAMP_HEADS = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
 _FIXEXT = frozenset((0xD4, 0xD5, 0xD6, 0xD7, 0xD8))
 
 
-def _may_hold_timestamp(data: bytes, start: int, end: int) -> bool:
-    """False when ``data[start:end]`` certainly holds no msgpack timestamp: one scan for
-    0xff at C speed (a match inside other data is settled by :func:`inspect`)."""
-    return data.find(b"\xff", start, end) >= 0 and any(data.find(head, start, end) >= 0 for head in _TIMESTAMP_HEADS)
+def _timestamp_head(data: bytes, start: int, end: int) -> bool:
+    """Whether ``data[start:end]`` holds the head of a msgpack timestamp (perhaps by chance,
+    inside other data: :func:`inspect` settles it).  Only asked when a 0xff byte is there."""
+    return any(data.find(head, start, end) >= 0 for head in _TIMESTAMP_HEADS)
+
+
+def unpack_map(payload: memoryview, ext_hook: Any, limits: tuple[int, int, int, int]) -> dict[str, Any]:
+    """The frame's map, unpacked within ``limits`` (:func:`unpack_limits`); ProtocolError
+    for what is not one valid msgpack map with str keys."""
+    max_str, max_bin, max_array, max_map = limits
+    try:
+        message = msgpack.unpackb(payload, raw=False, use_list=True, ext_hook=ext_hook, max_str_len=max_str,
+                                  max_bin_len=max_bin, max_array_len=max_array, max_map_len=max_map)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        kind = "nested deeper than msgpack's 1024 levels" if type(exc).__name__ == "StackError" else "not valid msgpack"
+        raise ProtocolError(
+            f"frame map is {kind} ({type(exc).__name__}: {exc})", payload_size=len(payload)
+        ) from None
+    if type(message) is not dict:
+        raise ProtocolError(f"frame payload must be a msgpack map, got {type(message).__name__}",
+                            payload_type=type(message).__name__)
+    for key in message:  # inline, not a call: this runs for every frame
+        if type(key) is not str:
+            raise ProtocolError(f"frame map has the key {key!r:.60}, a msgpack {_wire_type(key)}; map keys are "
+                                "msgpack str", key_type=_wire_type(key))
+    return message
+
+
+def _wire_type(value: Any) -> str:
+    return "bin" if isinstance(value, bytes) else type(value).__name__

@@ -5,11 +5,12 @@ their answers, and login floods, each against a ``trtserve serve`` subprocess on
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 
 import pytest
 
-from .conftest import RawConn
+from .conftest import RawConn, trtserve_command
 from .hostile_support import MIB, assert_normal_client_served, attack, baseline_p99
 from .ops_support import log_problems, rss_mb, server_process, socket_count, wait_for
 
@@ -28,8 +29,11 @@ def test_an_idle_flood_cannot_lock_out_a_normal_client(repository, tmp_path):
             for _ in range(20):  # 20 fresh connections in a row, each served at once
                 with RawConn(proc.host, proc.port) as conn:
                     assert conn.result("live") == {"live": True}
-            assert_normal_client_served(proc.host, proc.port, unloaded)
-            assert flood.finish()["closed"] >= 400 - 64
+            attacked = assert_normal_client_served(proc.host, proc.port, unloaded)
+            closed = flood.finish()["closed"]
+            assert closed >= 400 - 64
+        print(f"idle flood: 400 idle connections, 64 slots, {closed} closed for newcomers; normal client p99 "
+              f"{unloaded:.2f} / {attacked:.2f} ms")
         assert 1 <= proc.log().count("closing idle connection") <= 10  # 336 evictions, logged at a bounded rate
 
 
@@ -42,8 +46,11 @@ def test_trickling_senders_are_closed(repository, tmp_path):
         sockets = socket_count(proc.proc.pid)
         with attack("trickle", proc.port, 200) as trickle:
             assert trickle.ready["connections"] == 200
-            assert_normal_client_served(proc.host, proc.port, unloaded)
+            started = time.monotonic()
+            attacked = assert_normal_client_served(proc.host, proc.port, unloaded)
             wait_for(lambda: socket_count(proc.proc.pid) <= sockets, 8, "the trickling connections closed")
+            print(f"trickle: 200 connections closed within {time.monotonic() - started:.1f} s (--receive-timeout 1); "
+                  f"normal client p99 {unloaded:.2f} / {attacked:.2f} ms")
             end = trickle.finish()
         assert end["closed"] == 200 and end["bytes_each"] <= 6
     assert not log_problems(proc.log())
@@ -62,12 +69,16 @@ def test_peers_that_never_read_their_answers_are_cut(repository, tmp_path):
             with attack("no-read", proc.port, 20, 4 * MIB) as readers:
                 assert readers.ready["connections"] == 20
                 time.sleep(0.3)  # the server has read the 80 MiB and written what the peers' buffers take
-                assert_normal_client_served(proc.host, proc.port, unloaded)
+                started = time.monotonic()
+                attacked = assert_normal_client_served(proc.host, proc.port, unloaded)
                 wait_for(lambda: socket_count(pid) <= sockets, 10, "the non-reading peers' sockets closed")
+                print(f"non-readers: closed {time.monotonic() - started + 0.3:.1f} s after their requests "
+                      f"(--write-timeout 1); normal client p99 {unloaded:.2f} / {attacked:.2f} ms")
                 readers.finish()
             after.append(rss_mb(pid))
         assert "unread for" in proc.log()
         assert after[1] < after[0] + 16, f"RSS after each wave: {after} MiB"
+        print(f"non-readers: RSS after each wave {after[0]:.0f}, {after[1]:.0f} MiB")
 
 
 def test_idle_connections_are_closed_but_busy_ones_are_not(repository, tmp_path, gates):
@@ -100,6 +111,7 @@ def test_failed_logins_are_logged_at_a_bounded_rate(repository, tmp_path):
             sock.settimeout(5)
         lines = [line for line in proc.log().splitlines() if "wrong access token" in line]
         assert 1 <= len(lines) <= 10, len(lines)
+        print(f"bad logins: 2000 refused, {len(lines)} log lines")
 
 
 def test_long_names_and_unknown_models_reveal_nothing_of_the_disk(repository, tmp_path):
@@ -112,3 +124,19 @@ def test_long_names_and_unknown_models_reveal_nothing_of_the_disk(repository, tm
             assert str(repository) not in message and "identity" not in message.replace(name, ""), message
         assert conn.error("infer", model="x" * 300, inputs={"x": b""})["name"] == "MODEL_NOT_FOUND"
     assert not log_problems(proc.log())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-buffered", "0"], "--max-buffered: expected a positive integer, got 0"),
+    (["--max-buffered-per-connection", "1e6"], "expected a positive integer, got '1e6'"),
+    (["--max-buffered", "1000", "--max-buffered-per-connection", "2000"], "exceeds max_buffered (1000 bytes)"),
+    (["--idle-timeout", "-1"], "--idle-timeout: expected a number of seconds >= 0"),
+    (["--receive-timeout", "nan"], "--receive-timeout: expected a number of seconds >= 0, got 'nan'"),
+    (["--write-timeout", "inf"], "write_timeout_s must be a finite number of seconds >= 0"),
+    (["--min-receive-rate", "-5"], "--min-receive-rate: expected a whole number >= 0, got -5"),
+])
+def test_bad_memory_and_reaping_flags_are_refused(repository, tmp_path, args, message):
+    done = subprocess.run(trtserve_command() + ["serve", "--repository", str(repository), "--port", "0", *args],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and done.stdout == ""

@@ -40,10 +40,12 @@ def test_stalled_large_frames_stay_within_the_budget(repository, tmp_path):
                 peak = max(peak, rss_mb(pid))  # while stalled frames are reaped and others admitted
                 assert time.monotonic() < give_up, "no stalled frame was closed"
                 time.sleep(0.1)
-            assert_normal_client_served(proc.host, proc.port, unloaded)
+            attacked = assert_normal_client_served(proc.host, proc.port, unloaded)
             end = stall.finish()
         assert end["closed"] >= 2
         assert peak < base + BUDGET / MIB + MARGIN_MB, f"RSS {peak:.0f} MiB from {base:.0f} MiB"
+        print(f"stalled frames: RSS {base:.0f} -> peak {peak:.0f} MiB (budget {BUDGET // MIB} MiB); normal client p99 "
+              f"{unloaded:.2f} ms unloaded, {attacked:.2f} ms attacked; {end['closed']} stalled connections closed")
     assert not log_problems(proc.log())
 
 
@@ -90,7 +92,10 @@ def test_a_frame_of_nils_is_refused_cheaply(repository, tmp_path, kind):
             assert answer["id"] is None and answer["error"]["name"] == "PROTOCOL_ERROR", answer
             assert "more than 65536 msgpack values" in answer["error"]["message"]
             assert bomb.ready["seconds"] < 2.0  # mostly the 64 MiB crossing the socket
-            assert_normal_client_served(proc.host, proc.port, unloaded)
+            attacked = assert_normal_client_served(proc.host, proc.port, unloaded)
             bomb.finish()
-        assert rss_mb(pid) - base < 64 + MARGIN_MB  # the frame's own buffer, nothing built from it
+        grown = rss_mb(pid) - base
+        assert grown < 64 + MARGIN_MB  # the frame's own buffer, nothing built from it
+        print(f"{kind} nil frame: refused {bomb.ready['seconds']:.3f} s after sending began; RSS +{grown:.0f} MiB; "
+              f"normal client p99 {unloaded:.2f} / {attacked:.2f} ms")
         wait_for(lambda: proc.proc.poll() is None, 1, "server alive")

@@ -139,7 +139,7 @@ def test_failures_are_counted_by_reason(metered, gates):
 
 
 def test_refusals_are_counted_by_type(server_factory):
-    handle = server_factory(metrics_port=0, token=TOKEN, max_connections=2)
+    handle = server_factory(metrics_port=0, token=TOKEN, max_connections=2, max_buffered_per_connection=1 << 20)
     with handle.connect() as conn:
         assert conn.error("live")["name"] == "UNAUTHENTICATED"  # no auth first
     wait_disconnected(handle)
@@ -159,8 +159,12 @@ def test_refusals_are_counted_by_type(server_factory):
     with handle.connect() as conn:
         conn.send_bytes(struct.pack(">I", 1) + b"\xc1")  # 0xc1 is never valid msgpack
         assert conn.recv()["error"]["name"] == "PROTOCOL_ERROR"
+    with handle.connect() as conn:
+        conn.result("auth", token=TOKEN)
+        conn.send_bytes(struct.pack(">I", 2 << 20))  # more than this connection's share of request memory
+        assert conn.recv()["error"]["name"] == "RESOURCE_EXHAUSTED"
     samples = scrape(handle)
-    for kind in ("auth", "connection_limit", "frame_too_large", "protocol_error", "permission_denied"):
+    for kind in ("auth", "connection_limit", "frame_too_large", "protocol_error", "permission_denied", "memory"):
         assert value(samples, "trtserve_refusals_total", type=kind) == 1, kind
 
 

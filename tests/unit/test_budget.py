@@ -26,11 +26,10 @@ def test_frames_within_the_limits_are_admitted_and_released_when_answered():
     conn = Connection(budget)
     assert conn.account.admit(3 * MIB) and conn.account.admit(MIB)
     assert (conn.account.held, budget.total) == (4 * MIB, 4 * MIB)
-    first = conn.account.handled()
-    conn.account.keep(1, first)  # request 1 in flight
-    conn.account.release(conn.account.handled())  # request 2 answered at once
+    conn.account.kept[1] = conn.account.sizes.popleft()  # request 1 in flight, as the protocol keeps it
+    conn.account.release(conn.account.sizes.popleft())  # request 2 answered at once
     assert budget.total == 3 * MIB
-    conn.account.done(1)
+    conn.account.release(conn.account.kept.pop(1))  # request 1 answered
     assert (conn.account.held, budget.total) == (0, 0)
 
 
@@ -51,10 +50,10 @@ def test_past_the_budget_the_connections_holding_most_wait_and_the_least_held_re
     assert not big.account.admit(2 * MIB)  # 9 + 2 > 10: waits
     assert not medium.account.admit(2 * MIB)
     assert budget.waiting == {big.account, medium.account}
-    small.account.release(small.account.handled())  # 8 held: room for one of them
+    small.account.release(small.account.sizes.popleft())  # 8 held: room for one of them
     assert (medium.resumed, big.resumed) == (1, 0)  # the one holding less goes first
     assert medium.account.admit(2 * MIB)  # its retry fits
-    big.account.release(big.account.handled())  # 6 MiB freed: big's 2 MiB fits now
+    big.account.release(big.account.sizes.popleft())  # 6 MiB freed: big's 2 MiB fits now
     assert big.resumed == 1 and budget.waiting == set()
 
 
@@ -71,9 +70,9 @@ def test_a_connection_over_its_share_waits_for_its_own_answers():
     budget = ByteBudget(100 * MIB, 4 * MIB)
     conn = Connection(budget)
     assert conn.account.admit(3 * MIB)
-    conn.account.keep(1, conn.account.handled())
+    conn.account.kept[1] = conn.account.sizes.popleft()
     assert not conn.account.admit(2 * MIB)  # 5 > its 4 MiB share, though the budget has room
-    conn.account.done(1)
+    conn.account.release(conn.account.kept.pop(1))
     assert conn.resumed == 1 and conn.account.admit(2 * MIB)
 
 

@@ -17,9 +17,8 @@ from trtserve.backend import backend_class, registered_names
 from trtserve.errors import ConfigError, ModelUnavailableError, TrtserveError
 from trtserve.loadjob import LoadJob, load_timeout
 from trtserve.modelcode import load_model_code
-from trtserve.repository import ModelRepository
 
-from test_repository import infer, make_model
+from test_repository import infer, make_model, repo  # noqa: F401 - repo is a fixture
 
 ECHO = """
 import trtserve
@@ -55,13 +54,6 @@ class Leaver(trtserve.Backend):
 
 trtserve.register("Leaver", Leaver)
 """
-
-
-@pytest.fixture
-def repo(tmp_path):
-    repository = ModelRepository(tmp_path)
-    yield repository
-    repository.close()
 
 
 def test_a_backend_py_cannot_replace_a_built_in(tmp_path, repo):

@@ -104,7 +104,10 @@ def _now(fn: Callable[[], Any]) -> None:
 class Account:
     """One connection's part of the budget: what it holds, and each frame's size until its
     request is answered.  ``admit`` is its decoder's callback; ``resume`` is called when a
-    frame it waits to admit fits (then the connection retries ``admit``)."""
+    frame it waits to admit fits (then the connection retries ``admit``).  The connection
+    pops ``sizes`` (admitted frames, in order) as it handles each request, keeps a pending
+    request's size in ``kept`` and ``release``s it once answered (per request: plain deque
+    and dict operations, no method calls)."""
 
     __slots__ = ("budget", "resume", "held", "wanted", "sizes", "kept")
 
@@ -146,16 +149,6 @@ class Account:
         if budget.smallest_wait == 0 or nbytes < budget.smallest_wait:
             budget.smallest_wait = nbytes
         return False
-
-    def handled(self) -> int:
-        """The size of the frame whose request is being handled now (frames come in order)."""
-        return self.sizes.popleft()
-
-    def keep(self, req_id: Any, nbytes: int) -> None:
-        self.kept[req_id] = nbytes
-
-    def done(self, req_id: Any) -> None:
-        self.release(self.kept.pop(req_id, 0))
 
     def release(self, nbytes: int) -> None:
         self.held -= nbytes

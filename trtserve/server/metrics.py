@@ -39,7 +39,7 @@ log = logging.getLogger("trtserve.server")
 LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 REFUSAL_TYPES = ("auth", "connection_limit", "frame_too_large", "protocol_error", "permission_denied", "tls_handshake",
-                 "unsupported_protocol")
+                 "unsupported_protocol", "memory")
 PAUSE_CAUSES = ("in_flight", "write_buffer")
 
 

@@ -25,7 +25,7 @@ goes on.  So is a connection over ``max_connections`` when none is idle (RESOURC
 With a token configured, the first request must be ``auth`` (server/auth.py); anything
 else, a wrong token or no auth within the timeout is UNAUTHENTICATED, then close.  When a connection goes away, its requests in flight are cancelled
 (queued ones are never run) and their responses dropped.  The server's closes are clean
-(reaper.linger_close): answers already sent are never destroyed by a reset.  At shutdown
+(closing.py): answers already sent are never destroyed by a reset.  At shutdown
 (``stop_reading``) no new frame is read, and the connection closes once every request read
 is answered.
 """
@@ -53,7 +53,7 @@ from ..errors import (
     UnauthenticatedError,
 )
 from ..hold import held_dispatch
-from .reaper import linger_close
+from .closing import DISCARD, Closing
 from .reply import Reply
 from .tracker import ConnectionTracker
 
@@ -61,7 +61,6 @@ __all__ = ["ConnectionTracker", "ServerProtocol"]
 
 log = logging.getLogger("trtserve.server")
 _MAX_ID = 2**64
-_DISCARD = memoryview(bytearray(64 * 1024))  # where a closing connection's late bytes go
 # Refusals counted in the metrics (trtserve_refusals_total{type}), by error code.
 _REFUSALS = {
     ErrorCode.UNAUTHENTICATED: "auth",
@@ -73,7 +72,7 @@ _REFUSALS = {
 }
 
 
-class ServerProtocol(asyncio.BufferedProtocol):
+class ServerProtocol(Closing, asyncio.BufferedProtocol):
     """One client connection.  ``dispatch(message, connection)`` answers at once (a dict) or
     later (a server/reply.Reply: handlers.Deferred, infer.InferCall)."""
 
@@ -197,7 +196,7 @@ class ServerProtocol(asyncio.BufferedProtocol):
 
     # -- reading -----------------------------------------------------------------------
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _DISCARD if self._closing else self._decoder.get_buffer()
+        return DISCARD if self._closing else self._decoder.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         self.received_bytes += nbytes
@@ -237,6 +236,7 @@ class ServerProtocol(asyncio.BufferedProtocol):
         its answers (a backlog of tiny requests must not become megabytes of unsent answers),
         then (un)pause reading."""
         backlog, pending, limit = self._backlog, self._pending, self._limit
+        account = self._account  # each request's frame counts against the budget until it is answered
 
         def more() -> bool:
             return bool(backlog) and len(pending) < limit and not self._writing_paused and not self._closing
@@ -249,7 +249,9 @@ class ServerProtocol(asyncio.BufferedProtocol):
                 while more():
                     with held_dispatch():
                         while more():
-                            self._handle(backlog.popleft())
+                            size = account.sizes.popleft()  # frames come out in the order admitted
+                            if not self._handle(backlog.popleft(), size) and not self._closing:
+                                account.release(size)
             finally:
                 self._handling = False
             # What the burst answered at once (cheap operations, inline models) leaves now in
@@ -271,14 +273,9 @@ class ServerProtocol(asyncio.BufferedProtocol):
         else:
             self._transport.resume_reading()
 
-    def _handle(self, message: dict[str, Any] | BadFrame) -> None:
-        """One request; its frame's bytes count against the budget until it is answered."""
-        size = self._account.handled()
-        if not self._serve(message, size) and not self._closing:
-            self._account.release(size)
-
-    def _serve(self, message: dict[str, Any] | BadFrame, size: int) -> bool:
-        """Dispatch one request; True when it is pending (its frame is kept until answered)."""
+    def _handle(self, message: dict[str, Any] | BadFrame, size: int) -> bool:
+        """Dispatch one request; True when it is pending (its frame's ``size`` is then kept
+        until it is answered, else _drain releases it at once)."""
         bad = None
         if type(message) is BadFrame:
             bad, message = message, message.message
@@ -330,7 +327,7 @@ class ServerProtocol(asyncio.BufferedProtocol):
             return False
         self._pending[req_id] = outcome
         self._tracker.in_flight += 1
-        self._account.keep(req_id, size)  # before the callback: an inline model may answer at once
+        self._account.kept[req_id] = size  # before the callback: an inline model may answer at once
         outcome.add_done_callback(self._complete, req_id)
         return True
 
@@ -339,7 +336,8 @@ class ServerProtocol(asyncio.BufferedProtocol):
             return  # cancelled (connection lost, shutdown): its answer is dropped
         del self._pending[req_id]
         self._tracker.request_done()
-        self._account.done(req_id)
+        account = self._account
+        account.release(account.kept.pop(req_id, 0))
         if reply.cancelled:
             return
         exc = reply.error
@@ -361,23 +359,6 @@ class ServerProtocol(asyncio.BufferedProtocol):
         elif not self._closing and self._writer is not None:
             self._tracker.refused("unsupported_protocol")
             self._writer.write([pack_v1({"id": req_id, "error": bad.error.to_wire()})], alone=not self._pending)
-
-    def _maybe_finish(self) -> None:
-        if (self._eof or self._stopped) and not self._pending and not self._backlog and not self._closing:
-            self._close_gracefully()
-
-    def _close_gracefully(self) -> None:
-        """Send what is queued, drop what is unanswered, then close without a reset."""
-        if self._closing:
-            return
-        self._flush()
-        self._closing = True
-        self._backlog.clear()
-        self._cancel_pending()
-        self._account.close()
-        if self._transport is not None and linger_close(self._transport, self._eof):
-            self._lingering = True  # the peer's late bytes go to _DISCARD; its EOF ends it
-            self._tracker.linger(self)
 
     # -- writing -----------------------------------------------------------------------
     def _send(self, req_id: int | None, message: dict[str, Any]) -> None:
@@ -404,6 +385,8 @@ class ServerProtocol(asyncio.BufferedProtocol):
         """A refused connection or an unattributable frame: tell the peer why (``id`` nil
         unless the refusal answers one request), count it, then close this connection only."""
         kind = _REFUSALS.get(exc.code, "protocol_error")
+        if kind == "connection_limit" and "max_connections" not in exc.details:
+            kind = "memory"  # a frame that can never fit the request-memory budget (budget.py)
         self._tracker.log.warning(kind, "closing connection from %s: %s", self.peer, exc.message)
         self._tracker.refused(kind)
         self._send_error(req_id, exc)
@@ -414,42 +397,3 @@ class ServerProtocol(asyncio.BufferedProtocol):
         for call in pending.values():
             call.cancel()
             self._tracker.request_done()
-
-    # -- reaping (reaper.py) ----------------------------------------------------------
-    @property
-    def closing(self) -> bool:
-        return self._closing
-
-    @property
-    def partial_frame(self) -> bool:
-        """Bytes of a frame not yet complete are held (or its header waits for the budget)."""
-        return self._decoder.buffered > 0 or self._decoder.waiting
-
-    def close_with(self, error: TrtserveError | None = None) -> None:
-        """Close this connection cleanly, first telling the peer why (``"id": nil``) if ``error``."""
-        if error is not None:
-            self._send_error(None, error)
-        self._close_gracefully()
-
-    # -- shutdown (called by the server) -----------------------------------------------
-    def stop_reading(self) -> None:
-        """Shutdown begins: read no new frame; close once every request read is answered."""
-        self._stopped = True
-        self._update_reading()
-        self._maybe_finish()
-
-    def shut_down(self, error: TrtserveError) -> None:
-        """Answer everything still unanswered with ``error``, then close."""
-        if self._closing:
-            return
-        for req_id in list(self._pending):
-            self._send_error(req_id, error)
-        for message in self._backlog:
-            req_id = message.get("id") if type(message) is dict else None
-            self._send_error(req_id if type(req_id) is int else None, error)
-        self._close_gracefully()
-
-    def abort(self) -> None:
-        """Drop the connection without flushing (a peer that stopped reading during shutdown)."""
-        if self._transport is not None:
-            self._transport.abort()

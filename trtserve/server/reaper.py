@@ -19,9 +19,8 @@ At the connection limit, ``make_room`` closes the connection idle the longest (w
 RESOURCE_EXHAUSTED, ``"id": nil``) so that a new connection gets its slot: idle connections
 cannot lock clients out.
 
-Every close here is clean (``linger_close``): a close that left the peer's bytes unread
-would make the kernel reset the connection, and a reset destroys answers the peer has
-not read yet.
+Every close here is clean (closing.py): answers already sent are never destroyed by a
+reset.
 """
 from __future__ import annotations
 
@@ -42,23 +41,6 @@ DEFAULT_RECEIVE_S = 10.0
 DEFAULT_MIN_RECEIVE_RATE = 1024  # bytes/s: any real link does better; a trickle does not
 DEFAULT_WRITE_S = 30.0
 MAX_INTERVAL_S = 1.0
-LINGER_S = 2.0  # after a clean close, how long what the peer still sends is read and dropped
-
-
-def linger_close(transport: asyncio.Transport, peer_closed: bool) -> bool:
-    """Close ``transport`` without a reset: half-close it (the peer reads every answer, then
-    EOF) and keep reading until the peer closes too, or for ``LINGER_S`` at most.  True when
-    it lingers (the caller drops what it reads meanwhile); a peer that already sent EOF, or
-    TLS (no half-close), gets a plain close, which is clean there."""
-    if peer_closed or not transport.can_write_eof():
-        transport.close()
-        return False
-    transport.write_eof()
-    transport.resume_reading()
-    asyncio.get_running_loop().call_later(LINGER_S, transport.close)
-    return True
-
-
 def _seconds(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
         raise ConfigError(f"{name} must be a finite number of seconds >= 0 (0 turns it off), got {value!r}",
