@@ -18,9 +18,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_an_idle_flood_cannot_lock_out_a_normal_client(repository, tmp_path):
-    """2,000 idle connections against 1,024 slots: before, a normal client got 0 of 87
-    attempts through.  Now a new connection at the limit closes the one idle the longest
-    (here 400 against 64 slots, to keep the test short)."""
+    """Idle connections by the hundred cannot lock clients out: a new connection at the
+    limit closes the one idle the longest (400 idle connections against 64 slots)."""
     args = ("--max-connections", "64", "--log-level", "WARNING")
     with server_process(repository, tmp_path / "server.log", *args) as proc:
         unloaded = baseline_p99(proc.host, proc.port)
@@ -38,8 +37,8 @@ def test_an_idle_flood_cannot_lock_out_a_normal_client(repository, tmp_path):
 
 
 def test_trickling_senders_are_closed(repository, tmp_path):
-    """200 connections sending a frame at 1 byte/s: before, all still open after 30 s.
-    Now each is answered PROTOCOL_ERROR and closed after a --receive-timeout window."""
+    """200 connections sending a frame at 1 byte/s: each is answered PROTOCOL_ERROR and
+    closed after a --receive-timeout window."""
     args = ("--receive-timeout", "1", "--log-level", "WARNING")
     with server_process(repository, tmp_path / "server.log", *args) as proc:
         unloaded = baseline_p99(proc.host, proc.port)
@@ -57,9 +56,9 @@ def test_trickling_senders_are_closed(repository, tmp_path):
 
 
 def test_peers_that_never_read_their_answers_are_cut(repository, tmp_path):
-    """20 half-closed peers that never read their 4 MiB answers: before, 183 MB and 20
-    descriptors held indefinitely.  Now they are aborted after --write-timeout, and a second
-    wave of them reuses the memory the first one held (the allocator keeps what it got)."""
+    """20 half-closed peers that never read their 4 MiB answers are aborted after
+    --write-timeout, their descriptors closed, and a second wave of them reuses the memory
+    the first one held (the allocator keeps what it got: RSS shows reuse, not release)."""
     args = ("--write-timeout", "1", "--log-level", "WARNING")
     with server_process(repository, tmp_path / "server.log", *args) as proc:
         pid = proc.proc.pid
@@ -98,8 +97,8 @@ def test_idle_connections_are_closed_but_busy_ones_are_not(repository, tmp_path,
 
 
 def test_failed_logins_are_logged_at_a_bounded_rate(repository, tmp_path):
-    """2,000 failed logins in a row: before, 2,000 log lines.  Now at most 10 per 10 s and
-    one line with the count of the rest."""
+    """2,000 failed logins in a row log at most 10 lines per 10 s (then one line with the
+    count of the rest)."""
     token = tmp_path / "token"
     token.write_text("s" * 32)
     token.chmod(0o600)

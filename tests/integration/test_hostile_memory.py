@@ -1,7 +1,7 @@
 """Hostile clients against the server's memory: the request-memory budget (server/budget.py)
-and the msgpack limits (clients/trtserve_client/limits.py), each attack from issue 17's
-table repeated against a ``trtserve serve`` subprocess on 127.0.0.1, with the bounds
-asserted: RSS under the configured budget plus ``MARGIN_MB``, and a normal client served
+and the msgpack limits (clients/trtserve_client/limits.py), each attack of
+docs/operations.md's table run against a ``trtserve serve`` subprocess on 127.0.0.1, with
+the bounds asserted: RSS under the configured budget plus ``MARGIN_MB``, and a normal client served
 within hostile_support's p99 bound while the attack runs."""
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ MARGIN_MB = 64  # interpreter, allocator slack and the frames' Python objects
 
 
 def test_stalled_large_frames_stay_within_the_budget(repository, tmp_path):
-    """30 connections each send 60 MiB of a 60 MiB + 1 byte frame, then stall (no token).
-    Before: RSS grew 1.8 GB, linearly.  Now: two frames fit the 128 MiB budget, the rest wait
-    unread; the stalled ones are closed by the receive-rate check and the next admitted."""
+    """30 connections each send 60 MiB of a 60 MiB + 1 byte frame, then stall (no token):
+    two frames fit the 128 MiB budget, the rest wait unread; the stalled ones are closed by
+    the receive-rate check and the next admitted.  RSS stays under the budget plus a margin."""
     args = ("--max-buffered", str(BUDGET), "--receive-timeout", "2", "--log-level", "WARNING")
     with server_process(repository, tmp_path / "server.log", *args) as proc:
         pid = proc.proc.pid
@@ -81,8 +81,8 @@ def test_a_frame_that_can_never_fit_is_resource_exhausted(repository, tmp_path):
 @pytest.mark.parametrize("kind", ["flat", "nested"])
 def test_a_frame_of_nils_is_refused_cheaply(repository, tmp_path, kind):
     """One 64 MiB frame holding 67 million nils in an unknown field (or 1,000 arrays of
-    60,000): before, the event loop stopped 691 ms and RSS peaked 625 MB, and it was
-    answered.  Now it is refused before anything is built."""
+    60,000), which unpacked would stop the event loop most of a second and take 600 MB, is
+    refused before anything is built."""
     with server_process(repository, tmp_path / "server.log", "--log-level", "WARNING") as proc:
         pid = proc.proc.pid
         unloaded = baseline_p99(proc.host, proc.port)

@@ -61,9 +61,8 @@ def states(conn) -> dict[str, tuple[str, str | None]]:
 
 
 def test_a_hung_init_neither_delays_serving_nor_stopping(repository, tmp_path):
-    """A model whose init sleeps 60 s: before, the server listened only after 60.3 s, and a
-    stop took 58 s.  Now it binds at once, serves the other models, declares the hung one
-    UNAVAILABLE after its load_timeout, and stops at once."""
+    """A model whose init sleeps 60 s: the server binds at once, serves the other models,
+    declares the hung one UNAVAILABLE after its load_timeout, and stops at once."""
     args = ("--model-control", "explicit", "--load-model", "identity", "--load-model", "sleepy", "--log-level", "INFO")
     with early_server(repository, tmp_path / "server.log", *args) as server:
         accepting = server.wait_accepting()
@@ -89,8 +88,7 @@ def test_a_hung_init_neither_delays_serving_nor_stopping(repository, tmp_path):
 
 
 def test_hung_loads_starve_no_other_load(repository, tmp_path):
-    """Two loads that hang: before, they took both control threads and `load` of any other
-    model waited 59-120 s.  Now each load has a thread of its own."""
+    """Two loads that hang delay no other `load`: each load has a thread of its own."""
     args = ("--model-control", "explicit", "--log-level", "WARNING")
     with server_process(repository, tmp_path / "server.log", *args) as proc, proc.connect() as conn:
         hung = [conn.request("load", model="sleepy_long"), conn.request("load", model="sleepy")]
@@ -145,8 +143,8 @@ def test_a_second_signal_exits_at_once(tmp_path):
 
 
 def test_system_exit_from_a_backend_py_is_only_that_models_failure(repository, tmp_path):
-    """A backend.py that raises SystemExit at import: before, the server exited with code 3
-    at start, and at run time the model stayed LOADING forever."""
+    """A backend.py that raises SystemExit at import, at start or at run time: that model is
+    UNAVAILABLE with the reason, never LOADING for ever, and the server goes on."""
     args = ("--model-control", "explicit", "--load-model", "identity", "--load-model", "leaver", "--log-level", "INFO")
     with server_process(repository, tmp_path / "server.log", *args) as proc, proc.connect() as conn:
         state, reason = states(conn)["leaver"]
@@ -160,8 +158,8 @@ def test_system_exit_from_a_backend_py_is_only_that_models_failure(repository, t
 
 
 def test_a_backend_py_cannot_hijack_a_built_in(repository, tmp_path):
-    """A backend.py registering "Identity": before, after a reload the identity model ran
-    the other model's code."""
+    """A backend.py registering "Identity" fails its own load; a reload of the identity model
+    after it still runs the built-in."""
     args = ("--model-control", "explicit", "--load-model", "identity", "--log-level", "WARNING")
     with server_process(repository, tmp_path / "server.log", *args) as proc, proc.connect() as conn:
         error = conn.error("load", model="hijack")

@@ -1,10 +1,9 @@
 """1,000 load/unload cycles of a model whose backend.py holds module-level data (a 780 KiB
-weight table, as a real one would): RSS reaches a plateau.  Before: each cycle's module
-and classes lived on in reference cycles only the cyclic collector freed, and it rarely
-ran, so their data piled up (measured on the 2-core CI machine: 46 -> 87 MiB over 1,000
-cycles of this model, still rising; issue 17 saw +398 MB with a larger one).  Now an
-unload releases the module (modelcode.py).  Bound: after ``WARMUP`` cycles, at most
-``RSS_BOUND_MB`` more over the rest (measured: 0.1 MiB)."""
+weight table, as a real one would): RSS reaches a plateau.  A module and its classes form
+reference cycles that only the cyclic collector frees, and it rarely runs, so without the
+release on unload (modelcode.py) each cycle's data piles up: 46 -> 87 MiB over 1,000
+cycles of this model, still rising.  Bound: after ``WARMUP`` cycles, at most
+``RSS_BOUND_MB`` more over the rest (measured: 0.1-1.5 MiB on a 2-core VM)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,7 +1,7 @@
 """SIGTERM under load loses no answer: 32 clients pipeline requests to a model that records
-every item it runs; the server is stopped mid-stream.  Before: up to 204 answers were lost
-(requests already read were never answered, and the reset of the close destroyed answers
-already sent).  Checked: no client sees a reset; every request the model ran was answered
+every item it runs; the server is stopped mid-stream.  An answer is lost when a request
+read is never answered, or when a reset at the close destroys answers the client has not
+read yet.  Checked: no client sees a reset; every request the model ran was answered
 and its answer arrived; every answer matches a request; requests left without an answer
 at the clean EOF were never run (the server had not read them)."""
 from __future__ import annotations
