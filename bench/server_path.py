@@ -76,6 +76,17 @@ def bursts(model: str, input_name: str, shape: tuple[int, ...], count: int, per_
     return frames
 
 
+def feed(protocol: ServerProtocol, data: bytes) -> None:
+    """``data`` into the protocol as a transport delivers it (asyncio.BufferedProtocol)."""
+    view, pos = memoryview(data), 0
+    while pos < len(view):
+        buffer = protocol.get_buffer(-1)
+        n = min(len(buffer), len(view) - pos)
+        buffer[:n] = view[pos : pos + n]
+        pos += n
+        protocol.buffer_updated(n)
+
+
 async def measure(args: argparse.Namespace) -> None:
     server = Server(args.repository, port=0, max_in_flight_per_connection=1 << 20)
     await server.start()
@@ -85,7 +96,7 @@ async def measure(args: argparse.Namespace) -> None:
         protocol.connection_made(transport)
         data = bursts(args.model, args.input, tuple(args.shape), args.bursts, args.per_burst)
         for chunk in data[: max(1, len(data) // 10)]:  # warm up
-            protocol.data_received(chunk)
+            feed(protocol, chunk)
             while protocol.in_flight:
                 await asyncio.sleep(0)
         profile = cProfile.Profile() if args.profile else None
@@ -93,7 +104,7 @@ async def measure(args: argparse.Namespace) -> None:
             profile.enable()
         start = time.perf_counter()
         for chunk in data:
-            protocol.data_received(chunk)
+            feed(protocol, chunk)
             while protocol.in_flight:  # a threaded model answers through the loop
                 await asyncio.sleep(0)
         elapsed = time.perf_counter() - start

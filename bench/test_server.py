@@ -25,7 +25,7 @@ from trtserve_bench import bare
 from trtserve_bench.drivers import RawDriver
 from trtserve_bench.inproc import pipe_statistics, threaded_level
 from trtserve_bench.output import best, summary
-from trtserve_bench.runner import measure
+from trtserve_bench.runner import alternate, measure
 
 pytestmark = pytest.mark.timeout(280)
 
@@ -36,15 +36,6 @@ CONNECTIONS = 4
 def over_wire(server, model: str, concurrency: int, settings, values=None) -> dict:
     values = values or [ROW]
     return measure(lambda: RawDriver(server.host, server.port, model, connections=CONNECTIONS), model, values, settings, concurrency=concurrency)
-
-
-def alternate(repeats: int, *measurements):
-    """Run each measurement in turn, ``repeats`` times; one list of rows per measurement."""
-    results = [[] for _ in measurements]
-    for _ in range(repeats):
-        for rows, run in zip(results, measurements):
-            rows.append(run())
-    return results
 
 
 def test_identity_latency_vs_echo(benchmark, target, trtserve_server, echo_server, settings, repeats):

@@ -14,5 +14,5 @@ from .errors import *  # noqa: F401,F403
 from .errors import ErrorCode, TrtserveError
 from .pipe import Pipe, pipe
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["Backend", "Completion", "ErrorCode", "Key", "Pipe", "TensorSpec", "TrtserveError", "pipe", "register", "registered_names"]

@@ -63,9 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .server.app import DEFAULT_GRACE_S, DEFAULT_MAX_IN_FLIGHT
     from .server.auth import DEFAULT_AUTH_TIMEOUT_S
     from .server.control import DEFAULT_POLL_INTERVAL_S, MODES
+    from .server.shm import DEFAULT_MAX_BYTES, DEFAULT_MAX_REGIONS
     from .server.tracker import DEFAULT_MAX_CONNECTIONS
 
+    from . import __version__
+    from trtserve_client.wire import PROTOCOL_VERSION
+
     parser = argparse.ArgumentParser(prog="trtserve", description="A small, fast model server for TensorRT and ONNX models.")
+    parser.add_argument("--version", action="version", version=f"trtserve {__version__} (protocol version {PROTOCOL_VERSION})")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="serve a model repository over TCP")
     serve.add_argument("--repository", required=True, metavar="PATH", help="model repository folder (<model>/config.toml)")
@@ -88,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", metavar="PATH", help="the PEM private key of --tls-cert")
     serve.add_argument("--metrics-port", type=_optional_port, default=None, metavar="PORT",
                        help="serve Prometheus metrics over HTTP on --host:PORT (default: off)")
+    serve.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
+                       help="refuse the shm_register/shm_unregister/shm_status operations (clients send tensors inline)")
+    serve.add_argument("--shm-max-regions", type=_positive_int, default=DEFAULT_MAX_REGIONS, metavar="N",
+                       help="shared-memory regions one connection may register (default: %(default)s)")
+    serve.add_argument("--shm-max-bytes", type=_positive_int, default=DEFAULT_MAX_BYTES, metavar="BYTES",
+                       help="bytes of shared memory one connection may map (default: %(default)s = 16 GiB)")
     serve.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, help="(default: %(default)s)")
     _ray_flags(serve)
     return parser
@@ -200,6 +211,9 @@ async def _serve(args: argparse.Namespace, repository) -> int:
         auth_timeout_s=args.auth_timeout,
         ssl_context=None if args.tls_cert is None else server_ssl_context(args.tls_cert, args.tls_key),
         metrics_port=args.metrics_port,
+        shared_memory=args.shared_memory,
+        shm_max_regions=args.shm_max_regions,
+        shm_max_bytes=args.shm_max_bytes,
     )
     await server.start()
     # What loading built (modules, models, sessions) lives as long as the process: moved out

@@ -181,6 +181,15 @@ class ModelRepository:
         """Names of the model folders that hold a config.toml."""
         return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_FILE).is_file())
 
+    def _on_disk(self, name: str) -> bool:
+        """A model folder with a config.toml exists for ``name`` (a plain folder name only)."""
+        if not name or len(name) > 255 or "/" in name or "\\" in name or name in (".", ".."):
+            return False
+        try:
+            return (self.root / name / CONFIG_FILE).is_file()
+        except OSError:
+            return False
+
     def _entry(self, name: str) -> _Entry:
         with self._lock:
             return self._entries.setdefault(name, _Entry())
@@ -333,6 +342,10 @@ class ModelRepository:
         """The served model (latest version unless named); typed errors otherwise."""
         entry = self._entries.get(name)
         if entry is None:
+            if self._on_disk(name):
+                raise ModelUnavailableError(
+                    f"model {name!r} is not loaded; start the server with --model-control poll, or with "
+                    f"--model-control explicit and load it", model=name, state="UNLOADED", reason="not loaded")
             raise ModelNotFoundError(f"unknown model {name!r}; available models are {self.loaded()}", model=name)
         models = entry.models
         if not models:

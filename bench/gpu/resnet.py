@@ -159,15 +159,20 @@ def jpeg_nodes(model_path: Path, support: Any, pre_max: int) -> dict[str, Any]:
     return {"pre": pre, "model": dict(NODE, model=str(model_path), cuda_graph=True, overlap=True)}
 
 
+def server_node(models: dict[str, Any]) -> tuple[Path, dict[str, Any], list[np.ndarray]]:
+    """The server steps' model file, node (cuda_graph + overlap) and 16 600 KB requests."""
+    path = Path(models["paths"]["chw"])
+    inputs = [np.random.default_rng(i).standard_normal((1, 3, 224, 224)).astype(np.float32) for i in range(16)]
+    return path, dict(NODE, model=str(path), cuda_graph=True, overlap=True), inputs
+
+
 def bench_server(seconds: float, models: dict[str, Any], support: Any) -> dict[str, Any]:
     """Through ``trtserve serve`` against in-process ``pipe()`` and against the transport's
     floors, in one run: ResNet-18 (cuda_graph + overlap) with 600 KB tensors, the echo server
     and the bare-socket echo with the same requests and client processes, and the JPEG
     chain with one image per decode call and with batched decoding."""
-    path = Path(models["paths"]["chw"])
+    path, config, inputs = server_node(models)
     workdir = path.parent
-    config = dict(NODE, model=str(path), cuda_graph=True, overlap=True)
-    inputs = [np.random.default_rng(i).standard_normal((1, 3, 224, 224)).astype(np.float32) for i in range(16)]
     out: dict[str, Any] = {"node": config}
     with trtserve.pipe(dict(config, warmup=[loop_load.TENSOR_WARMUP_DICT])) as pipe:
         closed_loop(lambda i: pipe({"data": inputs[i % 16]}), 16, 1.0)  # clocks up
@@ -228,6 +233,12 @@ def server_markdown(r: dict[str, Any]) -> list[str]:
              ("jpeg_pipe_max1", "JPEG chain in-process, one image per decode call"),
              ("jpeg_pipe_max8", "JPEG chain in-process, batched decode (max 8)"),
              ("jpeg_server", "JPEG chain (batched decode) through trtserve serve")]
+    return lines + rows_and_targets(r, names)
+
+
+def rows_and_targets(r: dict[str, Any], names: list[tuple[str, str]]) -> list[str]:
+    """The rows ``names`` (key, label) of a server-style step, then its targets, as markdown."""
+    lines = []
     for key, name in names:
         row = r[key]
         batch = row.get("mean_batch")

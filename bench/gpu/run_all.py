@@ -16,6 +16,8 @@ OUTDIR/report.md (the tables, also printed last).  Benchmarks:
 5. The server: ResNet-18 and the JPEG chain through ``trtserve serve`` against in-process
    ``pipe()``, the echo server and the bare-socket echo, with the targets they are held to
    (resnet.bench_server).
+6. Shared memory: ResNet-18 through the server with inputs in system shared memory and in
+   device memory (CUDA IPC) against in-process ``pipe()`` (shm_rows.py).
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ def _load_support():
 support = _load_support()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import resnet  # noqa: E402
+import shm_rows  # noqa: E402
 from closed_loop import closed_loop  # noqa: E402
 
 GIB = 1 << 30
@@ -259,7 +262,7 @@ def environment() -> dict[str, Any]:
 
 
 def run_tests(out: Path) -> dict[str, Any]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "clients"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "clients"), str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "pytest", "tests/gpu", "tests/unit/test_cuda_logic.py", "-q", "-rs", "-s",
            "-p", "no:cacheprovider", f"--junitxml={out / 'gpu-tests.xml'}"]
     t0 = time.perf_counter()
@@ -309,6 +312,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"| pipe: JPEG -> S[DecodeMat,ResizeMat,CvtColorMat] x8, 16 clients | {p['pipe_cpu_chain']['per_s']:.0f} |"]
     lines += resnet.markdown(report.get("resnet", {}))
     lines += resnet.server_markdown(report.get("server", {}))
+    lines += shm_rows.markdown(report.get("shm", {}))
     for name, err in report.get("errors", {}).items():
         lines += ["", f"**{name} failed:** `{err.splitlines()[-1] if err else ''}`"]
     return "\n".join(lines) + "\n"
@@ -319,7 +323,7 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--seconds", type=float, default=2.0, help="per throughput measurement")
-    parser.add_argument("--only", default="", help="comma-separated benchmarks to run (copies, fused, preprocess, resnet, server); default all")
+    parser.add_argument("--only", default="", help="comma-separated benchmarks to run (copies, fused, preprocess, resnet, server, shm); default all")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not cuda.is_available():
@@ -336,6 +340,7 @@ def main() -> int:
         ("preprocess", lambda: bench_preprocess(args.seconds)),
         ("resnet", lambda: resnet.bench(args.seconds, support.build_models(Path(tempfile.mkdtemp(prefix="trtserve-resnet-"))))),
         ("server", lambda: resnet.bench_server(args.seconds, support.build_models(Path(tempfile.mkdtemp(prefix="trtserve-server-"))), support)),
+        ("shm", lambda: shm_rows.bench_shm(args.seconds, support.build_models(Path(tempfile.mkdtemp(prefix="trtserve-shm-"))))),
     ]
     only = {name for name in args.only.split(",") if name}
     for name, step in steps:

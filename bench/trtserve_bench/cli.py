@@ -3,6 +3,7 @@
     trtserve-bench -m tensor_mlp --port 8765 --concurrency 1,2,4,8,16,32,64 --csv out.csv
     trtserve-bench -m tensor_mlp --port 8765 --rate 500,1000 --arrival poisson
     trtserve-bench -m classifier --spawn-server model_repository --input-data images/ --json out.json --plot out.png
+    trtserve-bench -m resnet18 --port 8765 --shape 1,3,224,224 --shared-memory system   # inputs by reference
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .drivers import ClientDriver, Driver, RawDriver
 from .inputs import build_inputs
 from .logic import parse_shape_option
 from .runner import Settings, run_sync, settings_dict, sweep
+from .shared import KINDS as SHARED_MEMORY_KINDS
 from .serverproc import ServerProcess, trtserve_argv
 
 DEFAULT_CONCURRENCY = "1,2,4,8,16,32,64"
@@ -63,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--batch-size", type=int, default=1, help="rows per request where the batch dim is dynamic")
     data.add_argument("--dtype", default="float32", help="dtype when the model declares no inputs")
     data.add_argument("--input-data", metavar="DIR", help="send each file of DIR (JPEGs, say) as the bytes input")
+    data.add_argument("--shared-memory", choices=SHARED_MEMORY_KINDS, default=None,
+                      help="put the input tensors in a shared-memory region (system: POSIX; cuda: device memory, CUDA IPC) "
+                           "and send references to them; the server must run on this host")
     out = p.add_argument_group("output")
     out.add_argument("--csv", metavar="PATH")
     out.add_argument("--json", metavar="PATH")
@@ -73,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
 
 def make_driver(args: argparse.Namespace, port: int) -> Driver:
     kind = RawDriver if args.client == "raw" else ClientDriver
-    return kind(args.host, port, args.model, args.model_version, connections=args.connections)
+    return kind(args.host, port, args.model, args.model_version, connections=args.connections, shared_memory=args.shared_memory)
 
 
 def environment(server: dict[str, Any]) -> dict[str, Any]:
@@ -115,7 +120,7 @@ async def run(args: argparse.Namespace, port: int) -> int:
         metadata = await _metadata(driver, args.model)
         shapes = dict(parse_shape_option(s) for s in args.shape)
         values = build_inputs(metadata, shapes, args.batch_size, args.dtype, args.input_data, seed=args.seed)
-        requests = [driver.prepare(v) for v in values]
+        requests = await driver.prepare_all(values)
         settings = Settings(
             window_s=args.window_ms / 1000.0,
             max_windows=args.max_windows,
@@ -146,7 +151,8 @@ async def _metadata(driver: Driver, model: str) -> dict[str, Any] | None:
 
 def write_outputs(args: argparse.Namespace, rows: list[dict[str, Any]], settings: dict[str, Any], env: dict[str, Any]) -> None:
     print(output.table(rows))
-    config = {"model": args.model, "client": args.client, "connections": args.connections, **settings}
+    config = {"model": args.model, "client": args.client, "connections": args.connections,
+              "shared_memory": args.shared_memory, **settings}
     if args.csv:
         output.write_file(args.csv, output.csv_text(rows))
     if args.json:

@@ -8,14 +8,19 @@ sees this interface, which is how PyTriton is driven with the very same code
 
 ``RawDriver`` sends requests encoded once on the client library's pipelined ``Connection``s
 (no per-call encoding, no pool); ``ClientDriver`` uses the library's AsyncClient, as a
-user's code does.  docs/performance.md says which is the default and why.
+user's code does.  docs/performance.md says which is the default and why.  Either can put
+the inputs in shared memory (``shared_memory="system"`` or ``"cuda"``: shared.py).
 """
 from __future__ import annotations
 
 from typing import Any
 
+import asyncio
+
 from trtserve_client.connection import Connection
 from trtserve_client.wire import decode_tensors, encode_tensors
+
+from . import shared
 
 
 class Driver:
@@ -32,6 +37,10 @@ class Driver:
     def prepare(self, values: dict[str, Any]) -> Any:
         """Encode input values (name -> ndarray or bytes) once, for many sends."""
         raise NotImplementedError
+
+    async def prepare_all(self, values: list[dict[str, Any]]) -> list[Any]:
+        """Every request's prepared inputs (drivers with shared memory register it here)."""
+        return [self.prepare(v) for v in values]
 
     async def infer(self, slot: int, prepared: Any) -> None:
         """Send one request and wait for its answer; raise on any failure."""
@@ -57,10 +66,13 @@ class RawDriver(Driver):
 
     name = "raw"
 
-    def __init__(self, host: str, port: int, model: str, version: int | None = None, connections: int = 4) -> None:
+    def __init__(self, host: str, port: int, model: str, version: int | None = None, connections: int = 4,
+                 shared_memory: str | None = None) -> None:
         self.host, self.port, self.model, self.version = host, port, model, version
         self.connection_count = connections
         self.connections: list[Connection] = []
+        self.shared_memory = shared_memory
+        self.region: Any = None
 
     async def open(self) -> None:
         self.connections = [Connection(self.host, self.port) for _ in range(self.connection_count)]
@@ -68,12 +80,23 @@ class RawDriver(Driver):
             await connection.connect()
 
     async def close(self) -> None:
+        if self.region is not None:  # the server lets go first (device memory is freed after)
+            await asyncio.gather(*(c.unregister_region(shared.REGION) for c in self.connections), return_exceptions=True)
+            self.region.close()
+            self.region = None
         for connection in self.connections:
             await connection.close()
         self.connections = []
 
     def prepare(self, values: dict[str, Any]) -> dict[str, Any]:
         return encode_tensors(values)
+
+    async def prepare_all(self, values: list[dict[str, Any]]) -> list[Any]:
+        if self.shared_memory is None:
+            return await super().prepare_all(values)
+        self.region = shared.new_region(self.shared_memory, shared.region_bytes(values, self.shared_memory))
+        await asyncio.gather(*(c.register_region(self.region.registration()) for c in self.connections))
+        return [encode_tensors(v) for v in shared.place(self.region, values)]
 
     async def infer(self, slot: int, prepared: dict[str, Any]) -> None:
         fields = {"model": self.model, "inputs": prepared}
@@ -110,9 +133,11 @@ class ClientDriver(Driver):
 
     name = "library"
 
-    def __init__(self, host: str, port: int, model: str, version: int | None = None, connections: int = 4) -> None:
+    def __init__(self, host: str, port: int, model: str, version: int | None = None, connections: int = 4,
+                 shared_memory: str | None = None) -> None:
         self.host, self.port, self.model, self.version = host, port, model, version
         self.connection_count = connections
+        self.shared_memory = shared_memory
         self.client: Any = None
 
     async def open(self) -> None:
@@ -128,6 +153,13 @@ class ClientDriver(Driver):
 
     def prepare(self, values: dict[str, Any]) -> dict[str, Any]:
         return values  # the library encodes per call, as its users' code does
+
+    async def prepare_all(self, values: list[dict[str, Any]]) -> list[Any]:
+        if self.shared_memory is None:
+            return await super().prepare_all(values)
+        size = shared.region_bytes(values, self.shared_memory)
+        register = self.client.register_cuda_shm if self.shared_memory == "cuda" else self.client.register_system_shm
+        return shared.place(await register(shared.REGION, size), values)  # the client unregisters it on close
 
     async def infer(self, slot: int, prepared: dict[str, Any]) -> None:
         await self.client.infer(self.model, prepared, version=self.version)  # the pool picks the connection

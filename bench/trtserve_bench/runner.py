@@ -267,12 +267,22 @@ def measure(
         driver = make_driver()
         await driver.open()
         try:
-            requests = [driver.prepare(v) for v in values]
+            requests = await driver.prepare_all(values)
             return await run_level(driver, model, requests, settings, concurrency=concurrency, rate=rate)
         finally:
             await driver.close()
 
     return run_sync(level())
+
+
+def alternate(repeats: int, *measurements: Callable[[], dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Run each measurement in turn, ``repeats`` times; one list of rows per measurement
+    (the bench suites compare two sides measured alternately, best of each)."""
+    results: list[list[dict[str, Any]]] = [[] for _ in measurements]
+    for _ in range(repeats):
+        for rows, run in zip(results, measurements):
+            rows.append(run())
+    return results
 
 
 def settings_dict(settings: Settings) -> dict[str, Any]:

@@ -7,7 +7,8 @@
 ``Client`` (blocking, thread-safe) wraps ``AsyncClient`` (asyncio); both pipeline many
 requests per connection over a pool of connections and raise the typed errors below,
 chosen by the wire error code.  ``Client(endpoints=["h1:8001", "h2:8001"])`` balances
-requests over several servers and fails over between them (docs/scaling.md).
+requests over several servers and fails over between them (docs/scaling.md).  A client on the server's host can pass tensors through shared
+memory instead (``register_system_shm``, ``register_cuda_shm``: regions.py).
 docs/PROTOCOL.md specifies the wire format.
 """
 from .aio import DEFAULT_HOST, DEFAULT_PORT, AsyncClient
@@ -15,9 +16,10 @@ from .client import Client
 from .connection import Connection
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _error_names
+from .regions import SystemSharedMemory
 from .wire import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "AsyncClient",
     "Client",
@@ -26,5 +28,6 @@ __all__ = [
     "DEFAULT_MAX_FRAME",
     "DEFAULT_PORT",
     "PROTOCOL_VERSION",
+    "SystemSharedMemory",
     *_error_names,
 ]

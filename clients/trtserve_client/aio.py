@@ -29,7 +29,8 @@ from .errors import (
     ShuttingDownError,
     TrtserveError,
 )
-from .wire import DEFAULT_MAX_FRAME, decode_tensors, encode_tensors
+from .regions import Region, SystemSharedMemory, decode_outputs
+from .wire import DEFAULT_MAX_FRAME, decode_value, encode_tensors
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8001
@@ -42,6 +43,7 @@ RETRIABLE = (ConnectionFailedError, ShuttingDownError)
 # Operations that are safe to send again: they change nothing on the server.
 _IDEMPOTENT = frozenset({"infer", "live", "ready", "server_metadata", "model_metadata", "model_config",
                          "repository_index", "statistics"})
+_CLOSE_UNREGISTER_S = 5.0  # close() waits this long for the server to let go of regions
 
 Value = Union[np.ndarray, bytes]
 Inputs = Union[Mapping[str, Any], np.ndarray, bytes, bytearray, memoryview]
@@ -74,6 +76,11 @@ class AsyncClient:
     because inference is idempotent: running a request twice gives the same answer and
     changes nothing.  ``load`` and ``unload`` are never re-sent.  With one endpoint nothing
     is ever re-sent: whether a dropped request ran is the caller's call.
+
+    Shared memory (a server on the same host): ``register_system_shm`` / ``register_cuda_shm``
+    register a region on every connection of every endpoint (and again after a reconnect); inputs
+    given as ``region.tensor(...)`` travel as references, and outputs named in
+    ``infer(shm_outputs=...)`` come back as views of their regions (regions.py).
     """
 
     def __init__(
@@ -117,6 +124,7 @@ class AsyncClient:
             for h, p in addresses
         ])
         self._input_names: dict[tuple[str, int | None], str] = {}
+        self._regions: dict[str, Region] = {}
 
     # -- pool --------------------------------------------------------------------------
     @property
@@ -220,6 +228,7 @@ class AsyncClient:
         outputs: Iterable[str] | None = None,
         timeout: float | None = None,
         priority: int | None = None,
+        shm_outputs: Mapping[str, Any] | None = None,
     ) -> dict[str, Value]:
         """Run ``model`` on ``inputs`` and return ``{output name: ndarray or bytes}``.
 
@@ -230,12 +239,19 @@ class AsyncClient:
         bounds the whole call and is also sent as ``timeout_ms`` so the server drops the
         request instead of computing an answer nobody waits for.  Returned arrays are
         read-only views over the received bytes (no copy); ``.copy()`` one to modify it.
+
+        Shared memory: an input value may be ``region.tensor(shape, dtype, offset)``, and
+        ``shm_outputs`` maps output names to a registered region (the whole of it) or
+        ``region.slot(offset, byte_size)``; those outputs are written there by the server
+        and returned as views of the region (numpy, or DeviceView for CUDA regions).
         """
         model = _model(model)
         timeout = self._timeout(timeout)
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         named = await self._named(model, version, inputs, timeout)
         fields = _infer_fields(model, named, version, outputs, priority)
+        if shm_outputs is not None:
+            fields["shm_outputs"] = self._slots(shm_outputs)
         remaining = _remaining(deadline)
         if remaining is not None:
             fields["timeout_ms"] = remaining * 1000.0
@@ -247,7 +263,7 @@ class AsyncClient:
                 # new inputs): look it up again on the next call.
                 self._input_names.pop((model, version), None)
             raise
-        return _decode_outputs(result)
+        return _decode_outputs(result, self._regions)
 
     async def _named(self, model: str, version: int | None, inputs: Inputs, timeout: float | None) -> Mapping[str, Any]:
         if isinstance(inputs, Mapping):
@@ -257,6 +273,73 @@ class AsyncClient:
             name = _sole_input(await self.model_metadata(model, version, timeout))
             self._input_names[(model, version)] = name
         return {name: inputs}
+
+    # -- shared memory -------------------------------------------------------------------
+    async def register_system_shm(self, name: str, byte_size: int, key: str | None = None, offset: int = 0,
+                                  timeout: float | None = None) -> SystemSharedMemory:
+        """Register ``byte_size`` bytes of POSIX shared memory as region ``name``: a new object
+        (removed again when the region is unregistered), or ``offset`` into the existing
+        object ``key``.  Returns the region (``ndarray``, ``write``, ``tensor``, ``slot``)."""
+        return await self._register(SystemSharedMemory(name, byte_size, key, offset), timeout)
+
+    async def register_cuda_shm(self, name: str, byte_size: int, device: int = 0, memory: Any = None,
+                                timeout: float | None = None) -> Any:
+        """Register ``byte_size`` bytes of device memory on ``device`` as region ``name``,
+        shared through CUDA IPC: allocated here, or ``memory`` (an address, or an object with
+        ``__cuda_array_interface__``).  Needs cuda-python; returns a CudaSharedMemory."""
+        from .cuda_regions import CudaSharedMemory  # only CUDA users need cuda-python
+
+        return await self._register(CudaSharedMemory(name, byte_size, device, memory), timeout)
+
+    async def _register(self, region: Region, timeout: float | None) -> Any:
+        if region.name in self._regions:
+            region.close()
+            raise InvalidArgumentError(f"this client already has a region named {region.name!r}; unregister it first",
+                                       field="name", region=region.name)
+        timeout = self._timeout(timeout)
+        self._regions[region.name] = region
+        # Every connection's answer first, so none is left registered behind a failure.
+        outcomes = await asyncio.gather(*(c.register_region(region.registration(), timeout) for c in self.connections),
+                                        return_exceptions=True)
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if failures:
+            await self.unregister_shm(region.name, timeout)
+            raise failures[0]
+        return region
+
+    async def unregister_shm(self, name: str | Region | None = None, timeout: float | None = None) -> None:
+        """Unregister region ``name`` (or every region) on every connection, then release this
+        process's side of it.  Returns once the server no longer uses it (requests in flight
+        that use it finish first)."""
+        name = name.name if isinstance(name, Region) else name
+        if name is not None and name not in self._regions:
+            raise InvalidArgumentError(f"this client has no region named {name!r}; it has {sorted(self._regions)}",
+                                       field="name", region=name)
+        timeout = self._timeout(timeout)
+        outcomes = await asyncio.gather(*(c.unregister_region(name, timeout) for c in self.connections), return_exceptions=True)
+        for region in [self._regions.pop(name)] if name is not None else list(self._regions.values()):
+            region.close()
+        if name is None:
+            self._regions.clear()
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if failures:
+            raise failures[0]
+
+    async def shm_status(self, name: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """``{"regions": [...], "max_regions", "max_bytes", "mapped_bytes"}`` as one pooled
+        connection's server side sees it (every connection holds the same regions)."""
+        return await self.request("shm_status", timeout, **_optional(name=name))
+
+    def _slots(self, shm_outputs: Mapping[str, Any]) -> dict[str, Any]:
+        slots = {}
+        for name, slot in shm_outputs.items():
+            if isinstance(slot, Region):
+                slot = slot.slot()
+            if not isinstance(slot, dict) or slot.get("region") not in self._regions:
+                raise InvalidArgumentError(f"shm_outputs[{name!r}] must be a region registered by this client or "
+                                           f"region.slot(...), got {slot!r:.80}", field="shm_outputs")
+            slots[name] = slot
+        return slots
 
     def _forget(self, model: str) -> None:
         # A (re)load may change the model's inputs; look its input name up again next time.
@@ -269,7 +352,14 @@ class AsyncClient:
 
     # -- lifecycle ---------------------------------------------------------------------
     async def close(self) -> None:
-        """Close every connection; requests still pending fail with ConnectionFailedError."""
+        """Close every connection; requests still pending fail with ConnectionFailedError.
+        Regions are unregistered first (so the server has let go of device memory before it
+        is freed), then released on this side."""
+        if self._regions:
+            try:
+                await self.unregister_shm(timeout=_CLOSE_UNREGISTER_S)
+            except TrtserveError:
+                pass  # closing the connections releases them on the server anyway
         await asyncio.gather(*(c.close() for c in self.connections))
 
     async def __aenter__(self) -> "AsyncClient":
@@ -357,6 +447,12 @@ def _optional(**fields: Any) -> dict[str, Any]:
 def _infer_fields(
     model: str, inputs: Mapping[str, Any], version: int | None, outputs: Iterable[str] | None, priority: int | None
 ) -> dict[str, Any]:
+    for name, value in inputs.items():
+        if isinstance(value, (list, tuple)):
+            raise InvalidInputError(
+                f"input {name!r} is a Python {type(value).__name__}, not an array: the wire carries typed tensors; "
+                f"send numpy.asarray(value, dtype=...) with the model's dtype (model_metadata lists it)",
+                input=name, type=type(value).__name__)
     fields = {"model": model, "inputs": encode_tensors(inputs)}
     fields.update(_optional(version=version, outputs=None if outputs is None else _names(outputs), priority=priority))
     return fields
@@ -375,9 +471,9 @@ def _sole_input(metadata: dict[str, Any]) -> str:
     )
 
 
-def _decode_outputs(result: dict[str, Any]) -> dict[str, Value]:
+def _decode_outputs(result: dict[str, Any], regions: dict[str, Region]) -> dict[str, Value]:
     try:
-        return decode_tensors(result.get("outputs"), "outputs")
+        return decode_outputs(result.get("outputs"), regions, decode_value)
     except TrtserveError as exc:
         # Our own request was fine; a tensor the server sent cannot be decoded.
         raise ProtocolError(f"the server sent malformed outputs: {exc.message}", **exc.details) from None

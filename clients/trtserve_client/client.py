@@ -88,6 +88,10 @@ class Client:
     load = _blocking(AsyncClient.load)
     unload = _blocking(AsyncClient.unload)
     infer = _blocking(AsyncClient.infer)
+    register_system_shm = _blocking(AsyncClient.register_system_shm)
+    register_cuda_shm = _blocking(AsyncClient.register_cuda_shm)
+    unregister_shm = _blocking(AsyncClient.unregister_shm)
+    shm_status = _blocking(AsyncClient.shm_status)
 
     def close(self) -> None:
         """Close the connections and stop the loop thread.  Idempotent."""

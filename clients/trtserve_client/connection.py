@@ -15,6 +15,10 @@ Access control: with ``token``, every new connection (the first and each reconne
 ``{"op": "auth", "token": ...}`` and waits for its answer before any other request goes out
 (a wrong token raises UnauthenticatedError).  With ``ssl`` (an ``ssl.SSLContext``) the
 connection is TLS, verified against ``server_hostname`` (default: the host).
+
+Shared-memory regions belong to a connection on the server, so the regions registered
+through ``register_region`` are registered again, right after ``auth``, on every new
+connection, before any other request goes out.
 """
 from __future__ import annotations
 
@@ -130,6 +134,7 @@ class Connection:
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self._closed = False
+        self._regions: dict[str, dict[str, Any]] = {}  # name -> shm_register fields, replayed on connect
 
     @property
     def address(self) -> str:
@@ -236,7 +241,9 @@ class Connection:
                     lambda: _Protocol(self), self.host, self.port, ssl=self.ssl, server_hostname=self.server_hostname
                 )
                 if self.token is not None:
-                    await self._authenticate(protocol)
+                    await self._handshake(protocol, "auth", {"token": self.token})
+                for fields in list(self._regions.values()):
+                    await self._handshake(protocol, "shm_register", fields)
         except (OSError, TimeoutError, TrtserveError) as exc:
             if protocol is not None and protocol.transport is not None:
                 protocol.transport.close()
@@ -254,20 +261,37 @@ class Connection:
         self._protocol = protocol
         return protocol
 
-    async def _authenticate(self, protocol: _Protocol) -> None:
-        """Send ``auth`` on a new connection and wait for its answer.  Until then the
-        connection is not ``self._protocol``, so no other request can go out before it."""
+    async def _handshake(self, protocol: _Protocol, op: str, fields: dict[str, Any]) -> None:
+        """Send ``auth`` (or a region's ``shm_register``) on a new connection and wait for its
+        answer.  Until then the connection is not ``self._protocol``, so no other request can
+        go out before it."""
         request_id = next(self._ids) % _ID_SPACE
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            protocol.transport.writelines(frame_parts({"v": PROTOCOL_VERSION, "id": request_id, "op": "auth",
-                                                       "token": self.token}))
+            protocol.transport.writelines(frame_parts({"v": PROTOCOL_VERSION, "id": request_id, "op": op, **fields}))
             protocol.sent.add(request_id)
             _result_of(await future)
         finally:
             self._pending.pop(request_id, None)
             protocol.sent.discard(request_id)
+
+    # -- shared-memory regions ---------------------------------------------------------
+    async def register_region(self, fields: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        """``shm_register`` now, and again on every reconnect (regions die with a connection)."""
+        await self._ensure_connected()  # a fresh connection first registers the earlier regions
+        result = await self.request("shm_register", fields, timeout)
+        self._regions[fields["name"]] = fields
+        return result
+
+    async def unregister_region(self, name: str | None, timeout: float | None = None) -> None:
+        """``shm_unregister`` of one region (None: all): returns once the server let go of it."""
+        if name is None:
+            self._regions.clear()
+        elif self._regions.pop(name, None) is None:
+            return
+        if self.connected:
+            await self.request("shm_unregister", {} if name is None else {"name": name}, timeout)
 
     # -- callbacks from _Protocol ------------------------------------------------------
     def _dispatch(self, protocol: _Protocol, message: dict[str, Any]) -> None:

@@ -30,6 +30,9 @@ OPERATIONS = (
     "load",
     "unload",
     "auth",
+    "shm_register",
+    "shm_unregister",
+    "shm_status",
 )
 
 # Wire dtype names are numpy's canonical names; the bytes are always little-endian.
@@ -54,6 +57,10 @@ MAX_DIMS = 32  # numpy 1.x's limit; a peer must not be able to make reshape rais
 _MAX_INDEX = int(np.iinfo(np.intp).max)
 # What a received tensor's data is: bin decodes to bytes, a buffer reference to a memoryview.
 _DATA_TYPES = (bytes, memoryview)
+#: The key of a value whose bytes lie in a registered shared-memory region instead of the
+#: frame: ``{"dtype", "shape", "shm": {"region", "offset", "byte_size"}}``, or ``{"shm": ...}``
+#: alone for raw bytes (docs/PROTOCOL.md section 5; regions.py).
+SHM = "shm"
 
 
 # --------------------------------------------------------------------------- tensors
@@ -64,18 +71,25 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
     frame refers to their memory, so it must not change until the frame is written."""
     if type(array) is not np.ndarray:
         array = np.asarray(array)
-    name = _WIRE_NAMES.get(array.dtype) or array.dtype.name  # .name: non-native byte order
-    if name not in _NUMPY_DTYPES:
-        raise InvalidInputError(
-            f"dtype {array.dtype} cannot travel on the wire; use one of {', '.join(DTYPES)}",
-            dtype=str(array.dtype),
-        )
+    name = _WIRE_NAMES.get(array.dtype) or dtype_name(array.dtype)
     if array.dtype.byteorder == ">" or not array.flags.c_contiguous:
         # astype, not ascontiguousarray: the latter turns a 0-d array into shape (1,).
         array = array.astype(_NUMPY_DTYPES[name], order="C")
     # memoryview.cast refuses shapes with a zero in them, and an empty tensor has no bytes.
     data = OutOfBand(memoryview(array).cast("B")) if array.size else b""
     return {"dtype": name, "shape": list(array.shape), "data": data}
+
+
+def dtype_name(dtype: Any) -> str:
+    """The wire name of a numpy dtype (any byte order), or InvalidInputError."""
+    dtype = np.dtype(dtype)
+    name = _WIRE_NAMES.get(dtype) or dtype.name  # .name: non-native byte order
+    if name not in _NUMPY_DTYPES:
+        raise InvalidInputError(
+            f"dtype {dtype} cannot travel on the wire; use one of {', '.join(DTYPES)}",
+            dtype=str(dtype),
+        )
+    return name
 
 
 def decode_tensor(obj: Any, where: str = "tensor") -> np.ndarray:
@@ -86,13 +100,23 @@ def decode_tensor(obj: Any, where: str = "tensor") -> np.ndarray:
 
 def fast_tensor(obj: Any) -> np.ndarray | None:
     """decode_tensor's fast path: a well-formed non-empty tensor, else None (then
-    decode_tensor decodes it or names the problem).  Exact type checks and one size
-    product; the full checks cost 2.4 us a tensor on the server's loop."""
+    decode_tensor decodes it or names the problem)."""
     if type(obj) is not dict:
         return None
-    dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
+    data = obj.get("data")
+    if type(data) not in _DATA_TYPES:
+        return None
+    shape = obj.get("shape")
+    layout = fast_layout(obj.get("dtype"), shape)
+    return np.frombuffer(data, dtype=layout[0]).reshape(shape) if layout is not None and layout[1] == len(data) else None
+
+
+def fast_layout(dtype: Any, shape: Any) -> tuple[np.dtype, int] | None:
+    """tensor_layout's fast path: a known dtype and a list of positive ints, else None
+    (then tensor_layout names the problem, or handles an empty tensor).  Exact type checks
+    and one size product; the full checks cost 2.4 us a tensor on the server's loop."""
     np_dtype = _NUMPY_DTYPES.get(dtype) if type(dtype) is str else None
-    if np_dtype is None or type(shape) is not list or type(data) not in _DATA_TYPES or len(shape) > MAX_DIMS:
+    if np_dtype is None or type(shape) is not list or len(shape) > MAX_DIMS:
         return None
     size = np_dtype.itemsize
     for d in shape:
@@ -100,7 +124,7 @@ def fast_tensor(obj: Any) -> np.ndarray | None:
             return None
         size *= d
     # Every dim a positive int: the size bounds them all, no overflow possible.
-    return np.frombuffer(data, dtype=np_dtype).reshape(shape) if size == len(data) else None
+    return np_dtype, size
 
 
 def _decode_tensor_checked(obj: Any, where: str) -> np.ndarray:
@@ -108,6 +132,27 @@ def _decode_tensor_checked(obj: Any, where: str) -> np.ndarray:
     if not isinstance(obj, dict):
         raise InvalidInputError(f"{where}: expected a tensor map, got {type(obj).__name__}", where=where)
     dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
+    np_dtype, expected = tensor_layout(dtype, shape, where)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidInputError(
+            f"{where}: data must be msgpack bin or a buffer reference, got {type(data).__name__}", where=where)
+    received = memoryview(data).nbytes
+    if expected != received:
+        raise InvalidInputError(
+            f"{where}: shape {shape} of {dtype} needs {expected} bytes but {received} were sent",
+            where=where,
+            shape=shape,
+            dtype=dtype,
+            expected_bytes=expected,
+            received_bytes=received,
+        )
+    return np.frombuffer(data, dtype=np_dtype).reshape(shape)
+
+
+def tensor_layout(dtype: Any, shape: Any, where: str) -> tuple[np.dtype, int]:
+    """A tensor map's numpy dtype and byte length, or InvalidInputError naming what is wrong
+    (an unknown dtype, a shape that is not a list of non-negative integers, a size no array
+    can have).  Byte lengths are Python ints: huge dims cannot wrap to 0."""
     if type(dtype) is not str or dtype not in _NUMPY_DTYPES:  # a map or list is unhashable
         raise InvalidInputError(
             f"{where}: unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}",
@@ -124,9 +169,6 @@ def _decode_tensor_checked(obj: Any, where: str) -> np.ndarray:
             where=where,
             shape=repr(shape),
         )
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise InvalidInputError(
-            f"{where}: data must be msgpack bin or a buffer reference, got {type(data).__name__}", where=where)
     np_dtype = _NUMPY_DTYPES[dtype]
     # numpy refuses a shape whose non-zero dims overflow its index type, even when another
     # dim is 0 and the array is empty; check first so a peer cannot provoke a ValueError.
@@ -137,22 +179,14 @@ def _decode_tensor_checked(obj: Any, where: str) -> np.ndarray:
             shape=shape,
             dtype=dtype,
         )
-    expected = math.prod(shape) * np_dtype.itemsize  # Python ints: huge dims cannot wrap to 0
-    received = memoryview(data).nbytes
-    if expected != received:
-        raise InvalidInputError(
-            f"{where}: shape {shape} of {dtype} needs {expected} bytes but {received} were sent",
-            where=where,
-            shape=shape,
-            dtype=dtype,
-            expected_bytes=expected,
-            received_bytes=received,
-        )
-    return np.frombuffer(data, dtype=np_dtype).reshape(shape)
+    return np_dtype, math.prod(shape) * np_dtype.itemsize
 
 
 def encode_value(value: Any) -> Any:
-    """An input/output value: bytes travel as a bare value, everything array-like as a tensor."""
+    """An input/output value: bytes travel as a bare value, a shared-memory reference
+    (regions.py) as it is, everything array-like as a tensor."""
+    if type(value) is dict and SHM in value and "data" not in value:
+        return value
     if isinstance(value, (bytes, bytearray, memoryview)):
         return OutOfBand(memoryview(value).cast("B") if isinstance(value, memoryview) else value)
     return encode_tensor(np.asarray(value))

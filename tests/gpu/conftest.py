@@ -13,7 +13,8 @@ _HERE = Path(__file__).parent
 def pytest_collection_modifyitems(config, items):
     if cuda.is_available():
         return
-    skip = pytest.mark.skip(reason=f"no CUDA device: {cuda.unavailable_reason()}")
+    skip = pytest.mark.skip(reason=f"no GPU on this machine (the GPU tests run where CUDA sees one; here: "
+                                   f"{cuda.unavailable_reason()})")
     for item in items:
         if _HERE in Path(str(item.fspath)).parents:
             item.add_marker(skip)

@@ -294,6 +294,8 @@ ERROR_CASES = {
     "bytes-for-tensor": (lambda c: c.infer("identity", {"input": b"abc"}), ErrorCode.INVALID_INPUT),
     "batch-over-max": (lambda c: c.infer("identity", np.zeros((9, 4), np.float32)), ErrorCode.INVALID_INPUT),
     "dtype-not-on-wire": (lambda c: c.infer("echo", np.zeros(2, np.complex64)), ErrorCode.INVALID_INPUT),
+    "python-list": (lambda c: c.infer("identity", [[1.0, 2.0, 3.0, 4.0]]), ErrorCode.INVALID_INPUT),
+    "python-tuple-in-a-map": (lambda c: c.infer("identity", {"input": (1.0, 2.0, 3.0, 4.0)}), ErrorCode.INVALID_INPUT),
     "single-value-for-two-inputs": (lambda c: c.infer("pair", np.zeros(2, np.float32)), ErrorCode.INVALID_INPUT),
     "unknown-output": (lambda c: c.infer("identity", X, outputs=["nope"]), ErrorCode.INVALID_ARGUMENT),
     "version-not-served": (lambda c: c.infer("identity", X, version=1), ErrorCode.VERSION_NOT_FOUND),

@@ -60,7 +60,8 @@ def test_explicit_mode_starts_empty_then_loads_and_unloads(server_factory):
         rows = rows_by_name(conn)
         assert {row["state"] for row in rows.values()} == {"UNLOADED"}
         assert conn.result("ready") == {"ready": True}
-        assert conn.error("infer", model="identity", inputs={"input": tensor(ROWS)})["name"] == "MODEL_NOT_FOUND"
+        error = conn.error("infer", model="identity", inputs={"input": tensor(ROWS)})  # on disk, not loaded
+        assert error["name"] == "MODEL_UNAVAILABLE" and error["details"]["reason"] == "not loaded", error
         assert conn.result("load", model="identity") == {"name": "identity", "version": 2, "state": "READY"}
         out = conn.result("infer", model="identity", inputs={"input": tensor(ROWS)})["outputs"]["output"]
         np.testing.assert_array_equal(array(out), ROWS)

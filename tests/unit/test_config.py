@@ -234,3 +234,15 @@ def test_output_source_and_duplicate_names(tmp_path):
     error = error_for(write(tmp_path, 'backend = "Identity"\n[[input]]\nname = "x"\ndtype = "uint8"\n'
                                       '[[input]]\nname = "x"\ndtype = "uint8"\n'))
     assert error.details["key"] == "input[1].name" and "declared twice" in error.message
+
+
+def test_the_cli_reports_its_version_and_protocol():
+    import subprocess
+    import sys
+
+    import trtserve
+    from trtserve_client.wire import PROTOCOL_VERSION
+
+    done = subprocess.run([sys.executable, "-m", "trtserve.cli", "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"trtserve {trtserve.__version__} (protocol version {PROTOCOL_VERSION})"

@@ -385,3 +385,13 @@ def test_a_warmup_sample_too_large_for_every_batch_is_a_load_failure(tmp_path, r
     repo.load_all()
     row = {r["name"]: r for r in repo.index()}["m"]
     assert row["state"] == "UNAVAILABLE" and "forms no batch" in row["reason"]
+
+
+def test_a_model_folder_that_is_not_loaded_is_unavailable_with_the_fix(tmp_path, repo):
+    make_model(tmp_path, "later", 'backend = "Tagged"\n')
+    with pytest.raises(ModelUnavailableError) as excinfo:
+        repo.get("later")  # on disk, never loaded (explicit model control)
+    assert excinfo.value.details["state"] == "UNLOADED" and "--model-control" in excinfo.value.message
+    for name in ("nope", "../later", "later/..", "x" * 300, ""):
+        with pytest.raises(ModelNotFoundError):
+            repo.get(name)

@@ -4,7 +4,10 @@ Importing this package touches neither cuda-python nor the driver: everything is
 on first use, so CPU-only machines import it freely and ``is_available()`` says False.
 
 * errors: ``check(result)``, ``CudaError`` (a DeviceError, ``.sticky``), the poisoned flag
-* device: ``is_available()``, ``unavailable_reason()``, ``ensure_device()``, ``device_info()``
+* device: ``is_available()``, ``unavailable_reason()``, ``ensure_device()``, ``current_device()``,
+  ``device_info()``
+* ipc: ``IpcMemory`` (CUDA IPC handles of other processes), ``export_handle()``; import it
+  as ``trtserve.cuda.ipc``
 * runtime: ``Stream``, ``Event``, ``PinnedBuffer``, ``DeviceBuffer``, ``current_stream()``,
   ``use_stream()``, ``set_current_stream()``, ``copy_async()``
 * array: ``DeviceArray`` (``__cuda_array_interface__`` v3), ``HostStaging``, ``to_device()``,
@@ -14,6 +17,7 @@ on first use, so CPU-only machines import it freely and ``is_available()`` says 
 from .array import DeviceArray, HostStaging, cuda_array_interface, to_device, to_host
 from .device import (
     DeviceInfo,
+    current_device,
     device_count,
     device_info,
     ensure_device,
@@ -49,6 +53,7 @@ __all__ = [
     "compile_kernel",
     "copy_async",
     "cuda_array_interface",
+    "current_device",
     "current_stream",
     "device_count",
     "device_info",

@@ -87,6 +87,11 @@ def require_device(ordinal: int = 0) -> None:
         )
 
 
+def current_device() -> int | None:
+    """The device ``ensure_device`` made current on the calling thread, or None."""
+    return getattr(_tls, "device", None)
+
+
 def ensure_device(ordinal: int | None = None) -> int:
     """Make ``ordinal`` (default: this thread's device, else 0) current on the calling thread.
 

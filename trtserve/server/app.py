@@ -11,7 +11,8 @@ Shutdown (``stop``, or SIGINT/SIGTERM under ``serve_forever``):
 A second signal skips the rest of the grace period.
 
 Model control modes live in control.py, access control in auth.py and protocol.py, the
-Prometheus exporter in metrics.py; docs/operations.md describes them for operators.
+Prometheus exporter in metrics.py, shared-memory regions in shm_ops.py; docs/operations.md
+describes them for operators.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from .control import ModelControl, poll_forever
 from .handlers import Dispatcher
 from .metrics import Metrics
 from .protocol import ServerProtocol
+from .shm import DEFAULT_MAX_BYTES, DEFAULT_MAX_REGIONS, ShmLimits
+from .shm_ops import SharedMemory
 from .tracker import DEFAULT_MAX_CONNECTIONS, ConnectionTracker
 
 log = logging.getLogger("trtserve.server")
@@ -65,6 +68,8 @@ class Server:
     Access: ``token`` (str/bytes; the ``auth`` operation), ``ssl_context`` (TLS),
     ``max_connections``, ``max_in_flight_per_connection``, ``max_frame``.  Metrics:
     ``metrics_port`` (None = off; 0 = any free port, read ``.metrics_port`` after start).
+    Shared memory: ``shared_memory`` (False refuses the shm operations), with per-connection
+    limits ``shm_max_regions`` and ``shm_max_bytes``.
     """
 
     def __init__(
@@ -85,6 +90,9 @@ class Server:
         auth_timeout_s: float = DEFAULT_AUTH_TIMEOUT_S,
         ssl_context: ssl.SSLContext | None = None,
         metrics_port: int | None = None,
+        shared_memory: bool = True,
+        shm_max_regions: int = DEFAULT_MAX_REGIONS,
+        shm_max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.repository = repository if isinstance(repository, ModelRepository) else ModelRepository(repository)
         self.host = host
@@ -107,6 +115,9 @@ class Server:
             auth_timeout_s=float(auth_timeout_s),
             pre_auth_max_frame=PRE_AUTH_MAX_FRAME,
         )
+        limits = ShmLimits(_positive_int("shm_max_regions", shm_max_regions), _positive_int("shm_max_bytes", shm_max_bytes))
+        self.shm = SharedMemory(limits if shared_memory else None)
+        self.tracker.closed = self.shm.connection_closed  # a connection's regions go with it
         self.metrics: Metrics | None = None
         self.dispatcher: Dispatcher | None = None
         self._listener: asyncio.AbstractServer | None = None
@@ -149,6 +160,7 @@ class Server:
                 version=__version__,
                 authenticator=self.authenticator,
                 metrics=self.metrics,
+                shared_memory=self.shm,
             )
             await self._listen(loop, self.dispatcher.dispatch)
         except BaseException:
@@ -258,6 +270,7 @@ class Server:
                 conn.abort()  # peers that stopped reading: their answers cannot be delivered
         if self._listener is not None:
             await self._listener.wait_closed()
+        self.shm.close()  # what aborted connections registered, too
         await asyncio.get_running_loop().run_in_executor(None, self._close_models)
         log.info("stopped")
 

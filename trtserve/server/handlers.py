@@ -28,9 +28,12 @@ from .auth import Authenticator
 from .control import ModelControl
 from .infer import InferHandler, optional_version, require_model
 from .reply import Reply
+from .shm_ops import SharedMemory
 
 # Operations that start work; refused once the server is draining for shutdown.
 _WORK_OPS = frozenset({"infer", "load", "unload"})
+# Operations that act on state the connection owns (its shared-memory regions): they get it too.
+_CONNECTION_OPS = frozenset({"infer", "shm_register", "shm_unregister", "shm_status"})
 
 
 def cuda_poisoned() -> Any:
@@ -73,6 +76,7 @@ class Dispatcher:
         version: str,
         authenticator: Authenticator | None = None,
         metrics: Any = None,
+        shared_memory: SharedMemory | None = None,
     ) -> None:
         self.repository = repository
         self.loop = loop
@@ -83,9 +87,10 @@ class Dispatcher:
         self.version = version
         self.ready = False  # serving: set once listening, cleared when draining starts
         self.draining = False
-        self._ops: dict[str, Callable[[dict[str, Any]], Any]] = {
+        self.shm = shared_memory if shared_memory is not None else SharedMemory(None)
+        self._ops: dict[str, Callable[..., Any]] = {
             "auth": self.auth,
-            "infer": InferHandler(repository, loop, metrics),
+            "infer": InferHandler(repository, loop, metrics, self.shm),
             "live": self.live,
             "ready": self.ready_op,
             "server_metadata": self.server_metadata,
@@ -95,10 +100,14 @@ class Dispatcher:
             "statistics": self.statistics,
             "load": self.load,
             "unload": self.unload,
+            "shm_register": self.shm.register,
+            "shm_unregister": self.shm.unregister,
+            "shm_status": self.shm.status,
         }
         assert set(self._ops) == set(OPERATIONS), "the table must cover wire.OPERATIONS exactly"
 
-    def dispatch(self, message: dict[str, Any]) -> Any:
+    def dispatch(self, message: dict[str, Any], connection: Any = None) -> Any:
+        """One request of ``connection`` (the server/protocol.py object that owns its regions)."""
         v = message.get("v")
         if type(v) is not int or v != PROTOCOL_VERSION:
             raise self._bad_version(v)
@@ -111,6 +120,8 @@ class Dispatcher:
                 f"the server is shutting down and accepts no new {op!r} requests; retry on another server",
                 operation=op,
             )
+        if op in _CONNECTION_OPS:
+            return handler(message, connection)
         return handler(message)
 
     @staticmethod

@@ -10,6 +10,10 @@ pool hop, no per-request task.
 scheduler's timer and never runs) and a loop timer (the client gets DEADLINE_EXCEEDED on
 time even when the item is already running; its late result is dropped).
 
+A request that uses shared-memory regions (server/shm_io.py) carries a ``ShmRequest``: its
+outputs named in ``shm_outputs`` are written into their regions in ``on_done``, on the thread
+that finished the item (never on the loop), and its regions are let go in ``_resolve``.
+
 With metrics on, every answer is counted once, as the client sees it (success, or failure
 by error name) and its duration observed, through the served model's meter
 (server/metrics.py), which ``ModelIO`` caches next to the model's inputs.
@@ -34,6 +38,7 @@ from ..scheduler import Request
 from .doorbell import Doorbell
 from .modelio import DEFAULT_OUTPUT, ModelIO
 from .reply import Reply
+from .shm_io import ShmRequest
 
 __all__ = ["DEFAULT_OUTPUT", "InferCall", "InferHandler", "ModelIO", "optional_priority", "optional_version",
            "require_model", "timeout_seconds"]
@@ -101,9 +106,10 @@ class InferCall(Reply):
     """One infer request in flight: the reply slot itself, plus its scheduler request and
     deadline timer."""
 
-    __slots__ = ("bell", "request", "timer", "io", "model", "wanted", "started")
+    __slots__ = ("bell", "request", "timer", "io", "model", "wanted", "started", "shm")
 
-    def __init__(self, bell: Doorbell, model: LoadedModel, io: ModelIO, wanted: list[str] | None, started: float):
+    def __init__(self, bell: Doorbell, model: LoadedModel, io: ModelIO, wanted: list[str] | None, started: float,
+                 shm: ShmRequest | None = None):
         Reply.__init__(self)
         self.started = started  # time.perf_counter() when the request was read
         self.bell = bell
@@ -112,9 +118,16 @@ class InferCall(Reply):
         self.io = io
         self.model = model
         self.wanted = wanted
+        self.shm = shm
 
     def on_done(self, item: dict[str, Any], error: TrtserveError | None) -> None:
-        """Scheduler thread: hand the finished item to the loop."""
+        """Scheduler thread: write outputs into their regions, hand the finished item to the loop."""
+        shm = self.shm
+        if shm is not None and shm.slots and error is None and not self.done and "result" in item:
+            try:
+                shm.write(self.io.output_values(item, self.wanted))
+            except TrtserveError as exc:
+                error = exc
         self.bell.post(self._resolve, item, error)
 
     def _resolve(self, item: dict[str, Any], error: TrtserveError | None) -> None:
@@ -124,11 +137,13 @@ class InferCall(Reply):
         self.request = None
         if self.timer is not None:
             self.timer.cancel()
+        if self.shm is not None:
+            self.shm.release()  # the item has left its model: its regions are free again
         if self.done:  # expired or cancelled: the late answer is dropped
             return
         if error is None:
             try:
-                outputs = self.io.encode(item, self.wanted)
+                outputs = self.io.encode(item, self.wanted, self.shm.placed if self.shm is not None else None)
             except TrtserveError as exc:
                 error = exc
         if error is not None:
@@ -169,10 +184,12 @@ class InferCall(Reply):
 
 
 class InferHandler:
-    def __init__(self, repository: ModelRepository, loop: asyncio.AbstractEventLoop, metrics: Any = None) -> None:
+    def __init__(self, repository: ModelRepository, loop: asyncio.AbstractEventLoop, metrics: Any = None,
+                 shm: Any = None) -> None:
         self.repository = repository
         self.loop = loop
         self.metrics = metrics  # server/metrics.Metrics, or None when metrics are off
+        self.shm = shm  # server/shm_ops.SharedMemory: each connection's regions
         self.bell = Doorbell(loop)
         self._io: dict[tuple[str, int], tuple[LoadedModel, ModelIO]] = {}
 
@@ -188,21 +205,29 @@ class InferHandler:
         self._io[key] = (model, io)
         return io
 
-    def __call__(self, message: dict[str, Any]) -> InferCall:
+    def __call__(self, message: dict[str, Any], connection: Any = None) -> InferCall:
         # The hot path: optional fields are parsed only when present (each parser raises
         # the typed error for a bad value).
         started = time.perf_counter()
         io = None
         get = message.get
+        # Only a connection that registered regions, or a request that names shm_outputs, pays for this.
+        table = self.shm.lookup(connection) if self.shm is not None else None
+        shm = ShmRequest(table) if table is not None or get("shm_outputs") is not None else None
         try:
             name, version = get("model"), get("version")
             if type(name) is not str or not name or version is not None:
                 name, version = require_model(message), optional_version(message)
             model = self.repository.get(name, version)
             io = self.model_io(model)
-            item = {"data": io.item_data(get("inputs"))}
+            item = {"data": io.item_data(get("inputs"), shm)}
             wanted = get("outputs")
-            call = InferCall(self.bell, model, io, None if wanted is None else io.output_filter(wanted), started)
+            wanted = None if wanted is None else io.output_filter(wanted)
+            if shm is not None:
+                shm.plan_outputs(get("shm_outputs"), io.outputs, wanted)
+                if not shm.leases:
+                    shm = None  # no region referenced: the plain path
+            call = InferCall(self.bell, model, io, wanted, started, shm)
             priority = get("priority")
             if priority is not None:
                 priority = optional_priority(message)
@@ -215,6 +240,8 @@ class InferHandler:
             if not call.done:  # an inline model may have answered already
                 call.request = request
         except TrtserveError as exc:
+            if shm is not None:
+                shm.release()
             if self.metrics is not None:
                 self._count_refusal(message, io, exc)
             raise

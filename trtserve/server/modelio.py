@@ -1,5 +1,7 @@
 """A served model's inputs and outputs: wire values to an item's ``data``, ``result`` to
-wire outputs, with the declared-input checks kept cheap for the hot path."""
+wire outputs, with the declared-input checks kept cheap for the hot path.  Values in
+shared-memory regions are resolved by shm_io.py; a DeviceArray (a CUDA region's input)
+passes the declared checks like a numpy array."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,6 +12,7 @@ from trtserve_client.wire import decode_value, encode_value, fast_value
 from ..backend import TensorSpec
 from ..errors import BackendError, InvalidArgumentError, InvalidInputError, NoResultError
 from ..repository import LoadedModel
+from .shm_io import input_value, is_reference
 
 DEFAULT_OUTPUT = "output"  # the output's name when a model declares none
 
@@ -26,28 +29,29 @@ class ModelIO:
         self.single_output = self.outputs[0] if self.outputs else DEFAULT_OUTPUT
         self.meter: Any = None  # the model version's metrics (server/metrics.ModelMeter), when on
 
-    def item_data(self, raw: Any) -> Any:
-        """The item's ``data``: the value of a lone input, or a dict name -> value."""
+    def item_data(self, raw: Any, shm: Any = None) -> Any:
+        """The item's ``data``: the value of a lone input, or a dict name -> value.  ``shm``
+        (a shm_io.ShmRequest) resolves inputs given as shared-memory references."""
         if type(raw) is dict and len(raw) == 1 and (self.inputs is None or self._lone is not None):
-            value = self._lone_value(raw)
+            value = self._lone_value(raw, shm)
             if value is not None:
                 return value
-        return self._item_data(raw)
+        return self._item_data(raw, shm)
 
-    def _lone_value(self, raw: dict[str, Any]) -> Any:
+    def _lone_value(self, raw: dict[str, Any], shm: Any) -> Any:
         """The hot path: the one input of a one-input model, well formed; None otherwise
         (then _item_data decodes it, or names what is wrong)."""
         for name, obj in raw.items():  # exactly one
             lone = self._lone
             if type(name) is not str or (lone is not None and name != lone.spec.name):
                 return None
-            value = fast_value(obj)
+            value = fast_value(obj) if shm is None or not is_reference(obj) else input_value(shm, obj, f"inputs[{name!r}]")
             if value is not None and lone is not None and not lone.fits(value):
                 return None
             return value
         return None
 
-    def _item_data(self, raw: Any) -> Any:
+    def _item_data(self, raw: Any, shm: Any) -> Any:
         if not isinstance(raw, dict) or not raw:
             raise InvalidArgumentError(
                 f"field 'inputs' must be a non-empty map of input name to tensor or bytes, got {raw!r:.80}",
@@ -57,7 +61,8 @@ class ModelIO:
         for name, obj in raw.items():
             if type(name) is not str:
                 raise InvalidArgumentError(f"field 'inputs': input names must be strings, got {name!r}", field="inputs")
-            values[name] = decode_value(obj, f"inputs[{name!r}]")
+            where = f"inputs[{name!r}]"
+            values[name] = input_value(shm, obj, where) if is_reference(obj) else decode_value(obj, where)
         if self.inputs is not None:
             self._check(values)
         if len(values) == 1 and (self.inputs is None or len(self.inputs) == 1):
@@ -92,7 +97,19 @@ class ModelIO:
                     raise self._unknown_output(name, self.outputs)
         return raw
 
-    def encode(self, item: dict[str, Any], wanted: list[str] | None) -> dict[str, Any]:
+    def encode(self, item: dict[str, Any], wanted: list[str] | None, placed: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The answer's ``outputs``; ``placed``: outputs already written into regions (their maps)."""
+        result = item.get("result")
+        if wanted is None and type(result) is np.ndarray and not placed:  # the hot path: one tensor out
+            return {self.single_output: self._encode_output(self.single_output, result)}
+        values = self.output_values(item, wanted)
+        if placed:
+            return {str(name): placed[name] if name in placed else self._encode_output(name, value)
+                    for name, value in values.items()}
+        return {str(name): self._encode_output(name, value) for name, value in values.items()}
+
+    def output_values(self, item: dict[str, Any], wanted: list[str] | None) -> dict[str, Any]:
+        """Output name -> value, as the answer carries them (``wanted`` only, in its order)."""
         if "result" not in item:
             raise NoResultError(
                 f"model {self.name!r} finished the request without a result: a backend could not "
@@ -100,15 +117,13 @@ class ModelIO:
                 model=self.name,
             )
         result = item["result"]
-        if wanted is None and type(result) is np.ndarray:  # the hot path: one tensor out
-            return {self.single_output: self._encode_output(self.single_output, result)}
         values = result if isinstance(result, dict) else {self.single_output: result}
         if wanted is not None:
             for name in wanted:
                 if name not in values:
                     raise self._unknown_output(name, list(values))
             values = {name: values[name] for name in wanted}
-        return {str(name): self._encode_output(name, value) for name, value in values.items()}
+        return values
 
     def _encode_output(self, name: Any, value: Any) -> Any:
         try:
@@ -137,7 +152,8 @@ class _Declared:
     def fits(self, value: Any) -> bool:
         if self.dtype is None:
             return isinstance(value, (bytes, bytearray))
-        return isinstance(value, np.ndarray) and value.dtype == self.dtype and _shape_fits(value.shape, self.shape)
+        return ((isinstance(value, np.ndarray) or hasattr(value, "__cuda_array_interface__"))
+                and value.dtype == self.dtype and _shape_fits(value.shape, self.shape))
 
     def check(self, value: Any) -> None:
         if not self.fits(value):
@@ -163,7 +179,7 @@ def _check_tensor(model: str, spec: TensorSpec, value: Any) -> None:
                 model=model, input=spec.name, expected_dtype="bytes", dtype=str(value.dtype),
             )
         return
-    if not isinstance(value, np.ndarray):
+    if isinstance(value, (bytes, bytearray)):
         raise InvalidInputError(
             f"{where} takes a {spec.dtype} tensor, got raw bytes; send a tensor map {{dtype, shape, data}}",
             model=model, input=spec.name, expected_dtype=spec.dtype, dtype="bytes",

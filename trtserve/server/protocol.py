@@ -63,8 +63,8 @@ _REFUSALS = {
 
 
 class ServerProtocol(asyncio.BufferedProtocol):
-    """One client connection.  ``dispatch(message)`` answers at once (a dict) or later
-    (a server/reply.Reply: handlers.Deferred, infer.InferCall)."""
+    """One client connection.  ``dispatch(message, connection)`` answers at once (a dict) or
+    later (a server/reply.Reply: handlers.Deferred, infer.InferCall)."""
 
     def __init__(self, dispatch: Any, tracker: ConnectionTracker) -> None:
         self._dispatch = dispatch
@@ -264,7 +264,7 @@ class ServerProtocol(asyncio.BufferedProtocol):
             ), req_id)
             return
         try:
-            outcome = self._dispatch(message)
+            outcome = self._dispatch(message, self)  # self: the owner of per-connection state (regions)
         except TrtserveError as exc:
             if exc.code == ErrorCode.UNAUTHENTICATED:
                 self._fail(exc, req_id)  # a wrong token: nothing more is read from this peer

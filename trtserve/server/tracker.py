@@ -45,6 +45,8 @@ class ConnectionTracker:
         # frame_too_large, protocol_error, permission_denied, unsupported_protocol); paused(cause): reading stopped.
         self.refused: Callable[[str], None] = _ignore
         self.paused: Callable[[str], None] = _ignore
+        # closed(conn): release what the connection owned (its shared-memory regions).
+        self.closed: Callable[[ServerProtocol], None] = _ignore
         self._idle: asyncio.Event | None = None  # exists only while someone waits (shutdown)
         self._empty: asyncio.Event | None = None
 
@@ -55,6 +57,7 @@ class ConnectionTracker:
 
     def connection_closed(self, conn: "ServerProtocol") -> None:
         self.connections.discard(conn)
+        self.closed(conn)
         if not self.connections and self._empty is not None:
             self._empty.set()
 
