@@ -1,4 +1,5 @@
-"""README.md's code blocks run as written and print what the README says they print.
+"""README.md's code blocks (and docs/server.md's client snippet) run as written and print
+what the documents say they print.
 
 The client snippet runs against ``trtserve serve`` started with the README's own command
 line (on an ephemeral port instead of 8001), the in-process snippet from the repository's
@@ -77,3 +78,8 @@ def test_the_load_generator_command_runs_against_the_server(readme_server, tmp_p
     with open(tmp_path / args[args.index("--csv") + 1], newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(levels) and all(float(r["errors"]) == 0 and float(r["throughput"]) > 0 for r in rows)
+
+
+def test_the_shared_memory_snippet_of_the_server_guide(readme_server, tmp_path):
+    code, output = the_block((ROOT / "docs" / "server.md").read_text(), "python", "register_system_shm")
+    assert run_python(code, tmp_path, port=readme_server.port) == output
