@@ -1,13 +1,15 @@
 """Fixtures for the load benchmarks: servers as child processes, measurement settings, targets.
 
-    pytest bench/ --benchmark-json=out.json            # every suite
+    pytest bench/ --benchmark-json=/tmp/bench.json     # every suite; raw results where you say
+    python -m trtserve_bench.summarize /tmp/bench.json --csv bench.csv > bench.md   # the summary
     pytest bench/ --enforce-targets                    # fail tests whose ratio misses its target
 
 Load tests measure with trtserve-bench's own windows; pytest-benchmark's timing of such a
 test is only its wall time, and the numbers that matter (RPS, percentiles, ratios, target
-verdicts) are in each benchmark's ``extra_info``.  Every comparison is measured in the same
-test, the two sides alternating ``--bench-repeats`` times, best of each kept: on a shared
-machine the best run is the one least disturbed by neighbours.
+verdicts) are in each benchmark's ``extra_info``.  The raw JSON also holds every timing
+round (megabytes); bench/results/ keeps only the summaries.  Every comparison is measured
+in the same test, the two sides alternating ``--bench-repeats`` times, best of each kept:
+on a shared machine the best run is the one least disturbed by neighbours.
 """
 from __future__ import annotations
 

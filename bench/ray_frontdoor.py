@@ -1,7 +1,7 @@
 """Front door + Ray Serve replica vs `trtserve serve`, same model, same machine.
 
     python bench/ray_frontdoor.py [--model tensor_mlp] [--repository model_repository]
-                                  [--json bench/results/ray_frontdoor.json]
+                                  [--json PATH]
 
 Runs, one after the other (never side by side, so they do not share the cores):
 
@@ -10,9 +10,9 @@ Runs, one after the other (never side by side, so they do not share the cores):
    replica running the model, the front door forwarding to it);
 
 and measures each with ``trtserve-bench`` at concurrency 1 (p50 latency) and 32
-(throughput).  Prints one row per path plus the two comparisons the README reports:
+(throughput).  Prints one row per path plus the two comparisons docs/scaling.md reports:
 p50 overhead (ms) at c=1 and the throughput ratio at c=32.  Not a test: numbers depend on
-the machine; docs/scaling.md says what was measured where.
+the machine; docs/scaling.md gives the current ones, with the machine they were measured on.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """In-process ``trtserve.pipe()`` vs calling onnxruntime directly, in the same test.
 
-Targets (from the issues):
+Targets:
 * at concurrency >= 2 * instance_num * max, pipe() reaches >= 85% of direct onnxruntime's
   throughput (rows/s) at batch ``max``;
 * at concurrency 1, pipe()'s p50 <= direct batch-1 p50 + 0.2 ms.

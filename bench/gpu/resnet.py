@@ -10,7 +10,7 @@ SyncTensor's ``overlap`` (the instance prepares its next batch while the GPU run
 The references, measured in the same run on the same GPU:
 
 * raw eager batch 8: the traced model called from one Python thread on its own stream,
-  input already on the GPU (the issue's reference); measured before and after the pipes,
+  input already on the GPU (the main reference); measured before and after the pipes,
   the better of the two is used, so ratios are conservative;
 * raw graph batch 8: the same batch replayed from one CUDA graph: the GPU's own ceiling;
 * raw host I/O: one thread stacks 8 numpy requests, uploads them, runs the model and

@@ -10,7 +10,7 @@ cuda_graph, overlap); each request one [1,3,224,224] float32 tensor (600 KB).  R
   inputs in every request (TCP), in system shared memory (``--shared-memory system``), and
   in each client's device memory shared through CUDA IPC (``--shared-memory cuda``).
 
-Targets (issue 15): system shm / pipe(numpy) >= 0.85, CUDA IPC / pipe(DeviceArray) >= 0.85,
+Targets: system shm / pipe(numpy) >= 0.85, CUDA IPC / pipe(DeviceArray) >= 0.85,
 p99/p50 <= 3 in these rows.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ logic, and prints one table with the ratios.  Both servers are stopped at the en
 Run it with the PyTriton environment, which also has trtserve installed (docs/performance.md):
 
     LD_LIBRARY_PATH=$(python3 -c 'import sysconfig;print(sysconfig.get_config_var("LIBDIR"))') \\
-    /work/venv-triton/bin/python bench/triton/compare.py --concurrency 1,4,8,16,32,64 --json out.json
+    .venv-triton/bin/python bench/triton/compare.py --concurrency 1,4,8,16,32,64 --json out.json
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ dynamic batcher with the same max batch (8) and a max queue delay equal to trtse
 
 Run it with the PyTriton environment (see docs/performance.md):
 
-    /work/venv-triton/bin/python bench/triton/serve_pytriton.py --grpc-port 8101 --http-port 8100
+    .venv-triton/bin/python bench/triton/serve_pytriton.py --grpc-port 8101 --http-port 8100
 """
 from __future__ import annotations
 

@@ -3,10 +3,10 @@
 # plus this checkout's client and load generator.  A separate venv because nvidia-pytriton
 # 0.7 pins numpy < 2, and the project's own venv runs numpy 2.
 #
-#   bash bench/triton/setup_venv.sh [VENV]        # default VENV: /work/venv-triton
+#   bash bench/triton/setup_venv.sh [VENV]        # default VENV: .venv-triton in the checkout
 set -euo pipefail
-VENV=${1:-/work/venv-triton}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+VENV=${1:-$ROOT/.venv-triton}
 python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q nvidia-pytriton msgpack uvloop onnxruntime
 # The server under test runs from the project's venv; here only trtserve_client and

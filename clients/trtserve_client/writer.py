@@ -1,7 +1,7 @@
 """Frames written in one event-loop turn leave in one ``transport.writelines``.
 
-Under pipelining one ``send()`` per frame was the largest single cost on both sides of the
-connection (docs/performance.md).  A frame written while nothing else is queued and the
+Under pipelining, one ``send()`` per frame would be the largest single cost on both sides of
+the connection.  A frame written while nothing else is queued and the
 caller says it is alone leaves at once, so a lone request or answer pays no extra latency.
 
 A frame is a list of buffers (frames.frame_parts): its head and map, then tensor memory by

@@ -172,8 +172,8 @@ KEEP_AFTER_CLOSE = textwrap.dedent(
 
 def test_results_kept_after_their_model_closed_are_freed_cleanly(net_path):
     """torch's pinned allocator records an event, when a block is freed, on every stream that
-    copied into it; a result freed after its instance's stream was destroyed crashed the
-    process.  In a subprocess, so a crash fails this test and nothing else."""
+    copied into it, so a result freed after its instance's stream was destroyed would crash
+    the process.  In a subprocess, so a crash fails this test and nothing else."""
     script = KEEP_AFTER_CLOSE.format(root=str(ROOT), clients=str(ROOT / "clients"), path=str(net_path))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])

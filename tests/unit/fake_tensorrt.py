@@ -4,8 +4,8 @@ This is NOT TensorRT: "device memory" is host memory, copies are memmove, and th
 computes its outputs with numpy.  It reproduces the API surface TensorrtTensor uses (the
 name-based engine/context calls and their bool/list return values) so the staging offsets,
 shape handling, return-value checks and item splitting of trtserve.tensorrt.execution are
-exercised for real.  Whether TensorRT itself behaves so is what docs/tensorrt.md says was
-checked against the documentation only.
+exercised for real.  Whether TensorRT itself behaves so is not tested here
+(docs/tensorrt.md).
 """
 from __future__ import annotations
 

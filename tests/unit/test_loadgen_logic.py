@@ -245,6 +245,29 @@ def test_summarize_lists_numbers_and_target_verdicts():
     assert "| test_x | rps=10.5 | ratio = 0.400 (target >= 0.5: MISSED) |" in text
 
 
+def test_summarize_writes_one_csv_row_per_benchmark_without_the_raw_rounds(tmp_path, capsys):
+    import csv
+    import json
+
+    document = {
+        "datetime": "2026-01-01T00:00:00", "commit_info": {"id": "abcdef0123"},
+        "benchmarks": [
+            {"name": "test_x", "stats": {"data": [0.1] * 1000},
+             "extra_info": {"rps": 10.5, "targets": {"ratio": {"value": 0.4, "target": ">= 0.5", "met": False}}}},
+            {"name": "test_y", "stats": {"data": [0.2] * 1000}, "extra_info": {"p50_ms": 1.25}},
+        ],
+    }
+    raw = tmp_path / "raw.json"
+    raw.write_text(json.dumps(document))
+    assert summarize.main([str(raw), "--csv", str(tmp_path / "summary.csv")]) == 0
+    assert "commit abcdef0" in capsys.readouterr().out
+    with open(tmp_path / "summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["benchmark"] for r in rows] == ["test_x", "test_y"]
+    assert rows[0]["rps"] == "10.5" and rows[0]["ratio"] == "0.4" and rows[0]["ratio_met"] == "False"
+    assert rows[1]["p50_ms"] == "1.25" and rows[1]["rps"] == ""
+
+
 # --------------------------------------------------------------------------- the engine, on a fake driver
 
 

@@ -155,7 +155,7 @@ def test_without_declarations_metadata_shows_the_model_files_signature(tmp_path,
 
 
 def test_uint8_image_into_a_float_nchw_model_fails_the_load_naming_both_nodes(files):
-    """The configuration the issue found loading READY and failing every request."""
+    """Without the check this configuration would load READY and fail every request."""
     error = load_error({
         "pre": {"backend": "S[DecodeMat,ResizeMat]", "resize_h": 64, "resize_w": 64, "next": "model"},
         "model": {"backend": "OnnxRuntime", "model": files["nchw"], "max": 4},

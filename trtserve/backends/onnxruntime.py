@@ -197,8 +197,9 @@ class OnnxRuntime(Backend):
         return self.prepare(item).rows
 
     def admit(self, item: dict[str, Any], sized: bool) -> int:
-        # validate() + request_size() parsed the item twice on the submitting thread (the
-        # server's event loop): prepare() was 27% of GIL time under load (docs/performance.md).
+        # One parse for both: validate() + request_size() would parse the item twice on the
+        # submitting thread (the server's event loop), where prepare() is a large share of
+        # the GIL's time under load.
         rows = self.prepare(item).rows
         return rows if sized else 1
 

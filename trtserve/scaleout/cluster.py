@@ -81,6 +81,8 @@ def connect(address: str, num_cpus: float | None = None) -> Cluster:
     from ray import serve
 
     check_address(address)
+    if address not in (LOCAL, AUTO):
+        probe(address)  # also when this process already joined a cluster: a wrong flag is an error
     started = not ray.is_initialized()
     if started:
         # log_to_driver off: workers' logs stay in Ray's log folder, and stdout keeps its one
@@ -92,8 +94,6 @@ def connect(address: str, num_cpus: float | None = None) -> Cluster:
             os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(num_cpus=num_cpus, **options)
         else:
-            if address != AUTO:
-                probe(address)
             try:
                 ray.init(address=address, **options)
             except ConnectionError as exc:

@@ -1,9 +1,9 @@
 """A pending operation's answer slot: set once on the event loop thread, and the
 protocol's callback runs at once.
 
-``asyncio.Future`` schedules done-callbacks with ``call_soon``, so every answer waited one
-more loop turn (an extra epoll round trip) before it was written, and the protocol had to
-bind the request id into a ``functools.partial`` per request.  A Reply takes exactly one
+``asyncio.Future`` schedules done-callbacks with ``call_soon``, so with it every answer
+would wait one more loop turn (an extra epoll round trip) before it is written, and the
+protocol would bind the request id into a ``functools.partial`` per request.  A Reply takes exactly one
 callback plus one argument (the request id) and calls ``callback(arg, reply)`` when it is
 set.  The protocol reads the outcome from the public slots: ``cancelled``, ``error``
 (a BaseException, or None) and ``value``.

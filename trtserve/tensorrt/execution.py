@@ -1,9 +1,9 @@
 """One execution context with its buffers: the GPU half of TensorrtTensor.
 
 Written to the TensorRT 10 name-based API (set_input_shape, infer_shapes,
-set_tensor_address, execute_async_v3) and checked line by line against its documentation;
-every call that reports failure through its return value is checked.  It has NOT been
-executed: no GPU here runs TensorRT (see docs/tensorrt.md).
+set_tensor_address, execute_async_v3); every call that reports failure through its return
+value is checked.  The tests run it against an emulated runtime, on the CPU and on a GPU;
+docs/tensorrt.md says what is tested with a real engine and what is not.
 
 Buffers are sized once, at init, for the profile's largest shapes: device buffers for every
 tensor (their addresses are bound to the context once, since they never move) and pinned

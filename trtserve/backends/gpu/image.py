@@ -14,8 +14,8 @@ Decoding: with nvImageCodec installed (``from nvidia import nvimgcodec``) Decode
 decodes on the GPU (RGB output, so ``color`` becomes "rgb"), copies each image into an
 array of its own on the instance stream and waits for that stream once per batch before
 letting nvImageCodec's images go: a result must not depend on nvImageCodec's decoder,
-which goes away with its model (a result read after its model was closed crashed the
-process on the H100, 2026-12-07).  This is the one wait nothing else in the chain has.
+which goes away with its model, so a result read after its model closed would read freed
+device memory and crash the process.  This is the one wait nothing else in the chain has.
 Otherwise it decodes with
 ``cv2.imdecode`` on the instance thread (the GIL is released) and uploads through the
 instance's pinned staging buffer, asynchronously on the stream.
@@ -147,8 +147,8 @@ class DecodeTensor(_GpuImage):
             else:
                 self.nvimgcodec = nvimgcodec
                 self.decoder = nvimgcodec.Decoder(device_id=self.device)
-                # Interleaved 8-bit RGB: ColorSpec.RGB before nvImageCodec 0.5, SRGB since
-                # (0.9.0 has no RGB; seen on the H100, docs/gpu.md).
+                # Interleaved 8-bit RGB: ColorSpec.RGB in older nvImageCodec releases, SRGB
+                # in newer ones (0.9 has only SRGB).
                 self.rgb = getattr(nvimgcodec.ColorSpec, "RGB", None) or nvimgcodec.ColorSpec.SRGB
         if self.nvimgcodec is None:
             from ..opencv import DecodeMat

@@ -1,7 +1,7 @@
 """CUDA graphs for TorchScriptTensor (``cuda_graph = true``): one graph per input signature.
 
 Why: a TorchScript model launched from Python costs host time per kernel.  ResNet-18 at
-batch 8 is ~60 launches, about 1 ms of host time on the H100 machine against ~0.75 ms of
+batch 8 is ~60 launches, about 1 ms of host time on an H100 host against ~0.75 ms of
 GPU time, and two instances launching at once slow each other down.  A replayed graph is
 one launch for the whole model.
 

@@ -303,8 +303,9 @@ class TorchScriptTensor(Backend):
         asynchronous copy on the instance stream uploads them.
 
         One call for the packing: under load every call that releases the GIL costs the
-        instance a wait to take it back (~100-150 us with 64 client threads on the H200
-        machine, bench/gpu/timeline.py), and np.concatenate releases it once per row.
+        instance a wait to take it back (on the order of 100 us with 64 client threads in
+        the process; bench/gpu/timeline.py measures it), and np.concatenate releases it once
+        per row.
         """
         torch = self.torch
         first = arrays[0]
