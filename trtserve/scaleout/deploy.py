@@ -8,6 +8,7 @@ and a first deployment that never ran is deleted so that it stops asking for res
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -24,6 +25,11 @@ CONSTRUCTOR_RETRIES = 2  # a model that fails to load fails its deployment after
 # Serve's graceful shutdown of a replica: what it accepted runs first (as the server's drain).
 REPLICA_GRACE_S = 30.0
 POLL_S = 0.25
+# Serve's deployment objects are built through cloudpickle's process-wide "pickle by value"
+# registry (register, then unregister, a module): two models loading on their own threads
+# at once made the second unregister raise.  Building and submitting a deployment is quick;
+# waiting for it to run stays outside the lock.
+_SUBMIT_LOCK = threading.Lock()
 
 
 def deploy(app: str, deployment: str, settings: RaySettings, init_args: tuple, *, timeout_s: float,
@@ -35,15 +41,16 @@ def deploy(app: str, deployment: str, settings: RaySettings, init_args: tuple, *
     if _status(app) == "RUNNING" and set(serve.status().applications[app].deployments) == {deployment}:
         log.info("application %s already runs deployment %s: attaching to it", app, deployment)
         return serve.get_deployment_handle(deployment, app)
-    replica = serve.deployment(ModelReplica).options(
-        name=deployment,
-        logging_config=REPLICA_LOGGING,
-        max_constructor_retry_count=CONSTRUCTOR_RETRIES,
-        graceful_shutdown_timeout_s=REPLICA_GRACE_S,
-        **settings.deployment_options(),
-    )
-    target = serve.RunTarget(target=replica.bind(*init_args), name=app, route_prefix=None)
-    (handle,) = serve.run_many([target], wait_for_applications_running=False)
+    with _SUBMIT_LOCK:
+        replica = serve.deployment(ModelReplica).options(
+            name=deployment,
+            logging_config=REPLICA_LOGGING,
+            max_constructor_retry_count=CONSTRUCTOR_RETRIES,
+            graceful_shutdown_timeout_s=REPLICA_GRACE_S,
+            **settings.deployment_options(),
+        )
+        target = serve.RunTarget(target=replica.bind(*init_args), name=app, route_prefix=None)
+        (handle,) = serve.run_many([target], wait_for_applications_running=False)
     _wait_running(app, model, timeout_s, delete_on_failure=not replacing, settings=settings)
     return handle
 
