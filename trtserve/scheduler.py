@@ -13,8 +13,9 @@ Semantics (TorchPipe's, made precise):
   InvalidInputError; it is never split.
 * A batch never goes below an instance's ``min``; such requests wait for more work (or
   until their own deadline).
-* An exception in ``forward`` fails every request of that batch with BackendError; a
-  request whose item has no ``result`` afterwards simply finishes without one.
+* An exception in ``forward`` (any: ``SystemExit`` too) fails every request of that batch
+  with BackendError; a request whose item has no ``result`` afterwards simply finishes
+  without one.
 
 Dispatch decisions run inline on the thread that changed the state (the submitter or the
 instance that just finished), so a lone request costs one thread hand-off each way; a small
@@ -309,7 +310,7 @@ class Scheduler(BatchForming):
             if isinstance(completion, Completion) and self.inline:
                 completion.wait()  # an inline batch ends on the thread that ran it
                 completion = None
-        except Exception as exc:
+        except BaseException as exc:  # noqa: B036 - SystemExit from a model's forward fails its batch, not the server
             error = self._batch_error(exc, batch, f"{self.node.expr}.forward failed on")
         if isinstance(completion, Completion):
             self._defer(inst, batch, completion, start)
@@ -375,7 +376,7 @@ class Scheduler(BatchForming):
         error: TrtserveError | None = None
         try:
             completion.wait()
-        except Exception as exc:
+        except BaseException as exc:  # noqa: B036 - as in _execute
             error = self._batch_error(exc, batch, f"{self.node.expr} failed while finishing")
         # From forward's start to the wait's end: an upper bound on the batch's compute time.
         # Under overlap the wait comes after the instance prepared its next batch and woke
@@ -383,7 +384,7 @@ class Scheduler(BatchForming):
         self._record(batch, start, error)
         self._finish_batch(batch, error)
 
-    def _batch_error(self, exc: Exception, batch: list[Request], what: str) -> TrtserveError:
+    def _batch_error(self, exc: BaseException, batch: list[Request], what: str) -> TrtserveError:
         """A backend's exception as the batch's error: typed errors as they are, others wrapped."""
         if isinstance(exc, TrtserveError):
             return exc

@@ -7,6 +7,7 @@ Everything here observes real processes: RSS and thread counts come from
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .conftest import IDENTITY_CONFIG, ServerProcess, array, tensor, write_model
+from .conftest import IDENTITY_CONFIG, ServerProcess, array, tensor, trtserve_command, write_model
 
 OPS_BACKENDS = Path(__file__).with_name("ops_backends.py")
 
@@ -66,6 +67,14 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str =
 
 def log_problems(text: str) -> list[str]:
     return [line for line in text.splitlines() if any(p in line for p in LOG_PROBLEMS)]
+
+
+def assert_cli_refuses(repository: Path, cwd: Path, args: list[str], message: str) -> None:
+    """``trtserve serve`` with ``args`` exits 2 before listening, ``message`` on stderr."""
+    done = subprocess.run(trtserve_command() + ["serve", "--repository", str(repository), "--port", "0", *args],
+                          capture_output=True, text=True, timeout=60, cwd=cwd)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and done.stdout == ""
 
 
 @contextmanager

@@ -27,6 +27,15 @@ class Sleepy(trtserve.Backend):
 trtserve.register("Sleepy", Sleepy)
 """
 LEAVES = "import sys\nsys.exit(3)\n"
+EXITS_IN_FORWARD = """
+import sys, trtserve
+
+class Leaves(trtserve.Backend):
+    def forward(self, items):
+        sys.exit(4)
+
+trtserve.register("Leaves", Leaves)
+"""
 HIJACK = """
 import trtserve
 
@@ -53,6 +62,8 @@ def repository(tmp_path) -> Path:
     model_with_code(root, "sleepy_long", 'backend = "Sleepy"\nload_timeout = 60\n', SLEEPY)
     model_with_code(root, "leaver", 'backend = "Identity"\n', LEAVES)
     model_with_code(root, "hijack", 'backend = "Identity"\n', HIJACK)
+    model_with_code(root, "exits_threaded", 'backend = "Leaves"\n', EXITS_IN_FORWARD)
+    model_with_code(root, "exits_inline", 'backend = "Leaves"\ninline = true\n', EXITS_IN_FORWARD)
     return root
 
 
@@ -168,3 +179,16 @@ def test_a_backend_py_cannot_hijack_a_built_in(repository, tmp_path):
         data = np.arange(8, dtype=np.float32).reshape(2, 4)
         result = conn.result("infer", model="identity", inputs={"input": tensor(data)})
         np.testing.assert_array_equal(array(result["outputs"]["output"]), data)
+
+
+@pytest.mark.parametrize("model", ["exits_threaded", "exits_inline"])
+def test_system_exit_from_forward_fails_only_its_batch(repository, tmp_path, model):
+    """A forward that raises SystemExit, on an instance thread or inline on the event loop:
+    each request gets BACKEND_ERROR naming it, the model goes on answering, the server too."""
+    args = ("--model-control", "explicit", "--load-model", "identity", "--load-model", model, "--log-level", "WARNING")
+    with server_process(repository, tmp_path / "server.log", *args) as proc, proc.connect() as conn:
+        for _ in range(3):  # the instance survives: no request waits for a dead thread
+            error = conn.error("infer", model=model, inputs={"x": b"1"}, timeout_ms=5000)
+            assert error["name"] == "BACKEND_ERROR" and "SystemExit: 4" in error["message"], error
+        assert_correct_infer(conn)
+        assert proc.proc.poll() is None

@@ -21,7 +21,7 @@ from trtserve_client.errors import (
 from trtserve.errors import ConfigError
 from trtserve.server.auth import read_token_file, server_ssl_context
 
-from .conftest import trtserve_command
+from .ops_support import assert_cli_refuses
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -242,7 +242,4 @@ def test_cli_token_file_and_tls(process_factory, certificate, tmp_path):
     (["--max-connections", "0"], "positive integer"),
 ])
 def test_cli_refuses_bad_access_flags(repository, tmp_path, args, message):
-    done = subprocess.run(trtserve_command() + ["serve", "--repository", str(repository), "--port", "0", *args],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert done.returncode == 2, done.stderr
-    assert message in done.stderr and done.stdout == ""
+    assert_cli_refuses(repository, tmp_path, args, message)
