@@ -101,3 +101,19 @@ def test_gpu_image_errors_are_typed():
             models({"data": np.zeros((4, 4), np.float32)})
     with pytest.raises(trtserve.ConfigError, match="resize_h"):
         trtserve.pipe({"backend": "SyncTensor[ResizeTensor]", "resize_w": 8})
+
+
+@pytest.mark.parametrize("decoder", ["opencv", "auto"])
+def test_decode_tensor_refuses_images_over_max_pixels_before_decoding(decoder):
+    """The header's size is checked before either decoder runs: over ``max_pixels`` (and an
+    image whose header gives no size) is a soft failure with the reason; the rest decode."""
+    from trtserve.backend import NO_RESULT
+
+    small = cv2.imencode(".jpg", support.photo(20, 30, seed=1))[1].tobytes()
+    large = cv2.imencode(".png", support.photo(40, 50, seed=2))[1].tobytes()
+    items = [{"data": small}, {"data": large}, {"data": b"\xff\xd8 not an image"}]
+    with trtserve.pipe({"backend": "SyncTensor[DecodeTensor]", "decoder": decoder, "max": 4, "max_pixels": 1000}) as models:
+        models(items)
+    assert items[0]["result"].shape[:2] == (20, 30)
+    assert "result" not in items[1] and "max_pixels = 1000" in items[1][NO_RESULT]
+    assert "result" not in items[2] and "header" in items[2][NO_RESULT]
