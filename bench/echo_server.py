@@ -4,7 +4,9 @@ It receives frames with frames.py's FrameDecoder (an ``asyncio.BufferedProtocol`
 server does) and answers ``infer`` with the request's inputs as outputs, in the same reply
 shape as trtserve and written the same way (frame_parts + writelines: the tensor bytes by
 reference), so any trtserve client (and the load generator) can drive it unchanged.  Whatever trtserve costs on top of this is the
-price of its scheduling, validation and model code.
+price of its scheduling, validation and model code.  Its connections are spread over
+``--io-threads`` event loops exactly as the server spreads them (trtserve/server/listener.py;
+same default).
 
     python bench/echo_server.py --host 127.0.0.1 --port 0   # prints "echo listening on HOST:PORT"
 """
@@ -12,11 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "clients"))  # run from a checkout without installing
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "clients"), str(ROOT)]  # run from a checkout without installing
+
+from trtserve.server.app import default_io_threads  # noqa: E402
+from trtserve.server.listener import Acceptor, LoopThread, bind  # noqa: E402
 
 from trtserve_client.errors import ErrorCode  # noqa: E402
 from trtserve_client.frames import FrameDecoder, OutOfBand, frame_parts  # noqa: E402
@@ -60,31 +67,41 @@ def echoed(value):
     return OutOfBand(value) if isinstance(value, (bytes, memoryview)) else value
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, io_threads: int) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(EchoProtocol, host, port)
+    loops = [loop] + [LoopThread(loop, f"echo-io-{i}").loop for i in range(1, io_threads)]
+    turns = itertools.cycle(loops)
+
+    def hand_off(sock) -> None:  # round robin: every echo connection costs the same
+        target = next(turns)
+        target.call_soon_threadsafe(lambda: target.create_task(target.connect_accepted_socket(EchoProtocol, sock)))
+
+    sockets = bind(host, port)
+    acceptor = Acceptor(sockets, hand_off)
+    acceptor.start()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    bound_host, bound_port = server.sockets[0].getsockname()[:2]
+    bound_host, bound_port = sockets[0].getsockname()[:2]
     print(f"echo listening on {bound_host}:{bound_port}", flush=True)
     await stop.wait()
-    server.close()
-    await server.wait_closed()
+    acceptor.close()
+    await acceptor.wait_closed()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--io-threads", type=int, default=default_io_threads())
     args = parser.parse_args(argv)
     try:
         import uvloop
     except ImportError:  # still a floor, only a slower one; say so
         print("uvloop not installed: the echo floor runs on the default asyncio loop", file=sys.stderr)
-        asyncio.run(serve(args.host, args.port))
+        asyncio.run(serve(args.host, args.port, args.io_threads))
     else:
-        uvloop.run(serve(args.host, args.port))
+        uvloop.run(serve(args.host, args.port, args.io_threads))
 
 
 if __name__ == "__main__":

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_control_flags(serve, MODES, DEFAULT_POLL_INTERVAL_S)
     serve.add_argument("--max-connections", type=_positive_int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
                        help="open connections beyond this are refused with RESOURCE_EXHAUSTED (default: %(default)s)")
+    serve.add_argument("--io-threads", type=_positive_int, default=None, metavar="N",
+                       help="event loops that read and write the connections, each on its own thread "
+                            "(default: one per 4 CPU cores, at most 4)")
     _hostile_peer_flags(serve)
     serve.add_argument("--token-file", metavar="PATH",
                        help="require this shared token (the file's content) in an auth request first on every connection")
@@ -252,6 +255,7 @@ async def _serve(args: argparse.Namespace, repository) -> int:
         receive_timeout_s=args.receive_timeout,
         min_receive_rate=args.min_receive_rate,
         write_timeout_s=args.write_timeout,
+        io_threads=args.io_threads,
     )
 
     def ready() -> None:

@@ -97,12 +97,13 @@ TENSOR_INPUT = ("--shape", "1,3,224,224", "--dtype", "float32")
 
 
 def process_rows(repository: Path | None, processes: int, concurrency: int, seconds: float,
-                 input_args: tuple[str, ...] = TENSOR_INPUT) -> dict[str, Any]:
+                 input_args: tuple[str, ...] = TENSOR_INPUT, server_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """``processes`` trtserve-bench clients at once, each ``concurrency`` requests in flight on
     one connection, for three windows each (no stability retries, so they stay aligned);
     against ``trtserve serve`` on ``repository``, or the echo floor when it is None.
-    ``input_args``: what each request carries (trtserve-bench's --shape/--dtype or --input-data)."""
-    argv = echo_argv() if repository is None else trtserve_argv(repository, ["--log-level", "WARNING"])
+    ``input_args``: what each request carries (trtserve-bench's --shape/--dtype or --input-data);
+    ``server_args``: flags both servers take (``--io-threads N``)."""
+    argv = echo_argv() + list(server_args) if repository is None else trtserve_argv(repository, ["--log-level", "WARNING", *server_args])
     window_ms = str(max(250.0, seconds * 1000 / 3))
 
     def client(port: int, out: Path) -> list[str]:

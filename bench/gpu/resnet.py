@@ -149,6 +149,7 @@ def pipe_rows(config: dict[str, Any], inputs: list[np.ndarray], seconds: float) 
 # --------------------------------------------------------------------------- the server step
 
 REQUEST_BYTES = 3 * 224 * 224 * 4  # one [1,3,224,224] float32 tensor
+ONE_LOOP = ("--io-threads", "1")  # against the default I/O loops (one per 4 cores, at most 4)
 
 
 def jpeg_nodes(model_path: Path, support: Any, pre_max: int) -> dict[str, Any]:
@@ -179,7 +180,9 @@ def bench_server(seconds: float, models: dict[str, Any], support: Any) -> dict[s
         out["resnet_pipe"] = loop_load.loop_rows(pipe, inputs, [64], seconds, inputs="numpy")[0]
     repository = loop_load.write_repository(workdir / "repository-server", path, config)
     out["resnet_server"] = loop_load.process_rows(repository, 4, 16, seconds)
+    out["resnet_server_one_loop"] = loop_load.process_rows(repository, 4, 16, seconds, server_args=ONE_LOOP)
     out["echo"] = loop_load.process_rows(None, 4, 16, seconds)
+    out["echo_one_loop"] = loop_load.process_rows(None, 4, 16, seconds, server_args=ONE_LOOP)
     out["bare"] = loop_load.bare_rows(4, 16, seconds, REQUEST_BYTES)
     jpegs = [support.jpeg(support.photo(480, 640, seed=200 + i)) for i in range(16)]
     images = workdir / "jpegs"
@@ -227,8 +230,10 @@ def server_markdown(r: dict[str, Any]) -> list[str]:
              "fused preprocessing x4, then the same model. Server rows: 4 client processes x 16 in flight.", "",
              "| row | req/s | p50 ms | p99 ms | p99/p50 | mean batch |", "|---|---|---|---|---|---|"]
     names = [("resnet_pipe", "ResNet-18, in-process pipe(), event loop, c=64"),
-             ("resnet_server", "ResNet-18 through trtserve serve"),
-             ("echo", "echo server (trtserve framing, no model)"),
+             ("resnet_server", "ResNet-18 through trtserve serve (default I/O loops)"),
+             ("resnet_server_one_loop", "ResNet-18 through trtserve serve --io-threads 1"),
+             ("echo", "echo server (trtserve framing, no model; default I/O loops)"),
+             ("echo_one_loop", "echo server --io-threads 1"),
              ("bare", "bare-socket echo (recv_into, no msgpack)"),
              ("jpeg_pipe_max1", "JPEG chain in-process, one image per decode call"),
              ("jpeg_pipe_max8", "JPEG chain in-process, batched decode (max 8)"),

@@ -49,10 +49,13 @@ def test_stalled_large_frames_stay_within_the_budget(repository, tmp_path):
     assert not log_problems(proc.log())
 
 
-def test_a_frame_waiting_for_room_goes_on_when_room_appears(repository, tmp_path):
+@pytest.mark.parametrize("io_threads", [1, 2])
+def test_a_frame_waiting_for_room_goes_on_when_room_appears(repository, tmp_path, io_threads):
     """The budget is full of a stalled frame: a normal client's 3 MiB request waits unread
-    (not refused), then is served once the stalled connection is closed."""
-    args = ("--max-buffered", str(8 * MIB), "--receive-timeout", "1", "--log-level", "WARNING")
+    (not refused), then is served once the stalled connection is closed.  With two I/O
+    loops the two connections are on different loops: one budget, resumed across them."""
+    args = ("--max-buffered", str(8 * MIB), "--receive-timeout", "1", "--log-level", "WARNING",
+            "--io-threads", str(io_threads))
     with server_process(repository, tmp_path / "server.log", *args) as proc:
         with attack("stall-frames", proc.port, 1, 7 * MIB, 4) as stall:
             assert stall.ready["sent"] == [7 * MIB]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from trtserve.cli import build_parser
-from trtserve.server.app import CLOSE_TIMEOUT_S
+from trtserve.server.shard import CLOSE_TIMEOUT_S
 from trtserve.server.health import HEALTHZ, READYZ
 
 yaml = pytest.importorskip("yaml", reason="the manifest checks need PyYAML (in the [test] extra)")

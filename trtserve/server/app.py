@@ -27,25 +27,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import ssl
-import weakref
 import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
 from trtserve_client.wire import DEFAULT_MAX_FRAME
 
-from ..errors import ConfigError, ShuttingDownError
+from ..errors import ConfigError
 from ..repository import ModelRepository, ModelState
 from .auth import DEFAULT_AUTH_TIMEOUT_S, PRE_AUTH_MAX_FRAME, Authenticator
 from .budget import ByteBudget, default_limits
 from .control import ModelControl, poll_forever
 from .handlers import Dispatcher
+from .listener import Acceptor, LoopThread, bind
 from .metrics import Metrics
-from .protocol import ServerProtocol
 from .reaper import DEFAULT_IDLE_S, DEFAULT_MIN_RECEIVE_RATE, DEFAULT_RECEIVE_S, DEFAULT_WRITE_S, Timeouts
 from .shm import DEFAULT_MAX_BYTES, DEFAULT_MAX_REGIONS, ShmLimits
+from .shard import IOShard
 from .shm_ops import SharedMemory
 from .threads import DaemonExecutor
 from .tracker import DEFAULT_MAX_CONNECTIONS, ConnectionTracker
@@ -54,8 +55,14 @@ log = logging.getLogger("trtserve.server")
 
 DEFAULT_MAX_IN_FLIGHT = 128  # per connection; enough to keep a batched model busy from one client
 DEFAULT_GRACE_S = 30.0  # as Triton's --exit-timeout-secs
-CLOSE_TIMEOUT_S = 5.0  # flushing answers to peers that stopped reading, after which they are cut
-HURRIED_CLOSE_S = 0.5  # the same after a second signal
+HURRY_POLL_S = 0.05  # how soon a second stop request ends the wait for the models to close
+MAX_IO_THREADS = 4  # past this, the GIL, not the socket copies, bounds the I/O loops
+
+
+def default_io_threads() -> int:
+    """One I/O loop per four cores, at most MAX_IO_THREADS: the loops' socket copies
+    run in parallel, and the cores left serve the models' instances."""
+    return max(1, min(MAX_IO_THREADS, (os.cpu_count() or 1) // 4))
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -84,7 +91,9 @@ class Server:
     ``write_timeout_s`` (0 turns one off; reaper.py).  Metrics: ``metrics_port`` (None =
     off; 0 = any free port, read ``.metrics_port`` after start).  Shared memory:
     ``shared_memory`` (False refuses the shm operations), with per-connection limits
-    ``shm_max_regions`` and ``shm_max_bytes``.
+    ``shm_max_regions`` and ``shm_max_bytes``.  I/O: ``io_threads`` event loops share the
+    connections (None = ``default_io_threads()``; shard.py), ``max_connections`` split
+    between them.
     """
 
     def __init__(
@@ -114,6 +123,7 @@ class Server:
         receive_timeout_s: float = DEFAULT_RECEIVE_S,
         min_receive_rate: int = DEFAULT_MIN_RECEIVE_RATE,
         write_timeout_s: float = DEFAULT_WRITE_S,
+        io_threads: int | None = None,
     ) -> None:
         self.repository = repository if isinstance(repository, ModelRepository) else ModelRepository(repository)
         self.host = host
@@ -128,26 +138,46 @@ class Server:
         self.ssl_context = ssl_context
         self.metrics_port = _port("metrics_port", metrics_port)
         self._poller: asyncio.Task | None = None
-        self.tracker = ConnectionTracker(
-            self.max_frame,
-            self.max_in_flight,
-            max_connections=_positive_int("max_connections", max_connections),
-            auth_required=self.authenticator is not None,
-            auth_timeout_s=float(auth_timeout_s),
-            pre_auth_max_frame=PRE_AUTH_MAX_FRAME,
-            budget=ByteBudget(*default_limits(self.max_frame, max_buffered, max_buffered_per_connection)),
-            timeouts=Timeouts.checked(idle_timeout_s, receive_timeout_s, min_receive_rate, write_timeout_s),
-        )
+        max_connections = _positive_int("max_connections", max_connections)
+        shards = min(max_connections, _positive_int("io_threads", default_io_threads() if io_threads is None else io_threads))
+        budget = ByteBudget(*default_limits(self.max_frame, max_buffered, max_buffered_per_connection))
+        timeouts = Timeouts.checked(idle_timeout_s, receive_timeout_s, min_receive_rate, write_timeout_s)
         limits = ShmLimits(_positive_int("shm_max_regions", shm_max_regions), _positive_int("shm_max_bytes", shm_max_bytes))
         self.shm = SharedMemory(limits if shared_memory else None)
-        self.tracker.closed = self.shm.connection_closed  # a connection's regions go with it
+        # One tracker per I/O loop, the connection limit split between them (shard.py).
+        self.trackers = [
+            ConnectionTracker(
+                self.max_frame,
+                self.max_in_flight,
+                max_connections=share,
+                auth_required=self.authenticator is not None,
+                auth_timeout_s=float(auth_timeout_s),
+                pre_auth_max_frame=PRE_AUTH_MAX_FRAME,
+                budget=budget,
+                timeouts=timeouts,
+                server_max_connections=max_connections,
+            )
+            for share in _split(max_connections, shards)
+        ]
+        for tracker in self.trackers:
+            tracker.closed = self.shm.connection_closed  # a connection's regions go with it
+        self.shards: list[IOShard] = []
         self.metrics: Metrics | None = None
-        self.dispatcher: Dispatcher | None = None
-        self._listener: asyncio.AbstractServer | None = None
+        self.dispatcher: Dispatcher | None = None  # the main loop's (shard 0)
+        self._acceptor: Acceptor | None = None
         self._executor: DaemonExecutor | None = None
         self._stop_requested = asyncio.Event()  # binds to a loop on first use (3.10+)
-        self._hurry = asyncio.Event()  # a second stop request: exit without waiting for models
+        self._hurry = threading.Event()  # a second stop request: exit without waiting for models
         self._stopping: asyncio.Future | None = None
+
+    @property
+    def tracker(self) -> ConnectionTracker:
+        """The first I/O loop's connections (all of them with ``io_threads=1``)."""
+        return self.trackers[0]
+
+    @property
+    def io_threads(self) -> int:
+        return len(self.trackers)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -172,27 +202,30 @@ class Server:
         loop = asyncio.get_running_loop()
         names = self.control.startup_models(self.repository)  # an unknown --load-model: before binding
         self._executor = DaemonExecutor()
-        self.tracker.budget.call_soon = loop.call_soon
         if self.metrics_port is not None:  # before loading, so every version is subscribed as it is built
-            self.metrics = Metrics(self.tracker, self._serving)
+            self.metrics = Metrics(self.trackers, self._serving)
             self.metrics.watch(self.repository)
-        self.dispatcher = Dispatcher(
-            self.repository,
-            loop=loop,
-            executor=self._executor,
-            max_frame=self.max_frame,
-            control=self.control,
-            version=__version__,
-            authenticator=self.authenticator,
-            metrics=self.metrics,
-            shared_memory=self.shm,
-        )
+
+        def make_dispatcher(shard_loop: asyncio.AbstractEventLoop) -> Dispatcher:
+            return Dispatcher(
+                self.repository,
+                loop=shard_loop,
+                executor=self._executor,
+                max_frame=self.max_frame,
+                control=self.control,
+                version=__version__,
+                authenticator=self.authenticator,
+                metrics=self.metrics,
+                shared_memory=self.shm,
+            )
+
         try:
-            await self._listen(loop, self.dispatcher.dispatch)
+            await self._start_shards(loop, make_dispatcher)
+            self._listen()
         except BaseException:
+            self._stop_shards()
             await _off_loop(self._close_models)
             raise
-        self.tracker.reaper.start(loop)
         log.info("accepting connections on %s:%d; loading models", self.host, self.port)
         loading = loop.run_in_executor(self._executor, self.repository.load_all, names)
         stop = loop.create_task(self._stop_requested.wait())
@@ -201,7 +234,8 @@ class Server:
         if not loading.done():
             return  # stopped while loading: serve_forever or the caller's stop() goes on
         self._log_models()
-        self.dispatcher.ready = True
+        for dispatcher in self._dispatchers():
+            dispatcher.ready = True
         if self.control.poll_interval_s is not None:
             self._poller = loop.create_task(poll_forever(self.repository, self._executor, self.control.poll_interval_s))
         log.info("listening on %s:%d (model control: %s%s%s)", self.host, self.port, self.control.mode,
@@ -211,25 +245,38 @@ class Server:
         dispatcher = self.dispatcher
         return dispatcher is not None and dispatcher.ready and not dispatcher.draining
 
-    async def _listen(self, loop: asyncio.AbstractEventLoop, dispatch) -> None:
-        tracker = self.tracker
+    async def _start_shards(self, loop: asyncio.AbstractEventLoop, make_dispatcher) -> None:
+        for index, tracker in enumerate(self.trackers):
+            thread = LoopThread(loop, f"trtserve-io-{index}") if index else None
+            self.shards.append(IOShard(index, tracker, self.ssl_context, thread))
+        for shard in self.shards:
+            await shard.start(make_dispatcher)
+        self.dispatcher = self.shards[0].dispatcher
 
-        def accept() -> ServerProtocol:
-            protocol = ServerProtocol(dispatch, tracker)
-            if self.ssl_context is not None:
-                # A failed TLS handshake ends inside the SSL layer: this protocol is never
-                # connected, only dropped.  Its finalizer is the one place that sees it.
-                weakref.finalize(protocol, _count_failed_handshake, protocol.connected, tracker)
-            return protocol
+    def _stop_shards(self) -> None:
+        for shard in self.shards:
+            shard.stop_thread()
 
-        self._listener = await loop.create_server(accept, self.host, self.port, reuse_address=True, ssl=self.ssl_context)
-        self.port = self._listener.sockets[0].getsockname()[1]
+    def _dispatchers(self) -> list[Dispatcher]:
+        return [shard.dispatcher for shard in self.shards if shard.dispatcher is not None]
+
+    def _listen(self) -> None:
+        sockets = bind(self.host, self.port)
+        self.port = sockets[0].getsockname()[1]
+        self._acceptor = Acceptor(sockets, self._hand_off)
         if self.metrics is not None:
             try:
                 self.metrics_port = self.metrics.serve(self.host, self.metrics_port)
             except OSError:
-                self._listener.close()
+                self._acceptor.close()
                 raise
+        self._acceptor.start()
+
+    def _hand_off(self, sock) -> None:
+        """A new connection goes to the I/O loop with the fewest, among those with room
+        (when none has, one of them refuses it or closes its longest idle connection)."""
+        with_room = [shard for shard in self.shards if shard.room() > 0] or self.shards
+        min(with_room, key=IOShard.open_connections).adopt(sock)
 
     def _log_models(self) -> None:
         rows = self.repository.index()  # the repository already logged each failure's reason
@@ -246,7 +293,7 @@ class Server:
         loop = asyncio.get_running_loop()
         installed = self._install_signal_handlers(loop)
         try:
-            if self._listener is None:
+            if self._acceptor is None:
                 await self.start()
             if on_ready is not None and not self._stop_requested.is_set():
                 on_ready()
@@ -263,7 +310,8 @@ class Server:
             log.warning("second stop request: answering what is still in flight with SHUTTING_DOWN and exiting "
                         "without waiting for the models")
             self._hurry.set()
-            self.tracker.force_idle()
+            for shard in self.shards:
+                shard.force_idle()
         self._stop_requested.set()
 
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> list[int]:
@@ -294,36 +342,21 @@ class Server:
 
     async def _shut_down(self, grace_s: float) -> None:
         self._stop_requested.set()  # a serve_forever in progress returns
-        if self.dispatcher is not None:
-            self.dispatcher.ready = False
-            self.dispatcher.draining = True
+        for dispatcher in self._dispatchers():
+            dispatcher.ready = False
+            dispatcher.draining = True
         if self._poller is not None:
             self._poller.cancel()  # a poll already running finishes on its own thread
-        if self._listener is not None:
-            self._listener.close()
-        tracker = self.tracker
-        if self.dispatcher is not None:
-            self.dispatcher.abandon_control(ShuttingDownError(
-                "the server is shutting down: this load/unload was not waited for (it goes on until the process exits)"))
-        for conn in list(tracker.connections):
-            conn.stop_reading()  # no new frames; closes at once when nothing is unanswered
-        if not self._hurry.is_set() and not await tracker.wait_idle(grace_s):
-            log.warning("grace period over: answering %d request(s) still in flight with SHUTTING_DOWN", tracker.in_flight)
-        error = ShuttingDownError("the server shut down before this request was answered; retry on another server")
-        for conn in list(tracker.connections):
-            conn.shut_down(error)
-        flush_s = HURRIED_CLOSE_S if self._hurry.is_set() else CLOSE_TIMEOUT_S
-        if not await tracker.wait_disconnected(flush_s):
-            for conn in list(tracker.connections) + list(tracker.lingering):
-                conn.abort()  # peers that stopped reading: their answers cannot be delivered
-        tracker.reaper.stop()
-        if self._listener is not None:
-            await self._listener.wait_closed()
+        if self._acceptor is not None:
+            self._acceptor.close()
+        await asyncio.gather(*(shard.run(shard.drain(grace_s, self._hurry)) for shard in self.shards))
+        if self._acceptor is not None:
+            await self._acceptor.wait_closed()
+        self._stop_shards()
         self.shm.close()  # what aborted connections registered, too
         closing = asyncio.ensure_future(_off_loop(self._close_models))
-        hurry = asyncio.ensure_future(self._hurry.wait())
-        await asyncio.wait({closing, hurry}, return_when=asyncio.FIRST_COMPLETED)
-        hurry.cancel()
+        while not closing.done() and not self._hurry.is_set():
+            await asyncio.wait({closing}, timeout=HURRY_POLL_S)
         if not closing.done():
             log.warning("exiting without waiting for the models to close (second stop request)")
             return
@@ -369,6 +402,7 @@ def _settle(future: asyncio.Future, error: BaseException | None) -> None:
         future.set_exception(error)
 
 
-def _count_failed_handshake(connected: list[bool], tracker: ConnectionTracker) -> None:
-    if not connected[0]:
-        tracker.refused("tls_handshake")
+def _split(total: int, parts: int) -> list[int]:
+    """``total`` in ``parts`` shares that differ by at most one, the larger ones first."""
+    base, extra = divmod(total, parts)
+    return [base + (index < extra) for index in range(parts)]

@@ -15,12 +15,15 @@ A frame is admitted at once when both stay within their limits.  Otherwise:
   connections holding the most are the ones that stay unread.
 
 Frames stalled half-way hold their room until the receive-rate check (reaper.py) closes
-their connection.  Everything runs on the event loop thread.
+their connection.  The budget is the one piece of connection state shared by the server's
+I/O loops (shard.py): its counts change under ``lock``, and a waiting connection is resumed
+on its own loop (``call_soon``, thread-safe).
 """
 from __future__ import annotations
 
 import collections
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,19 +68,23 @@ def default_limits(max_frame: int, max_buffered: int | None, per_connection: int
 class ByteBudget:
     """The server-wide count; connections resumed in turn when room appears."""
 
-    def __init__(self, limit: int, per_connection: int, call_soon: Callable[..., Any] | None = None) -> None:
+    def __init__(self, limit: int, per_connection: int) -> None:
         self.limit = limit
         self.per_connection = per_connection
         self.total = 0
         self.waiting: set[Account] = set()
         self.smallest_wait = 0  # the least any waiting frame needs (room below it wakes nobody)
-        self.call_soon = call_soon  # loop.call_soon: a resume must not run inside another connection's callback
+        self.lock = threading.Lock()
 
-    def account(self, resume: Callable[[], Any]) -> "Account":
-        return Account(self, resume)
+    def account(self, resume: Callable[[], Any], call_soon: Callable[..., Any] | None = None) -> "Account":
+        """``resume`` runs through ``call_soon`` (the connection's loop's
+        ``call_soon_threadsafe``): a resume must not run inside another connection's callback,
+        nor on another loop's thread."""
+        return Account(self, resume, call_soon or _now)
 
     def wake(self) -> None:
-        """Room was freed: resume the waiting connections it fits, those holding least first."""
+        """Room was freed: resume the waiting connections it fits, those holding least first.
+        Called with ``lock`` held."""
         room = self.limit - self.total
         smallest = None
         for account in sorted(self.waiting, key=_held):
@@ -87,7 +94,7 @@ class ByteBudget:
                 room -= wanted
                 self.waiting.discard(account)
                 account.wanted = 0
-                (self.call_soon or _now)(account.resume)
+                account.call_soon(account.resume)
             elif smallest is None or wanted < smallest:
                 smallest = wanted
         self.smallest_wait = smallest or 0
@@ -109,11 +116,12 @@ class Account:
     request's size in ``kept`` and ``release``s it once answered (per request: plain deque
     and dict operations, no method calls)."""
 
-    __slots__ = ("budget", "resume", "held", "wanted", "sizes", "kept")
+    __slots__ = ("budget", "resume", "call_soon", "held", "wanted", "sizes", "kept")
 
-    def __init__(self, budget: ByteBudget, resume: Callable[[], Any]) -> None:
+    def __init__(self, budget: ByteBudget, resume: Callable[[], Any], call_soon: Callable[..., Any]) -> None:
         self.budget = budget
         self.resume = resume
+        self.call_soon = call_soon
         self.held = 0
         self.wanted = 0  # > 0 while waiting for room for a frame of this size
         self.sizes: collections.deque[int] = collections.deque()  # admitted frames not yet handled, in order
@@ -121,13 +129,14 @@ class Account:
 
     def admit(self, nbytes: int) -> bool:
         budget = self.budget
-        held = self.held + nbytes
-        if held <= budget.per_connection and budget.total + nbytes <= budget.limit:
-            self.held = held
-            budget.total += nbytes
-            self.sizes.append(nbytes)
-            return True
-        return self._admit_over(nbytes)
+        with budget.lock:
+            held = self.held + nbytes
+            if held <= budget.per_connection and budget.total + nbytes <= budget.limit:
+                self.held = held
+                budget.total += nbytes
+                self.sizes.append(nbytes)
+                return True
+            return self._admit_over(nbytes)
 
     def _admit_over(self, nbytes: int) -> bool:
         budget = self.budget
@@ -151,20 +160,22 @@ class Account:
         return False
 
     def release(self, nbytes: int) -> None:
-        self.held -= nbytes
         budget = self.budget
-        budget.total -= nbytes
-        if budget.waiting and (self.wanted or budget.limit - budget.total >= budget.smallest_wait):
-            budget.wake()
+        with budget.lock:
+            self.held -= nbytes
+            budget.total -= nbytes
+            if budget.waiting and (self.wanted or budget.limit - budget.total >= budget.smallest_wait):
+                budget.wake()
 
     def close(self) -> None:
         """The connection is gone: everything it held is free."""
         budget = self.budget
-        budget.waiting.discard(self)
-        self.wanted = 0
-        held, self.held = self.held, 0
-        budget.total -= held
-        self.sizes.clear()
-        self.kept.clear()
-        if budget.waiting and held:
-            budget.wake()
+        with budget.lock:
+            budget.waiting.discard(self)
+            self.wanted = 0
+            held, self.held = self.held, 0
+            budget.total -= held
+            self.sizes.clear()
+            self.kept.clear()
+            if budget.waiting and held:
+                budget.wake()

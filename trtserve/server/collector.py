@@ -20,16 +20,16 @@ NODE_LABELS = ["model", "version", "node"]
 
 
 class LiveCollector(Collector):
-    def __init__(self, repository: ModelRepository, tracker: ConnectionTracker, ready: Callable[[], bool]) -> None:
+    def __init__(self, repository: ModelRepository, trackers: list[ConnectionTracker], ready: Callable[[], bool]) -> None:
         self.repository = repository
-        self.tracker = tracker
+        self.trackers = trackers  # one per I/O loop
         self.ready = ready
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield from self._nodes()
         yield self._states()
-        yield GaugeMetricFamily("trtserve_connections", "Open client connections", value=len(self.tracker.connections))
-        yield GaugeMetricFamily("trtserve_requests_in_flight", "Requests read and not yet answered", value=self.tracker.in_flight)
+        yield GaugeMetricFamily("trtserve_connections", "Open client connections", value=sum(len(t.connections) for t in self.trackers))
+        yield GaugeMetricFamily("trtserve_requests_in_flight", "Requests read and not yet answered", value=sum(t.in_flight for t in self.trackers))
         yield GaugeMetricFamily("trtserve_ready", "1 while the server accepts work, 0 while starting or draining", value=float(self.ready()))
 
     def _nodes(self) -> Iterator[GaugeMetricFamily]:

@@ -74,7 +74,7 @@ class Metrics:
     """Every metric of one server.  ``watch(repository)`` before models load; ``serve(host,
     port)`` once listening; ``close()`` at shutdown."""
 
-    def __init__(self, tracker: ConnectionTracker, ready: Callable[[], bool]) -> None:
+    def __init__(self, trackers: list[ConnectionTracker], ready: Callable[[], bool]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         model_version = ["model", "version"]
@@ -108,7 +108,7 @@ class Metrics:
             self.refusals.labels(kind)
         for cause in PAUSE_CAUSES:
             self.pauses.labels(cause)
-        self._tracker = tracker
+        self._trackers = trackers
         self._ready = ready
         self._watched: weakref.WeakSet = weakref.WeakSet()
         self._http: WSGIServer | None = None
@@ -116,8 +116,9 @@ class Metrics:
         self.port: int | None = None
         self._refusal = {kind: self.refusals.labels(kind).inc for kind in REFUSAL_TYPES}
         self._pause = {cause: self.pauses.labels(cause).inc for cause in PAUSE_CAUSES}
-        tracker.refused = self._refused
-        tracker.paused = self._paused
+        for tracker in trackers:  # one per I/O loop; prometheus_client's counters are thread-safe
+            tracker.refused = self._refused
+            tracker.paused = self._paused
 
     def _refused(self, kind: str) -> None:
         self._refusal[kind]()
@@ -129,7 +130,7 @@ class Metrics:
     def watch(self, repository: ModelRepository) -> None:
         """Subscribe to every version the repository builds from now on; report its live state."""
         repository.load_hooks.append(self.subscribe)
-        self.registry.register(LiveCollector(repository, self._tracker, self._ready))
+        self.registry.register(LiveCollector(repository, self._trackers, self._ready))
 
     def subscribe(self, model: LoadedModel) -> None:
         pipeline = model.pipeline

@@ -81,7 +81,7 @@ class ServerProtocol(Closing, asyncio.BufferedProtocol):
         self._tracker = tracker
         self._limit = tracker.max_in_flight
         # Every frame is admitted against the memory budget at its header (budget.py).
-        self._account = tracker.budget.account(self._resume_admission)
+        self._account = tracker.budget.account(self._resume_admission, tracker.call_soon)
         self._decoder = FrameDecoder(tracker.max_frame, admit=self._account.admit, max_elements=MAX_ELEMENTS)
         self.received_bytes = 0  # what the reaper watches (reaper.py)
         self.frames_read = 0
@@ -133,11 +133,11 @@ class ServerProtocol(Closing, asyncio.BufferedProtocol):
                 pass
         tracker = self._tracker
         if len(tracker.connections) >= tracker.max_connections and not tracker.reaper.make_room(self.peer):
+            limit = tracker.server_max_connections
             self._fail(ResourceExhaustedError(
-                f"the server already serves {len(tracker.connections)} connections (--max-connections "
-                f"{tracker.max_connections}), none of them idle; retry later, reuse connections, or raise "
-                "--max-connections",
-                max_connections=tracker.max_connections,
+                f"the server is at its connection limit (--max-connections {limit}), none of them idle; "
+                "retry later, reuse connections, or raise --max-connections",
+                max_connections=limit,
             ))
             return
         tracker.connections.add(self)

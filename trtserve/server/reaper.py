@@ -179,7 +179,7 @@ class Reaper:
         victim = self.idle_victim()
         if victim is None:
             return False
-        limit = self.tracker.max_connections
+        limit = self.tracker.server_max_connections
         self.tracker.log.warning("connection_limit", "closing idle connection from %s: --max-connections %d "
                                  "reached and %s connected", victim.peer, limit, newcomer)
         self.tracker.refused("connection_limit")

@@ -1,9 +1,11 @@
-"""Server-wide connection bookkeeping and limits, shared by every connection.
+"""Connection bookkeeping and limits of one I/O loop, shared by its connections.
 
-Everything here runs on the event loop thread, so plain ints and sets are enough.  The
-metrics exporter reads ``len(connections)`` and ``in_flight`` from its own thread (single
-reads of an int or a set's size, which the GIL keeps whole) and sets ``refused`` and
-``paused`` to count refusals and backpressure.
+Each of the server's I/O loops (shard.py) has its own tracker, and everything here runs on
+that loop's thread, so plain ints and sets are enough.  The memory budget is the one part
+shared by every loop (budget.py, under its lock).  The metrics exporter and the acceptor
+read ``len(connections)``, ``in_flight`` and ``closed_count`` from their own threads
+(single reads of an int or a set's size, which the GIL keeps whole); ``refused`` and
+``paused`` count refusals and backpressure.
 """
 from __future__ import annotations
 
@@ -39,10 +41,13 @@ class ConnectionTracker:
         pre_auth_max_frame: int = 64 * 1024,
         budget: ByteBudget | None = None,
         timeouts: Timeouts | None = None,
+        server_max_connections: int | None = None,
     ) -> None:
         self.max_frame = max_frame
         self.max_in_flight = max_in_flight
-        self.max_connections = max_connections
+        self.max_connections = max_connections  # this I/O loop's share
+        # The server's --max-connections, which refusals name (the shares add up to it).
+        self.server_max_connections = server_max_connections or max_connections
         self.auth_required = auth_required
         self.auth_timeout_s = auth_timeout_s
         self.pre_auth_max_frame = min(pre_auth_max_frame, max_frame)
@@ -59,6 +64,9 @@ class ConnectionTracker:
         self.paused: Callable[[str], None] = _ignore
         # closed(conn): release what the connection owned (its shared-memory regions).
         self.closed: Callable[[ServerProtocol], None] = _ignore
+        self.closed_count = 0  # connections ended, ever (the acceptor's count of open ones: shard.py)
+        # The loop's call_soon_threadsafe, for resumes by the shared budget; None runs them at once.
+        self.call_soon: Callable[..., object] | None = None
         self._idle: asyncio.Event | None = None  # exists only while someone waits (shutdown)
         self._empty: asyncio.Event | None = None
 
@@ -68,6 +76,7 @@ class ConnectionTracker:
             self._idle.set()
 
     def connection_closed(self, conn: "ServerProtocol") -> None:
+        self.closed_count += 1
         self.connections.discard(conn)
         self.lingering.discard(conn)
         self.closed(conn)
