@@ -9,23 +9,36 @@ reference.  Small pieces are joined into one buffer (a copy of a few hundred byt
 less than an I/O vector each); large ones are handed to the transport as they are, which
 writes them with ``writev`` or keeps a reference until it can, never a copy.  Server and
 client both use this; it is the one place the policy lives.
+
+Large writes leave the GIL free.  uvloop's transports write with the GIL held, so a
+thread that sends a 600 KB answer stops every other thread of the process (the server's
+other I/O loops, the models' instance threads) for the whole kernel copy.  A write of at
+least ``DIRECT_FROM`` bytes, when nothing is queued in the transport (so order is kept),
+goes out through ``os.writev`` on the socket, which releases the GIL; whatever the kernel
+did not take then goes to the transport, which sends it when the socket drains.  Plain
+TCP and Unix sockets only: a TLS transport encrypts what it writes.
 """
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 #: Pieces below this size are joined with their neighbours before writing.
 JOIN_BELOW = 16 * 1024
+#: Writes of at least this many bytes go through os.writev (GIL released) when they can.
+DIRECT_FROM = 64 * 1024
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
 
 
 class CoalescingWriter:
-    __slots__ = ("_transport", "_loop", "_parts")
+    __slots__ = ("_transport", "_loop", "_parts", "_fd")
 
     def __init__(self, transport: asyncio.WriteTransport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._parts: list[Any] = []
+        self._fd = _plain_socket_fd(transport)  # -1: always through the transport
 
     def write(self, parts: list[Any], alone: bool) -> None:
         if alone and not self._parts:
@@ -43,12 +56,48 @@ class CoalescingWriter:
         self._write(parts)
 
     def _write(self, parts: list[Any]) -> None:
-        if self._transport.is_closing():
+        transport = self._transport
+        if transport.is_closing():
             return
+        if len(parts) > 1:
+            parts = gather(parts)
+        if self._fd >= 0 and sum(map(len, parts)) >= DIRECT_FROM and not transport.get_write_buffer_size():
+            parts = _write_direct(self._fd, parts)
+            if not parts:
+                return
         if len(parts) == 1:
-            self._transport.write(parts[0])
+            transport.write(parts[0])
         else:
-            self._transport.writelines(gather(parts))
+            transport.writelines(parts)
+
+
+def _plain_socket_fd(transport: asyncio.BaseTransport) -> int:
+    """The transport's socket, when bytes written to it go to the peer as they are."""
+    if transport.get_extra_info("sslcontext") is not None or transport.get_extra_info("ssl_object") is not None:
+        return -1
+    sock = transport.get_extra_info("socket")
+    try:
+        return sock.fileno() if sock is not None else -1
+    except (AttributeError, OSError):
+        return -1
+
+
+def _write_direct(fd: int, parts: list[Any]) -> list[Any]:
+    """``os.writev`` what the socket takes now (the GIL released meanwhile); returns the
+    rest.  Any error leaves everything to the transport, which meets it too and reports it
+    its own way."""
+    try:
+        sent = os.writev(fd, parts[:_IOV_MAX])
+    except OSError:  # BlockingIOError (socket buffer full), a reset peer, ...
+        return parts
+    index = 0
+    while index < len(parts) and sent >= len(parts[index]):
+        sent -= len(parts[index])
+        index += 1
+    rest = parts[index:]
+    if rest and sent:
+        rest[0] = memoryview(rest[0])[sent:]
+    return rest
 
 
 def gather(parts: list[Any]) -> list[Any]:

@@ -206,6 +206,8 @@ def test_tls_round_trip_with_a_token(server_factory, certificate):
     handle = server_factory(token=TOKEN, ssl_context=server_ssl_context(cert, key))
     with Client(handle.host, handle.port, tls=True, ca_file=str(cert), token=TOKEN, timeout=10) as client:
         np.testing.assert_array_equal(client.infer("identity", X)["output"], X)
+        big = np.random.default_rng(0).bytes(2 << 20)  # large frames both ways stay encrypted (writer.py)
+        assert client.infer("blob", {"blob": big})["echoed"] == big
     context = ssl.create_default_context(cafile=str(cert))
     with Client(handle.host, handle.port, ssl=context, token=TOKEN, timeout=10) as client:
         assert client.infer("echo", b"tls") == {"output": b"tls"}

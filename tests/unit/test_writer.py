@@ -1,0 +1,58 @@
+"""CoalescingWriter on real sockets: large writes go out through os.writev (GIL released)
+as far as the socket takes them and the rest through the transport, in order, whole."""
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import numpy as np
+import pytest
+import uvloop
+from trtserve_client import writer as writer_module
+from trtserve_client.writer import DIRECT_FROM, CoalescingWriter
+
+
+async def _write_then_read(frames: list[list[bytes | memoryview]], expected: int) -> tuple[bytes, list[int]]:
+    """Write ``frames`` through a writer on one end of a socket pair while nobody reads (the
+    kernel's buffer fills), then read everything at the other end."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    theirs.setblocking(False)
+    transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+    writer = CoalescingWriter(transport, loop)
+    queued = []
+    for parts in frames:
+        writer.write(parts, alone=True)
+        queued.append(transport.get_write_buffer_size())
+    received = bytearray()
+    while len(received) < expected:
+        try:
+            chunk = await loop.sock_recv(theirs, 1 << 20)
+        except BlockingIOError:
+            continue
+        assert chunk, "the writer's end closed early"
+        received += chunk
+    transport.close()
+    theirs.close()
+    return bytes(received), queued
+
+
+@pytest.mark.parametrize("loop_factory", [uvloop.new_event_loop, asyncio.new_event_loop], ids=["uvloop", "asyncio"])
+def test_large_frames_arrive_whole_and_in_order(loop_factory, monkeypatch):
+    direct = []
+    real = writer_module._write_direct
+    monkeypatch.setattr(writer_module, "_write_direct", lambda fd, parts: direct.append(fd) or real(fd, parts))
+    rng = np.random.default_rng(0)
+    big = [rng.bytes(3 << 20), memoryview(rng.bytes(1 << 20))]   # far more than the socket buffers hold
+    small = [b"head", rng.bytes(100)]
+    frames = [[b"H1", *big], small, [b"H2", big[1]]]
+    expected = b"".join(bytes(p) for parts in frames for p in parts)
+    loop = loop_factory()
+    try:
+        received, queued = loop.run_until_complete(_write_then_read(frames, len(expected)))
+    finally:
+        loop.close()
+    assert received == expected
+    assert len(direct) == 1, "only the first large frame, written while nothing was queued, goes direct"
+    assert queued[0] > 0, "what the socket did not take went to the transport"
