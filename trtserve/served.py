@@ -25,7 +25,7 @@ class LoadedModel:
     folder: Path
     config: ModelConfig
     pipeline: Pipeline
-    entry: "_Entry | None" = field(default=None, repr=False)
+    entry: _Entry | None = field(default=None, repr=False)
 
     def submit(
         self, item: dict[str, Any], on_done: ItemCallback, deadline: float | None = None, priority: int = 0

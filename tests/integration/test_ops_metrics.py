@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import tensor
-from .test_ops_access import certificate  # noqa: F401  (the self-signed certificate fixture)
+from .test_ops_access import certificate as certificate  # the self-signed certificate fixture
 
 pytestmark = pytest.mark.timeout(60)
 

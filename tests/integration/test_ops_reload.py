@@ -22,7 +22,6 @@ asyncio tasks with their own ``AsyncClient`` each.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
 import time
 from pathlib import Path
@@ -175,7 +174,7 @@ class Load:
 
         asyncio.run(main())
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         self._threads = [threading.Thread(target=self._sync_client, args=(k,), daemon=True) for k in range(SYNC_CLIENTS)]
         self._threads.append(threading.Thread(target=self._async_clients, daemon=True))
         for thread in self._threads:

@@ -11,7 +11,7 @@ import pytest
 from trtserve_client.frames import pack
 from trtserve_client.wire import OPERATIONS
 
-from .conftest import array, assert_serving, tensor
+from .conftest import assert_serving, tensor
 
 pytestmark = pytest.mark.timeout(60)
 

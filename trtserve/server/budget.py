@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import collections
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ConfigError, ResourceExhaustedError
 
@@ -73,7 +74,7 @@ class ByteBudget:
         self.smallest_wait = 0  # the least any waiting frame needs (room below it wakes nobody)
         self.call_soon = call_soon  # loop.call_soon: a resume must not run inside another connection's callback
 
-    def account(self, resume: Callable[[], Any]) -> "Account":
+    def account(self, resume: Callable[[], Any]) -> Account:
         return Account(self, resume)
 
     def wake(self) -> None:
@@ -93,7 +94,7 @@ class ByteBudget:
         self.smallest_wait = smallest or 0
 
 
-def _held(account: "Account") -> int:
+def _held(account: Account) -> int:
     return account.held
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Iterable
 
 from ..errors import ConfigError, PermissionDeniedError
 from ..repository import ModelRepository
@@ -45,7 +45,7 @@ class ModelControl:
         allow_model_control: bool = False,
         poll_interval_s: float | None = None,
         load_models: Iterable[str] | None = None,
-    ) -> "ModelControl":
+    ) -> ModelControl:
         """The effective mode from the Server/CLI options; contradictions are ConfigErrors."""
         if mode is None:  # the flags that predate --model-control keep their meaning
             mode = "explicit" if allow_model_control and poll_interval_s is None else "poll" if poll_interval_s else "none"

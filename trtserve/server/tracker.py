@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .budget import ByteBudget
 from .ratelog import RateLimitedLog
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 DEFAULT_MAX_CONNECTIONS = 1024  # each is a file descriptor: keep the process's LimitNOFILE above this
 
 
-def _ignore(kind: str) -> None:
+def _ignore(_: Any) -> None:
     """The default for ``refused``/``paused``: nothing counts them (metrics off)."""
 
 
@@ -67,14 +68,14 @@ class ConnectionTracker:
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
 
-    def connection_closed(self, conn: "ServerProtocol") -> None:
+    def connection_closed(self, conn: ServerProtocol) -> None:
         self.connections.discard(conn)
         self.lingering.discard(conn)
         self.closed(conn)
         if not self.connections and not self.lingering and self._empty is not None:
             self._empty.set()
 
-    def linger(self, conn: "ServerProtocol") -> None:
+    def linger(self, conn: ServerProtocol) -> None:
         """``conn`` is closing and only reads what its peer still sends: its slot is free."""
         if conn in self.connections:
             self.connections.discard(conn)
@@ -92,7 +93,7 @@ class ConnectionTracker:
         self._idle = asyncio.Event()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             self._idle = None
@@ -105,7 +106,7 @@ class ConnectionTracker:
         self._empty = asyncio.Event()
         try:
             await asyncio.wait_for(self._empty.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             self._empty = None
