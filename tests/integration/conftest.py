@@ -341,7 +341,7 @@ def server_factory(repository):
 
 @pytest.fixture
 def server(server_factory) -> ServerThread:
-    return server_factory(allow_model_control=True)
+    return server_factory(model_control="explicit", load_models=["*"])
 
 
 # --------------------------------------------------------------------------- subprocess
@@ -437,4 +437,4 @@ def process_factory(repository, tmp_path):
 
 @pytest.fixture
 def server_process(process_factory) -> ServerProcess:
-    return process_factory("--allow-model-control", "--log-level", "WARNING")
+    return process_factory("--model-control", "explicit", "--load-model", "*", "--log-level", "WARNING")

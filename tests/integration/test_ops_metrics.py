@@ -49,7 +49,7 @@ def identity(**labels):
 
 @pytest.fixture
 def metered(server_factory):
-    return server_factory(metrics_port=0, allow_model_control=True)
+    return server_factory(metrics_port=0, model_control="explicit", load_models=["*"])
 
 
 def test_metrics_are_off_by_default(server_factory):
