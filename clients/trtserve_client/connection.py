@@ -26,7 +26,7 @@ import asyncio
 import itertools
 import socket
 import ssl as _ssl
-from typing import Any
+from typing import Any, cast
 
 from .errors import (
     ConnectionFailedError,
@@ -60,9 +60,9 @@ class _Protocol(asyncio.BufferedProtocol):
         self.writer: CoalescingWriter | None = None  # one write per loop turn when pipelining
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # a stream connection's, TLS or not
-        self.transport = transport
-        self.writer = CoalescingWriter(transport, asyncio.get_running_loop())
+        # A stream's transport (uvloop's is one without subclassing asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
+        self.writer = CoalescingWriter(self.transport, asyncio.get_running_loop())
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Small request frames must not wait for Nagle: latency matters more here.
