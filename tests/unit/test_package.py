@@ -18,11 +18,15 @@ from trtserve import errors as server_errors
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "trtserve"
 
-# Circles among trtserve's modules that files of other work in progress still have; each
-# entry goes when its rewrite lands.  Nothing else may join or form a circle.
+# Circles among trtserve's modules that are still there; each entry goes when its modules
+# are reworked.  Nothing else may join or form a circle.
 KNOWN_CIRCLES = [
     # tensorrt/__init__ defines helpers that build, cache and runtime import back.
     {"trtserve.tensorrt", "trtserve.tensorrt.build", "trtserve.tensorrt.cache", "trtserve.tensorrt.runtime"},
+    # Type annotations only: the scheduler and its instance threads name each other.
+    {"trtserve.batching", "trtserve.hold", "trtserve.request", "trtserve.scheduler", "trtserve.workers"},
+    # Type annotations only: the Ray repository and its status view.
+    {"trtserve.scaleout.repository", "trtserve.scaleout.status"},
 ]
 
 
@@ -55,9 +59,9 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path, modules: set[str], lazy: bool) -> set[str]:
-    """The trtserve modules ``path`` imports: at module level, and with ``lazy`` inside
-    functions too; never those under ``if TYPE_CHECKING`` (no import happens)."""
+def _imports(path: Path, modules: set[str], lazy: bool, typing: bool) -> set[str]:
+    """The trtserve modules ``path`` imports: at module level, with ``lazy`` inside functions
+    too, with ``typing`` under ``if TYPE_CHECKING`` too (for annotations only)."""
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
@@ -71,6 +75,7 @@ def _imports(path: Path, modules: set[str], lazy: bool) -> set[str]:
     def visit(statements: list[ast.stmt]) -> None:
         for node in statements:
             if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                visit(node.body if typing else [])
                 visit(node.orelse)
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 if lazy:
@@ -123,10 +128,13 @@ def _circles(graph: dict[str, set[str]]) -> list[set[str]]:
     return circles
 
 
-@pytest.mark.parametrize("lazy", [False, True], ids=["module-level", "with-imports-in-functions"])
-def test_trtserve_modules_import_each_other_without_circles(lazy):
+@pytest.mark.parametrize(
+    "lazy, typing", [(False, False), (True, False), (True, True)],
+    ids=["module-level", "with-imports-in-functions", "with-imports-for-annotations"],
+)
+def test_trtserve_modules_import_each_other_without_circles(lazy, typing):
     paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph = {name: _imports(path, set(paths), lazy) for name, path in paths.items()}
+    graph = {name: _imports(path, set(paths), lazy, typing) for name, path in paths.items()}
     circles = _circles(graph)
     assert [c for c in circles if c not in KNOWN_CIRCLES] == []
 

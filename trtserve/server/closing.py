@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from trtserve_client.frames import FrameDecoder
 
     from .budget import Account
-    from .protocol import ServerProtocol
+    from .peer import Peer
     from .tracker import ConnectionTracker
 
 DISCARD = memoryview(bytearray(64 * 1024))  # where a closing connection's late bytes go
@@ -85,7 +85,7 @@ class Closing:
         self._account.close()
         if self._transport is not None and linger_close(self._transport, self._eof):
             self._lingering = True  # the peer's late bytes go to DISCARD; its EOF ends it
-            self._tracker.linger(cast("ServerProtocol", self))  # the one class that mixes this in
+            self._tracker.linger(cast("Peer", self))  # ServerProtocol, the one class that mixes this in
 
     # -- reaping (reaper.py) ----------------------------------------------------------
     @property

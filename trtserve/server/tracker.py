@@ -17,7 +17,7 @@ from .ratelog import RateLimitedLog
 from .reaper import Reaper, Timeouts
 
 if TYPE_CHECKING:
-    from .protocol import ServerProtocol
+    from .peer import Peer
 
 DEFAULT_MAX_CONNECTIONS = 1024  # each is a file descriptor: keep the process's LimitNOFILE above this
 
@@ -47,8 +47,8 @@ class ConnectionTracker:
         self.auth_required = auth_required
         self.auth_timeout_s = auth_timeout_s
         self.pre_auth_max_frame = min(pre_auth_max_frame, max_frame)
-        self.connections: set[ServerProtocol] = set()
-        self.lingering: set[ServerProtocol] = set()  # closed for requests, draining what the peer sends
+        self.connections: set[Peer] = set()
+        self.lingering: set[Peer] = set()  # closed for requests, draining what the peer sends
         self.in_flight = 0
         # Request bytes read and not yet answered (budget.py); without one, no limit.
         self.budget = budget or ByteBudget(1 << 62, 1 << 62)
@@ -59,7 +59,7 @@ class ConnectionTracker:
         self.refused: Callable[[str], None] = _ignore
         self.paused: Callable[[str], None] = _ignore
         # closed(conn): release what the connection owned (its shared-memory regions).
-        self.closed: Callable[[ServerProtocol], None] = _ignore
+        self.closed: Callable[[Peer], None] = _ignore
         self._idle: asyncio.Event | None = None  # exists only while someone waits (shutdown)
         self._empty: asyncio.Event | None = None
 
@@ -68,14 +68,14 @@ class ConnectionTracker:
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
 
-    def connection_closed(self, conn: ServerProtocol) -> None:
+    def connection_closed(self, conn: Peer) -> None:
         self.connections.discard(conn)
         self.lingering.discard(conn)
         self.closed(conn)
         if not self.connections and not self.lingering and self._empty is not None:
             self._empty.set()
 
-    def linger(self, conn: ServerProtocol) -> None:
+    def linger(self, conn: Peer) -> None:
         """``conn`` is closing and only reads what its peer still sends: its slot is free."""
         if conn in self.connections:
             self.connections.discard(conn)
