@@ -14,8 +14,9 @@ on a shared machine the best run is the one least disturbed by neighbours.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 

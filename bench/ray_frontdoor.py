@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         import ray as ray_module
 
-        environment = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+        environment = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
                        "python": platform.python_version(), "cpu_count": os.cpu_count(), "ray": ray_module.__version__,
                        "machine": platform.machine(), "model": args.model, "ray_set": args.ray_set}
         Path(args.json).write_text(json.dumps({"rows": [direct, ray], "summary": summary,

@@ -163,18 +163,16 @@ def _ray_override(text: str):
 
 
 def _model_control_flags(serve: argparse.ArgumentParser, modes: tuple[str, ...], poll_default: float) -> None:
-    serve.add_argument("--model-control", choices=modes, default=None,
+    serve.add_argument("--model-control", choices=modes, default="none",
                        help="none: load every model at start, refuse load/unload; poll: also rescan the repository; "
                             "explicit: load only --load-model models at start, then only through load/unload "
-                            "(default: none, or what --poll-interval / --allow-model-control imply)")
+                            "(default: %(default)s)")
     serve.add_argument("--load-model", action="append", metavar="NAME",
                        help="explicit mode: load this model at start (repeatable; '*' = every model)")
     serve.add_argument("--poll-interval", type=_seconds, default=None, metavar="SECONDS",
-                       help=f"poll mode: rescan the repository this often (default: {poll_default:g}); "
-                            "given without --model-control it selects poll mode")
+                       help=f"poll mode: rescan the repository this often (default: {poll_default:g})")
     serve.add_argument("--allow-model-control", action="store_true",
-                       help="let clients load and unload models; alone it means --model-control explicit "
-                            "--load-model '*' (every model still loads at start)")
+                       help="poll mode: also let clients load and unload models (explicit mode always does)")
 
 
 def _hostile_peer_flags(serve: argparse.ArgumentParser) -> None:
@@ -237,8 +235,7 @@ async def _serve(args: argparse.Namespace, repository) -> int:
         max_in_flight_per_connection=args.max_in_flight,
         allow_model_control=args.allow_model_control,
         grace_s=args.grace_period,
-        # Without --model-control, 0 keeps its old meaning (no polling): old command lines still start.
-        poll_interval_s=args.poll_interval if args.model_control else args.poll_interval or None,
+        poll_interval_s=args.poll_interval,
         model_control=args.model_control,
         load_models=args.load_model,
         max_connections=args.max_connections,

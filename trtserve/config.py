@@ -216,13 +216,14 @@ class _Validator:
                 f"{sorted(n.name for n in entries) or 'none (a cycle)'}; chain the nodes with next",
                 key="next",
             )
-        ordered, seen, node = [], set(), entries[0]
-        while node is not None:
-            if node.name in seen:
-                raise self.fail(f"node {node.name!r} appears twice in the chain (a cycle)", key="next")
-            seen.add(node.name)
-            ordered.append(node)
-            node = by_name.get(node.next) if node.next else None
+        ordered, seen = [], set()
+        at: NodeConfig | None = entries[0]
+        while at is not None:
+            if at.name in seen:
+                raise self.fail(f"node {at.name!r} appears twice in the chain (a cycle)", key="next")
+            seen.add(at.name)
+            ordered.append(at)
+            at = by_name.get(at.next) if at.next else None
         if len(ordered) != len(nodes):
             loose = sorted(set(by_name) - seen)
             raise self.fail(f"nodes {loose} are not reachable from the entry node {entries[0].name!r}", key="next")
@@ -354,7 +355,8 @@ class _Validator:
             return None
         if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
             raise self.fail(f"{kind} must be an array of tables: [[{kind}]] name = ... dtype = ... shape = [...]", key=kind)
-        specs, allowed = [], sorted(TENSOR_KEYS[kind])
+        specs: list[TensorSpec] = []
+        allowed = sorted(TENSOR_KEYS[kind])
         for i, table in enumerate(raw):
             where = f"{kind}[{i}]"
             for key in table:

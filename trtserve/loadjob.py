@@ -20,7 +20,8 @@ import logging
 import math
 import queue
 import threading
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .errors import ConfigError, ModelUnavailableError, TrtserveError
 

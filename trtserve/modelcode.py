@@ -22,10 +22,10 @@ import itertools
 import re
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator
 
 from .backend import Backend, model_scope
 from .errors import ConfigError

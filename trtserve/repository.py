@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .config import load_config, read_toml
 from .errors import (
@@ -46,7 +47,7 @@ CONFIG_FILE = "config.toml"
 MAX_NAME_BYTES = 255  # a model is a folder: longer names cannot exist on Linux filesystems
 
 
-class ModelState(str, Enum):
+class ModelState(StrEnum):
     READY = "READY"
     LOADING = "LOADING"
     UNAVAILABLE = "UNAVAILABLE"
@@ -180,7 +181,7 @@ class ModelRepository:
             old_code, entry.code = entry.code, code
             entry.state, entry.fingerprint, entry.failed_fingerprint = ModelState.READY, stamp, None
             entry.reason = None
-            latest = entry.latest
+            latest = fresh[max(fresh)]
         self._retire(list(old.values()), code=old_code)
         log.info("model %s versions %s are READY", name, sorted(fresh))
         return latest

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .backend import Signature
 from .config import ModelConfig
@@ -12,8 +12,11 @@ from .errors import ShuttingDownError
 from .pipeline import ItemCallback, Pipeline
 from .scheduler import Request
 
-if TYPE_CHECKING:
-    from .repository import _Entry
+
+class Versions(Protocol):
+    """Every version of a model served now (the repository's entry for the model)."""
+
+    models: dict[int, LoadedModel]
 
 
 @dataclass
@@ -25,7 +28,7 @@ class LoadedModel:
     folder: Path
     config: ModelConfig
     pipeline: Pipeline
-    entry: "_Entry | None" = field(default=None, repr=False)
+    entry: Versions | None = field(default=None, repr=False)
 
     def submit(
         self, item: dict[str, Any], on_done: ItemCallback, deadline: float | None = None, priority: int = 0

@@ -108,8 +108,9 @@ def run_warmup(pipeline: Any, samples: list[WarmupSample], model: str) -> None:
     data = [sample.data for sample in samples]
     for node in pipeline.nodes:
         where = _Where(model, node.node.name)
-        per_instance = node.on_each_instance(
-            lambda inst: [_warm(inst, d, s, where.sample(i)) for i, (d, s) in enumerate(zip(data, samples))])
+        per_instance = node.on_each_instance(  # runs before the loop moves on: binds as it stands
+            lambda inst, where=where, data=data: [_warm(inst, d, s, where.sample(i))
+                                                  for i, (d, s) in enumerate(zip(data, samples))])
         data = per_instance[0]  # every instance made the same of each sample
 
 
@@ -119,7 +120,7 @@ class _Where:
     node: str
     index: int = 0
 
-    def sample(self, index: int) -> "_Where":
+    def sample(self, index: int) -> _Where:
         return _Where(self.model, self.node, index)
 
     def fail(self, what: str) -> ModelUnavailableError:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def closed_loop(call: Callable[[int], None], concurrency: int, seconds: float) -> dict[str, float]:

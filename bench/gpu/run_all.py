@@ -32,8 +32,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "clients")]
@@ -108,7 +109,7 @@ def bench_copies() -> dict[str, Any]:
         for label, ptr in (("pageable", host.ctypes.data), ("pinned", pinned.ptr)):
             timed.returned.clear()
             timed(ptr)
-            ms = median_ms(lambda: timed(ptr), 5)
+            ms = median_ms(lambda ptr=ptr: timed(ptr), 5)
             out[f"h2d_{label}_GBps"] = nbytes / ms / 1e6
             out[f"h2d_{label}_call_returned_after_ms"] = statistics.median(timed.returned) * 1e3
         done.close()
@@ -155,7 +156,7 @@ def bench_fused(d2d_gbps: float | None) -> dict[str, Any]:
             sources = [cuda.to_device(support.photo(sh, sw, seed=i)) for i in range(count)]
             calls = iter(range(1 << 30))
 
-            def body() -> None:
+            def body(sources=sources, calls=calls, count=count, dh=dh, dw=dw) -> None:
                 src = sources[next(calls) % count]  # rotate: a 25 MB 4K source would sit in L2
                 kernels.fused_preprocess(src, dh, dw, support.MEAN, support.STD, True, stream)
 
@@ -238,7 +239,7 @@ def _auto_decoder() -> str:
 
 
 def environment() -> dict[str, Any]:
-    env: dict[str, Any] = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    env: dict[str, Any] = {"date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     env["python"] = platform.python_version()
     info = cuda.device_info(0)
     env["gpu"] = f"{info.name} (cc {info.compute_capability[0]}.{info.compute_capability[1]}, {info.multiprocessors} SMs)"
@@ -269,9 +270,10 @@ def run_tests(out: Path) -> dict[str, Any]:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=330)
     text = proc.stdout + proc.stderr
     (out / "gpu-tests.txt").write_text(text)
-    lines = [l for l in text.strip().splitlines() if l.strip()]
-    summary = next((l for l in reversed(lines) if " passed" in l or " failed" in l or " error" in l), lines[-1] if lines else "")
-    notes = [l for l in lines if l.startswith(("fused:", "hwc:"))]
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    summary = next((line for line in reversed(lines) if " passed" in line or " failed" in line or " error" in line),
+                   lines[-1] if lines else "")
+    notes = [line for line in lines if line.startswith(("fused:", "hwc:"))]
     return {"command": " ".join(cmd), "returncode": proc.returncode, "summary": summary.strip("= "), "seconds": time.perf_counter() - t0, "notes": notes}
 
 

@@ -21,8 +21,9 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_all import closed_loop, cuda, np, support, trtserve  # noqa: E402  (puts the repo on sys.path)
@@ -136,7 +137,7 @@ def run_levels(torch: Any, config: dict[str, Any], inputs: list[Any], args: Any,
             rec.steps.clear()
             rec.spans.clear()
             rec.on = True
-            row = closed_loop(lambda i: pipe({"data": source[i % 16]}), concurrency, args.seconds)
+            row = closed_loop(lambda i, source=source: pipe({"data": source[i % 16]}), concurrency, args.seconds)
             rec.on = False
             row["steps"] = rec.summary()
             row["ratio_to_raw_b8_device_inputs"] = row["per_s"] / report["raw_b8_device_inputs_img_s"]

@@ -1,8 +1,9 @@
 """Request inputs: random tensors shaped from model metadata, or files (JPEGs) as bytes."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -5,8 +5,9 @@ import csv
 import io
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any, TextIO
 
 # One row per load level.  CSV keeps this order; JSON keeps every key a row has.
 COLUMNS = (

@@ -12,8 +12,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 BENCH_DIR = Path(__file__).resolve().parent.parent
@@ -32,7 +32,7 @@ class ServerProcess:
         self.host = "127.0.0.1"
         self.port = 0
 
-    def start(self) -> "ServerProcess":
+    def start(self) -> ServerProcess:
         self.proc = subprocess.Popen(
             self.argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True
         )
@@ -81,7 +81,7 @@ class ServerProcess:
         except FileNotFoundError:
             pass
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -14,8 +14,14 @@ docs/PROTOCOL.md specifies the wire format.
 from .aio import DEFAULT_HOST, DEFAULT_PORT, AsyncClient
 from .client import Client
 from .connection import Connection
-from .errors import *  # noqa: F401,F403
-from .errors import __all__ as _error_names
+from .errors import (
+    ErrorCode, TrtserveError, error_class, error_from_wire, BackendError, ConfigError,
+    ConnectionFailedError, DeadlineExceededError, DeviceError, FrameTooLargeError, InternalError,
+    InvalidArgumentError, InvalidInputError, ModelNotFoundError, ModelUnavailableError,
+    NoResultError, PermissionDeniedError, ProtocolError, QueueFullError, ResourceExhaustedError,
+    ShuttingDownError, UnauthenticatedError, UnknownOperationError, UnsupportedProtocolError,
+    VersionNotFoundError,
+)
 from .regions import SystemSharedMemory
 from .wire import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
 
@@ -29,5 +35,11 @@ __all__ = [
     "DEFAULT_PORT",
     "PROTOCOL_VERSION",
     "SystemSharedMemory",
-    *_error_names,
+    # the error tree (errors.py)
+    "ErrorCode", "TrtserveError", "error_class", "error_from_wire", "BackendError", "ConfigError",
+    "ConnectionFailedError", "DeadlineExceededError", "DeviceError", "FrameTooLargeError",
+    "InternalError", "InvalidArgumentError", "InvalidInputError", "ModelNotFoundError",
+    "ModelUnavailableError", "NoResultError", "PermissionDeniedError", "ProtocolError",
+    "QueueFullError", "ResourceExhaustedError", "ShuttingDownError", "UnauthenticatedError",
+    "UnknownOperationError", "UnsupportedProtocolError", "VersionNotFoundError",
 ]

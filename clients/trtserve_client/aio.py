@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl as _ssl
-from typing import Any, Iterable, Mapping, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,8 +46,8 @@ _IDEMPOTENT = frozenset({"infer", "live", "ready", "server_metadata", "model_met
                          "repository_index", "statistics"})
 _CLOSE_UNREGISTER_S = 5.0  # close() waits this long for the server to let go of regions
 
-Value = Union[np.ndarray, bytes]
-Inputs = Union[Mapping[str, Any], np.ndarray, bytes, bytearray, memoryview]
+Value = np.ndarray | bytes
+Inputs = Mapping[str, Any] | np.ndarray | bytes | bytearray | memoryview
 
 
 class AsyncClient:
@@ -155,6 +156,7 @@ class AsyncClient:
         tried: list[Endpoint] = []
         while True:
             endpoint = self._endpoints.pick(tried)
+            assert endpoint is not None  # the loop ends before every endpoint was tried
             try:
                 result = await endpoint.connection(self.strategy).request(op, fields, _remaining(deadline))
             except RETRIABLE:
@@ -362,7 +364,7 @@ class AsyncClient:
                 pass  # closing the connections releases them on the server anyway
         await asyncio.gather(*(c.close() for c in self.connections))
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:

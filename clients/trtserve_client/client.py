@@ -16,7 +16,8 @@ import functools
 import inspect
 import threading
 import weakref
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from .aio import AsyncClient
 from .errors import ConnectionFailedError
@@ -25,11 +26,11 @@ T = TypeVar("T")
 _CLOSE_WAIT_S = 5.0  # closing sockets is quick; never hang interpreter exit on it
 
 
-def _blocking(coroutine_function: Callable[..., Awaitable[T]]) -> Callable[..., T]:
+def _blocking(coroutine_function: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
     """The AsyncClient method of the same name, run to completion on the client's loop."""
 
     @functools.wraps(coroutine_function)
-    def method(self: "Client", *args: Any, **kwargs: Any) -> T:
+    def method(self: Client, *args: Any, **kwargs: Any) -> T:
         return self._run(coroutine_function(self._async, *args, **kwargs))
 
     return method
@@ -48,11 +49,11 @@ class Client:
         # Runs on close() or when the client is garbage-collected / at interpreter exit.
         self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._thread, self._async)
 
-    def _run(self, coroutine: Awaitable[T]) -> T:
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         if not self._finalizer.alive:
-            coroutine.close()  # type: ignore[attr-defined]  # never awaited: silence the warning
+            coroutine.close()  # never awaited: silence the warning
             raise ConnectionFailedError("this Client is closed; create a new one", address=self.address)
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)  # type: ignore[arg-type]
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         try:
             return future.result()
         except BaseException:
@@ -97,7 +98,7 @@ class Client:
         """Close the connections and stop the loop thread.  Idempotent."""
         self._finalizer()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -26,7 +26,7 @@ import asyncio
 import itertools
 import socket
 import ssl as _ssl
-from typing import Any
+from typing import Any, cast
 
 from .errors import (
     ConnectionFailedError,
@@ -36,7 +36,7 @@ from .errors import (
     TrtserveError,
     error_from_wire,
 )
-from .frames import FrameDecoder, frame_parts, frame_size
+from .frames import BadFrame, FrameDecoder, frame_parts, frame_size
 from .writer import CoalescingWriter
 from .wire import DEFAULT_MAX_FRAME, PROTOCOL_VERSION
 
@@ -48,7 +48,7 @@ class _Protocol(asyncio.BufferedProtocol):
     """Transport callbacks; all state lives in the owning :class:`Connection`.  Responses are
     read straight into their frame's buffer, and their tensors are views of it (frames.py)."""
 
-    def __init__(self, owner: "Connection") -> None:
+    def __init__(self, owner: Connection) -> None:
         self.owner = owner
         self.transport: asyncio.Transport | None = None
         self.decoder = FrameDecoder(owner.max_frame)
@@ -60,7 +60,8 @@ class _Protocol(asyncio.BufferedProtocol):
         self.writer: CoalescingWriter | None = None  # one write per loop turn when pipelining
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        # A stream's transport (uvloop's is one without subclassing asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
         self.writer = CoalescingWriter(self.transport, asyncio.get_running_loop())
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -72,15 +73,16 @@ class _Protocol(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         try:
-            messages = self.decoder.buffer_updated(nbytes)
-            for message in messages:
-                if type(message) is not dict:  # a server never refers to bytes it did not send
+            answers: list[dict[str, Any]] = []
+            for message in self.decoder.buffer_updated(nbytes):
+                if isinstance(message, BadFrame):  # a server never refers to bytes it did not send
                     raise message.error
+                answers.append(message)
         except TrtserveError as exc:  # garbage from the server: nothing after it can be trusted
             self.owner._abort(self, self.owner._failure("the server sent an invalid frame", exc))
             return
-        for message in messages:
-            self.owner._dispatch(self, message)
+        for answer in answers:
+            self.owner._dispatch(self, answer)
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost fails what is pending
@@ -237,13 +239,13 @@ class Connection:
         protocol: _Protocol | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, protocol = await loop.create_connection(
+                transport, protocol = await loop.create_connection(
                     lambda: _Protocol(self), self.host, self.port, ssl=self.ssl, server_hostname=self.server_hostname
                 )
                 if self.token is not None:
-                    await self._handshake(protocol, "auth", {"token": self.token})
+                    await self._handshake(transport, protocol, "auth", {"token": self.token})
                 for fields in list(self._regions.values()):
-                    await self._handshake(protocol, "shm_register", fields)
+                    await self._handshake(transport, protocol, "shm_register", fields)
         except (OSError, TimeoutError, TrtserveError) as exc:
             if protocol is not None and protocol.transport is not None:
                 protocol.transport.close()
@@ -256,12 +258,12 @@ class Connection:
                 address=self.address,
             ) from None
         if self._closed:
-            protocol.transport.close()
+            transport.close()
             raise ConnectionFailedError(f"connection to {self.address} is closed", address=self.address)
         self._protocol = protocol
         return protocol
 
-    async def _handshake(self, protocol: _Protocol, op: str, fields: dict[str, Any]) -> None:
+    async def _handshake(self, transport: asyncio.Transport, protocol: _Protocol, op: str, fields: dict[str, Any]) -> None:
         """Send ``auth`` (or a region's ``shm_register``) on a new connection and wait for its
         answer.  Until then the connection is not ``self._protocol``, so no other request can
         go out before it."""
@@ -269,7 +271,7 @@ class Connection:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            protocol.transport.writelines(frame_parts({"v": PROTOCOL_VERSION, "id": request_id, "op": op, **fields}))
+            transport.writelines(frame_parts({"v": PROTOCOL_VERSION, "id": request_id, "op": op, **fields}))
             protocol.sent.add(request_id)
             _result_of(await future)
         finally:

@@ -33,8 +33,8 @@ def _bindings() -> tuple[Any, Any]:
         from cuda.bindings import driver, runtime
     except ImportError:
         try:
-            from cuda import cuda as driver  # type: ignore[no-redef]
-            from cuda import cudart as runtime  # type: ignore[no-redef]
+            from cuda import cuda as driver
+            from cuda import cudart as runtime
         except ImportError:
             raise DeviceError("CUDA shared memory needs cuda-python: pip install cuda-bindings") from None
     return driver, runtime

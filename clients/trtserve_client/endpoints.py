@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from .connection import Connection
 from .errors import InvalidArgumentError

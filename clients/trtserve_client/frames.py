@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -155,7 +156,7 @@ class BadFrame:
     v1: bool = False
 
 
-Received = Union[dict, BadFrame]
+Received = dict | BadFrame
 
 
 class FrameDecoder:
@@ -286,7 +287,7 @@ class FrameDecoder:
 
     def _begin_own_frame(self, total: int) -> None:
         have = self._end - self._start
-        frame = memoryview(np.empty(total, np.uint8)).cast("B")
+        frame = np.empty(total, np.uint8).data
         frame[:have] = self._scratch[self._start : self._end]
         self._frame, self._filled = frame, have
         self._start = self._end = 0
@@ -332,8 +333,8 @@ def decode_frame(frame: memoryview, limits: tuple[int, int, int, int] | None = N
     if timestamp:
         refs.errors.append("msgpack ext type -1 (a timestamp) is not a value of this protocol "
                            f"(ext type {BUFFER_EXT} with 16 bytes, a buffer reference, is the only ext type)")
-    problem = refs.problem()
-    return message if problem is None else BadFrame(message, problem)
+    bad = refs.problem()
+    return message if bad is None else BadFrame(message, bad)
 
 
 class _References:

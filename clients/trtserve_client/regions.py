@@ -108,14 +108,15 @@ class SystemSharedMemory(Region):
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise InvalidArgumentError(f"offset must be an integer >= 0, got {offset!r}", field="offset")
         self.offset, self.owned = offset, key is None
-        self._shm = shared_memory.SharedMemory(create=True, size=offset + byte_size) if key is None else _attach(key)
-        if self._shm.size < offset + byte_size:
-            size = self._shm.size
+        shm = shared_memory.SharedMemory(create=True, size=offset + byte_size) if key is None else _attach(key)
+        self._shm: shared_memory.SharedMemory | None = shm
+        if shm.size < offset + byte_size:
             self.close()
-            raise InvalidArgumentError(f"shared-memory object {key!r} holds {size} bytes, fewer than offset {offset} "
+            raise InvalidArgumentError(f"shared-memory object {key!r} holds {shm.size} bytes, fewer than offset {offset} "
                                        f"+ byte_size {byte_size}", field="byte_size", key=key)
-        self.key = "/" + self._shm.name.lstrip("/")
-        self.buffer = self._shm.buf[offset : offset + byte_size]  # this region's bytes, writable
+        self.key = "/" + shm.name.lstrip("/")
+        assert shm.buf is not None  # only a closed SharedMemory has none
+        self.buffer = shm.buf[offset : offset + byte_size]  # this region's bytes, writable
 
     def ndarray(self, shape: Any, dtype: Any, offset: int = 0) -> np.ndarray:
         """A numpy view of the region to fill in place (then pass ``tensor(...)``)."""
@@ -166,7 +167,7 @@ def _attach(key: str) -> shared_memory.SharedMemory:
     name = key.lstrip("/")
     try:
         try:
-            return shared_memory.SharedMemory(name=name, track=False)  # Python 3.13+
+            return shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg,unused-ignore]  # Python 3.13+
         except TypeError:
             shm = shared_memory.SharedMemory(name=name)
     except FileNotFoundError:
@@ -187,7 +188,8 @@ def decode_outputs(outputs: Any, regions: dict[str, Region], decode: Any) -> dic
         where = f"outputs[{name!r}]"
         if type(obj) is dict and SHM in obj and "data" not in obj:
             ref = obj[SHM]
-            region = regions.get(ref.get("region")) if isinstance(ref, dict) else None
+            region_name = ref.get("region") if isinstance(ref, dict) else None
+            region = regions.get(region_name) if type(region_name) is str else None
             if region is None:
                 raise ProtocolError(f"{where}: the server wrote into a region this client did not register: {ref!r:.120}")
             values[str(name)] = region.output(obj, where)

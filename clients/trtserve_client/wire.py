@@ -8,6 +8,7 @@ msgpack ``bin``.  A receiver accepts either.  docs/PROTOCOL.md is the normative 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -55,8 +56,6 @@ _NUMPY_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}
 _WIRE_NAMES = {np.dtype(name): name for name in DTYPES}
 MAX_DIMS = 32  # numpy 1.x's limit; a peer must not be able to make reshape raise
 _MAX_INDEX = int(np.iinfo(np.intp).max)
-# What a received tensor's data is: bin decodes to bytes, a buffer reference to a memoryview.
-_DATA_TYPES = (bytes, memoryview)
 #: The key of a value whose bytes lie in a registered shared-memory region instead of the
 #: frame: ``{"dtype", "shape", "shm": {"region", "offset", "byte_size"}}``, or ``{"shm": ...}``
 #: alone for raw bytes (docs/PROTOCOL.md section 5; regions.py).
@@ -76,7 +75,7 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
         # astype, not ascontiguousarray: the latter turns a 0-d array into shape (1,).
         array = array.astype(_NUMPY_DTYPES[name], order="C")
     # memoryview.cast refuses shapes with a zero in them, and an empty tensor has no bytes.
-    data = OutOfBand(memoryview(array).cast("B")) if array.size else b""
+    data = OutOfBand(array.data.cast("B")) if array.size else b""
     return {"dtype": name, "shape": list(array.shape), "data": data}
 
 
@@ -104,7 +103,8 @@ def fast_tensor(obj: Any) -> np.ndarray | None:
     if type(obj) is not dict or len(obj) != 3:  # other keys: the checked path looks at them
         return None
     data = obj.get("data")
-    if type(data) not in _DATA_TYPES:
+    # A received tensor's data: bin decodes to bytes, a buffer reference to a memoryview.
+    if type(data) is not bytes and type(data) is not memoryview:
         return None
     shape = obj.get("shape")
     layout = fast_layout(obj.get("dtype"), shape)
@@ -213,7 +213,7 @@ def fast_value(obj: Any) -> Any:
     return fast_tensor(obj)
 
 
-def encode_tensors(values: dict[str, Any]) -> dict[str, Any]:
+def encode_tensors(values: Mapping[str, Any]) -> dict[str, Any]:
     return {name: encode_value(value) for name, value in values.items()}
 
 

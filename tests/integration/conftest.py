@@ -25,8 +25,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -245,7 +246,7 @@ class RawConn:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "RawConn":
+    def __enter__(self) -> RawConn:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -297,7 +298,7 @@ class ServerThread:
         self.loop.run_forever()
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
 
-    def start(self, timeout: float = 30.0) -> "ServerThread":
+    def start(self, timeout: float = 30.0) -> ServerThread:
         self._thread.start()
         if not self._started.wait(timeout):
             raise TimeoutError("the in-process server did not start")
@@ -340,7 +341,7 @@ def server_factory(repository):
 
 @pytest.fixture
 def server(server_factory) -> ServerThread:
-    return server_factory(allow_model_control=True)
+    return server_factory(model_control="explicit", load_models=["*"])
 
 
 # --------------------------------------------------------------------------- subprocess
@@ -361,7 +362,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.host, self.port = HOST, 0
 
-    def start(self, timeout: float = 30.0) -> "ServerProcess":
+    def start(self, timeout: float = 30.0) -> ServerProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
         line = self._read_line(timeout)
@@ -436,4 +437,4 @@ def process_factory(repository, tmp_path):
 
 @pytest.fixture
 def server_process(process_factory) -> ServerProcess:
-    return process_factory("--allow-model-control", "--log-level", "WARNING")
+    return process_factory("--model-control", "explicit", "--load-model", "*", "--log-level", "WARNING")

@@ -16,7 +16,8 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from trtserve_client.frames import HEAD, MARKER, pack
 

@@ -13,8 +13,9 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -162,7 +163,7 @@ class LoadLoop:
         self.errors: list[BaseException] = []
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
 
-    def start(self) -> "LoadLoop":
+    def start(self) -> LoadLoop:
         for thread in self.threads:
             thread.start()
         return self

@@ -274,7 +274,7 @@ def test_load_and_unload(client):
 
 
 def test_load_and_unload_need_model_control(server_factory):
-    plain = server_factory()  # started without allow_model_control
+    plain = server_factory()  # model_control defaults to none
     with Client(plain.host, plain.port) as client:
         for operation in (client.load, client.unload):
             with pytest.raises(PermissionDeniedError) as excinfo:
@@ -498,7 +498,7 @@ def test_reconnects_after_server_restart(server, repository, kind):
         with pytest.raises(ConnectionFailedError) as excinfo:
             client.live()  # down: the dropped connection or a refused connect
         assert_error(excinfo, ErrorCode.CONNECTION_ERROR)
-        restarted = ServerThread(repository, allow_model_control=True)
+        restarted = ServerThread(repository, model_control="explicit", load_models=["*"])
         restarted.server.port = port  # the same address the client knows
         restarted.start()
         try:
@@ -527,7 +527,7 @@ def test_pending_requests_fail_when_the_server_dies(server_process, gates):
 
 def test_connection_level_error_fails_pending_then_reconnects(server_factory, gates):
     """A frame over the server's max_frame makes it answer "id": nil and close."""
-    small = server_factory(max_frame=4096, allow_model_control=True)
+    small = server_factory(max_frame=4096, model_control="explicit", load_models=["*"])
 
     async def main():
         async with AsyncClient(small.host, small.port, connections=1) as client:  # client limit 64 MiB

@@ -113,7 +113,7 @@ def test_failed_logins_are_logged_at_a_bounded_rate(repository, tmp_path):
 
 
 def test_long_names_and_unknown_models_reveal_nothing_of_the_disk(repository, tmp_path):
-    with server_process(repository, tmp_path / "server.log", "--allow-model-control", "--log-level", "WARNING") as proc, \
+    with server_process(repository, tmp_path / "server.log", "--model-control", "explicit", "--load-model", "*", "--log-level", "WARNING") as proc, \
             proc.connect() as conn:
         for name in ("x" * 300, "\u00e9" * 200, "../identity", ".hidden", "a/b", "ghost"):
             error = conn.error("load", model=name)

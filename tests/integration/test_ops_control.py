@@ -92,6 +92,8 @@ def test_explicit_mode_star_loads_everything(server_factory):
     [
         ({"model_control": "explicit", "load_models": ["nope"]}, "load_model"),
         ({"model_control": "none", "allow_model_control": True}, "model_control"),
+        ({"allow_model_control": True}, "model_control"),  # the default mode is none
+        ({"poll_interval_s": 1.0}, "poll_interval_s"),  # an interval does not choose poll mode
         ({"model_control": "none", "load_models": ["echo"]}, "load_model"),
         ({"model_control": "explicit", "poll_interval_s": 1.0}, "poll_interval_s"),
         ({"model_control": "explicit", "load_models": ["*", "echo"]}, "load_model"),
@@ -107,10 +109,12 @@ def test_contradictory_control_options_are_refused(repository, server_factory, o
     assert excinfo.value.details["key"] == key
 
 
-def test_the_legacy_flag_means_explicit_with_every_model(repository):
-    server = Server(repository, allow_model_control=True)
-    assert (server.control.mode, server.control.load_models, server.allow_model_control) == ("explicit", ("*",), True)
-    polled = Server(repository, poll_interval_s=0.5)
+def test_each_mode_resolves_its_own_options(repository):
+    plain = Server(repository)
+    assert (plain.control.mode, plain.allow_model_control, plain.poll_interval_s) == ("none", False, None)
+    every = Server(repository, model_control="explicit", load_models=["*"])
+    assert (every.control.mode, every.control.load_models, every.allow_model_control) == ("explicit", ("*",), True)
+    polled = Server(repository, model_control="poll", poll_interval_s=0.5)
     assert (polled.control.mode, polled.allow_model_control, polled.poll_interval_s) == ("poll", False, 0.5)
     assert Server(repository, model_control="poll").poll_interval_s == 15.0  # Triton's default
 
@@ -198,6 +202,9 @@ def test_cli_explicit_mode_with_load_model(process_factory):
         (["--model-control", "none", "--allow-model-control"], "contradicts"),
         (["--model-control", "explicit", "--load-model", "nope"], "--load-model 'nope'"),
         (["--model-control", "none", "--poll-interval", "1"], "applies only to --model-control poll"),
+        (["--allow-model-control"], "contradicts --model-control none"),  # none is the default
+        (["--poll-interval", "1"], "applies only to --model-control poll"),
+        (["--model-control", "poll", "--poll-interval", "0"], "must be > 0"),
     ],
 )
 def test_cli_refuses_contradictory_flags(repository, args, message):

@@ -74,7 +74,7 @@ def settled(pid: int, threads: int | None = None) -> tuple[float, int]:
 def test_model_cycles_do_not_leak(repository, tmp_path, mode):
     """``load_unload``: load, infer, unload, 200 times.  ``reload``: the model stays loaded and
     each cycle is a load (a hot reload: build beside, swap, retire the old one) plus an infer."""
-    with server_process(repository, tmp_path / "server.log", "--allow-model-control", "--log-level", "WARNING") as proc, \
+    with server_process(repository, tmp_path / "server.log", "--model-control", "explicit", "--load-model", "*", "--log-level", "WARNING") as proc, \
             proc.connect() as conn:
         pid = proc.proc.pid
         if mode == "load_unload":

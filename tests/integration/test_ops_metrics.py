@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import tensor
-from .test_ops_access import certificate  # noqa: F401  (the self-signed certificate fixture)
+from .test_ops_access import certificate as certificate  # the self-signed certificate fixture
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,7 +49,7 @@ def identity(**labels):
 
 @pytest.fixture
 def metered(server_factory):
-    return server_factory(metrics_port=0, allow_model_control=True)
+    return server_factory(metrics_port=0, model_control="explicit", load_models=["*"])
 
 
 def test_metrics_are_off_by_default(server_factory):

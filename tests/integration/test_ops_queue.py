@@ -75,7 +75,7 @@ def gate(repository):
 
 @pytest.fixture
 def handle(server_factory):
-    return server_factory(allow_model_control=True)
+    return server_factory(model_control="explicit", load_models=["*"])
 
 
 def block(conn, gate: Recorder, model: str) -> int:

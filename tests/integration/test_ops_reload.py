@@ -22,7 +22,6 @@ asyncio tasks with their own ``AsyncClient`` each.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
 import time
 from pathlib import Path
@@ -175,7 +174,7 @@ class Load:
 
         asyncio.run(main())
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         self._threads = [threading.Thread(target=self._sync_client, args=(k,), daemon=True) for k in range(SYNC_CLIENTS)]
         self._threads.append(threading.Thread(target=self._async_clients, daemon=True))
         for thread in self._threads:
@@ -241,7 +240,7 @@ def test_poll_mode_reloads_under_load(repo, tmp_path):
     gens = Generations(repo / MODEL)
     log_path = tmp_path / "server.log"
     # A 50 ms poll keeps the test short; reload latency is the poll interval plus a build.
-    with server_process(repo, log_path, "--poll-interval", "0.05", "--log-level", "INFO") as proc, \
+    with server_process(repo, log_path, "--model-control", "poll", "--poll-interval", "0.05", "--log-level", "INFO") as proc, \
             Client(proc.host, proc.port, timeout=CALL_TIMEOUT_S) as control:
         triggered = {gens.current: 0.0}
         load = Load(proc.host, proc.port).start()
@@ -285,7 +284,7 @@ def test_explicit_load_reloads_under_load(repo, tmp_path):
     fail with a typed error while the old version keeps serving."""
     gens = Generations(repo / MODEL)
     log_path = tmp_path / "server.log"
-    with server_process(repo, log_path, "--allow-model-control", "--log-level", "INFO") as proc, \
+    with server_process(repo, log_path, "--model-control", "explicit", "--load-model", "*", "--log-level", "INFO") as proc, \
             Client(proc.host, proc.port, timeout=30) as control:
         triggered, retired_by_load = {gens.current: 0.0}, {}
         load = Load(proc.host, proc.port).start()
@@ -330,7 +329,7 @@ def test_unload_under_load_refuses_cleanly_then_load_serves_again(repo, tmp_path
     """unload while 32 clients send: requests already accepted finish with correct answers,
     later ones are refused MODEL_UNAVAILABLE (never lost, never a connection error), and
     after load every request is served again."""
-    with server_process(repo, tmp_path / "server.log", "--allow-model-control", "--log-level", "INFO") as proc, \
+    with server_process(repo, tmp_path / "server.log", "--model-control", "explicit", "--load-model", "*", "--log-level", "INFO") as proc, \
             Client(proc.host, proc.port, timeout=30) as control:
         load = Load(proc.host, proc.port, refusals=(ModelUnavailableError,)).start()
         try:

@@ -178,7 +178,7 @@ def test_a_raising_backend_fails_its_batch_and_the_node_keeps_serving():
     trtserve.register("ExplodesOnMarker", ExplodesOnMarker)
     config = {"backend": "ExplodesOnMarker", "max": 4, "batching_timeout": 1, "instance_num": 1}
     with trtserve.pipe(config) as models:
-        for round_ in range(3):
+        for _round in range(3):
             with pytest.raises(BackendError) as info:
                 models({"data": b"boom"})
             assert info.value.details["exception"] == "RuntimeError" and "user backend bug" in info.value.message

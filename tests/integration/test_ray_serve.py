@@ -23,10 +23,10 @@ from .ray_support import (
     EXAMPLES,
     SLOW_BACKEND,
     LoadLoop,
-    front_door,  # noqa: F401  (fixture)
+    front_door as front_door,  # fixtures: `as` marks the re-export
     model_folder,
     ray,
-    ray_cluster,  # noqa: F401  (fixture)
+    ray_cluster as ray_cluster,
     replica_actors,
     running_replicas,
     serve,
@@ -132,7 +132,7 @@ def test_replica_killed_five_times_under_load(front_door, tmp_path):
                 wait_for(lambda: len(replica_actors(app)) == 2 and running_replicas(probe, "slow") == 2,
                          120, "two running replicas")
                 answered = load.answered
-                wait_for(lambda: load.answered > answered + 50, 30, "load flowing before the kill")
+                wait_for(lambda answered=answered: load.answered > answered + 50, 30, "load flowing before the kill")
                 ray.kill(replica_actors(app)[0], no_restart=True)
                 time.sleep(0.5)  # under load while Serve notices the death and replaces it
             wait_for(lambda: running_replicas(probe, "slow") == 2, 120, "the replacement replica")

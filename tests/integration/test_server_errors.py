@@ -11,7 +11,7 @@ import pytest
 from trtserve_client.frames import pack
 from trtserve_client.wire import OPERATIONS
 
-from .conftest import array, assert_serving, tensor
+from .conftest import assert_serving, tensor
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -307,12 +307,12 @@ def test_deadline_exceeded_running_and_queued(server, gates):
 
 
 def test_model_control_refused_without_the_flag(server_factory):
-    handle = server_factory()  # allow_model_control defaults to False
+    handle = server_factory()  # model_control defaults to none
     with handle.connect() as conn:
         for op in ("load", "unload"):
             error = conn.error(op, model="echo")
             assert error["name"] == "PERMISSION_DENIED" and error["details"] == {"operation": op}
-            assert "--allow-model-control" in error["message"]
+            assert "--model-control explicit" in error["message"]
         assert conn.result("ready", model="echo") == {"ready": True}
     assert_serving(handle.host, handle.port)
 

@@ -207,7 +207,7 @@ def test_load_failure_is_reported_and_recorded(server):
 
 
 def test_poll_mode_follows_the_repository(server_factory, repository):
-    handle = server_factory(poll_interval_s=0.05)
+    handle = server_factory(model_control="poll", poll_interval_s=0.05)
     with handle.connect() as conn:
         write_model(repository, "polled", 'backend = "Identity"\n')
         wait_until(lambda: conn.result("repository_index")["models"], lambda rows: any(r["name"] == "polled" and r["state"] == "READY" for r in rows))
@@ -269,7 +269,7 @@ def test_console_script_reports_a_busy_port(repository):
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and done.stdout == ""
 
 
-def test_a_sticky_cuda_error_makes_the_server_not_live_nor_ready(server):
+def test_a_sticky_cuda_error_makes_the_server_not_live_nor_ready(server, monkeypatch):
     """After a sticky CUDA error the process's GPU is unusable until a restart: live and
     ready turn false (with the reason) so an orchestrator restarts it; CPU models still serve."""
     from trtserve.cuda import errors as cuda_errors
@@ -278,6 +278,7 @@ def test_a_sticky_cuda_error_makes_the_server_not_live_nor_ready(server):
                                   api="runtime", error="cudaErrorIllegalAddress", code=700, sticky=True)
     with server.connect() as conn:
         assert conn.result("live") == {"live": True} and conn.result("ready") == {"ready": True}
+        monkeypatch.setattr(cuda_errors, "_poisoned", None)  # undone after the test: never poisoned
         cuda_errors.poison(error)
         try:
             live = conn.result("live")
@@ -285,5 +286,5 @@ def test_a_sticky_cuda_error_makes_the_server_not_live_nor_ready(server):
             assert conn.result("ready") == {"ready": False}
             assert conn.result("infer", model="echo", inputs={"x": b"cpu"})["outputs"] == {"output": b"cpu"}
         finally:
-            cuda_errors._clear_poison_for_tests()
+            monkeypatch.setattr(cuda_errors, "_poisoned", None)  # the process forgets (a restart, here)
         assert conn.result("live") == {"live": True} and conn.result("ready") == {"ready": True}

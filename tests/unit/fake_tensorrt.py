@@ -12,8 +12,8 @@ from __future__ import annotations
 import ctypes
 import enum
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -76,7 +76,7 @@ class FakeEngine:
     outputs: dict[str, Tensor]
     compute: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
     fail: dict[str, object] = field(default_factory=dict)  # which call misbehaves, and how
-    contexts: list["FakeContext"] = field(default_factory=list)
+    contexts: list[FakeContext] = field(default_factory=list)
     context_class: type = None  # FakeContext unless a test computes elsewhere (on a GPU)
 
     @property

@@ -67,10 +67,9 @@ if real_driver is not None:
 
 
 @pytest.fixture(autouse=True)
-def _no_poison():
-    cuda_errors._clear_poison_for_tests()
-    yield
-    cuda_errors._clear_poison_for_tests()
+def _no_poison(monkeypatch):
+    """Each test starts with a usable device, and what it poisons is forgotten after it."""
+    monkeypatch.setattr(cuda_errors, "_poisoned", None)
 
 
 # --------------------------------------------------------------------------- check()

@@ -18,7 +18,8 @@ from trtserve.errors import ConfigError, ModelUnavailableError, TrtserveError
 from trtserve.loadjob import LoadJob, load_timeout
 from trtserve.modelcode import load_model_code
 
-from test_repository import infer, make_model, repo  # noqa: F401 - repo is a fixture
+from test_repository import infer, make_model
+from test_repository import repo as repo  # a fixture: `as` marks the re-export
 
 ECHO = """
 import trtserve

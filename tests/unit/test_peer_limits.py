@@ -61,7 +61,8 @@ def test_control_jobs_run_on_daemon_threads_and_a_hung_one_delays_nothing():
     assert executor.submit(lambda: 42).result(5) == 42
     assert time.monotonic() - started < 1
     assert all(t.daemon for t in threading.enumerate() if t.name == "trtserve-control")
-    assert executor.shutdown(wait=True, timeout=0.05) is False  # never blocks on hung jobs
+    executor.shutdown()
+    assert executor.join(timeout=0.05) is False  # a bounded wait: hung jobs keep running
     with pytest.raises(RuntimeError, match="shutting down"):
         executor.submit(print)
     release.set()

@@ -2,7 +2,6 @@
 stage against stage, and what a request that still does not fit is told."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import cv2
 import numpy as np

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import struct
 
-import msgpack
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings

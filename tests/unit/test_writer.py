@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import uvloop
 from trtserve_client import writer as writer_module
-from trtserve_client.writer import DIRECT_FROM, CoalescingWriter
+from trtserve_client.writer import CoalescingWriter
 
 
 async def _write_then_read(frames: list[list[bytes | memoryview]], expected: int) -> tuple[bytes, list[int]]:

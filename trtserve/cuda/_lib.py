@@ -23,9 +23,9 @@ def bindings() -> tuple[ModuleType, ModuleType, ModuleType]:
                 from cuda.bindings import driver, nvrtc, runtime
             except ImportError:
                 try:
-                    from cuda import cuda as driver  # type: ignore[no-redef]
-                    from cuda import cudart as runtime  # type: ignore[no-redef]
-                    from cuda import nvrtc  # type: ignore[no-redef]
+                    from cuda import cuda as driver
+                    from cuda import cudart as runtime
+                    from cuda import nvrtc
                 except ImportError as exc:
                     raise ImportError(
                         "cuda-python is not installed; install the GPU extra: pip install 'trtserve[gpu]' "

@@ -12,7 +12,8 @@ instance and grows on demand; pageable uploads would block the caller for the wh
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,7 @@ class DeviceArray:
         self.device = device if device is not None else (stream.device if stream is not None else 0)
 
     @classmethod
-    def empty(cls, shape: Sequence[int], dtype: Any, stream: Stream | None = None) -> "DeviceArray":
+    def empty(cls, shape: Sequence[int], dtype: Any, stream: Stream | None = None) -> DeviceArray:
         """A new array allocated stream-ordered on ``stream`` (default: the current stream)."""
         stream = stream if stream is not None else current_stream()
         nbytes = math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
@@ -67,7 +68,7 @@ class DeviceArray:
         return cls(buffer.ptr, shape, dtype, stream, owner=buffer, device=buffer.device)
 
     @classmethod
-    def from_cuda_array(cls, obj: Any, stream: Stream | None = None) -> "DeviceArray":
+    def from_cuda_array(cls, obj: Any, stream: Stream | None = None) -> DeviceArray:
         """Wrap any C-contiguous ``__cuda_array_interface__`` object (torch, cupy) without a copy."""
         cai = obj.__cuda_array_interface__
         shape, dtype = tuple(cai["shape"]), np.dtype(cai["typestr"])
@@ -114,7 +115,7 @@ class DeviceArray:
             raise TypeError("len() of a 0-d DeviceArray")
         return self.shape[0]
 
-    def reshape(self, *shape: Any) -> "DeviceArray":
+    def reshape(self, *shape: Any) -> DeviceArray:
         new = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
         if -1 in new:
             known = math.prod(d for d in new if d != -1)
@@ -123,7 +124,7 @@ class DeviceArray:
             raise ValueError(f"cannot reshape a DeviceArray of shape {self.shape} into {new}")
         return DeviceArray(self.ptr, new, self.dtype, self.stream, owner=self, device=self.device)
 
-    def rows(self, start: int, stop: int) -> "DeviceArray":
+    def rows(self, start: int, stop: int) -> DeviceArray:
         """Rows ``[start, stop)`` along the first dimension, as a view."""
         if not 0 <= start <= stop <= self.shape[0]:
             raise IndexError(f"rows [{start}, {stop}) out of range for first dimension {self.shape[0]}")
@@ -171,7 +172,8 @@ class HostStaging:
         staged = self.reserve(total)
         out = []
         for a, offset in zip(arrays, offsets):
-            staged[offset : offset + a.nbytes] = a.reshape(-1).view(np.uint8)
+            if staged is not None:  # None: every array is empty, nothing to stage
+                staged[offset : offset + a.nbytes] = a.reshape(-1).view(np.uint8)
             dev = DeviceArray.empty(a.shape, a.dtype, stream)
             copy_async(dev.ptr, self.buffer.ptr + offset, a.nbytes, "htod", stream)
             out.append(dev)

@@ -17,7 +17,7 @@ _probed = False
 _count = 0
 _reason: str | None = None
 _tls = threading.local()
-_info_cache: dict[int, "DeviceInfo"] = {}
+_info_cache: dict[int, DeviceInfo] = {}
 _pools_configured: set[int] = set()
 _pool_lock = threading.Lock()
 

@@ -170,10 +170,3 @@ def raise_if_poisoned() -> None:
             sticky=True,
             poisoned=True,
         )
-
-
-def _clear_poison_for_tests() -> None:
-    """Forget the poisoned state.  Only for unit tests of this module's logic."""
-    global _poisoned
-    with _poison_lock:
-        _poisoned = None

@@ -59,7 +59,7 @@ class IpcMemory(_Resource):
         self._track(_close_handle, ptr, device)
 
     @classmethod
-    def open(cls, handle: bytes, device: int) -> "IpcMemory":
+    def open(cls, handle: bytes, device: int) -> IpcMemory:
         """Map ``handle`` on ``device``.  CudaError when the driver refuses the handle;
         ForeignDevice (naming the device the memory is on) when it belongs to another one."""
         if len(handle) != HANDLE_BYTES:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ._lib import bindings
 from .device import device_info, ensure_device
@@ -19,7 +20,7 @@ from .runtime import Stream, stream_handle
 
 BASE_OPTIONS: tuple[str, ...] = ("--std=c++17",)  # IEEE float: kernels must match CPU references
 
-_cache: dict[tuple, "Kernel"] = {}
+_cache: dict[tuple, Kernel] = {}
 _cache_lock = threading.Lock()
 
 

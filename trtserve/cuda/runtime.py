@@ -17,7 +17,8 @@ import logging
 import math
 import threading
 import weakref
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -96,7 +97,7 @@ class Stream(_Resource):
         check((err,), "cudaStreamQuery")
         return True
 
-    def wait_event(self, event: "Event") -> None:
+    def wait_event(self, event: Event) -> None:
         """Make later work on this stream wait for ``event`` (no host blocking)."""
         _, runtime, _ = bindings()
         check(runtime.cudaStreamWaitEvent(self.raw, event.raw, 0), "cudaStreamWaitEvent")
@@ -156,7 +157,7 @@ class Event(_Resource):
         self.blocking, self.timing = blocking, timing
         self._track(_destroy_event, self.raw)
 
-    def record(self, stream: Stream | None = None) -> "Event":
+    def record(self, stream: Stream | None = None) -> Event:
         """Record on ``stream`` (default: the current stream, else the legacy stream)."""
         _, runtime, _ = bindings()
         check(runtime.cudaEventRecord(self.raw, stream_handle(stream)), "cudaEventRecord")
@@ -175,7 +176,7 @@ class Event(_Resource):
         check((err,), "cudaEventQuery")
         return True
 
-    def elapsed_ms(self, end: "Event") -> float:
+    def elapsed_ms(self, end: Event) -> float:
         """Milliseconds from this event to ``end`` (both recorded, completed, timing=True)."""
         if not (self.timing and end.timing):
             raise ValueError("elapsed_ms needs two events created with Event(timing=True)")
@@ -246,7 +247,7 @@ class DeviceBuffer(_Resource):
         self.stream_ordered = stream is not None
         self.ptr = 0
         _, runtime, _ = bindings()
-        if self.nbytes and self.stream_ordered:
+        if self.nbytes and stream is not None:
             configure_mempool(self.device)
             self.ptr = int(check(runtime.cudaMallocAsync(self.nbytes, stream.raw), f"cudaMallocAsync({self.nbytes})"))
         elif self.nbytes:

@@ -27,7 +27,8 @@ import logging
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
@@ -141,7 +142,7 @@ class Forwarder:
 
     async def _call(self, tickets: list[Ticket]) -> None:
         try:
-            for attempt in range(RESEND_LIMIT + 1):
+            for _attempt in range(RESEND_LIMIT + 1):
                 tickets = _still_wanted(tickets)
                 if not tickets:
                     return

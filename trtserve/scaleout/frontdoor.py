@@ -7,8 +7,8 @@ that repository and leaves the cluster again, in that order.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import ConfigError
 from .settings import Override

@@ -32,7 +32,8 @@ import signal
 import ssl
 import threading
 from pathlib import Path
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from trtserve_client.wire import DEFAULT_MAX_FRAME
 
@@ -201,7 +202,7 @@ class Server:
 
         loop = asyncio.get_running_loop()
         names = self.control.startup_models(self.repository)  # an unknown --load-model: before binding
-        self._executor = DaemonExecutor()
+        executor = self._executor = DaemonExecutor()
         if self.metrics_port is not None:  # before loading, so every version is subscribed as it is built
             self.metrics = Metrics(self.trackers, self._serving)
             self.metrics.watch(self.repository)
@@ -210,7 +211,7 @@ class Server:
             return Dispatcher(
                 self.repository,
                 loop=shard_loop,
-                executor=self._executor,
+                executor=executor,
                 max_frame=self.max_frame,
                 control=self.control,
                 version=__version__,
@@ -229,7 +230,8 @@ class Server:
         log.info("accepting connections on %s:%d; loading models", self.host, self.port)
         loading = loop.run_in_executor(self._executor, self.repository.load_all, names)
         stop = loop.create_task(self._stop_requested.wait())
-        await asyncio.wait({loading, stop}, return_when=asyncio.FIRST_COMPLETED)
+        waiting: set[asyncio.Future[Any]] = {loading, stop}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
         if not loading.done():
             return  # stopped while loading: serve_forever or the caller's stop() goes on
@@ -264,7 +266,7 @@ class Server:
         sockets = bind(self.host, self.port)
         self.port = sockets[0].getsockname()[1]
         self._acceptor = Acceptor(sockets, self._hand_off)
-        if self.metrics is not None:
+        if self.metrics is not None and self.metrics_port is not None:
             try:
                 self.metrics_port = self.metrics.serve(self.host, self.metrics_port)
             except OSError:
@@ -315,7 +317,7 @@ class Server:
         self._stop_requested.set()
 
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> list[int]:
-        installed = []
+        installed: list[int] = []
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 loop.add_signal_handler(sig, self._on_signal, sig)
@@ -378,6 +380,7 @@ async def _off_loop(fn: Callable[[], None]) -> None:
     done = loop.create_future()
 
     def run() -> None:
+        error: BaseException | None
         try:
             fn()
         except BaseException as exc:  # noqa: B036 - reported to the awaiting coroutine

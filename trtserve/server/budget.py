@@ -24,8 +24,9 @@ from __future__ import annotations
 import collections
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ConfigError, ResourceExhaustedError
 
@@ -76,7 +77,7 @@ class ByteBudget:
         self.smallest_wait = 0  # the least any waiting frame needs (room below it wakes nobody)
         self.lock = threading.Lock()
 
-    def account(self, resume: Callable[[], Any], call_soon: Callable[..., Any] | None = None) -> "Account":
+    def account(self, resume: Callable[[], Any], call_soon: Callable[..., Any] | None = None) -> Account:
         """``resume`` runs through ``call_soon`` (the connection's loop's
         ``call_soon_threadsafe``): a resume must not run inside another connection's callback,
         nor on another loop's thread."""
@@ -100,7 +101,7 @@ class ByteBudget:
         self.smallest_wait = smallest or 0
 
 
-def _held(account: "Account") -> int:
+def _held(account: Account) -> int:
     return account.held
 
 

@@ -17,9 +17,17 @@ SHUTTING_DOWN when the grace period ends.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import collections
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import TrtserveError
+
+if TYPE_CHECKING:
+    from trtserve_client.frames import FrameDecoder
+
+    from .budget import Account
+    from .peer import Peer
+    from .tracker import ConnectionTracker
 
 DISCARD = memoryview(bytearray(64 * 1024))  # where a closing connection's late bytes go
 LINGER_S = 2.0  # after a clean close, how long what the peer still sends is read and dropped
@@ -49,7 +57,17 @@ class Closing:
     _stopped: bool
     _lingering: bool
     _pending: dict[int, Any]
-    _transport: Any
+    _backlog: collections.deque[Any]  # requests read and not yet handled (dicts, or frames refused)
+    _transport: asyncio.Transport | None
+    _account: Account
+    _decoder: FrameDecoder
+    _tracker: ConnectionTracker
+
+    if TYPE_CHECKING:  # defined by ServerProtocol; declared here for type checkers only
+        def _flush(self) -> None: ...
+        def _send_error(self, req_id: int | None, exc: TrtserveError) -> None: ...
+        def _cancel_pending(self) -> None: ...
+        def _update_reading(self) -> None: ...
 
     def _maybe_finish(self) -> None:
         if (self._eof or self._stopped) and not self._pending and not self._backlog and not self._closing:
@@ -67,7 +85,7 @@ class Closing:
         self._account.close()
         if self._transport is not None and linger_close(self._transport, self._eof):
             self._lingering = True  # the peer's late bytes go to DISCARD; its EOF ends it
-            self._tracker.linger(self)
+            self._tracker.linger(cast("Peer", self))  # ServerProtocol, the one class that mixes this in
 
     # -- reaping (reaper.py) ----------------------------------------------------------
     @property
@@ -99,8 +117,8 @@ class Closing:
         for req_id in list(self._pending):
             self._send_error(req_id, error)
         for message in self._backlog:
-            req_id = message.get("id") if type(message) is dict else None
-            self._send_error(req_id if type(req_id) is int else None, error)
+            wire_id = message.get("id") if type(message) is dict else None
+            self._send_error(wire_id if type(wire_id) is int else None, error)
         self._close_gracefully()
 
     def abort(self) -> None:

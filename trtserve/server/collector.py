@@ -7,7 +7,7 @@ Runs on the metrics HTTP thread: everything it reads is either lock-protected
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector

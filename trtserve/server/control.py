@@ -9,17 +9,17 @@
   them, none by default); afterwards ``load`` and ``unload`` are the only way to change
   what is served.
 
-``allow_model_control=True`` on its own (the flag that predates the modes) means
-``explicit`` with ``load_models=("*",)``, so servers started with it keep loading every
-model at start.
+Each option belongs to one mode: ``poll_interval_s`` to poll, ``load_models`` to explicit,
+``allow_model_control`` to poll (explicit allows the operations anyway); elsewhere it is a
+ConfigError that names the mode to choose.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Iterable
 
 from ..errors import ConfigError, PermissionDeniedError
 from ..repository import ModelRepository
@@ -45,24 +45,23 @@ class ModelControl:
         allow_model_control: bool = False,
         poll_interval_s: float | None = None,
         load_models: Iterable[str] | None = None,
-    ) -> "ModelControl":
-        """The effective mode from the Server/CLI options; contradictions are ConfigErrors."""
-        if mode is None:  # the flags that predate --model-control keep their meaning
-            mode = "explicit" if allow_model_control and poll_interval_s is None else "poll" if poll_interval_s else "none"
-            if mode == "explicit" and load_models is None:
-                load_models = (ALL_MODELS,)
+    ) -> ModelControl:
+        """The effective mode from the Server/CLI options (``mode`` None: ``none``, the
+        default); contradictions are ConfigErrors."""
+        mode = "none" if mode is None else mode
         if mode not in MODES:
             raise ConfigError(f"model_control must be one of {list(MODES)}, got {mode!r}", key="model_control", value=repr(mode))
         if mode == "none" and allow_model_control:
             raise ConfigError(
-                "--allow-model-control contradicts --model-control none; use --model-control explicit "
-                "to let clients load and unload models",
+                "--allow-model-control contradicts --model-control none; to let clients load and unload models "
+                "use --model-control explicit (add --load-model '*' to load every model at start) or "
+                "--model-control poll --allow-model-control",
                 key="model_control",
             )
         return cls(mode, mode == "explicit" or bool(allow_model_control), _interval(mode, poll_interval_s), _names(mode, load_models))
 
     def denial(self, op: str) -> PermissionDeniedError:
-        how = "--model-control explicit (or --allow-model-control, which also loads every model at start)"
+        how = "--model-control explicit"
         if self.mode == "poll":
             how = "--allow-model-control beside --model-control poll"
         return PermissionDeniedError(
@@ -90,7 +89,7 @@ class ModelControl:
 
 def _interval(mode: str, poll_interval_s: float | None) -> float | None:
     if mode != "poll":
-        if poll_interval_s:
+        if poll_interval_s is not None:
             raise ConfigError(
                 f"poll_interval_s={poll_interval_s!r} applies only to --model-control poll (the mode is {mode!r}); "
                 "drop --poll-interval or use --model-control poll",

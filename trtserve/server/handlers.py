@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import sys
+from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Any, Callable
+from typing import Any
 
 from trtserve_client.wire import OPERATIONS, PROTOCOL_VERSION
 
@@ -64,8 +65,8 @@ class Deferred(Reply):
             return
         if job.cancelled():
             self.cancel()
-        elif job.exception() is not None:
-            self.set_exception(job.exception())
+        elif (error := job.exception()) is not None:
+            self.set_exception(error)
         else:
             self.set_result(job.result())
 

@@ -12,7 +12,8 @@ Any other path is the Prometheus exporter, as before.  Kubernetes probes
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 HEALTHZ, READYZ = "/healthz", "/readyz"
 WsgiApp = Callable[[dict[str, Any], Callable], Iterable[bytes]]

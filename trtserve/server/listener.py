@@ -12,7 +12,8 @@ import concurrent.futures
 import logging
 import socket
 import threading
-from typing import Any, Callable, Coroutine
+from typing import Any
+from collections.abc import Callable, Coroutine
 
 log = logging.getLogger("trtserve.server")
 

@@ -18,12 +18,14 @@ No global registry: every Server owns one, so tests can run several in one proce
 """
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
 import weakref
+from collections.abc import Callable
 from socketserver import ThreadingMixIn
-from typing import Any, Callable
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
@@ -48,7 +50,7 @@ class ModelMeter:
 
     __slots__ = ("_success", "_duration", "_failure", "_labels", "_failures")
 
-    def __init__(self, metrics: "Metrics", model: LoadedModel) -> None:
+    def __init__(self, metrics: Metrics, model: LoadedModel) -> None:
         self._labels = (model.name, str(model.version))
         self._success = metrics.success.labels(*self._labels)
         self._duration = metrics.duration.labels(*self._labels)
@@ -148,7 +150,7 @@ class Metrics:
         pipeline.stats.add_listener(on_request)
         for node in pipeline.nodes:
             observe = self.batch_size.labels(*labels, node.node.name).observe
-            node.stats.add_listener(lambda size, compute_ns, failed, observe=observe: observe(size))
+            node.stats.add_listener(functools.partial(_observe_size, observe))
             node.stats.add_call_listener(self.call_rows.labels(*labels, node.node.name).observe)
 
     # -- answers -------------------------------------------------------------------------
@@ -163,26 +165,35 @@ class Metrics:
     def serve(self, host: str, port: int) -> int:
         """Serve ``/metrics`` (any path but the health ones: health.py) on ``host:port`` from a
         daemon thread; the bound port."""
-        server_class = type("MetricsHTTPServer", (ThreadingMixIn, WSGIServer), {"daemon_threads": True})
-        server_class.address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+        class MetricsHTTPServer(ThreadingMixIn, WSGIServer):
+            daemon_threads = True
+            address_family = family  # IPv4 or IPv6, as host resolves
+
         app = with_health(make_wsgi_app(self.registry), self._ready)  # /healthz, /readyz, else metrics
-        self._http = make_server(host, port, app, server_class, handler_class=_QuietHandler)
-        self.port = self._http.server_port
+        self._http = http = make_server(host, port, app, MetricsHTTPServer, handler_class=_QuietHandler)
+        self.port = http.server_port
         # A short poll interval: shutdown() waits for it, and tests stop many servers.
-        self._thread = threading.Thread(
-            target=self._http.serve_forever, kwargs={"poll_interval": 0.05}, name="trtserve-metrics", daemon=True
+        self._thread = thread = threading.Thread(
+            target=http.serve_forever, kwargs={"poll_interval": 0.05}, name="trtserve-metrics", daemon=True
         )
-        self._thread.start()
+        thread.start()
         log.info("metrics on http://%s:%d/metrics", host, self.port)
         return self.port
 
     def close(self) -> None:
         """Stop the HTTP server (blocks until its thread ends: call it off the event loop)."""
-        if self._http is not None:
+        if self._http is not None and self._thread is not None:
             self._http.shutdown()
             self._http.server_close()
             self._thread.join()
             self._http = None
+
+
+def _observe_size(observe: Callable[[float], None], size: int, compute_ns: int, failed: bool) -> None:
+    """A node's batch listener that records only the batch size."""
+    observe(size)
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -64,27 +64,10 @@ class ModelIO:
             where = f"inputs[{name!r}]"
             values[name] = input_value(shm, obj, where) if is_reference(obj) else decode_value(obj, where)
         if self.inputs is not None:
-            self._check(values)
+            _check_inputs(self.name, self.inputs, values)
         if len(values) == 1 and (self.inputs is None or len(self.inputs) == 1):
             return next(iter(values.values()))
         return values
-
-    def _check(self, values: dict[str, Any]) -> None:
-        expected = list(self.inputs)
-        for name in values:
-            if name not in self.inputs:
-                raise InvalidInputError(
-                    f"model {self.name!r} has no input {name!r}; its inputs are {expected}",
-                    model=self.name, input=name, expected=expected,
-                )
-        missing = [name for name in expected if name not in values]
-        if missing:
-            raise InvalidInputError(
-                f"model {self.name!r} needs input(s) {missing}; send every one of {expected}",
-                model=self.name, missing=missing, expected=expected,
-            )
-        for name, value in values.items():
-            self.inputs[name].check(value)
 
     def output_filter(self, raw: Any) -> list[str] | None:
         if raw is None:
@@ -196,3 +179,22 @@ def _check_tensor(model: str, spec: TensorSpec, value: Any) -> None:
             f"{where} must have shape {list(spec.shape)} (-1 = any size, batch dimension first), got {list(shape)}",
             model=model, input=spec.name, expected_shape=list(spec.shape), shape=list(shape),
         )
+
+
+def _check_inputs(model: str, inputs: dict[str, _Declared], values: dict[str, Any]) -> None:
+    """Every declared input is given, and no other; each has its declared dtype and shape."""
+    expected = list(inputs)
+    for name in values:
+        if name not in inputs:
+            raise InvalidInputError(
+                f"model {model!r} has no input {name!r}; its inputs are {expected}",
+                model=model, input=name, expected=expected,
+            )
+    missing = [name for name in expected if name not in values]
+    if missing:
+        raise InvalidInputError(
+            f"model {model!r} needs input(s) {missing}; send every one of {expected}",
+            model=model, missing=missing, expected=expected,
+        )
+    for name, value in values.items():
+        inputs[name].check(value)

@@ -36,7 +36,7 @@ import collections
 import logging
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 from trtserve_client.frames import BadFrame, FrameDecoder, frame_parts, pack_v1
 from trtserve_client.limits import MAX_ELEMENTS
@@ -90,7 +90,7 @@ class ServerProtocol(Closing, asyncio.BufferedProtocol):
         self._lingering = False  # closed for requests; reading and dropping until the peer closes
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, Any] = {}  # request id -> its pending call
-        self._backlog: collections.deque[dict[str, Any]] = collections.deque()
+        self._backlog: collections.deque[dict[str, Any] | BadFrame] = collections.deque()
         self._reading_paused = False
         self._writing_paused = False
         self._handling = False  # inside _drain's loop over a burst of requests
@@ -122,8 +122,9 @@ class ServerProtocol(Closing, asyncio.BufferedProtocol):
     # -- connection lifecycle ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.connected[0] = True
-        self._transport = transport  # type: ignore[assignment]
-        self._writer = CoalescingWriter(self._transport, asyncio.get_running_loop())
+        stream = cast(asyncio.Transport, transport)  # a stream server's transport
+        self._transport = stream
+        self._writer = CoalescingWriter(stream, asyncio.get_running_loop())
         self.peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -273,12 +274,13 @@ class ServerProtocol(Closing, asyncio.BufferedProtocol):
         else:
             self._transport.resume_reading()
 
-    def _handle(self, message: dict[str, Any] | BadFrame, size: int) -> bool:
+    def _handle(self, frame: dict[str, Any] | BadFrame, size: int) -> bool:
         """Dispatch one request; True when it is pending (its frame's ``size`` is then kept
         until it is answered, else _drain releases it at once)."""
-        bad = None
-        if type(message) is BadFrame:
-            bad, message = message, message.message
+        if isinstance(frame, BadFrame):
+            bad, message = frame, frame.message
+        else:
+            bad, message = None, frame
         req_id = message.get("id")
         if type(req_id) is not int or not 0 <= req_id < _MAX_ID:
             self._fail(InvalidArgumentError(

@@ -27,14 +27,15 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigError, ProtocolError, ResourceExhaustedError
 
 if TYPE_CHECKING:
-    from .protocol import ServerProtocol
-    from .tracker import ConnectionTracker
+    from .peer import Peer
+    from .ratelog import RateLimitedLog
 
 DEFAULT_IDLE_S = 300.0  # a pooled client connection may rest; five minutes is generous
 DEFAULT_RECEIVE_S = 10.0
@@ -56,7 +57,7 @@ class Timeouts:
     write_s: float = DEFAULT_WRITE_S
 
     @classmethod
-    def checked(cls, idle_s: Any, receive_s: Any, min_receive_rate: Any, write_s: Any) -> "Timeouts":
+    def checked(cls, idle_s: Any, receive_s: Any, min_receive_rate: Any, write_s: Any) -> Timeouts:
         if type(min_receive_rate) is not int or min_receive_rate < 0:
             raise ConfigError(f"min_receive_rate must be a whole number of bytes per second >= 0 (0 turns the "
                               f"check off), got {min_receive_rate!r}", key="min_receive_rate", value=repr(min_receive_rate))
@@ -75,7 +76,7 @@ class _State:
 
     __slots__ = ("frames", "active_at", "window_at", "window_bytes", "write_at", "write_low")
 
-    def __init__(self, conn: "ServerProtocol", now: float) -> None:
+    def __init__(self, conn: Peer, now: float) -> None:
         self.frames = conn.frames_read
         self.active_at = conn.connected_at if not conn.frames_read else now
         self.window_at: float | None = None  # the receive-rate window's start, while a frame arrives
@@ -84,8 +85,19 @@ class _State:
         self.write_low = 0
 
 
+class Connections(Protocol):
+    """What the reaper uses of the connection tracker (tracker.py), which owns the reaper."""
+
+    connections: set[Peer]
+    lingering: set[Peer]
+    max_connections: int
+    server_max_connections: int
+    log: RateLimitedLog
+    refused: Callable[[str], None]
+
+
 class Reaper:
-    def __init__(self, tracker: "ConnectionTracker", timeouts: Timeouts) -> None:
+    def __init__(self, tracker: Connections, timeouts: Timeouts) -> None:
         self.tracker = tracker
         self.timeouts = timeouts
         self._states: dict[Any, _State] = {}
@@ -122,7 +134,7 @@ class Reaper:
             elif self.timeouts.write_s:  # closed for requests, still flushing answers: those may stall too
                 self._check_write(conn, state, now)
 
-    def _look(self, conn: "ServerProtocol", state: _State, now: float) -> None:
+    def _look(self, conn: Peer, state: _State, now: float) -> None:
         t = self.timeouts
         if conn.frames_read != state.frames or conn.in_flight or conn.backlogged:
             state.frames, state.active_at = conn.frames_read, now
@@ -137,7 +149,7 @@ class Reaper:
         if t.write_s:
             self._check_write(conn, state, now)
 
-    def _too_slow(self, conn: "ServerProtocol", state: _State, partial: bool, now: float) -> bool:
+    def _too_slow(self, conn: Peer, state: _State, partial: bool, now: float) -> bool:
         t = self.timeouts
         if not partial or conn.reading_paused:  # no frame arriving, or the server is the one waiting
             state.window_at = None
@@ -163,7 +175,7 @@ class Reaper:
         conn.close_with(error)
         return True
 
-    def _check_write(self, conn: "ServerProtocol", state: _State, now: float) -> None:
+    def _check_write(self, conn: Peer, state: _State, now: float) -> None:
         size = conn.write_buffer_size
         if not size:
             state.write_at = None
@@ -189,7 +201,7 @@ class Reaper:
         ))
         return True
 
-    def idle_victim(self) -> "ServerProtocol | None":
+    def idle_victim(self) -> Peer | None:
         """The connection idle the longest (nothing in flight, half received or unsent), or None."""
         best, best_at = None, math.inf
         for conn in self.tracker.connections:

@@ -13,7 +13,8 @@ is one object, and ``cancel()`` is where a subclass also stops its work.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class Reply:
@@ -27,7 +28,7 @@ class Reply:
         self._callback: Callable[[Any, Reply], Any] | None = None
         self._arg: Any = None
 
-    def add_done_callback(self, callback: Callable[[Any, "Reply"], Any], arg: Any) -> None:
+    def add_done_callback(self, callback: Callable[[Any, Reply], Any], arg: Any) -> None:
         """``callback(arg, reply)`` runs once, when the reply is set (at once if it is)."""
         if self._callback is not None:
             raise RuntimeError("a Reply takes one callback")

@@ -20,7 +20,8 @@ import socket
 import ssl
 import threading
 import weakref
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from ..errors import ShuttingDownError
 from .handlers import Dispatcher

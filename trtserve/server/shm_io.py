@@ -79,7 +79,7 @@ class ShmRequest:
         region, offset, size = self._span(obj[SHM], where, InvalidInputError)
         if "dtype" not in obj and "shape" not in obj:
             return region.raw(offset, size, where)
-        shape = obj.get("shape")
+        shape: Any = obj.get("shape")  # a list of ints once a layout is found for it
         np_dtype, nbytes = fast_layout(obj.get("dtype"), shape) or tensor_layout(obj.get("dtype"), shape, where)
         if nbytes != size:
             raise region_error(
@@ -128,6 +128,7 @@ class ShmRequest:
 
 def _write(region: Region, offset: int, room: int, value: Any, where: str) -> dict[str, Any]:
     """One output into ``room`` bytes at ``offset``; returns the answer's map for it."""
+    head: dict[str, Any]
     if hasattr(value, "__cuda_array_interface__") and not isinstance(value, np.ndarray):
         from .. import cuda  # a device result: the GPU path, where cuda is loaded already
 
@@ -145,8 +146,8 @@ def _write(region: Region, offset: int, room: int, value: Any, where: str) -> di
                 head = encode_tensor(value)  # wire dtype, little-endian C order: the frame's own rules
             except TrtserveError as exc:
                 raise BackendError(f"{where}: the model's output cannot travel: {exc.message}", output=where) from None
-            data = head.pop("data")
-            data = data.view if type(data) is OutOfBand else memoryview(data)
+            encoded = head.pop("data")
+            data = encoded.view if type(encoded) is OutOfBand else memoryview(encoded)
         nbytes = data.nbytes
         _check_room(region, nbytes, room, where)
         if nbytes:

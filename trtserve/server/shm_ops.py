@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import InvalidArgumentError, PermissionDeniedError
 from .reply import Reply
-from .shm import RegionTable, ShmLimits, SystemRegion, object_key, region_error, region_name
+from .shm import Region, RegionTable, ShmLimits, SystemRegion, object_key, region_error, region_name
 
 KINDS = ("system", "cuda")
 
@@ -67,6 +67,7 @@ class SharedMemory:
                                "malformed", field="kind", value=repr(kind)[:80])
         byte_size = _int_field(message, "byte_size", 1)
         offset = _int_field(message, "offset", 0, default=0)
+        region: Region
         if kind == "system":
             key = object_key(message.get("key"))
             table.admit(name, byte_size)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from typing import Any, Callable
+from typing import Any
 
 
 class DaemonExecutor(Executor):
@@ -53,14 +54,18 @@ class DaemonExecutor(Executor):
         with self._lock:
             return len(self._threads)
 
-    def shutdown(self, wait: bool = False, *, cancel_futures: bool = False, timeout: float | None = None) -> bool:
-        """Refuse new jobs; with ``wait``, wait up to ``timeout`` for running ones.  True when
-        none is left running."""
+    def shutdown(self, wait: bool = False, *, cancel_futures: bool = False) -> None:
+        """Refuse new jobs; with ``wait``, wait for the running ones (``join`` bounds the wait)."""
         with self._lock:
             self._closed = True
-            threads = list(self._threads)
         if wait:
-            give_up = None if timeout is None else time.monotonic() + timeout
-            for thread in threads:
-                thread.join(None if give_up is None else max(0.0, give_up - time.monotonic()))
+            self.join()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` for the running jobs; True when none is left running."""
+        with self._lock:
+            threads = list(self._threads)
+        give_up = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:
+            thread.join(None if give_up is None else max(0.0, give_up - time.monotonic()))
         return self.running == 0

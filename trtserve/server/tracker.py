@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .budget import ByteBudget
 from .ratelog import RateLimitedLog
 from .reaper import Reaper, Timeouts
 
 if TYPE_CHECKING:
-    from .protocol import ServerProtocol
+    from .peer import Peer
 
 DEFAULT_MAX_CONNECTIONS = 1024  # each is a file descriptor: keep the process's LimitNOFILE above this
 
 
-def _ignore(kind: str) -> None:
+def _ignore(_: Any) -> None:
     """The default for ``refused``/``paused``: nothing counts them (metrics off)."""
 
 
@@ -51,8 +52,8 @@ class ConnectionTracker:
         self.auth_required = auth_required
         self.auth_timeout_s = auth_timeout_s
         self.pre_auth_max_frame = min(pre_auth_max_frame, max_frame)
-        self.connections: set[ServerProtocol] = set()
-        self.lingering: set[ServerProtocol] = set()  # closed for requests, draining what the peer sends
+        self.connections: set[Peer] = set()
+        self.lingering: set[Peer] = set()  # closed for requests, draining what the peer sends
         self.in_flight = 0
         # Request bytes read and not yet answered (budget.py); without one, no limit.
         self.budget = budget or ByteBudget(1 << 62, 1 << 62)
@@ -63,7 +64,7 @@ class ConnectionTracker:
         self.refused: Callable[[str], None] = _ignore
         self.paused: Callable[[str], None] = _ignore
         # closed(conn): release what the connection owned (its shared-memory regions).
-        self.closed: Callable[[ServerProtocol], None] = _ignore
+        self.closed: Callable[[Peer], None] = _ignore
         self.closed_count = 0  # connections ended, ever (the acceptor's count of open ones: shard.py)
         # The loop's call_soon_threadsafe, for resumes by the shared budget; None runs them at once.
         self.call_soon: Callable[..., object] | None = None
@@ -75,7 +76,7 @@ class ConnectionTracker:
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
 
-    def connection_closed(self, conn: "ServerProtocol") -> None:
+    def connection_closed(self, conn: Peer) -> None:
         self.closed_count += 1
         self.connections.discard(conn)
         self.lingering.discard(conn)
@@ -83,7 +84,7 @@ class ConnectionTracker:
         if not self.connections and not self.lingering and self._empty is not None:
             self._empty.set()
 
-    def linger(self, conn: "ServerProtocol") -> None:
+    def linger(self, conn: Peer) -> None:
         """``conn`` is closing and only reads what its peer still sends: its slot is free."""
         if conn in self.connections:
             self.connections.discard(conn)
@@ -101,7 +102,7 @@ class ConnectionTracker:
         self._idle = asyncio.Event()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             self._idle = None
@@ -114,7 +115,7 @@ class ConnectionTracker:
         self._empty = asyncio.Event()
         try:
             await asyncio.wait_for(self._empty.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             self._empty = None
