@@ -1,18 +1,21 @@
 """Front door + Ray Serve replica vs `trtserve serve`, same model, same machine.
 
     python bench/ray_frontdoor.py [--model tensor_mlp] [--repository model_repository]
-                                  [--json PATH]
+                                  [--rounds 3] [--json PATH]
 
 Runs, one after the other (never side by side, so they do not share the cores):
 
 1. ``trtserve serve --repository R --load-model M`` (the model in the server process);
 2. the same with ``--ray local --ray-set num_replicas=1`` (a local Ray cluster, one
-   replica running the model, the front door forwarding to it);
+   replica running the model and serving it with its own trtserve server, the front door
+   forwarding each request to it);
 
 and measures each with ``trtserve-bench`` at concurrency 1 (p50 latency) and 32
-(throughput).  Prints one row per path plus the two comparisons docs/scaling.md reports:
-p50 overhead (ms) at c=1 and the throughput ratio at c=32.  Not a test: numbers depend on
-the machine; docs/scaling.md gives the current ones, with the machine they were measured on.
+(throughput), ``--rounds`` times, alternating, so that a burst of other work on the
+machine does not land on one path only.  Prints one row per path and round, the medians,
+and the two comparisons docs/scaling.md reports, computed from the medians: p50 overhead
+(ms) at c=1 and the throughput ratio at c=32.  Not a test: numbers depend on the machine;
+docs/scaling.md gives the current ones, with the machine they were measured on.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,23 +89,38 @@ def run_path(name: str, argv: list[str], model: str, windows: int, log: Path) ->
     return row
 
 
+def median_row(name: str, rows: list[dict]) -> dict:
+    """Each measure's median over the rounds (errors: their sum)."""
+    row = {"path": name, **{key: statistics.median(r[key] for r in rows)
+                            for key in ("p50_ms_c1", "infer_per_s_c32", "p50_ms_c32")}}
+    row["errors"] = sum(r["errors"] for r in rows)
+    print(f"{name + ', median':<28} p50 c=1 {row['p50_ms_c1']:8.3f} ms   c=32 {row['infer_per_s_c32']:9.1f} infer/s",
+          flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tensor_mlp")
     p.add_argument("--repository", default=str(ROOT / "model_repository"))
     p.add_argument("--windows", type=int, default=6, help="measurement windows (1 s) per level")
+    p.add_argument("--rounds", type=int, default=3, help="measurements of each path, alternating; medians are reported")
     p.add_argument("--ray-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="more [ray] settings for the Ray path, e.g. max_requests_per_call=32 (repeatable)")
+                   help="more [ray] settings for the Ray path, e.g. num_cpus=0.5 (repeatable)")
     p.add_argument("--json", help="write the rows and the environment here")
     args = p.parse_args(argv)
     log = Path(tempfile.gettempdir()) / "ray_frontdoor_bench.log"
     # Only the measured model loads: the other examples' replicas would take the cores.
     base = trtserve() + ["serve", "--repository", args.repository, "--port", "0", "--log-level", "WARNING",
                          "--model-control", "explicit", "--load-model", args.model]
-    direct = run_path("trtserve serve", base, args.model, args.windows, log)
     extra = [a for setting in args.ray_set for a in ("--ray-set", setting)]
-    ray = run_path("front door + 1 Ray replica", base + ["--ray", "local", "--ray-set", "num_replicas=1", *extra],
-                   args.model, args.windows, log)
+    paths = {"trtserve serve": base,
+             "front door + 1 Ray replica": base + ["--ray", "local", "--ray-set", "num_replicas=1", *extra]}
+    rounds: dict[str, list[dict]] = {name: [] for name in paths}
+    for _ in range(args.rounds):
+        for name, command in paths.items():
+            rounds[name].append(run_path(name, command, args.model, args.windows, log))
+    direct, ray = (median_row(name, rows) for name, rows in rounds.items())
     summary = {
         "p50_overhead_ms_c1": ray["p50_ms_c1"] - direct["p50_ms_c1"],
         "throughput_ratio_c32": ray["infer_per_s_c32"] / direct["infer_per_s_c32"],
@@ -113,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
 
         environment = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                        "python": platform.python_version(), "cpu_count": os.cpu_count(), "ray": ray_module.__version__,
-                       "machine": platform.machine(), "model": args.model, "ray_set": args.ray_set}
-        Path(args.json).write_text(json.dumps({"rows": [direct, ray], "summary": summary,
+                       "machine": platform.machine(), "model": args.model, "ray_set": args.ray_set,
+                       "rounds": args.rounds}
+        Path(args.json).write_text(json.dumps({"rows": [direct, ray], "rounds": rounds, "summary": summary,
                                                "environment": environment}, indent=1) + "\n")
     return 0
 

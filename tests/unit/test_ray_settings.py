@@ -95,8 +95,8 @@ def test_the_autoscaling_policy_reads_the_metric_replicas_report():
     ("num_gpus = -1\n", "ray.num_gpus", ["must be a number >= 0"]),
     ("num_cpus = \"two\"\n", "ray.num_cpus", ["must be a number >= 0"]),
     ("num_cpus = inf\n", "ray.num_cpus", ["must be a number >= 0"]),
-    ("max_requests_per_call = 8\n", "ray.max_requests_per_call", ["removed in trtserve 0.3", "delete the key"]),
-    ("max_ongoing_requests = 8\n", "ray.max_ongoing_requests", ["removed in trtserve 0.3", "delete the key"]),
+    ("max_requests_per_call = 8\n", "ray.max_requests_per_call", ["no longer used", "delete the key"]),
+    ("max_ongoing_requests = 8\n", "ray.max_ongoing_requests", ["no longer used", "delete the key"]),
     ("num_replicas = 2\nmax_replicas = 3\n", "ray.num_replicas", ["fixed count", "keep one"]),
     ("target_ongoing_requests = 2\n", "ray.target_ongoing_requests", ["only when Ray Serve autoscales",
                                                                      "add min_replicas and max_replicas"]),
@@ -151,7 +151,7 @@ def test_overridden_values_obey_the_tables_rules():
     (":num_replicas=2", "expected [MODEL:]KEY=VALUE"),
     ("num_replica=2", "did you mean 'num_replicas'"),
     ("num_gpus=one", "is not a number"),
-    ("max_requests_per_call=32", "removed in trtserve 0.3"),
+    ("max_requests_per_call=32", "no longer used"),
 ])
 def test_bad_override_flags(text, fragment):
     with pytest.raises(ConfigError) as info:

@@ -65,7 +65,7 @@ KEYS: dict[str, tuple[Any, str]] = {
     "num_gpus": (_at_least(0, False), "GPUs reserved per replica (a fraction shares one)"),
 }
 
-# Keys of trtserve 0.2, when requests reached replicas through Ray Serve calls.
+# Keys of earlier versions, when requests reached replicas through Ray Serve calls.
 REMOVED = {
     "max_ongoing_requests": "replicas no longer take Ray Serve calls; a replica's server reads every request "
                             "sent to it (delete the key)",
@@ -121,7 +121,7 @@ def parse_ray_table(raw: Any, where: str) -> RaySettings:
         raise _fail(where, f"[{TABLE}] must be a table of settings (num_replicas = 2, ...), got {raw!r}", TABLE, raw)
     for key, value in raw.items():
         if key in REMOVED:
-            raise _fail(where, f"{TABLE}.{key} was removed in trtserve 0.3: {REMOVED[key]}", f"{TABLE}.{key}", value)
+            raise _fail(where, f"{TABLE}.{key} is no longer used: {REMOVED[key]}", f"{TABLE}.{key}", value)
         if key not in KEYS:
             raise _fail(
                 where,
@@ -190,7 +190,7 @@ def parse_override(text: str) -> Override:
         raise ConfigError(f"{flag}: expected [MODEL:]KEY=VALUE, e.g. num_replicas=2 or resnet:num_gpus=1",
                           key="ray_set", value=text)
     if key in REMOVED:
-        raise ConfigError(f"{flag}: {TABLE}.{key} was removed in trtserve 0.3: {REMOVED[key]}",
+        raise ConfigError(f"{flag}: {TABLE}.{key} is no longer used: {REMOVED[key]}",
                           key=f"{TABLE}.{key}", value=text)
     if key not in KEYS:
         raise ConfigError(f"{flag}: unknown key {key!r}{did_you_mean(key, list(KEYS))}; valid keys are {', '.join(KEYS)}",
