@@ -11,7 +11,8 @@ Runs, one after the other (never side by side, so they do not share the cores):
    forwarding each request to it);
 
 and measures each with ``trtserve-bench`` at concurrency 1 (p50 latency) and 32
-(throughput), ``--rounds`` times, alternating, so that a burst of other work on the
+(throughput, and the CPU time the server or front door, the replica and the benchmark
+client each spent per request), ``--rounds`` times, alternating, so that a burst of other work on the
 machine does not land on one path only.  Prints one row per path and round, the medians,
 and the two comparisons docs/scaling.md reports, computed from the medians: p50 overhead
 (ms) at c=1 and the throughput ratio at c=32.  Not a test: numbers depend on the machine;
@@ -24,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import signal
 import statistics
 import subprocess
@@ -68,24 +70,62 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-def measure(port: int, model: str, windows: int) -> dict[int, dict]:
+def measure(port: int, model: str, concurrency: int, windows: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        subprocess.run(bench_command() + ["-m", model, "--port", str(port), "--concurrency", "1,32",
+        subprocess.run(bench_command() + ["-m", model, "--port", str(port), "--concurrency", str(concurrency),
                                           "--max-windows", str(windows), "--json", out.name, "--quiet"], check=True)
-        results = json.load(open(out.name))["results"]
-    return {row["concurrency"]: row for row in results}
+        (row,) = json.load(open(out.name))["results"]
+    return row
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def replica_pids() -> list[int]:
+    """The Ray Serve replica processes on this machine (Ray names them ray::ServeReplica:...)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::ServeReplica"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def measure_with_cpu(proc: subprocess.Popen, port: int, model: str, windows: int) -> tuple[dict, dict]:
+    """The c=32 level, and the CPU each process spent per answered request meanwhile (µs):
+    where the cores go, which the throughput of a closed loop on few cores follows."""
+    pids = {"server": [proc.pid], "replica": replica_pids()}
+    before = {role: sum(map(cpu_seconds, group)) for role, group in pids.items()}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    row = measure(port, model, 32, windows)
+    wall = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    spent = {role: sum(map(cpu_seconds, group)) - before[role] for role, group in pids.items()}
+    spent["client"] = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+    requests = row["throughput"] * wall
+    return row, {role: round(seconds / requests * 1e6, 1) for role, seconds in spent.items() if role == "client" or pids[role]}
 
 
 def run_path(name: str, argv: list[str], model: str, windows: int, log: Path) -> dict:
     proc, port = start(argv, log)
     try:
-        rows = measure(port, model, windows)
+        c1 = measure(port, model, 1, windows)
+        c32, cpu = measure_with_cpu(proc, port, model, windows)
     finally:
         stop(proc)
-    row = {"path": name, "p50_ms_c1": rows[1]["p50_ms"], "infer_per_s_c32": rows[32]["throughput"],
-           "p50_ms_c32": rows[32]["p50_ms"], "errors": rows[1]["errors"] + rows[32]["errors"]}
+    row = {"path": name, "p50_ms_c1": c1["p50_ms"], "infer_per_s_c32": c32["throughput"],
+           "p50_ms_c32": c32["p50_ms"], "errors": c1["errors"] + c32["errors"], "cpu_us_per_request_c32": cpu}
     print(f"{name:<28} p50 c=1 {row['p50_ms_c1']:8.3f} ms   c=32 {row['infer_per_s_c32']:9.1f} infer/s "
-          f"(p50 {row['p50_ms_c32']:.2f} ms)   errors {row['errors']}", flush=True)
+          f"(p50 {row['p50_ms_c32']:.2f} ms)   errors {row['errors']}   CPU µs/request at c=32 {cpu}", flush=True)
     return row
 
 
@@ -94,8 +134,10 @@ def median_row(name: str, rows: list[dict]) -> dict:
     row = {"path": name, **{key: statistics.median(r[key] for r in rows)
                             for key in ("p50_ms_c1", "infer_per_s_c32", "p50_ms_c32")}}
     row["errors"] = sum(r["errors"] for r in rows)
-    print(f"{name + ', median':<28} p50 c=1 {row['p50_ms_c1']:8.3f} ms   c=32 {row['infer_per_s_c32']:9.1f} infer/s",
-          flush=True)
+    row["cpu_us_per_request_c32"] = {role: statistics.median(r["cpu_us_per_request_c32"][role] for r in rows)
+                                     for role in rows[0]["cpu_us_per_request_c32"]}
+    print(f"{name + ', median':<28} p50 c=1 {row['p50_ms_c1']:8.3f} ms   c=32 {row['infer_per_s_c32']:9.1f} infer/s   "
+          f"CPU µs/request {row['cpu_us_per_request_c32']}", flush=True)
     return row
 
 

@@ -11,7 +11,8 @@ Ray node (a shared volume, or the same image): the front door validates the conf
 typos fail at once, with the usual ConfigError) and the replicas load the model from it.
 
 Each model is one Serve application, ``<app_prefix><model>``, whose one deployment is
-named after the model and a digest of its folder, ``[ray]`` settings and load options.
+named after the model and a digest of its folder, ``[ray]`` settings, load options and
+the address its replicas' servers bind.
 A front door that finds the application already running with that very deployment (a
 second front door, or a restart) attaches to it instead of redeploying; any change to
 the model's files or settings deploys it again, which Serve does replica by replica.
@@ -202,7 +203,8 @@ class RayRepository(ModelRepository):
         return config, parse_ray_table(table, where)
 
     def _digest(self, folder: Path, settings: RaySettings) -> str:
-        identity = json.dumps([fingerprint(folder), settings.as_table(), repr(sorted(self.kwargs.items())), __version__])
+        identity = json.dumps([fingerprint(folder), settings.as_table(), repr(sorted(self.kwargs.items())), __version__,
+                               self.replica_host])
         return hashlib.sha256(identity.encode()).hexdigest()[:10]
 
     # -- lifecycle -----------------------------------------------------------------------
