@@ -125,7 +125,13 @@ class Forwarder:
         forward = Forward(item, on_done, deadline, priority, version, stats)
         self._in_flight += 1
         forward.task = asyncio.get_running_loop().create_task(self._forward(forward))
+        # Counted down when the task ends, however: a task cancelled before its first step
+        # never runs its body, so a `finally` there would not.
+        forward.task.add_done_callback(self._ended)
         return forward
+
+    def _ended(self, _task: asyncio.Task) -> None:
+        self._in_flight -= 1
 
     async def _forward(self, forward: Forward) -> None:
         try:
@@ -164,8 +170,6 @@ class Forwarder:
             log.exception("model %s: forwarding a request failed", self.model)
             forward.finish(InternalError(f"model {self.model!r}: forwarding to its replica failed: "
                                          f"{type(exc).__name__}: {exc}", model=self.model))
-        finally:
-            self._in_flight -= 1
 
     def _fields(self, forward: Forward) -> dict[str, Any]:
         data = forward.item["data"]
