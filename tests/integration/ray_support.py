@@ -92,6 +92,7 @@ def front_door(ray_cluster):
 
     def start(root: Path, server_options: dict[str, Any] | None = None, **options: Any) -> ServerThread:
         options.setdefault("app_prefix", f"t{next(_prefixes)}-{os.getpid()}-")
+        options.setdefault("replica_host", "127.0.0.1")  # servers under test listen on loopback only
         repository = RayRepository(root, **options)
         handle = ServerThread(repository, **(server_options or {}))
         started.append((handle, repository))

@@ -106,7 +106,8 @@ def test_two_replicas_answer_32_clients_like_pipe(front_door, reference, tmp_pat
         row = wait_for(both_replicas_reported, 30, "statistics from both replicas")
         assert len(row["replicas"]) == 2
         assert row["success_count"] == CLIENTS * 40
-        assert sum(r["forwarded"] for r in row["replicas"]) == CLIENTS * 40
+        assert len({r["address"] for r in row["replicas"]}) == 2
+        assert all(r["address"].startswith("127.0.0.1:") for r in row["replicas"])  # loopback, as asked
         assert row["deployment"]["replica_states"] == {"RUNNING": 2}
         index = {r["name"]: r for r in client.repository_index()["models"]}
         assert index["tensor_mlp"]["state"] == "READY"
@@ -144,8 +145,8 @@ def test_replica_killed_five_times_under_load(front_door, tmp_path):
         row = probe.statistics("slow")["models"][0]
         assert row["success_count"] == load.answered
         assert row["failure_count"] == 0
-        # The kills hit calls in flight, which the front door sent again to the survivor.
-        assert row["resent_calls"] >= 1
+        # The kills hit requests in flight, which the front door sent again to the survivor.
+        assert row["resent_requests"] >= 1
 
 
 # Serve warns that look_back_period_s should exceed its deprecated metrics_interval_s (10 s);
@@ -159,7 +160,6 @@ target_ongoing_requests = 1
 upscale_delay_s = 0.5
 downscale_delay_s = 2
 look_back_period_s = 1
-max_requests_per_call = 1
 num_cpus = 1"""
     model_folder(root, "slow", SLOW_CONFIG.format(ray=autoscaling), backend=SLOW_BACKEND)
     door = front_door(root)

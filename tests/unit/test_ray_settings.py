@@ -64,11 +64,27 @@ def test_no_table_deploys_one_replica_with_one_cpu(tmp_path):
 
 def test_autoscaling_options_are_serves(tmp_path):
     table = "min_replicas = 1\nmax_replicas = 4\ntarget_ongoing_requests = 3\nupscale_delay_s = 2\n" \
-            "downscale_delay_s = 60\nlook_back_period_s = 5\nmax_ongoing_requests = 8\n"
+            "downscale_delay_s = 60\nlook_back_period_s = 5\n"
     options = load_config(config_with(tmp_path, table)).ray.deployment_options()
     assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3,
-                                             "upscale_delay_s": 2, "downscale_delay_s": 60, "look_back_period_s": 5}
-    assert options["max_ongoing_requests"] == 8 and "num_replicas" not in options
+                                             "upscale_delay_s": 2, "downscale_delay_s": 60, "look_back_period_s": 5,
+                                             "policy": {"policy_function": "trtserve.scaleout.autoscale.in_flight_policy"}}
+    assert "num_replicas" not in options
+
+
+def test_the_autoscaling_policy_reads_the_metric_replicas_report():
+    """The policy is shipped to Serve's controller by value, so it names the metric by a
+    literal; this is the check that the literal and the replicas' key agree."""
+    from types import SimpleNamespace
+
+    from trtserve.scaleout.autoscale import IN_FLIGHT_METRIC, in_flight_policy
+
+    config = SimpleNamespace(get_target_ongoing_requests=lambda: 2)
+    ctx = SimpleNamespace(current_num_replicas=2, target_num_replicas=2, running_replicas=["a", "b"], config=config,
+                          aggregated_metrics={IN_FLIGHT_METRIC: {"a": 5.0, "b": 3.0, "gone": 40.0}})
+    assert in_flight_policy(ctx) == (4.0, {})  # (5 + 3) / 2: a stopped replica's last report does not count
+    ctx.aggregated_metrics = {}
+    assert in_flight_policy(ctx) == (0.0, {})  # idle: Serve keeps min_replicas
 
 
 @pytest.mark.parametrize("table, key, fragments", [
@@ -79,7 +95,8 @@ def test_autoscaling_options_are_serves(tmp_path):
     ("num_gpus = -1\n", "ray.num_gpus", ["must be a number >= 0"]),
     ("num_cpus = \"two\"\n", "ray.num_cpus", ["must be a number >= 0"]),
     ("num_cpus = inf\n", "ray.num_cpus", ["must be a number >= 0"]),
-    ("max_requests_per_call = 0\n", "ray.max_requests_per_call", ["must be an integer >= 1"]),
+    ("max_requests_per_call = 8\n", "ray.max_requests_per_call", ["no longer used", "delete the key"]),
+    ("max_ongoing_requests = 8\n", "ray.max_ongoing_requests", ["no longer used", "delete the key"]),
     ("num_replicas = 2\nmax_replicas = 3\n", "ray.num_replicas", ["fixed count", "keep one"]),
     ("target_ongoing_requests = 2\n", "ray.target_ongoing_requests", ["only when Ray Serve autoscales",
                                                                      "add min_replicas and max_replicas"]),
@@ -134,6 +151,7 @@ def test_overridden_values_obey_the_tables_rules():
     (":num_replicas=2", "expected [MODEL:]KEY=VALUE"),
     ("num_replica=2", "did you mean 'num_replicas'"),
     ("num_gpus=one", "is not a number"),
+    ("max_requests_per_call=32", "no longer used"),
 ])
 def test_bad_override_flags(text, fragment):
     with pytest.raises(ConfigError) as info:

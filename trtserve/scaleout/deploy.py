@@ -22,8 +22,11 @@ from .settings import RaySettings
 log = logging.getLogger("trtserve.scaleout")
 
 CONSTRUCTOR_RETRIES = 2  # a model that fails to load fails its deployment after this many tries
-# Serve's graceful shutdown of a replica: what it accepted runs first (as the server's drain).
+# Serve's graceful shutdown of a replica: it calls the replica's __del__, where the
+# replica's server drains (REPLICA_DRAIN_S for requests in flight, then a few seconds to
+# flush answers and close the model), and kills the process after REPLICA_GRACE_S.
 REPLICA_GRACE_S = 30.0
+REPLICA_DRAIN_S = 20.0
 POLL_S = 0.25
 # Serve's deployment objects are built through cloudpickle's process-wide "pickle by value"
 # registry (register, then unregister, a module): two models loading on their own threads

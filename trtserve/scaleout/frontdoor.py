@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from .settings import Override
 
+LOOPBACK = "127.0.0.1"
 RAY_MISSING = ("--ray needs Ray Serve, which is not installed here: pip install 'trtserve[ray]' "
                "(or run without --ray to serve the models in this process)")
 
@@ -32,7 +33,9 @@ def ray_repository(address: str, root: str | Path, overrides: list[Override], ap
     cluster = connect(address)
     repository = None
     try:
-        repository = RayRepository(root, overrides=overrides, app_prefix=app_prefix, deploy_timeout_s=deploy_timeout_s)
+        # A cluster of this process is this machine's: its replicas' servers stay on loopback.
+        repository = RayRepository(root, overrides=overrides, app_prefix=app_prefix, deploy_timeout_s=deploy_timeout_s,
+                                   replica_host=LOOPBACK if cluster.local else None)
         yield repository
     finally:
         if repository is not None:

@@ -1,127 +1,89 @@
-"""The Ray Serve deployment of one model: each replica runs the model's trtserve pipeline.
+"""The Ray Serve deployment of one model: each replica runs the model's trtserve server.
 
 A replica loads the model exactly as ``trtserve serve`` does (``ModelRepository.load``:
-``backend.py``, version policy, nodes, instances, warmup), so it batches the same way.
-The front door (forwarder.py) sends it *calls*, each carrying the requests that arrived
-together; the replica submits them all inside one ``held_dispatch()`` (so inline nodes
-batch them as the server batches one socket read) and answers once every one finished.
+``backend.py``, version policy, nodes, instances, warmup), so it batches the same way,
+and serves it with trtserve's own server on an ephemeral port (replica_server.py): the
+data plane.  Front doors learn that address from the replica (``endpoint``, called by
+Serve's ``broadcast``) and send requests there with the client library.
 
-Values cross as Python objects (numpy arrays, bytes, dicts) through Ray's serialization,
-never as trtserve wire frames.  Errors cross as trtserve's typed exceptions (picklable).
+Ray Serve keeps the control plane: placement and per-replica resources, replica counts,
+health checks (``check_health``) and replacement, and autoscaling, which it feeds from
+``record_autoscaling_stats``: the requests the replica's server has in flight (Serve's own
+count of ongoing handle requests sees none of them).
 """
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
-import time
 from typing import Any
 
 from ray import serve
 
-from ..errors import DeviceError, ModelUnavailableError, TrtserveError
-from ..hold import held_dispatch
-from ..repository import ModelRepository
-
-# One request of a call: (data, version or None, seconds left or None, priority).
-CallRequest = tuple[Any, "int | None", "float | None", int]
-# Its outcome: (error or None, has_result, result, queue_ns, compute_ns).
-Outcome = tuple["TrtserveError | None", bool, Any, int, int]
+from ..errors import DeviceError, ModelUnavailableError
+from .autoscale import IN_FLIGHT_METRIC
+from .replica_server import ReplicaServer
 
 
 class ModelReplica:
-    """Serve deployment class; ``serve.deployment(ModelReplica)`` is built by repository.py."""
+    """Serve deployment class; ``serve.deployment(ModelReplica)`` is built by deploy.py.
 
-    def __init__(self, root: str, model: str, kwargs: dict[str, Any]) -> None:
+    ``host``: the address the replica's server binds; None binds the replica node's IP
+    (what other machines reach), ``127.0.0.1`` keeps a one-machine cluster on loopback.
+    ``grace_s``: how long its drain lets requests in flight finish when Serve stops it."""
+
+    def __init__(self, root: str, model: str, kwargs: dict[str, Any], host: str | None, grace_s: float) -> None:
         self.model = model
-        self.repository = ModelRepository(root, kwargs)
-        self.repository.load(model)  # a failure is raised: Serve reports the replica failed
         self.replica_id = _replica_id()
+        self.server = ReplicaServer(root, model, kwargs, host or _node_ip() or "127.0.0.1", grace_s).start()
+        self.repository = self.server.repository
 
-    # -- serving -----------------------------------------------------------------------
-    async def infer(self, requests: list[CallRequest]) -> tuple[str, list[Outcome]]:
-        """Run one call's requests through the pipeline; their outcomes, in order."""
-        loop = asyncio.get_running_loop()
-        finished = loop.create_future()
-        pending = [len(requests)]
-        lock = threading.Lock()
-        errors: list[TrtserveError | None] = [None] * len(requests)
-        items = [{"data": data} for data, *_ in requests]
+    # -- control plane (the front door, via broadcast) ---------------------------------------
+    def endpoint(self) -> dict[str, Any]:
+        """Where this replica's server listens: ``{"replica", "address"}``."""
+        return {"replica": self.replica_id, "address": self.server.address}
 
-        def done_for(index: int):
-            def on_done(_item: dict[str, Any], error: TrtserveError | None) -> None:
-                errors[index] = error
-                with lock:
-                    pending[0] -= 1
-                    last = pending[0] == 0
-                if last:  # one wake-up of the replica's loop per call, not per request
-                    loop.call_soon_threadsafe(_settle, finished)
-
-            return on_done
-
-        flows = self._submit_all(requests, items, done_for)
-        if requests:
-            await finished
-        return self.replica_id, [
-            (errors[i], "result" in items[i], items[i].get("result"),
-             getattr(flows[i], "queue_ns", 0), getattr(flows[i], "compute_ns", 0))
-            for i in range(len(requests))
-        ]
-
-    def _submit_all(self, requests: list[CallRequest], items: list[dict[str, Any]], done_for) -> list[Any]:
-        now = time.monotonic()
-        flows: list[Any] = [None] * len(requests)
-        with held_dispatch():  # inline nodes form batches from the whole call
-            for index, (_, version, seconds_left, priority) in enumerate(requests):
-                on_done = done_for(index)
-                try:
-                    model = self.repository.get(self.model, version)
-                    deadline = None if seconds_left is None else now + seconds_left
-                    flows[index] = model.submit(items[index], on_done, deadline, priority)
-                except TrtserveError as exc:  # refused before queueing: answered at once
-                    on_done(items[index], exc)
-        return flows
-
-    # -- control plane (the front door's status thread, via broadcast) ---------------------
     def metadata(self) -> dict[int, dict[str, Any]]:
         """``model_metadata`` of every version this replica serves."""
-        latest = self.repository.get(self.model)
-        served = dict(latest.entry.models) if latest.entry is not None else {latest.version: latest}
+        served = self._served()
         return {version: model.metadata() for version, model in served.items()}
 
     def statistics(self) -> dict[str, Any]:
-        latest = self.repository.get(self.model)
-        served = dict(latest.entry.models) if latest.entry is not None else {latest.version: latest}
+        served = self._served()
         return {
-            "replica": self.replica_id,
+            **self.endpoint(),
             "pid": os.getpid(),
             "node_ip": _node_ip(),
+            "in_flight": self.server.in_flight,
             "versions": [served[v].statistics() for v in sorted(served)],
         }
 
+    def _served(self) -> dict[int, Any]:
+        latest = self.repository.get(self.model)
+        return dict(latest.entry.models) if latest.entry is not None else {latest.version: latest}
+
+    # -- Serve's hooks ---------------------------------------------------------------------
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (autoscale.py's policy reads it)."""
+        return {IN_FLIGHT_METRIC: float(self.server.in_flight)}
+
     def check_health(self) -> None:
-        """Serve's health check: a sticky CUDA error or a lost model restarts the replica."""
+        """Serve's health check: a sticky CUDA error, a lost model or a dead server thread
+        restarts the replica."""
         from ..server.handlers import cuda_poisoned
 
         poisoned = cuda_poisoned()
         if poisoned is not None:
             raise DeviceError(f"replica {self.replica_id}: the GPU is unusable: {poisoned.message}")
+        if not self.server.alive():
+            raise ModelUnavailableError(f"replica {self.replica_id}: its trtserve server stopped", model=self.model)
         if not self.repository.loaded():
             raise ModelUnavailableError(f"replica {self.replica_id}: model {self.model!r} is not loaded", model=self.model)
 
     def __del__(self) -> None:
-        # Serve calls this after the replica's calls finished (graceful shutdown): what is
-        # still queued inside the pipeline runs before the instances stop.
-        repository = getattr(self, "repository", None)
-        if repository is not None:
-            for name in repository.loaded():
-                repository.unload(name)
-            repository.close()
-
-
-def _settle(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
+        # Serve calls this when it stops the replica (scale-down, redeploy, delete): the
+        # server drains as on SIGTERM, and front doors resend what it refused elsewhere.
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.stop()
 
 
 def _replica_id() -> str:

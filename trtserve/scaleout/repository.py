@@ -4,14 +4,15 @@
 model, so the server (``Server``, ``Dispatcher``, ``InferHandler``), model control
 (load, unload, poll), the version policy and the index work unchanged on top of it.  A
 served version is a ``DeployedModel``: a ``LoadedModel`` whose pipeline is a
-``RemotePipeline`` that forwards to the replicas (forwarder.py).
+``RemotePipeline`` that forwards to the replicas' own servers (forwarder.py).
 
 The repository folder must be readable at the same path on the front door and on every
 Ray node (a shared volume, or the same image): the front door validates the config (so
 typos fail at once, with the usual ConfigError) and the replicas load the model from it.
 
 Each model is one Serve application, ``<app_prefix><model>``, whose one deployment is
-named after the model and a digest of its folder, ``[ray]`` settings and load options.
+named after the model and a digest of its folder, ``[ray]`` settings, load options and
+the address its replicas' servers bind.
 A front door that finds the application already running with that very deployment (a
 second front door, or a restart) attaches to it instead of redeploying; any change to
 the model's files or settings deploys it again, which Serve does replica by replica.
@@ -41,8 +42,8 @@ from ..repository import (
 )
 from ..stats import ModelStats
 from ..versions import fingerprint
-from .deploy import deploy
-from .forwarder import Forwarder, Ticket
+from .deploy import REPLICA_DRAIN_S, deploy
+from .forwarder import Forward, Forwarder
 from .settings import (
     DEFAULT_APP_PREFIX,
     DEFAULT_DEPLOY_TIMEOUT_S,
@@ -51,11 +52,10 @@ from .settings import (
     apply_overrides,
     parse_ray_table,
 )
-from .status import DEFAULT_STATUS_INTERVAL_S, ClusterView, StatusMonitor
+from .status import DEFAULT_STATUS_INTERVAL_S, ClusterView, StatusMonitor, replica_rows
 
 log = logging.getLogger("trtserve.scaleout")
 
-SERVE_MAX_ONGOING_REQUESTS = 5  # Serve's default max_ongoing_requests, when [ray] sets none
 METADATA_TIMEOUT_S = 120.0  # asked of a replica that already runs: its load is done
 
 
@@ -70,7 +70,7 @@ class RemotePipeline:
         self.remote_metadata = metadata
         self.stats = ModelStats()  # outcomes as this front door answered them
 
-    def submit(self, item: dict[str, Any], on_done, deadline: float | None = None, priority: int = 0) -> Ticket:
+    def submit(self, item: dict[str, Any], on_done, deadline: float | None = None, priority: int = 0) -> Forward:
         return self.forwarder.submit(item, on_done, deadline, priority, self.version, self.stats)
 
     def io_spec(self) -> tuple[list[TensorSpec] | None, list[TensorSpec] | None]:
@@ -105,24 +105,25 @@ class DeployedModel(LoadedModel):
         return metadata
 
     def statistics(self) -> dict[str, Any]:
+        """The front door's outcomes, and each replica's own statistics of this version
+        (queue and compute time, batches) summed over the replicas and row by row."""
         stats = self.pipeline.stats.snapshot()
         stats.update(name=self.name, version=self.version, nodes={}, deployment=self._deployment())
-        requests = self.pipeline.forwarder.replica_requests
-        replicas, batch_sizes = [], {}
+        replicas, batch_sizes, queue_ns, compute_ns = [], {}, 0, 0
         for row in self.view.replicas if self.view else []:
             mine = next((v for v in row.get("versions", []) if v.get("version") == self.version), {})
             for size, count in mine.get("batch_sizes", {}).items():
                 batch_sizes[size] = batch_sizes.get(size, 0) + count
+            queue_ns += mine.get("queue_ns") or 0
+            compute_ns += mine.get("compute_ns") or 0
             replicas.append({
-                "replica": row.get("replica"), "pid": row.get("pid"), "node_ip": row.get("node_ip"),
-                "forwarded": requests.get(row.get("replica"), 0),  # requests this front door sent it
+                **{k: row.get(k) for k in ("replica", "address", "pid", "node_ip", "in_flight")},
                 **{k: mine.get(k) for k in ("success_count", "failure_count", "failure_by_reason", "queue_ns",
                                             "compute_ns", "nodes")},
             })
-        stats["batch_sizes"] = dict(sorted(batch_sizes.items(), key=lambda kv: int(kv[0])))
-        stats["replicas"] = replicas
-        stats["calls"] = self.pipeline.forwarder.calls  # of every version of this deployment generation
-        stats["resent_calls"] = self.pipeline.forwarder.resent_calls
+        stats.update(queue_ns=queue_ns, compute_ns=compute_ns, replicas=replicas,
+                     batch_sizes=dict(sorted(batch_sizes.items(), key=lambda kv: int(kv[0]))))
+        stats["resent_requests"] = self.pipeline.forwarder.resent  # of every version of this deployment generation
         return stats
 
     def _deployment(self) -> dict[str, Any]:
@@ -143,6 +144,8 @@ class RayRepository(ModelRepository):
         app_prefix: str = DEFAULT_APP_PREFIX,
         status_interval_s: float = DEFAULT_STATUS_INTERVAL_S,
         deploy_timeout_s: float = DEFAULT_DEPLOY_TIMEOUT_S,
+        replica_host: str | None = None,
+        replica_grace_s: float = REPLICA_DRAIN_S,
     ) -> None:
         super().__init__(root, kwargs)
         if not deploy_timeout_s > 0:
@@ -155,7 +158,10 @@ class RayRepository(ModelRepository):
         if unknown:
             raise ConfigError(f"--ray-set names model {unknown[0]!r}, which is not in {self.root} (models there: "
                               f"{self.scan()})", key="ray_set", value=unknown[0])
+        self.replica_host = replica_host  # None: each replica binds its node's IP
+        self.replica_grace_s = float(replica_grace_s)
         self.views: dict[str, ClusterView] = {}
+        self._handles: dict[str, Any] = {}  # model -> DeploymentHandle (control plane only)
         self.monitor = StatusMonitor(self, status_interval_s)
         self.monitor.start()
 
@@ -163,18 +169,23 @@ class RayRepository(ModelRepository):
     def _build_versions(self, name: str, folder: Path, entry: _Entry) -> dict[int, LoadedModel]:
         config, settings = self._validate(name, folder)
         app, deployment = self.app_prefix + name, f"{name}-{self._digest(folder, settings)}"
-        handle = deploy(app, deployment, settings, (str(self.root.resolve()), name, dict(self.kwargs)),
-                        timeout_s=self.deploy_timeout_s, replacing=bool(entry.models))
+        init_args = (str(self.root.resolve()), name, dict(self.kwargs), self.replica_host, self.replica_grace_s)
+        handle = deploy(app, deployment, settings, init_args, timeout_s=self.deploy_timeout_s,
+                        replacing=bool(entry.models))
         try:
             metadata = handle.metadata.remote().result(timeout_s=METADATA_TIMEOUT_S)
         except Exception as exc:
             raise ModelUnavailableError(f"model {name!r}: its replicas did not report metadata: {exc}", model=name) from exc
-        view = self.views[name] = ClusterView(app=app, deployment=deployment)
+        view = ClusterView(app=app, deployment=deployment)
         self.monitor.observe(view)
-        per_replica = settings.max_ongoing_requests or SERVE_MAX_ONGOING_REQUESTS
-        forwarder = Forwarder(handle, name, settings.max_requests_per_call or config.entry.max,
-                              max_calls=lambda: max(view.running_replicas, 1) * per_replica)
-        log.info("model %s: Ray Serve application %s, deployment %s, versions %s", name, app, deployment, sorted(metadata))
+        view.set_replicas(replica_rows(handle, METADATA_TIMEOUT_S))  # their addresses, before serving
+        self.views[name], self._handles[name] = view, handle
+        latest = metadata[max(metadata)]
+        inputs = latest.get("inputs") or []
+        forwarder = Forwarder(name, inputs[0]["name"] if len(inputs) == 1 else None,
+                              addresses=lambda: view.addresses, refresh=self.monitor.wake)
+        log.info("model %s: Ray Serve application %s, deployment %s, versions %s, replicas on %s", name, app,
+                 deployment, sorted(metadata), ", ".join(view.addresses))
         return {
             version: DeployedModel(name=name, version=version, folder=folder, config=config, entry=entry,
                                    pipeline=RemotePipeline(forwarder, version, meta), view=view, settings=settings)
@@ -192,7 +203,8 @@ class RayRepository(ModelRepository):
         return config, parse_ray_table(table, where)
 
     def _digest(self, folder: Path, settings: RaySettings) -> str:
-        identity = json.dumps([fingerprint(folder), settings.as_table(), repr(sorted(self.kwargs.items())), __version__])
+        identity = json.dumps([fingerprint(folder), settings.as_table(), repr(sorted(self.kwargs.items())), __version__,
+                               self.replica_host])
         return hashlib.sha256(identity.encode()).hexdigest()[:10]
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -200,6 +212,7 @@ class RayRepository(ModelRepository):
         """Stop serving ``name`` here and delete its Serve application (its replicas drain)."""
         super().unload(name)
         view = self.views.pop(name, None)
+        self._handles.pop(name, None)
         if view is not None:
             serve.delete(view.app)
 
@@ -210,13 +223,8 @@ class RayRepository(ModelRepository):
 
     # -- queries -------------------------------------------------------------------------
     def deployment_handles(self) -> dict[str, Any]:
-        handles = {}
-        for name in self.loaded():
-            entry = self._entries.get(name)
-            latest = entry.latest if entry is not None else None
-            if isinstance(latest, DeployedModel):
-                handles[name] = latest.pipeline.forwarder.handle
-        return handles
+        loaded = set(self.loaded())
+        return {name: handle for name, handle in list(self._handles.items()) if name in loaded}
 
     def index(self) -> list[dict[str, Any]]:
         rows = super().index()

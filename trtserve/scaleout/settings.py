@@ -7,7 +7,7 @@ load as any other key does), while only ``trtserve serve --ray`` uses it::
     num_replicas = 2              # a fixed count; or autoscale with min/max_replicas:
     # min_replicas = 1
     # max_replicas = 4
-    # target_ongoing_requests = 2  # calls per replica the autoscaler aims at
+    # target_ongoing_requests = 2  # requests in flight per replica the autoscaler aims at
     num_cpus = 1                  # per replica
     num_gpus = 0                  # per replica (fractions share a GPU)
 
@@ -23,6 +23,7 @@ from typing import Any
 
 from ..backend import did_you_mean
 from ..errors import ConfigError
+from .autoscale import POLICY
 
 TABLE = "ray"
 DEFAULT_APP_PREFIX = "trtserve-"  # Serve application of model M: DEFAULT_APP_PREFIX + M
@@ -56,14 +57,20 @@ KEYS: dict[str, tuple[Any, str]] = {
     "num_replicas": (_at_least(1, True), "fixed number of replicas (not with min_replicas/max_replicas)"),
     "min_replicas": (_at_least(1, True), "autoscaling: fewest replicas"),
     "max_replicas": (_at_least(1, True), "autoscaling: most replicas"),
-    "target_ongoing_requests": (_positive_number, "autoscaling: calls in flight per replica to aim at"),
+    "target_ongoing_requests": (_positive_number, "autoscaling: requests in flight per replica to aim at"),
     "upscale_delay_s": (_at_least(0, False), "autoscaling: seconds of high load before adding a replica"),
     "downscale_delay_s": (_at_least(0, False), "autoscaling: seconds of low load before removing one"),
     "look_back_period_s": (_positive_number, "autoscaling: seconds of load history the decision averages"),
     "num_cpus": (_at_least(0, False), "CPUs reserved per replica"),
     "num_gpus": (_at_least(0, False), "GPUs reserved per replica (a fraction shares one)"),
-    "max_ongoing_requests": (_at_least(1, True), "calls one replica runs at once; more wait in Ray's router"),
-    "max_requests_per_call": (_at_least(1, True), "requests a front door sends to a replica in one call"),
+}
+
+# Keys of earlier versions, when requests reached replicas through Ray Serve calls.
+REMOVED = {
+    "max_ongoing_requests": "replicas no longer take Ray Serve calls; a replica's server reads every request "
+                            "sent to it (delete the key)",
+    "max_requests_per_call": "requests travel to the replicas one by one over trtserve's protocol and batch "
+                             "there (delete the key)",
 }
 
 
@@ -80,8 +87,6 @@ class RaySettings:
     look_back_period_s: float | None = None
     num_cpus: float | None = None
     num_gpus: float | None = None
-    max_ongoing_requests: int | None = None
-    max_requests_per_call: int | None = None
 
     @property
     def autoscaling(self) -> bool:
@@ -94,13 +99,13 @@ class RaySettings:
         """Keyword arguments of ``serve.deployment(...).options()`` (Ray Serve's names)."""
         actor = {"num_cpus": 1.0 if self.num_cpus is None else self.num_cpus, "num_gpus": self.num_gpus or 0}
         options: dict[str, Any] = {"ray_actor_options": actor}
-        if self.max_ongoing_requests is not None:
-            options["max_ongoing_requests"] = self.max_ongoing_requests
         if not self.autoscaling:
             options["num_replicas"] = self.num_replicas or 1
             return options
         low = self.min_replicas if self.min_replicas is not None else 1
-        autoscaling = {"min_replicas": low, "max_replicas": self.max_replicas or max(low, 1)}
+        # The replicas' own in-flight counts drive it (autoscale.py): requests bypass Serve's handles.
+        autoscaling = {"min_replicas": low, "max_replicas": self.max_replicas or max(low, 1),
+                       "policy": {"policy_function": POLICY}}
         for key in AUTOSCALING_ONLY:
             if getattr(self, key) is not None:
                 autoscaling[key] = getattr(self, key)
@@ -115,6 +120,8 @@ def parse_ray_table(raw: Any, where: str) -> RaySettings:
     if not isinstance(raw, dict):
         raise _fail(where, f"[{TABLE}] must be a table of settings (num_replicas = 2, ...), got {raw!r}", TABLE, raw)
     for key, value in raw.items():
+        if key in REMOVED:
+            raise _fail(where, f"{TABLE}.{key} is no longer used: {REMOVED[key]}", f"{TABLE}.{key}", value)
         if key not in KEYS:
             raise _fail(
                 where,
@@ -182,6 +189,9 @@ def parse_override(text: str) -> Override:
     if not sep or not key or not literal.strip() or (colon and not model):
         raise ConfigError(f"{flag}: expected [MODEL:]KEY=VALUE, e.g. num_replicas=2 or resnet:num_gpus=1",
                           key="ray_set", value=text)
+    if key in REMOVED:
+        raise ConfigError(f"{flag}: {TABLE}.{key} is no longer used: {REMOVED[key]}",
+                          key=f"{TABLE}.{key}", value=text)
     if key not in KEYS:
         raise ConfigError(f"{flag}: unknown key {key!r}{did_you_mean(key, list(KEYS))}; valid keys are {', '.join(KEYS)}",
                           key=f"{TABLE}.{key}", value=text)

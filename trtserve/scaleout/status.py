@@ -2,9 +2,12 @@
 
 A status thread asks Ray Serve, once every ``interval_s``, for each application's state
 (``serve.status()``) and for every replica's own statistics (a ``broadcast`` of the
-replica's ``statistics`` method).  ``repository_index``, ``ready``, ``model_metadata`` and
-``statistics`` read the latest answers, so they never block the front door's event loop on
-the cluster; they are at most one interval old.
+replica's ``statistics`` method), which carry the address of the replica's server.
+``repository_index``, ``ready``, ``model_metadata`` and ``statistics`` read the latest
+answers, so they never block the front door's event loop on the cluster; they are at most
+one interval old.  The forwarders read the replicas' addresses from the same answers, and
+wake the thread (``wake``) when a request finds no replica that answers, so that a
+replacement is found without waiting for the next interval.
 """
 from __future__ import annotations
 
@@ -34,7 +37,17 @@ class ClusterView:
     message: str = ""
     replica_states: dict[str, int] = field(default_factory=dict)
     replicas: list[dict[str, Any]] = field(default_factory=list)  # each replica's statistics()
+    # The replicas' servers, "host:port"; replaced (never changed in place) when they change,
+    # so a forwarder on an event loop compares by identity.
+    addresses: tuple[str, ...] = ()
     updated: float = 0.0  # time.time() of the last successful poll
+
+    def set_replicas(self, rows: list[dict[str, Any]]) -> None:
+        self.replicas = rows
+        addresses = tuple(sorted({row["address"] for row in rows if row.get("address")}))
+        if addresses != self.addresses:
+            log.info("deployment %s: replicas serve on %s", self.deployment, ", ".join(addresses) or "nothing")
+            self.addresses = addresses
 
     @property
     def running_replicas(self) -> int:
@@ -59,6 +72,7 @@ class StatusMonitor:
         self.repository = repository
         self.interval_s = interval_s
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="trtserve-ray-status", daemon=True)
 
     def start(self) -> None:
@@ -66,11 +80,20 @@ class StatusMonitor:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join()
 
+    def wake(self) -> None:
+        """Poll now (any thread): a forwarder looks for a replica that answers."""
+        self._wake.set()
+
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while True:
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.refresh()
             except Exception:  # a cluster hiccup must not end the thread: the next poll retries
@@ -92,9 +115,9 @@ class StatusMonitor:
         for name, handle in self.repository.deployment_handles().items():
             view = self.repository.views.get(name)
             if view is not None and view.running_replicas:
-                view.replicas = _replica_statistics(handle, self.interval_s, view.replicas)
+                view.set_replicas(_replica_statistics(handle, self.interval_s, view.replicas))
             elif view is not None:
-                view.replicas = []
+                view.set_replicas([])
 
 
 def _apply_status(view: ClusterView, app: Any) -> None:
@@ -113,14 +136,20 @@ def _apply_status(view: ClusterView, app: Any) -> None:
     view.message = deployment.message or view.message
 
 
+def replica_rows(handle: Any, timeout_s: float) -> list[dict[str, Any]]:
+    """Every running replica's ``statistics()`` (its address among them), by replica id;
+    a replica that fails to answer (it is being stopped, or died) is left out."""
+    rows = handle.broadcast("statistics").results(timeout_s=timeout_s, return_exceptions=True)
+    return sorted((r for r in rows if isinstance(r, dict)), key=lambda r: r.get("replica", ""))
+
+
 def _replica_statistics(handle: Any, timeout_s: float, previous: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every replica's statistics; the previous rows while none can answer (all of them
-    being replaced, say): statistics then lag, they never vanish."""
+    """replica_rows, or the previous rows while none can answer (all of them being
+    replaced, say): statistics then lag, they never vanish."""
     from ray.serve.exceptions import RayServeException
 
     try:
-        rows = handle.broadcast("statistics").results(timeout_s=max(timeout_s * 2, 1.0), return_exceptions=True)
+        return replica_rows(handle, max(timeout_s * 2, 1.0))
     except (RayServeException, TimeoutError) as exc:
         log.debug("replica statistics unavailable for now: %s", exc)
         return previous
-    return sorted((r for r in rows if isinstance(r, dict)), key=lambda r: r.get("replica", ""))
