@@ -25,8 +25,6 @@ KNOWN_CIRCLES = [
     {"trtserve.tensorrt", "trtserve.tensorrt.build", "trtserve.tensorrt.cache", "trtserve.tensorrt.runtime"},
     # Type annotations only: the scheduler and its instance threads name each other.
     {"trtserve.batching", "trtserve.hold", "trtserve.request", "trtserve.scheduler", "trtserve.workers"},
-    # Type annotations only: the Ray repository and its status view.
-    {"trtserve.scaleout.repository", "trtserve.scaleout.status"},
 ]
 
 

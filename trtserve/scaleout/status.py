@@ -15,10 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .repository import RayRepository
+from typing import Any, Protocol
 
 log = logging.getLogger("trtserve.scaleout")
 
@@ -65,10 +62,18 @@ class ClusterView:
         }
 
 
+class Watched(Protocol):
+    """What the monitor reads of the repository it watches (repository.RayRepository)."""
+
+    views: dict[str, ClusterView]
+
+    def deployment_handles(self) -> dict[str, Any]: ...
+
+
 class StatusMonitor:
     """The daemon thread that keeps every ClusterView of a RayRepository current."""
 
-    def __init__(self, repository: RayRepository, interval_s: float = DEFAULT_STATUS_INTERVAL_S) -> None:
+    def __init__(self, repository: Watched, interval_s: float = DEFAULT_STATUS_INTERVAL_S) -> None:
         self.repository = repository
         self.interval_s = interval_s
         self._stop = threading.Event()
