@@ -17,7 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..backend import Backend, Key, TensorSpec
+from ..backend import Backend, InstanceContext, Key, TensorSpec
 from .imagecheck import (
     ANY_IMAGE,
     COLORS,
@@ -93,8 +93,9 @@ class ResizeMat(_ImageBackend):
     config_keys = RESIZE_KEYS
     required_keys = ("resize_h", "resize_w")
 
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        super().init(config, kwargs)
+    def init(self, context: InstanceContext) -> None:
+        super().init(context)
+        config = context.config
         self.height, self.width = resize_size(config, "ResizeMat")
 
     def validate(self, item: dict[str, Any]) -> None:
@@ -119,8 +120,9 @@ class CvtColorMat(_ImageBackend):
     config_keys = {"color": Key(str, None, "target channel order (required)", choices=COLORS, example='"rgb"')}
     required_keys = ("color",)
 
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        super().init(config, kwargs)
+    def init(self, context: InstanceContext) -> None:
+        super().init(context)
+        config = context.config
         self.color = require_key(config, "color", "CvtColorMat", 'color = "rgb"')
 
     def validate(self, item: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import Backend, Key, TensorSpec
+from ..backend import Backend, InstanceContext, Key, TensorSpec
 from ..errors import ConfigError
 from .imagecheck import ANY_IMAGE, CHANNEL_KEYS, channel_values, check_hwc_image
 
@@ -39,8 +39,9 @@ class Mat2Tensor(Backend):
         "layout": Key(str, "CHW", "CHW: (3, H, W), as NCHW models take it; HWC keeps (H, W, 3)", choices=LAYOUTS),
     }
 
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        super().init(config, kwargs)
+    def init(self, context: InstanceContext) -> None:
+        super().init(context)
+        config = context.config
         scale = float(config.get("scale", 1))
         mean = channel_values(config["mean"], "mean") if config.get("mean") is not None else (0.0, 0.0, 0.0)
         std = channel_values(config["std"], "std") if config.get("std") is not None else (1.0, 1.0, 1.0)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ...backend import Backend, Key, TensorSpec
+from ...backend import Backend, InstanceContext, Key, TensorSpec
 from ...cuda import DeviceArray, HostStaging, copy_async, current_stream
 from ...errors import ConfigError, ModelUnavailableError
 from ..imagecheck import (
@@ -76,8 +76,9 @@ class _GpuImage(Backend):
     kernel_names: tuple[str, ...] = ()  # compiled at init
     thread_bound = True  # launches on the instance's current stream
 
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        super().init(config, kwargs)
+    def init(self, context: InstanceContext) -> None:
+        super().init(context)
+        config = context.config
         name = type(self).__name__
         stream = current_stream()
         if stream is None:
@@ -130,8 +131,9 @@ class DecodeTensor(_GpuImage):
         **MAX_PIXELS_KEY,
     }
 
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        super().init(config, kwargs)
+    def init(self, context: InstanceContext) -> None:
+        super().init(context)
+        config = context.config
         choice = config.get("decoder") or "auto"
         self.nvimgcodec = None
         if choice in ("auto", "nvimgcodec"):
@@ -211,8 +213,9 @@ class ResizeTensor(_GpuImage):
     kernel_names = ("resize_linear_u8",)
     config_keys = RESIZE_KEYS
 
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        super().init(config, kwargs)
+    def init(self, context: InstanceContext) -> None:
+        super().init(context)
+        config = context.config
         self.height, self.width = resize_size(config, "ResizeTensor")
 
     def forward(self, items: list[dict[str, Any]]) -> None:
@@ -232,8 +235,9 @@ class CvtColorTensor(_GpuImage):
     kernel_names = ("swap_rb_u8",)
     config_keys = {"color": Key(str, None, "target channel order (required)", choices=COLORS)}
 
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        super().init(config, kwargs)
+    def init(self, context: InstanceContext) -> None:
+        super().init(context)
+        config = context.config
         self.color = require_key(config, "color", "CvtColorTensor", 'color = "rgb"')
 
     def validate(self, item: dict[str, Any]) -> None:
@@ -269,8 +273,9 @@ class FusedPreprocessTensor(_GpuImage):
         "std": Key((list, str, int, float), None, "per-channel std in 0-255 units, e.g. [58.395, 57.12, 57.375]", check=_three_numbers),
     }
 
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        super().init(config, kwargs)
+    def init(self, context: InstanceContext) -> None:
+        super().init(context)
+        config = context.config
         self.height = require_key(config, "resize_h", "FusedPreprocessTensor", "resize_h = 224")
         self.width = require_key(config, "resize_w", "FusedPreprocessTensor", "resize_w = 224")
         self.color = config.get("color")
