@@ -68,6 +68,10 @@ class BackendOptions:
         values = {f.name: _frozen(config[f.name]) for f in fields(cls) if f.name in config}
         return cls(**values)
 
+    def check(self) -> None:
+        """Refuse keys that contradict each other (a ConfigError naming the key and the fix).
+        The loader calls it once each key passed its own checks, so the error names the file."""
+
 
 _O = TypeVar("_O", bound=BackendOptions)
 

@@ -60,6 +60,21 @@ class TensorrtOptions(BackendOptions):
         defaults = {f.name: f.default for f in fields(self)}
         return [key for key in BUILD_KEYS if getattr(self, key) != defaults[key]]
 
+    def check(self) -> None:
+        """A prebuilt engine is loaded as built: keys that only steer a build contradict it."""
+        if Path(self.model).suffix.lower() not in PLAN_SUFFIXES:
+            return
+        for key in self.build_keys_set():
+            value = getattr(self, key)
+            if key == "input_shapes":  # as the config file wrote it
+                value = {name: list(shape) for name, shape in value.items()}
+            raise ConfigError(
+                f"{key} = {value!r} applies to ONNX models only; {self.model} is a prebuilt engine, "
+                f"loaded as built: remove {key}, or point model at the ONNX file",
+                key=key,
+                value=repr(value),
+            )
+
 
 class TensorrtTensor(Backend):
     thread_bound = True  # enqueues on the instance's current stream
@@ -137,16 +152,7 @@ class TensorrtTensor(Backend):
         from ...tensorrt.runtime import EngineRejected
 
         if path.suffix.lower() in PLAN_SUFFIXES:
-            for key in config.build_keys_set():
-                value = getattr(config, key)
-                if key == "input_shapes":  # as the config file wrote it
-                    value = {name: list(shape) for name, shape in value.items()}
-                raise ConfigError(
-                    f"{key} = {value!r} applies to ONNX models only; {path} is a prebuilt engine, "
-                    f"loaded as built: remove {key}, or point model at the ONNX file",
-                    key=key,
-                    value=repr(value),
-                )
+            config.check()  # the loader checked already; a backend built by hand is checked here
             artifact = load_plan(path)
             return (*deserialize_engine(trt, artifact), artifact)
         spec = BuildSpec(

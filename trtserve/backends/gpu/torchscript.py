@@ -50,6 +50,24 @@ class TorchScriptOptions(BackendOptions):
     )
     cuda_graph: bool = option(Key(bool, False, "capture the model in a CUDA graph per input shape and replay it (CUDA only)"))
 
+    def check(self) -> None:
+        """CUDA-only keys on a node that says ``device = "cpu"``.  (With ``"auto"`` the
+        machine decides: cuda_graph is then ignored on a CPU, result_device refused at init.)"""
+        if self.device != "cpu":
+            return
+        if self.cuda_graph:
+            raise ConfigError(
+                'TorchScriptTensor: cuda_graph = true needs CUDA, and this node has device = "cpu"; '
+                'remove cuda_graph or set device = "auto"',
+                key="cuda_graph",
+            )
+        if self.result_device == "device":
+            raise ConfigError(
+                'TorchScriptTensor: result_device = "device" needs CUDA, and this node has device = "cpu"; '
+                'remove result_device or set device = "auto"',
+                key="result_device",
+            )
+
 
 class TorchScriptTensor(Backend):
     thread_bound = True  # runs on the instance's current stream
@@ -97,22 +115,14 @@ class TorchScriptTensor(Backend):
                 file=str(path),
             ) from None
         self.model.eval()
-        self.graphs = self._graph_runner(options, context, choice)
+        self.graphs = self._graph_runner(options, context)
 
-    def _graph_runner(self, options: TorchScriptOptions, context: InstanceContext, choice: str) -> GraphRunner | None:
+    def _graph_runner(self, options: TorchScriptOptions, context: InstanceContext) -> GraphRunner | None:
         """``cuda_graph = true``: the model replayed from CUDA graphs (torchgraph.py).  With
         ``device = "auto"`` on a machine without a GPU it does not apply and is ignored, so one
-        repository serves on both; with ``device = "cpu"`` it is a contradiction."""
-        if not options.cuda_graph:
-            return None
-        if self.device.type == "cuda":
+        repository serves on both (``device = "cpu"`` is refused at load: Options.check)."""
+        if options.cuda_graph and self.device.type == "cuda":
             return GraphRunner(self.torch, self.model, context.where)
-        if choice == "cpu":
-            raise ConfigError(
-                'TorchScriptTensor: cuda_graph = true needs CUDA, and this node has device = "cpu"; '
-                'remove cuda_graph or set device = "auto"',
-                key="cuda_graph",
-            )
         return None
 
     def _bind_cuda(self, choice: str) -> None:
