@@ -431,9 +431,9 @@ def init_contract_problem(cls: type[Backend]) -> str | None:
     variadic = any(p.kind is p.VAR_POSITIONAL for p in parameters)
     if len(required) <= 1 and (positional or variadic):
         return None
-    names = ", ".join(p.name for p in parameters)
+    names = ", ".join(["self"] + [str(p) for p in parameters])
     return (
-        f"{cls.__name__}.init(self, {names}) does not take the instance context: write "
+        f"{cls.__name__}.init({names}) does not take the instance context: write "
         "def init(self, context) and call super().init(context); context.config is the node's config "
         "(what config was), context.instance_index, .node, .model, .version, .model_dir, .stats and .extra "
         "what kwargs held (docs/writing-a-backend.md)"

@@ -18,7 +18,7 @@ This module reads and checks the ``pad`` key; stacking.group applies it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -50,7 +50,7 @@ def check_pad(value: dict) -> str | None:
     return None
 
 
-def pad_rules(raw: dict | None, ports: list[Any], where: str) -> dict[str, PadRule]:
+def pad_rules(raw: Mapping[str, Any] | None, ports: list[Any], where: str) -> dict[str, PadRule]:
     """``pad`` against the model's inputs (``ports``: name, dtype, shape): names must exist,
     the input must have a dynamic dimension beyond the batch, and the value must fit its dtype."""
     rules: dict[str, PadRule] = {}
