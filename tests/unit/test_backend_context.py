@@ -3,7 +3,9 @@ backends, and the refusal of a backend written for the old init(config, kwargs).
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +148,21 @@ def test_cuda_only_keys_on_a_cpu_node_fail_the_load():
         with pytest.raises(ConfigError, match=f'{key} = .* needs CUDA, and this node has device = "cpu"') as caught:
             load_config({"backend": "TorchScriptTensor", "model": __file__, "device": "cpu", key: value})
         assert caught.value.details["key"] == key
+
+
+def test_the_guides_typed_options_example_runs():
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "writing-a-backend.md").read_text()
+    [code] = [b for b in re.findall(r"```python\n(.*?)```", guide, re.S) if "class GainOptions" in b]
+    scope: dict = {}
+    exec(compile(code, "writing-a-backend.md", "exec"), scope)
+
+    class GuideGain(scope["Gain"]):  # the guide's snippet shows init; a forward to run it
+        def forward(self, items):
+            for item in items:
+                item["result"] = item["data"] * self.gain
+
+    trtserve.register("GuideGain", GuideGain)
+    with trtserve.pipe({"backend": "GuideGain", "gain": 2.0}) as models:
+        item = {"data": 3}
+        models(item)
+    assert item["result"] == 6.0
