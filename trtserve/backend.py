@@ -4,7 +4,7 @@ A backend is the unit of computation (TorchPipe's idea).  The scheduler gives it
 thread-safe forward, ``instance_num`` instances and dynamic batching for free; the
 backend itself only has to::
 
-    init(config, kwargs)   # once, on its instance's own thread
+    init(context)          # once, on its instance's own thread (an InstanceContext)
     forward(items)         # items are dicts: read item["data"], write item["result"]
                            # (the outermost backend may return a Completion: completion.py)
     max() / min()          # the batch sizes it accepts (both default to the node's config)
@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, ClassVar, Iterator
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Iterator, Mapping, TypeVar
 
 from .errors import ConfigError, InvalidInputError
 
@@ -37,6 +39,96 @@ class Key:
     choices: tuple[Any, ...] | None = None
     check: Callable[[Any], str | None] | None = field(default=None, compare=False)
     example: str = ""  # a valid value as TOML writes it, for the message of a required key
+
+
+def option(key: Key) -> Any:
+    """A field of a backend's ``BackendOptions`` dataclass that is also a config key: declared by
+    ``key`` (type, default, help, checks), defaulting to ``key.default``."""
+    return field(default=key.default, metadata={"key": key})
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Base of a backend's typed options: a frozen dataclass whose fields are config keys.
+
+    A field made with ``option(Key(...))`` is a key of the backend's own, which the loader
+    checks (config.py) like any ``config_keys`` entry; a plain field reads a node key the
+    backend needs (``model``, ``max``).  Field names are the config file's names.  A
+    backend that sets ``Options`` gets its ``config_keys`` from it and reads the values,
+    typed and frozen, with ``context.options(self.Options)``.
+    """
+
+    @classmethod
+    def keys(cls) -> dict[str, Key]:
+        return {f.name: f.metadata["key"] for f in fields(cls) if "key" in f.metadata}
+
+    @classmethod
+    def from_config(cls: type[_O], config: Mapping[str, Any]) -> _O:
+        """The options of one node's (validated) config; a key the config lacks keeps its default."""
+        values = {f.name: _frozen(config[f.name]) for f in fields(cls) if f.name in config}
+        return cls(**values)
+
+    def check(self) -> None:
+        """Refuse keys that contradict each other (a ConfigError naming the key and the fix).
+        The loader calls it once each key passed its own checks, so the error names the file."""
+
+
+_O = TypeVar("_O", bound=BackendOptions)
+
+
+def _frozen(value: Any) -> Any:
+    """A config value as a frozen dataclass holds it: arrays as tuples, tables read-only."""
+    if isinstance(value, list):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
+    return value
+
+
+@dataclass(frozen=True)
+class InstanceContext:
+    """What ``Backend.init`` is told about the instance it prepares.
+
+    ``config`` is the node's configuration: every key, typed as TOML gives it, defaults
+    filled in; ``options(cls)`` reads a backend's typed ``Options`` from it.  ``extra``
+    holds what the program passed to ``trtserve.pipe(config, **extra)``.
+    """
+
+    config: Mapping[str, Any]
+    instance_index: int = 0
+    node: str = "node"  # the node's name
+    model: str = "model"  # the model's name
+    version: int | None = None  # from a repository: the version served
+    model_dir: str | None = None  # from a repository: the version folder
+    stats: Any = field(default=None, compare=False)  # the node's statistics (a pipeline's NodeStats)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any], settings: Mapping[str, Any], instance_index: int) -> "InstanceContext":
+        """The context of instance ``instance_index`` of a node whose pipeline was built
+        with ``settings`` (``node``, ``model``, ``stats``, a repository's ``version`` and
+        ``model_dir``, and whatever else the program passed)."""
+        known = {f.name for f in fields(cls)} - {"config", "instance_index", "extra"}
+        return cls(
+            config=config,
+            instance_index=instance_index,
+            extra={k: v for k, v in settings.items() if k not in known},
+            **{k: v for k, v in settings.items() if k in known},
+        )
+
+    def options(self, cls: type[_O]) -> _O:
+        return cls.from_config(self.config)
+
+    @property
+    def record_call(self) -> Callable[[int], None]:
+        """How a backend that runs a model counts each call: ``record_call(rows)`` into the
+        node's statistics (``model_calls``, ``call_rows``); nowhere outside a pipeline."""
+        return self.stats.record_call if self.stats is not None else _ignore_call
+
+    @property
+    def where(self) -> str:
+        """``model.node``, to name this node in logs and messages."""
+        return f"{self.model}.{self.node}"
 
 
 @dataclass(frozen=True)
@@ -90,6 +182,9 @@ class Backend:
 
     #: Keys this backend reads from its node's config, beyond the scheduler's own keys.
     config_keys: ClassVar[dict[str, Key]] = {}
+    #: The typed form of those keys (an ``Options`` dataclass); when set, ``config_keys``
+    #: is derived from it.
+    Options: ClassVar[type[BackendOptions] | None] = None
     #: How many inner backends the expression may give it: 0 (a leaf), 1 (a wrapper such as
     #: ``SyncTensor[X]``), None for one or more (``S[A,B,C]``), or a tuple of the allowed
     #: counts when a backend has several forms (SyncTensor: ``(0, 1)``).
@@ -105,16 +200,22 @@ class Backend:
     #: may return a Completion, since a wrapper would drop it (completion.py).
     is_root: bool = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        typed = cls.__dict__.get("Options")
+        if typed is not None:
+            cls.config_keys = typed.keys()
+
     def __init__(self) -> None:
         self.children: list[Backend] = []
-        self.config: dict[str, Any] = {}
+        self.config: Mapping[str, Any] = {}
 
     # -- the contract ------------------------------------------------------------------
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    def init(self, context: InstanceContext) -> None:
         """Prepare the instance.  Runs on the instance's own thread.  Wrappers init children."""
-        self.config = config
+        self.config = context.config
         for child in self.children:
-            child.init(config, kwargs)
+            child.init(context)
 
     def forward(self, items: list[dict[str, Any]]) -> None:
         if len(self.children) == 1:
@@ -281,6 +382,19 @@ def is_registered(name: str) -> bool:
 def backend_class(name: str, scope: dict[str, type[Backend]] | None = None) -> type[Backend]:
     """The class registered as ``name`` (in ``scope``, this thread's model scope when None,
     first); an unknown name suggests the nearest one."""
+    cls = find_backend(name, scope)
+    if cls is None:
+        raise ConfigError(
+            f"unknown backend {name!r}{did_you_mean(name, registered_names())}; "
+            "register it with trtserve.register(name, cls) or ship it in the model's backend.py",
+            backend=name,
+        )
+    return cls
+
+
+def find_backend(name: str, scope: dict[str, type[Backend]] | None = None) -> type[Backend] | None:
+    """The class registered as ``name``, as ``backend_class`` finds it, or None when no
+    backend has that name."""
     cls = (scope if scope is not None else current_scope() or {}).get(name)
     if cls is not None:
         return cls
@@ -290,11 +404,7 @@ def backend_class(name: str, scope: dict[str, type[Backend]] | None = None) -> t
         return cls
     target = _BUILTIN.get(name)
     if target is None:
-        raise ConfigError(
-            f"unknown backend {name!r}{did_you_mean(name, registered_names())}; "
-            "register it with trtserve.register(name, cls) or ship it in the model's backend.py",
-            backend=name,
-        )
+        return None
     module_name, _, attr = target.partition(":")
     return getattr(importlib.import_module(module_name), attr)
 
@@ -305,15 +415,29 @@ def did_you_mean(word: str, candidates: list[str]) -> str:
     return f" (did you mean {lowered[close[0]]!r}?)" if close else ""
 
 
-def call_recorder(kwargs: dict[str, Any]) -> Callable[[int], None]:
-    """How a backend that runs a model counts each call: ``record(rows)`` into the node's
-    statistics (``kwargs["stats"]``, set by the pipeline), or nowhere outside a pipeline."""
-    stats = kwargs.get("stats")
-    return stats.record_call if stats is not None else _ignore_call
-
-
 def _ignore_call(rows: int) -> None:
     """Outside a pipeline nothing counts model calls."""
+
+
+def init_contract_problem(cls: type[Backend]) -> str | None:
+    """Why ``cls.init`` cannot be called as ``init(context)`` (None: it can).  A backend
+    written for ``init(self, config, kwargs)`` is refused at load with the fix."""
+    try:
+        parameters = list(inspect.signature(cls.init).parameters.values())[1:]  # after self
+    except (TypeError, ValueError):
+        return None  # not introspectable (a C extension): let the call decide
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is inspect.Parameter.empty]
+    variadic = any(p.kind is p.VAR_POSITIONAL for p in parameters)
+    if len(required) <= 1 and (positional or variadic):
+        return None
+    names = ", ".join(["self"] + [str(p) for p in parameters])
+    return (
+        f"{cls.__name__}.init({names}) does not take the instance context: write "
+        "def init(self, context) and call super().init(context); context.config is the node's config "
+        "(what config was), context.instance_index, .node, .model, .version, .model_dir, .stats and .extra "
+        "what kwargs held (docs/writing-a-backend.md)"
+    )
 
 
 def item_size(item: dict[str, Any]) -> int:
@@ -332,13 +456,16 @@ def item_size(item: dict[str, Any]) -> int:
 
 __all__ = [
     "Backend",
+    "InstanceContext",
     "InvalidInputError",
     "Key",
+    "BackendOptions",
     "Signature",
     "TensorSpec",
     "backend_class",
     "item_size",
     "model_scope",
+    "option",
     "register",
     "registered_names",
 ]

@@ -262,7 +262,22 @@ class _Validator:
         self.check_required(expr, options, spec, prefix)
         if options["model"] is not None:
             options["model"] = self.model_file(prefix, options["model"])
+        self.check_backend_options(expr, options, prefix)
         return NodeConfig(name=name, expr=expr, options=options, backends=current_scope())
+
+    def check_backend_options(self, expr: Expr, options: dict[str, Any], prefix: str) -> None:
+        """Each backend's typed options, read from the node's keys, refuse keys that
+        contradict each other (BackendOptions.check); the error gets the file and the node."""
+        for name in dict.fromkeys(expr.names()):
+            typed = backend_class(name).Options
+            if typed is None:
+                continue
+            try:
+                typed.from_config(options).check()
+            except ConfigError as exc:
+                key = exc.details.get("key")
+                details = {**exc.details, "key": prefix + key} if key else exc.details
+                raise self.fail(exc.message, **details) from None
 
     def unknown_key(self, prefix: str, key: str, value: Any, spec: dict[str, Key], expr: Expr) -> ConfigError:
         if key in TRITON_KEYS:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .backend import Backend, backend_class, did_you_mean, registered_names
+from .backend import Backend, backend_class, did_you_mean, find_backend, init_contract_problem, registered_names
 from .errors import ConfigError
 
 
@@ -108,18 +108,18 @@ class _Parser:
 def resolve(expr: Expr, source: str = "") -> None:
     """Check that every name is registered and takes the number of children it is given."""
     where = f"{source}: " if source else ""
-    try:
-        cls = backend_class(expr.name)
-    except ConfigError as exc:
-        if "unknown backend" not in exc.message:
-            raise
+    cls = find_backend(expr.name)
+    if cls is None:
         raise ExpressionError(
             f"{where}unknown backend {expr.name!r} at position {expr.position}"
             f"{did_you_mean(expr.name, registered_names())}; register it with trtserve.register(name, cls) "
             "or ship it in the model's backend.py",
             backend=expr.name,
             position=expr.position,
-        ) from None
+        )
+    problem = init_contract_problem(cls)
+    if problem is not None:
+        raise ConfigError(f"{where}{problem}", backend=expr.name)
     arity, given = cls.children_arity, len(expr.children)
     if isinstance(arity, tuple):  # several forms, e.g. SyncTensor and SyncTensor[X]
         if given not in arity:

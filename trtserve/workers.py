@@ -23,7 +23,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable
 
-from .backend import Backend
+from .backend import Backend, InstanceContext
 from .errors import ModelUnavailableError, ShuttingDownError, TrtserveError
 from .expression import instantiate
 from .request import Request
@@ -55,7 +55,7 @@ class _Instance:
         try:
             backend = instantiate(node.expr, node.options, node.backends)
             backend.is_root = True
-            backend.init(node.options, dict(self.scheduler.kwargs, instance_index=self.index))
+            backend.init(InstanceContext.of(node.options, self.scheduler.kwargs, self.index))
             self.lo, self.hi = int(backend.min()), int(backend.max())
             if not 1 <= self.lo <= self.hi:
                 raise ModelUnavailableError(

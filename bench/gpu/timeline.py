@@ -78,7 +78,7 @@ def instrument(pipe: Any, rec: Recorder) -> None:
             child.graphs = _TimedModel(child.graphs, rec)
         else:
             child.model = _TimedModel(child.model, rec)
-        child._split = rec.timed("split", child._split)
+        child._whole = rec.timed("split", child._whole)  # the copy out of the batch's outputs
         child.torch = _TimedTorch(child.torch, rec)
 
 

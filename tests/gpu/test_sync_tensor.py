@@ -29,8 +29,8 @@ class StreamProbe(trtserve.Backend):
     slot before the kernel wrote it.
     """
 
-    def init(self, config, kwargs):
-        super().init(config, kwargs)
+    def init(self, context):
+        super().init(context)
         self.kernel = support.kernel("write_after_spin")
         self.init_stream = cuda.current_stream().handle
 

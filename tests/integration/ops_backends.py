@@ -29,10 +29,10 @@ _lock = threading.Lock()
 class OpsTagged(trtserve.Backend):
     config_keys = {"tag": trtserve.Key(int, 0, "changes every answer: T = tag * 1000 + int(model.txt)")}
 
-    def init(self, config, kwargs):
-        super().init(config, kwargs)
-        text = (Path(kwargs["model_dir"]) / "model.txt").read_text()
-        self.tag = int(config["tag"]) * 1000 + int(text)  # ValueError: a broken model file
+    def init(self, context):
+        super().init(context)
+        text = (Path(context.model_dir) / "model.txt").read_text()
+        self.tag = int(context.config["tag"]) * 1000 + int(text)  # ValueError: a broken model file
 
     def forward(self, items):
         for item in items:
@@ -46,11 +46,11 @@ class OpsRecorder(trtserve.Backend):
         "gate_timeout": trtserve.Key((int, float), 20.0, "seconds after which the gate opens by itself"),
     }
 
-    def init(self, config, kwargs):
-        super().init(config, kwargs)
-        self.dir = Path(config["gate_dir"])
+    def init(self, context):
+        super().init(context)
+        self.dir = Path(context.config["gate_dir"])
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.timeout = float(config["gate_timeout"])
+        self.timeout = float(context.config["gate_timeout"])
 
     def forward(self, items):
         with _lock:
@@ -72,9 +72,9 @@ class OpsRecorder(trtserve.Backend):
 class OpsExpand(trtserve.Backend):
     config_keys = {"out_bytes": trtserve.Key(int, 1 << 20, "size of every answer in bytes")}
 
-    def init(self, config, kwargs):
-        super().init(config, kwargs)
-        self.answer = b"\x5a" * int(config["out_bytes"])
+    def init(self, context):
+        super().init(context)
+        self.answer = b"\x5a" * int(context.config["out_bytes"])
 
     def forward(self, items):
         for item in items:

@@ -49,9 +49,9 @@ class Slow(trtserve.Backend):
 
     config_keys = {"sleep_ms": trtserve.Key((int, float), 20, "milliseconds per batch")}
 
-    def init(self, config, kwargs):
-        super().init(config, kwargs)
-        self.seconds = float(config["sleep_ms"]) / 1000.0
+    def init(self, context):
+        super().init(context)
+        self.seconds = float(context.config["sleep_ms"]) / 1000.0
 
     def forward(self, items):
         time.sleep(self.seconds)

@@ -25,11 +25,11 @@ class Gate(trtserve.Backend):
         "gate_timeout": trtserve.Key((int, float), 20.0, "seconds after which the gate opens by itself"),
     }
 
-    def init(self, config, kwargs):
-        super().init(config, kwargs)
-        self.dir = Path(config["gate_dir"])
+    def init(self, context):
+        super().init(context)
+        self.dir = Path(context.config["gate_dir"])
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.timeout = float(config["gate_timeout"])
+        self.timeout = float(context.config["gate_timeout"])
 
     def forward(self, items):
         with _lock:

@@ -68,9 +68,9 @@ class Release(trtserve.Backend):
 
     config_keys = {"release_dir": trtserve.Key(str, None, "folder of the started/release files")}
 
-    def init(self, config, kwargs):
-        super().init(config, kwargs)
-        self.dir = Path(config["release_dir"])
+    def init(self, context):
+        super().init(context)
+        self.dir = Path(context.config["release_dir"])
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def forward(self, items):

@@ -20,8 +20,8 @@ SLEEPY = """
 import time, trtserve
 
 class Sleepy(trtserve.Backend):
-    def init(self, config, kwargs):
-        super().init(config, kwargs)
+    def init(self, context):
+        super().init(context)
         time.sleep(60)  # a hung init: a lock never released, a device that never answers
 
 trtserve.register("Sleepy", Sleepy)

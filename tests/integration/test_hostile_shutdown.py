@@ -34,9 +34,9 @@ class Recorder(trtserve.Backend):
         "sleep_ms": trtserve.Key((int, float), 0, "time each batch takes"),
     }
 
-    def init(self, config, kwargs):
-        super().init(config, kwargs)
-        self.file = open(config["log"], "ab", buffering=0)
+    def init(self, context):
+        super().init(context)
+        self.file = open(context.config["log"], "ab", buffering=0)
         self.lock = threading.Lock()
 
     def forward(self, items):

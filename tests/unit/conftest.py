@@ -43,10 +43,10 @@ class ProbeBackend(Backend):
 
     config_keys = {"probe": Key(str, None, "id of the test's Probe")}
 
-    def init(self, config, kwargs):
-        super().init(config, kwargs)
-        self.index = kwargs["instance_index"]
-        self.probe = _PROBES[config["probe"]]
+    def init(self, context):
+        super().init(context)
+        self.index = context.instance_index
+        self.probe = _PROBES[context.config["probe"]]
         self.probe.init_threads[self.index] = threading.get_ident()
 
     def max(self):

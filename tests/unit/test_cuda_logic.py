@@ -22,7 +22,7 @@ import pytest
 import trtserve
 from trtserve import cuda
 from trtserve.backends.gpu import kernels
-from trtserve.backends.gpu.image import parse_triplet
+from trtserve.backends.imagecheck import channel_values
 from trtserve.cuda import errors as cuda_errors
 from trtserve.cuda.nvrtc import _dims, _param, arch_option
 from trtserve.errors import ConfigError, DeviceError, ErrorCode, ModelUnavailableError, error_from_wire
@@ -324,12 +324,13 @@ def test_resize_kernel_arithmetic_matches_opencv_within_one_lsb(src_hw, dst_hw):
 
 
 def test_mean_std_parsing():
-    assert parse_triplet("123.675, 116.28,103.53", "mean") == (123.675, 116.28, 103.53)
-    assert parse_triplet([1, 2, 3], "mean") == (1.0, 2.0, 3.0)
-    assert parse_triplet(127.5, "mean") == (127.5,) * 3
+    assert channel_values("123.675, 116.28,103.53", "mean") == (123.675, 116.28, 103.53)
+    assert channel_values([1, 2, 3], "mean") == (1.0, 2.0, 3.0)
+    assert channel_values((1, 2, 3), "mean") == (1.0, 2.0, 3.0)  # as typed options hold a list
+    assert channel_values(127.5, "mean") == (127.5,) * 3
     for bad in ([1, 2], "a,b,c", [True, 1, 2]):
         with pytest.raises(ConfigError):
-            parse_triplet(bad, "mean")
+            channel_values(bad, "mean")
     with pytest.raises(ConfigError, match="mean"):
         trtserve.config.load_config(
             {"backend": "SyncTensor[FusedPreprocessTensor]", "resize_h": 2, "resize_w": 2, "mean": [1, 2]}

@@ -25,8 +25,8 @@ class LateDouble(Backend):
     of its batches are in flight, and whether a forward started before the previous batch
     finished (the overlap this is for).  ``data`` < 0 makes the batch fail on the worker."""
 
-    def init(self, config, kwargs):
-        super().init(config, kwargs)
+    def init(self, context):
+        super().init(context)
         self.work: queue.SimpleQueue = queue.SimpleQueue()
         self.worker = threading.Thread(target=self._device, daemon=True)
         self.worker.start()

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from trtserve.backend import NO_RESULT
+from trtserve.backend import NO_RESULT, InstanceContext
 from trtserve.backends.imagesize import image_size
 from trtserve.backends.opencv import DecodeMat
 
@@ -56,13 +56,13 @@ def png_header(width: int, height: int) -> bytes:
 
 def test_decodemat_refuses_images_over_max_pixels_before_decoding():
     decoder = DecodeMat()
-    decoder.config = {"max_pixels": 53 * 37}
+    decoder.init(InstanceContext({"max_pixels": 53 * 37}))
     small, large, garbage = {"data": encoded(".png")}, {"data": png_header(20000, 20000)}, {"data": b"not an image"}
     decoder.forward([small, large, garbage])
     assert small["result"].shape == (37, 53, 3) and NO_RESULT not in small
     assert "result" not in large and "refused a 20000 x 20000 image (400000000 pixels)" in large[NO_RESULT]
     assert "max_pixels = 1961" in large[NO_RESULT]
     assert "result" not in garbage and "could not read the image's size" in garbage[NO_RESULT]
-    decoder.config = {"max_pixels": 53 * 37 - 1}
+    decoder.init(InstanceContext({"max_pixels": 53 * 37 - 1}))
     decoder.forward([small := {"data": encoded(".png")}])
     assert "result" not in small

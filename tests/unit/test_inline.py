@@ -204,9 +204,9 @@ class Recorder(trtserve.Backend):
     log: list = []
     block = threading.Event()
 
-    def init(self, config, kwargs):
-        super().init(config, kwargs)
-        self.index = kwargs["instance_index"]
+    def init(self, context):
+        super().init(context)
+        self.index = context.instance_index
 
     def forward(self, items):
         for item in items:

@@ -35,8 +35,8 @@ HANGS = """
 import time, trtserve
 
 class Sleepy(trtserve.Backend):
-    def init(self, config, kwargs):
-        super().init(config, kwargs)
+    def init(self, context):
+        super().init(context)
         time.sleep(float(open(__file__.replace("backend.py", "sleep")).read()))
 
     def forward(self, items):
@@ -50,7 +50,7 @@ LEAVES_IN_INIT = """
 import trtserve
 
 class Leaver(trtserve.Backend):
-    def init(self, config, kwargs):
+    def init(self, context):
         raise KeyboardInterrupt("from a model's init")
 
 trtserve.register("Leaver", Leaver)

@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import trtserve
+from trtserve.backend import InstanceContext
 from trtserve.backends.onnxruntime import OnnxRuntime
 from trtserve.config import load_config
 from trtserve.errors import BackendError, ConfigError, InvalidInputError, ModelUnavailableError
@@ -73,7 +74,7 @@ def _backend(model: str, **config) -> OnnxRuntime:
     backend = OnnxRuntime()
     options = {"max": 8, "min": 1, "intra_op_threads": 1, "inter_op_threads": 1, "providers": None, "model": model}
     options.update(config)
-    backend.init(options, {"instance_index": 0})
+    backend.init(InstanceContext(options))
     return backend
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import trtserve
+from trtserve.backend import InstanceContext
 from trtserve.backends.opencv import CvtColorMat, DecodeMat, ResizeMat
 from trtserve.config import load_config
 from trtserve.errors import ConfigError, InvalidInputError
@@ -25,7 +26,7 @@ def _jpeg(image: np.ndarray) -> bytes:
 
 def _backend(cls, **config):
     backend = cls()
-    backend.init({"max": 1, "min": 1, **config}, {"instance_index": 0})
+    backend.init(InstanceContext({"max": 1, "min": 1, **config}))
     return backend
 
 

@@ -156,7 +156,7 @@ def test_error_in_a_later_node_reaches_the_caller():
 
 def test_init_failure_is_a_typed_load_error():
     class BadInit(trtserve.Backend):
-        def init(self, config, kwargs):
+        def init(self, context):
             raise OSError("device missing")
 
     trtserve.register("BadInit", BadInit)
@@ -204,8 +204,8 @@ def test_sequential_initialises_stages_last_to_first():
     order = []
 
     class Stage(trtserve.Backend):
-        def init(self, config, kwargs):
-            super().init(config, kwargs)
+        def init(self, context):
+            super().init(context)
             order.append(self.name)
 
         def forward(self, items):

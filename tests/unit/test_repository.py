@@ -17,9 +17,9 @@ import trtserve
 class Tagged(trtserve.Backend):
     config_keys = {"tag": trtserve.Key(str, ""), "fail_warmup": trtserve.Key(bool, False)}
 
-    def init(self, config, kwargs):
-        super().init(config, kwargs)
-        self.version = kwargs["version"]
+    def init(self, context):
+        super().init(context)
+        self.version = context.version
 
     def forward(self, items):
         for item in items:
@@ -335,9 +335,9 @@ class FirstSight(trtserve.Backend):
     '''Slow the first time an instance sees a batch size, as a CUDA graph capture or a
     per-shape compilation is; records each (instance, size) it saw and when.'''
 
-    def init(self, config, kwargs):
-        super().init(config, kwargs)
-        self.index = kwargs["instance_index"]
+    def init(self, context):
+        super().init(context)
+        self.index = context.instance_index
         self.seen = []
 
     def forward(self, items):

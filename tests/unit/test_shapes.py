@@ -9,7 +9,8 @@ import pytest
 
 import onnx_models as om  # noqa: E402  (tests/unit is on sys.path under pytest)
 import trtserve
-from trtserve.backends.shapes import PadRule, group, stack
+from trtserve.backends.shapes import PadRule
+from trtserve.backends.stacking import group, stack
 from trtserve.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(60)

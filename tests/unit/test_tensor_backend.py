@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import trtserve
+from trtserve.backend import InstanceContext
 from trtserve.config import load_config
 from trtserve.errors import ConfigError, InvalidInputError
 
@@ -103,7 +104,7 @@ def test_each_image_counts_one_and_the_stage_says_what_it_produces():
     from trtserve.backends.tensor import Mat2Tensor
 
     stage = Mat2Tensor()
-    stage.init({"layout": "CHW"}, {})
+    stage.init(InstanceContext({"layout": "CHW"}))
     assert stage.request_size({"data": image(9, 9)}) == 1
     (out,) = stage.produces([TensorSpec("image", "uint8", (48, 64, 3), layout="HWC")])
     assert (out.dtype, out.shape, out.layout) == ("float32", (3, 48, 64), "CHW")

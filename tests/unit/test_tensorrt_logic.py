@@ -17,7 +17,8 @@ from trtserve.tensorrt import import_tensorrt
 from trtserve.tensorrt.build import BuildSpec, BuiltEngine, resolve_profile
 from trtserve.tensorrt.cache import MAGIC, CacheMiss, cache_path, ensure_engine, load_plan, read_cache
 from trtserve.tensorrt.io import EngineIO, TensorInfo
-from trtserve.tensorrt.items import Bounds, DeviceInput, ItemChecker, group, split
+from trtserve.backends.stacking import as_result, check_rows, group, split
+from trtserve.tensorrt.items import Bounds, DeviceInput, ItemChecker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -316,6 +317,12 @@ def test_items_multi_input_checks():
             check.prepare(item)
 
 
+def trt_split(outputs, prepared):
+    """What TensorrtTensor.forward does with one execution's outputs."""
+    check_rows(outputs, sum(p.rows for p in prepared), "TensorrtTensor model m.onnx", "m.onnx")
+    return [as_result(parts) for parts in split(outputs, prepared, copy=True)]
+
+
 def test_unbatched_sample_and_split():
     x = TensorInfo("x", "float32", (-1, 2))
     check = ItemChecker([Bounds(x, (1, 2), (4, 2))], 4, "m.onnx")
@@ -323,14 +330,14 @@ def test_unbatched_sample_and_split():
     two = check.prepare({"data": np.ones((2, 2), np.float32)})
     assert (one.rows, one.unbatched, two.rows) == (1, True, 2)
     out = np.arange(6, dtype=np.float32).reshape(3, 2)
-    results = split({"y": out}, [one, two], "m.onnx")
+    results = trt_split({"y": out}, [one, two])
     assert results[0].shape == (2,) and results[1].shape == (2, 2)
     out[:] = -1  # results are copies: the staging buffer is reused by the next batch
     assert results[0].tolist() == [0, 1] and results[1].tolist() == [[2, 3], [4, 5]]
-    multi = split({"p": out, "q": out}, [two, one], "m.onnx")
+    multi = trt_split({"p": out, "q": out}, [two, one])
     assert set(multi[0]) == {"p", "q"}
     with pytest.raises(BackendError, match="keep the batch"):
-        split({"y": np.zeros((5, 2), np.float32)}, [one, two], "m.onnx")
+        trt_split({"y": np.zeros((5, 2), np.float32)}, [one, two])
 
 
 def test_groups_by_non_batch_shape():
@@ -338,7 +345,7 @@ def test_groups_by_non_batch_shape():
     check = ItemChecker([Bounds(x, (1, 1), (8, 16))], 8, "m.plan")
     items = [np.zeros((1, 4), np.float32), np.zeros((2, 8), np.float32), np.zeros((1, 4), np.float32)]
     prepared = [check.prepare({"data": a}) for a in items]
-    assert group(prepared) == [[0, 2], [1]]
+    assert [indices for indices, _ in group(prepared)] == [[0, 2], [1]]
     with pytest.raises(InvalidInputError, match="dimension 1 is 17, expected 1..16"):
         check.prepare({"data": np.zeros((1, 17), np.float32)})
 

@@ -11,8 +11,8 @@ from trtserve.errors import ModelUnavailableError
 class Sizes(trtserve.Backend):
     """Records the batch sizes each instance ran."""
 
-    def init(self, config, kwargs):
-        super().init(config, kwargs)
+    def init(self, context):
+        super().init(context)
         self.seen = []
 
     def forward(self, items):

@@ -8,11 +8,12 @@ with the same messages.  Works on numpy arrays and on anything array-like with `
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..backend import NO_RESULT, Key, TensorSpec
+from ..backend import NO_RESULT, BackendOptions, Key, TensorSpec, option
 from ..errors import ConfigError, InvalidInputError
 from .imagesize import image_size
 
@@ -30,20 +31,37 @@ def at_least_one(value: int) -> str | None:
     return None if value >= 1 else "must be at least 1 (pixels)"
 
 
-# ResizeMat's and ResizeTensor's keys, and how both read them.
-RESIZE_KEYS = {
-    "resize_h": Key(int, None, "output height in pixels (required)", check=at_least_one, example="224"),
-    "resize_w": Key(int, None, "output width in pixels (required)", check=at_least_one, example="224"),
-}
-
-
+# The keys the CPU and GPU image stages share, and their typed options.
+RESIZE_H = Key(int, None, "output height in pixels (required)", check=at_least_one, example="224")
+RESIZE_W = Key(int, None, "output width in pixels (required)", check=at_least_one, example="224")
+COLOR = Key(str, None, "target channel order (required)", choices=COLORS, example='"rgb"')
 # The decoders' limit on an image's size, checked from its header before decoding.
 DEFAULT_MAX_PIXELS = 8192 * 8192  # 64 Mpixel: 192 MiB decoded; a 1 MB PNG can claim 400 Mpixel
-MAX_PIXELS_KEY = {
-    "max_pixels": Key(int, DEFAULT_MAX_PIXELS, "largest image decoded, in pixels (width x height); a larger one "
-                      "is refused before decoding, as a NO_RESULT for that request", check=at_least_one,
-                      example=str(DEFAULT_MAX_PIXELS)),
-}
+MAX_PIXELS = Key(int, DEFAULT_MAX_PIXELS, "largest image decoded, in pixels (width x height); a larger one "
+                 "is refused before decoding, as a NO_RESULT for that request", check=at_least_one,
+                 example=str(DEFAULT_MAX_PIXELS))
+
+
+@dataclass(frozen=True)
+class DecodeOptions(BackendOptions):
+    """DecodeMat's (and, with ``decoder``, DecodeTensor's) options."""
+
+    max_pixels: int = option(MAX_PIXELS)
+
+
+@dataclass(frozen=True)
+class ResizeOptions(BackendOptions):
+    """ResizeMat's and ResizeTensor's options: both required (None only before the loader's check)."""
+
+    resize_h: int | None = option(RESIZE_H)
+    resize_w: int | None = option(RESIZE_W)
+
+
+@dataclass(frozen=True)
+class ColorOptions(BackendOptions):
+    """CvtColorMat's and CvtColorTensor's option: the channel order they give."""
+
+    color: str | None = option(COLOR)
 
 
 def refuse_oversized(item: dict[str, Any], max_pixels: int, backend: str) -> bool:
@@ -76,7 +94,7 @@ CHANNELS_WANTED = "must be 1 or 3 finite numbers, e.g. [123.675, 116.28, 103.53]
 
 
 def _numbers(value: Any) -> list[float] | None:
-    parts = value.replace(",", " ").split() if isinstance(value, str) else value if isinstance(value, list) else [value]
+    parts = value.replace(",", " ").split() if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
     try:
         numbers = [math.nan if isinstance(part, bool) else float(part) for part in parts]
     except (TypeError, ValueError):
@@ -84,24 +102,32 @@ def _numbers(value: Any) -> list[float] | None:
     return numbers if len(numbers) in (1, 3) and all(math.isfinite(n) for n in numbers) else None
 
 
-def _channel_check(value: Any) -> str | None:
+def channel_check(value: Any) -> str | None:
     return None if _numbers(value) is not None else CHANNELS_WANTED
 
 
 # Per-channel normalisation keys (Mat2Tensor), in the units of the values they apply to.
-CHANNEL_KEYS = {
-    "mean": Key((list, str, int, float), None, "per-channel mean, subtracted after scale, e.g. [123.675, 116.28, 103.53]",
-                check=_channel_check),
-    "std": Key((list, str, int, float), None, "per-channel std, divided by after the mean, e.g. [58.395, 57.12, 57.375]",
-               check=_channel_check),
-}
+MEAN = Key((list, str, int, float), None, "per-channel mean, subtracted after scale, e.g. [123.675, 116.28, 103.53]",
+           check=channel_check)
+STD = Key((list, str, int, float), None, "per-channel std, divided by after the mean, e.g. [58.395, 57.12, 57.375]",
+          check=channel_check)
 
 
-def resize_size(config: dict[str, Any], backend: str) -> tuple[int, int]:
+def normalisation(mean: Any, std: Any, written_std: Any) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Per-channel (mean, std) from the ``mean`` and ``std`` keys (None: 0 and 1); a std of 0
+    is refused, naming ``written_std`` as the config file wrote it."""
+    means = channel_values(mean, "mean") if mean is not None else (0.0, 0.0, 0.0)
+    stds = channel_values(std, "std") if std is not None else (1.0, 1.0, 1.0)
+    if 0.0 in stds:
+        raise ConfigError(f"std = {written_std!r} contains 0; every channel's std must be non-zero", key="std")
+    return means, stds
+
+
+def resize_size(options: ResizeOptions, backend: str) -> tuple[int, int]:
     """(height, width) from a resize node's required ``resize_h`` and ``resize_w``."""
     return (
-        require_key(config, "resize_h", backend, "resize_h = 224"),
-        require_key(config, "resize_w", backend, "resize_w = 224"),
+        require_value(options.resize_h, "resize_h", backend, "resize_h = 224"),
+        require_value(options.resize_w, "resize_w", backend, "resize_w = 224"),
     )
 
 
@@ -112,9 +138,8 @@ def describe(data: Any) -> str:
     return type(data).__name__
 
 
-def require_key(config: dict[str, Any], key: str, backend: str, example: str) -> Any:
-    """A key the node must set; config.py fills absent keys with None."""
-    value = config.get(key)
+def require_value(value: Any, key: str, backend: str, example: str) -> Any:
+    """The value of a key the node must set; config.py fills absent keys with None."""
     if value is None:
         raise ConfigError(f"{backend} needs the config key {key!r}; add {example} to the node's config", key=key, backend=backend)
     return value

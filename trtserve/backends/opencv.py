@@ -17,19 +17,18 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..backend import Backend, Key, TensorSpec
+from ..backend import Backend, InstanceContext, TensorSpec
 from .imagecheck import (
     ANY_IMAGE,
-    COLORS,
-    DEFAULT_MAX_PIXELS,
     ENCODED_IMAGE,
-    MAX_PIXELS_KEY,
-    RESIZE_KEYS,
+    ColorOptions,
+    DecodeOptions,
+    ResizeOptions,
     check_encoded,
     check_hwc_image,
     image_spec,
     refuse_oversized,
-    require_key,
+    require_value,
     resize_size,
     source_color,
 )
@@ -54,15 +53,18 @@ class DecodeMat(_ImageBackend):
     The image's size is read from its header first: one over ``max_pixels`` (or whose size
     cannot be read) is not decoded, a soft failure saying why (``item[NO_RESULT]``)."""
 
-    config_keys = MAX_PIXELS_KEY
+    Options = DecodeOptions
+
+    def init(self, context: InstanceContext) -> None:
+        super().init(context)
+        self.max_pixels = context.options(DecodeOptions).max_pixels
 
     def validate(self, item: dict[str, Any]) -> None:
         check_encoded(item.get("data"), "DecodeMat")
 
     def forward(self, items: list[dict[str, Any]]) -> None:
-        max_pixels = self.config.get("max_pixels") or DEFAULT_MAX_PIXELS
         for item in items:
-            if refuse_oversized(item, max_pixels, "DecodeMat"):
+            if refuse_oversized(item, self.max_pixels, "DecodeMat"):
                 continue
             image = self.decode(item.get("data"))
             if image is not None:
@@ -90,12 +92,12 @@ class DecodeMat(_ImageBackend):
 class ResizeMat(_ImageBackend):
     """Resize to ``resize_h`` x ``resize_w`` with bilinear interpolation (cv2.INTER_LINEAR)."""
 
-    config_keys = RESIZE_KEYS
+    Options = ResizeOptions
     required_keys = ("resize_h", "resize_w")
 
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        super().init(config, kwargs)
-        self.height, self.width = resize_size(config, "ResizeMat")
+    def init(self, context: InstanceContext) -> None:
+        super().init(context)
+        self.height, self.width = resize_size(context.options(ResizeOptions), "ResizeMat")
 
     def validate(self, item: dict[str, Any]) -> None:
         check_image(item, "ResizeMat")
@@ -116,12 +118,12 @@ class ResizeMat(_ImageBackend):
 class CvtColorMat(_ImageBackend):
     """Reorder channels to ``color`` ("rgb" or "bgr") from ``item["color"]`` (default "bgr")."""
 
-    config_keys = {"color": Key(str, None, "target channel order (required)", choices=COLORS, example='"rgb"')}
+    Options = ColorOptions
     required_keys = ("color",)
 
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        super().init(config, kwargs)
-        self.color = require_key(config, "color", "CvtColorMat", 'color = "rgb"')
+    def init(self, context: InstanceContext) -> None:
+        super().init(context)
+        self.color = require_value(context.options(ColorOptions).color, "color", "CvtColorMat", 'color = "rgb"')
 
     def validate(self, item: dict[str, Any]) -> None:
         check_image(item, "CvtColorMat")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..backend import Backend, TensorSpec
+from ..backend import Backend, InstanceContext, TensorSpec
 from ..errors import BackendError, ConfigError, InvalidInputError
 from ..signature import accepts, check_link
 
@@ -26,11 +26,11 @@ from ..signature import accepts, check_link
 class Sequential(Backend):
     children_arity = None
 
-    def init(self, config, kwargs):
-        self.config = config
-        self.node = kwargs.get("node", "?")
+    def init(self, context: InstanceContext) -> None:
+        self.config = context.config
+        self.node = context.node
         for child in reversed(self.children):
-            child.init(config, kwargs)
+            child.init(context)
         ranges = [(c.min(), c.max()) for c in self.children if (c.min(), c.max()) != (1, 1)]
         self._lo = max((lo for lo, _ in ranges), default=1)
         self._hi = min((hi for _, hi in ranges), default=1)

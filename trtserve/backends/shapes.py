@@ -1,4 +1,4 @@
-"""Items of different shapes in one batch: grouping, and the optional padding policy.
+"""Items of different shapes in one batch: the ``pad`` policy (grouping itself: stacking.py).
 
 A model with dynamic dimensions beyond the batch (an OCR recognizer's width, a detector's
 height and width) can receive, in one scheduler batch, items that do not stack.
@@ -12,12 +12,13 @@ height and width) can receive, in one scheduler batch, items that do not stack.
   ``limit`` keeps its shape and runs in a group of its own.  Results keep the padded size:
   a recognizer whose output length follows its input width returns the padded length.
 
-The common batch, where every item already has one shape, stacks exactly as before.
+The common batch, where every item already has one shape, stacks as one call.
+This module reads and checks the ``pad`` key; stacking.group applies it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -25,13 +26,6 @@ from ..backend import did_you_mean
 from ..errors import ConfigError
 
 PAD_KEYS = ("value", "limit")
-
-
-class Stackable(Protocol):
-    """What grouping needs of a prepared item: its inputs with their batch dimension."""
-
-    arrays: dict[str, Any]
-    rows: int
 
 
 @dataclass(frozen=True)
@@ -56,7 +50,7 @@ def check_pad(value: dict) -> str | None:
     return None
 
 
-def pad_rules(raw: dict | None, ports: list[Any], where: str) -> dict[str, PadRule]:
+def pad_rules(raw: Mapping[str, Any] | None, ports: list[Any], where: str) -> dict[str, PadRule]:
     """``pad`` against the model's inputs (``ports``: name, dtype, shape): names must exist,
     the input must have a dynamic dimension beyond the batch, and the value must fit its dtype."""
     rules: dict[str, PadRule] = {}
@@ -84,57 +78,3 @@ def pad_rules(raw: dict | None, ports: list[Any], where: str) -> dict[str, PadRu
             )
         rules[name] = PadRule(axes, value, rule.get("limit"))
     return rules
-
-
-Padding = dict[str, tuple[tuple[int, ...], float]]  # input -> (shape without the batch dim, value)
-
-
-def group(prepared: list[Stackable], rules: dict[str, PadRule] | None = None) -> list[tuple[list[int], Padding | None]]:
-    """Item indices that run as one call, in order of first appearance, each with what to
-    pad each input to (``Padding``), or None when nothing is padded."""
-    groups: dict[tuple, list[int]] = {}
-    for index, prep in enumerate(prepared):
-        groups.setdefault(_key(prep, rules), []).append(index)
-    if not rules:
-        return [(indices, None) for indices in groups.values()]
-    return [(indices, _target([prepared[i] for i in indices], rules)) for indices in groups.values()]
-
-
-def _key(prep: Stackable, rules: dict[str, PadRule] | None) -> tuple:
-    key = []
-    for name, array in prep.arrays.items():
-        shape = array.shape[1:]
-        rule = rules.get(name) if rules else None
-        if rule is not None:  # padded dims that fit the limit do not split the batch
-            shape = tuple(
-                None if axis + 1 in rule.axes and (rule.limit is None or dim <= rule.limit) else dim
-                for axis, dim in enumerate(shape)
-            )
-        key.append(shape)
-    return tuple(key)
-
-
-def _target(members: list[Stackable], rules: dict[str, PadRule]) -> Padding | None:
-    target = {}
-    for name, rule in rules.items():
-        shapes = [m.arrays[name].shape[1:] for m in members]
-        largest = tuple(max(dims) for dims in zip(*shapes))
-        if any(shape != largest for shape in shapes):
-            target[name] = (largest, rule.value)
-    return target or None
-
-
-def stack(arrays: list[np.ndarray], pad: tuple[tuple[int, ...], float] | None = None) -> np.ndarray:
-    """The batch of one input: ``arrays`` concatenated on axis 0, each padded at the end of
-    its dimensions to ``pad``'s shape with its value (None: they already agree)."""
-    if pad is None:
-        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
-    shape, value = pad
-    rows = sum(a.shape[0] for a in arrays)
-    batch = np.full((rows,) + tuple(shape), value, dtype=arrays[0].dtype)  # one allocation
-    start = 0
-    for array in arrays:
-        stop = start + array.shape[0]
-        batch[(slice(start, stop),) + tuple(slice(0, d) for d in array.shape[1:])] = array
-        start = stop
-    return batch

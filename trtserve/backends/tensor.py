@@ -17,13 +17,13 @@ each result back without the batch dimension.  Each item counts 1 toward ``max``
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ..backend import Backend, Key, TensorSpec
-from ..errors import ConfigError
-from .imagecheck import ANY_IMAGE, CHANNEL_KEYS, channel_values, check_hwc_image
+from ..backend import Backend, BackendOptions, InstanceContext, Key, TensorSpec, option
+from .imagecheck import ANY_IMAGE, MEAN, STD, check_hwc_image, normalisation
 
 LAYOUTS = ("CHW", "HWC")
 
@@ -32,25 +32,32 @@ def _finite(value: float) -> str | None:
     return None if np.isfinite(value) and value != 0 else "must be a finite, non-zero number"
 
 
-class Mat2Tensor(Backend):
-    config_keys = {
-        "scale": Key((int, float), 1, "multiplier applied first, e.g. 0.00392156862745098 (1/255)", check=_finite),
-        **CHANNEL_KEYS,
-        "layout": Key(str, "CHW", "CHW: (3, H, W), as NCHW models take it; HWC keeps (H, W, 3)", choices=LAYOUTS),
-    }
+Channels = tuple[float, ...] | str | int | float | None  # 1 or 3 numbers, as config.py checked them
 
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        super().init(config, kwargs)
-        scale = float(config.get("scale", 1))
-        mean = channel_values(config["mean"], "mean") if config.get("mean") is not None else (0.0, 0.0, 0.0)
-        std = channel_values(config["std"], "std") if config.get("std") is not None else (1.0, 1.0, 1.0)
-        if 0.0 in std:
-            raise ConfigError(f"std = {config['std']!r} contains 0; every channel's std must be non-zero", key="std")
+
+@dataclass(frozen=True)
+class Mat2TensorOptions(BackendOptions):
+    scale: int | float = option(
+        Key((int, float), 1, "multiplier applied first, e.g. 0.00392156862745098 (1/255)", check=_finite)
+    )
+    mean: Channels = option(MEAN)
+    std: Channels = option(STD)
+    layout: str = option(Key(str, "CHW", "CHW: (3, H, W), as NCHW models take it; HWC keeps (H, W, 3)", choices=LAYOUTS))
+
+
+class Mat2Tensor(Backend):
+    Options = Mat2TensorOptions
+
+    def init(self, context: InstanceContext) -> None:
+        super().init(context)
+        options = context.options(Mat2TensorOptions)
+        scale = float(options.scale)
+        mean, std = normalisation(options.mean, options.std, context.config.get("std"))
         # (x * scale - mean) / std == x * gain - offset: two passes over the image, not three.
         self.gain = np.array([scale / s for s in std], np.float32)
         self.offset = np.array([m / s for m, s in zip(mean, std)], np.float32)
         self.identity = scale == 1 and mean == (0.0, 0.0, 0.0) and std == (1.0, 1.0, 1.0)
-        self.chw = config.get("layout", "CHW") == "CHW"
+        self.chw = options.layout == "CHW"
 
     def request_size(self, item: dict[str, Any]) -> int:
         return 1  # one image, whatever its height

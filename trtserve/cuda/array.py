@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backends.stacking import contiguous_strides
 from .runtime import DeviceBuffer, Event, PinnedBuffer, Stream, copy_async, current_stream
 
 _ALIGN = 256  # keep each staged upload aligned like cudaMalloc's allocations
@@ -73,7 +74,7 @@ class DeviceArray:
         cai = obj.__cuda_array_interface__
         shape, dtype = tuple(cai["shape"]), np.dtype(cai["typestr"])
         strides = cai.get("strides")
-        if strides is not None and tuple(strides) != _contiguous_strides(shape, dtype.itemsize):
+        if strides is not None and tuple(strides) != contiguous_strides(shape, dtype.itemsize):
             raise ValueError(f"only C-contiguous device arrays are supported, got strides {strides} for shape {shape}")
         return cls(cai["data"][0], shape, dtype, stream, owner=obj)
 
@@ -139,14 +140,6 @@ class DeviceArray:
 
     def __repr__(self) -> str:
         return f"DeviceArray(shape={self.shape}, dtype={self.dtype}, ptr=0x{self.ptr:x}, device={self.device})"
-
-
-def _contiguous_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
-    strides, step = [], itemsize
-    for dim in reversed(shape):
-        strides.append(step)
-        step *= dim
-    return tuple(reversed(strides))
 
 
 class HostStaging:

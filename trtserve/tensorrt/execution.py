@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from ..backends.stacking import Prepared
 from ..errors import BackendError, ConfigError, ModelUnavailableError
 from . import logger, quote_errors
 from .io import EngineIO
-from .items import Bounds, DeviceInput, Prepared
+from .items import Bounds, DeviceInput
 
 
 class EngineRunner:

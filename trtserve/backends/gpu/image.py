@@ -22,52 +22,51 @@ instance's pinned staging buffer, asynchronously on the stream.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ...backend import Backend, Key, TensorSpec
+from ...backend import Backend, BackendOptions, InstanceContext, Key, TensorSpec, option
 from ...cuda import DeviceArray, HostStaging, copy_async, current_stream
 from ...errors import ConfigError, ModelUnavailableError
 from ..imagecheck import (
     ANY_IMAGE,
     COLORS,
-    DEFAULT_MAX_PIXELS,
     ENCODED_IMAGE,
-    MAX_PIXELS_KEY,
-    RESIZE_KEYS,
+    MAX_PIXELS,
+    RESIZE_H,
+    RESIZE_W,
+    ColorOptions,
+    ResizeOptions,
+    channel_check,
     check_encoded,
     check_hwc_image,
     refuse_oversized,
-    require_key,
+    normalisation,
+    require_value,
     resize_size,
     source_color,
 )
 from . import kernels
 
-def _three_numbers(value: Any) -> str | None:
-    try:
-        numbers = parse_triplet(value, "value")
-    except ConfigError as exc:
-        return exc.message
-    return None if len(numbers) == 3 else "needs 1 or 3 numbers"
+@dataclass(frozen=True)
+class DecodeTensorOptions(BackendOptions):
+    decoder: str = option(
+        Key(str, "auto", "auto: nvImageCodec when installed, else OpenCV on the host", choices=("auto", "nvimgcodec", "opencv"))
+    )
+    max_pixels: int = option(MAX_PIXELS)
 
 
-def parse_triplet(value: Any, key: str) -> tuple[float, float, float]:
-    """``[a, b, c]``, ``[a]``, ``"a, b, c"`` or a number -> three floats (TorchPipe writes strings)."""
-    if isinstance(value, str):
-        parts = [p for p in value.replace(",", " ").split() if p]
-    elif isinstance(value, (list, tuple)):
-        parts = list(value)
-    else:
-        parts = [value]
-    try:
-        numbers = [float(p) for p in parts if not isinstance(p, bool)]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} = {value!r} must be 1 or 3 numbers, e.g. [123.675, 116.28, 103.53]", key=key) from None
-    if len(numbers) != len(parts) or len(numbers) not in (1, 3):
-        raise ConfigError(f"{key} = {value!r} must be 1 or 3 numbers, e.g. [123.675, 116.28, 103.53]", key=key)
-    return tuple(numbers * 3 if len(numbers) == 1 else numbers)  # type: ignore[return-value]
+@dataclass(frozen=True)
+class FusedPreprocessOptions(BackendOptions):
+    resize_h: int | None = option(RESIZE_H)
+    resize_w: int | None = option(RESIZE_W)
+    color: str | None = option(Key(str, None, "target channel order (required for CvtColor*, optional here)", choices=COLORS))
+    mean: Any = option(Key((list, str, int, float), None, "per-channel mean in 0-255 units, e.g. [123.675, 116.28, 103.53]",
+                           check=channel_check))
+    std: Any = option(Key((list, str, int, float), None, "per-channel std in 0-255 units, e.g. [58.395, 57.12, 57.375]",
+                          check=channel_check))
 
 
 class _GpuImage(Backend):
@@ -76,8 +75,8 @@ class _GpuImage(Backend):
     kernel_names: tuple[str, ...] = ()  # compiled at init
     thread_bound = True  # launches on the instance's current stream
 
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        super().init(config, kwargs)
+    def init(self, context: InstanceContext) -> None:
+        super().init(context)
         name = type(self).__name__
         stream = current_stream()
         if stream is None:
@@ -125,14 +124,13 @@ class DecodeTensor(_GpuImage):
     decoding), are a soft failure (no ``result``), as in DecodeMat.
     """
 
-    config_keys = {
-        "decoder": Key(str, "auto", "auto: nvImageCodec when installed, else OpenCV on the host", choices=("auto", "nvimgcodec", "opencv")),
-        **MAX_PIXELS_KEY,
-    }
+    Options = DecodeTensorOptions
 
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        super().init(config, kwargs)
-        choice = config.get("decoder") or "auto"
+    def init(self, context: InstanceContext) -> None:
+        super().init(context)
+        options = context.options(DecodeTensorOptions)
+        self.max_pixels = options.max_pixels
+        choice = options.decoder
         self.nvimgcodec = None
         if choice in ("auto", "nvimgcodec"):
             try:
@@ -160,8 +158,7 @@ class DecodeTensor(_GpuImage):
         check_encoded(item.get("data"), "DecodeTensor")
 
     def forward(self, items: list[dict[str, Any]]) -> None:
-        max_pixels = self.config.get("max_pixels") or DEFAULT_MAX_PIXELS
-        items = [item for item in items if not refuse_oversized(item, max_pixels, "DecodeTensor")]
+        items = [item for item in items if not refuse_oversized(item, self.max_pixels, "DecodeTensor")]
         if not items:
             return
         if self.nvimgcodec is not None:
@@ -209,11 +206,11 @@ class ResizeTensor(_GpuImage):
     """Bilinear resize to ``resize_h`` x ``resize_w`` (OpenCV INTER_LINEAR within 1 LSB)."""
 
     kernel_names = ("resize_linear_u8",)
-    config_keys = RESIZE_KEYS
+    Options = ResizeOptions
 
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        super().init(config, kwargs)
-        self.height, self.width = resize_size(config, "ResizeTensor")
+    def init(self, context: InstanceContext) -> None:
+        super().init(context)
+        self.height, self.width = resize_size(context.options(ResizeOptions), "ResizeTensor")
 
     def forward(self, items: list[dict[str, Any]]) -> None:
         for item, image in zip(items, self.device_images(items)):
@@ -230,11 +227,11 @@ class CvtColorTensor(_GpuImage):
     """Reorder channels to ``color`` ("rgb"/"bgr") from ``item["color"]`` (default "bgr")."""
 
     kernel_names = ("swap_rb_u8",)
-    config_keys = {"color": Key(str, None, "target channel order (required)", choices=COLORS)}
+    Options = ColorOptions
 
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        super().init(config, kwargs)
-        self.color = require_key(config, "color", "CvtColorTensor", 'color = "rgb"')
+    def init(self, context: InstanceContext) -> None:
+        super().init(context)
+        self.color = require_value(context.options(ColorOptions).color, "color", "CvtColorTensor", 'color = "rgb"')
 
     def validate(self, item: dict[str, Any]) -> None:
         super().validate(item)
@@ -261,24 +258,14 @@ class FusedPreprocessTensor(_GpuImage):
     """
 
     kernel_names = ("fused_preprocess",)
-    config_keys = {
-        "resize_h": ResizeTensor.config_keys["resize_h"],
-        "resize_w": ResizeTensor.config_keys["resize_w"],
-        "color": Key(str, None, "target channel order (required for CvtColor*, optional here)", choices=COLORS),
-        "mean": Key((list, str, int, float), None, "per-channel mean in 0-255 units, e.g. [123.675, 116.28, 103.53]", check=_three_numbers),
-        "std": Key((list, str, int, float), None, "per-channel std in 0-255 units, e.g. [58.395, 57.12, 57.375]", check=_three_numbers),
-    }
+    Options = FusedPreprocessOptions
 
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        super().init(config, kwargs)
-        self.height = require_key(config, "resize_h", "FusedPreprocessTensor", "resize_h = 224")
-        self.width = require_key(config, "resize_w", "FusedPreprocessTensor", "resize_w = 224")
-        self.color = config.get("color")
-        mean, std = config.get("mean"), config.get("std")
-        self.mean = parse_triplet(mean, "mean") if mean is not None else (0.0, 0.0, 0.0)
-        self.std = parse_triplet(std, "std") if std is not None else (1.0, 1.0, 1.0)
-        if 0.0 in self.std:
-            raise ConfigError(f"std = {std!r} contains 0; every channel's std must be non-zero", key="std")
+    def init(self, context: InstanceContext) -> None:
+        super().init(context)
+        options = context.options(FusedPreprocessOptions)
+        self.height, self.width = resize_size(ResizeOptions(options.resize_h, options.resize_w), "FusedPreprocessTensor")
+        self.color = options.color
+        self.mean, self.std = normalisation(options.mean, options.std, context.config.get("std"))
 
     def validate(self, item: dict[str, Any]) -> None:
         super().validate(item)

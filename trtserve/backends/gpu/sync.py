@@ -23,10 +23,11 @@ code, never by message text.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ... import cuda
-from ...backend import Backend, Key
+from ...backend import Backend, BackendOptions, InstanceContext, Key, option
 from ...completion import Completion
 from ...errors import ConfigError, ModelUnavailableError, TrtserveError
 
@@ -53,14 +54,17 @@ def _non_negative(value: int) -> str | None:
     return None if value >= 0 else "must be a CUDA device ordinal (0, 1, ...)"
 
 
+@dataclass(frozen=True)
+class SyncTensorOptions(BackendOptions):
+    device_id: int = option(Key(int, 0, "CUDA device this node's instances run on", check=_non_negative))
+    overlap: bool = option(Key(bool, False, "return before the GPU finishes a batch, so the instance prepares its "
+                                            "next batch meanwhile and waits afterwards (the whole node must be SyncTensor[X])"))
+
+
 class SyncTensor(Backend):
     children_arity = (0, 1)
     thread_bound = True  # its stream is the instance thread's current stream
-    config_keys = {
-        "device_id": Key(int, 0, "CUDA device this node's instances run on", check=_non_negative),
-        "overlap": Key(bool, False, "return before the GPU finishes a batch, so the instance prepares its "
-                                    "next batch meanwhile and waits afterwards (the whole node must be SyncTensor[X])"),
-    }
+    Options = SyncTensorOptions
 
     def __init__(self) -> None:
         super().__init__()
@@ -70,9 +74,10 @@ class SyncTensor(Backend):
         self._events: list[cuda.Event] = []  # overlap: one per batch in flight (two), in turn
         self._turn = 0
 
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        self.config = config
-        self.overlap = bool(config.get("overlap"))
+    def init(self, context: InstanceContext) -> None:
+        self.config = context.config
+        options = context.options(SyncTensorOptions)
+        self.overlap = options.overlap
         if self.overlap and (not self.children or not self.is_root):
             raise ConfigError(
                 f"overlap = true needs SyncTensor to wrap the whole node, as in SyncTensor[X]; here it is "
@@ -87,11 +92,11 @@ class SyncTensor(Backend):
                 "GPU with its driver and cuda-python (pip install 'trtserve[gpu]'); on a CPU-only machine use "
                 "the CPU backends (DecodeMat, ResizeMat, CvtColorMat, OnnxRuntime)",
                 backend="SyncTensor",
-                node=kwargs.get("node"),
+                node=context.node,
                 reason=cuda.unavailable_reason(),
             )
         cuda.raise_if_poisoned()
-        ordinal = int(config.get("device_id") or 0)
+        ordinal = options.device_id
         cuda.require_device(ordinal)
         cuda.ensure_device(ordinal)
         self.stream = cuda.Stream(device=ordinal)
@@ -103,7 +108,7 @@ class SyncTensor(Backend):
         cuda.set_current_stream(self.stream)
         try:
             for child in self.children:
-                child.init(config, kwargs)
+                child.init(context)
         except BaseException:
             self._release()
             raise

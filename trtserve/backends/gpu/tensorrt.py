@@ -13,11 +13,13 @@ model fails to load with ModelUnavailableError saying so; nothing crashes.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from ...backend import Backend, Key, Signature, TensorSpec, call_recorder
+from ...backend import Backend, BackendOptions, InstanceContext, Key, Signature, TensorSpec, option
 from ...errors import ConfigError, ModelUnavailableError
+from ..stacking import as_result, check_rows, group, split
 
 log = logging.getLogger("trtserve.tensorrt")
 ONNX_SUFFIXES = (".onnx",)
@@ -36,22 +38,55 @@ def _input_shapes(value: dict) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class TensorrtOptions(BackendOptions):
+    model: str = ""  # the node's model file (required_keys)
+    min: int = 1  # the node's batch range: the engine's profile on the batch dimension
+    max: int = 1
+    precision: str = option(
+        Key(str, "fp32", "fp32 or fp16 (see docs/tensorrt.md for strongly typed builders)", choices=("fp32", "fp16"))
+    )
+    workspace_mb: int = option(Key(int, 1024, "builder workspace limit in MB; 0 = the builder's default", check=_workspace))
+    trt_module: str = option(
+        Key(str, "auto", "TensorRT package: auto, tensorrt or tensorrt_rtx", choices=("auto", "tensorrt", "tensorrt_rtx"))
+    )
+    engine_cache: bool = option(Key(bool, True, "cache the built engine next to the ONNX model"))
+    input_shapes: Mapping[str, tuple[int, ...]] | None = option(
+        Key(dict, None, "per-row shapes of inputs with dynamic non-batch dims", check=_input_shapes)
+    )
+
+    def build_keys_set(self) -> list[str]:
+        """The build keys this config sets away from their defaults (meaningless for a prebuilt plan)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return [key for key in BUILD_KEYS if getattr(self, key) != defaults[key]]
+
+    def check(self) -> None:
+        """A prebuilt engine is loaded as built: keys that only steer a build contradict it."""
+        if Path(self.model).suffix.lower() not in PLAN_SUFFIXES:
+            return
+        for key in self.build_keys_set():
+            value = getattr(self, key)
+            if key == "input_shapes":  # as the config file wrote it
+                value = {name: list(shape) for name, shape in value.items()}
+            raise ConfigError(
+                f"{key} = {value!r} applies to ONNX models only; {self.model} is a prebuilt engine, "
+                f"loaded as built: remove {key}, or point model at the ONNX file",
+                key=key,
+                value=repr(value),
+            )
+
+
 class TensorrtTensor(Backend):
     thread_bound = True  # enqueues on the instance's current stream
-    config_keys = {
-        "precision": Key(str, "fp32", "fp32 or fp16 (see docs/tensorrt.md for strongly typed builders)", choices=("fp32", "fp16")),
-        "workspace_mb": Key(int, 1024, "builder workspace limit in MB; 0 = the builder's default", check=_workspace),
-        "trt_module": Key(str, "auto", "TensorRT package: auto, tensorrt or tensorrt_rtx", choices=("auto", "tensorrt", "tensorrt_rtx")),
-        "engine_cache": Key(bool, True, "cache the built engine next to the ONNX model"),
-        "input_shapes": Key(dict, None, "per-row shapes of inputs with dynamic non-batch dims", check=_input_shapes),
-    }
+    Options = TensorrtOptions
     required_keys = ("model",)
 
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        super().init(config, kwargs)
+    def init(self, context: InstanceContext) -> None:
+        super().init(context)
         self.runner = None
         self._keep: tuple[Any, ...] = ()
-        self._record_call = call_recorder(kwargs)
+        self._record_call = context.record_call
+        config = context.options(TensorrtOptions)
         path = self._model_path(config)
         self.path = str(path)
         from ... import cuda
@@ -69,7 +104,7 @@ class TensorrtTensor(Backend):
         from ...tensorrt import import_tensorrt
         from ...tensorrt.io import engine_io
 
-        trt = import_tensorrt(config["trt_module"])
+        trt = import_tensorrt(config.trt_module)
         runtime, engine, artifact = self._engine(trt, path, config)
         io = engine_io(trt, engine, str(path))
         if artifact.io is not None:
@@ -85,15 +120,15 @@ class TensorrtTensor(Backend):
         from ...tensorrt.execution import EngineRunner
         from ...tensorrt.items import ItemChecker
 
-        self.runner = EngineRunner(trt, engine, io, int(config["min"]), int(config["max"]), str(path))
+        self.runner = EngineRunner(trt, engine, io, config.min, config.max, str(path))
         self._keep = (runtime, engine)  # the runtime must outlive the engine, the engine its context
         self.io = io
-        self.checker = ItemChecker(self.runner.bounds, int(config["max"]), str(path))
+        self.checker = ItemChecker(self.runner.bounds, config.max, str(path))
         log.info("TensorrtTensor %s ready (%s engine, %s, batch %d..%d)", path, artifact.source,
-                 trt.__name__, config["min"], config["max"])
+                 trt.__name__, config.min, config.max)
 
-    def _model_path(self, config: dict[str, Any]) -> Path:
-        model = config.get("model")
+    def _model_path(self, config: TensorrtOptions) -> Path:
+        model = config.model
         if not model:
             raise ConfigError(
                 "TensorrtTensor needs the config key 'model'; add model = \"model.onnx\" (or a .plan "
@@ -111,30 +146,23 @@ class TensorrtTensor(Backend):
             )
         return path
 
-    def _engine(self, trt: Any, path: Path, config: dict[str, Any]):
+    def _engine(self, trt: Any, path: Path, config: TensorrtOptions):
         """(runtime, engine, artifact); a cached engine TensorRT refuses is rebuilt once."""
         from ...tensorrt import BuildSpec, deserialize_engine, ensure_engine, load_plan
         from ...tensorrt.runtime import EngineRejected
 
         if path.suffix.lower() in PLAN_SUFFIXES:
-            for key in BUILD_KEYS:
-                if config.get(key) != self.config_keys[key].default:
-                    raise ConfigError(
-                        f"{key} = {config.get(key)!r} applies to ONNX models only; {path} is a prebuilt engine, "
-                        f"loaded as built: remove {key}, or point model at the ONNX file",
-                        key=key,
-                        value=repr(config.get(key)),
-                    )
+            config.check()  # the loader checked already; a backend built by hand is checked here
             artifact = load_plan(path)
             return (*deserialize_engine(trt, artifact), artifact)
         spec = BuildSpec(
-            min_batch=int(config["min"]),
-            max_batch=int(config["max"]),
-            precision=config["precision"],
-            workspace_mb=int(config["workspace_mb"]),
-            input_shapes={k: tuple(v) for k, v in (config.get("input_shapes") or {}).items()},
+            min_batch=config.min,
+            max_batch=config.max,
+            precision=config.precision,
+            workspace_mb=config.workspace_mb,
+            input_shapes={k: tuple(v) for k, v in (config.input_shapes or {}).items()},
         )
-        artifact = ensure_engine(trt, path, spec, use_cache=bool(config["engine_cache"]))
+        artifact = ensure_engine(trt, path, spec, use_cache=config.engine_cache)
         try:
             return (*deserialize_engine(trt, artifact), artifact)
         except EngineRejected as exc:
@@ -162,16 +190,17 @@ class TensorrtTensor(Backend):
 
     # -- execution (instance thread) ---------------------------------------------------
     def forward(self, items: list[dict[str, Any]]) -> None:
-        from ...tensorrt.items import group, split
-
         # Checked again: inside S[...] only the first stage's validate runs before queueing.
         prepared = [self.checker.prepare(item) for item in items]
-        for indices in group(prepared):
+        for indices, _ in group(prepared):  # the profile fixes the other dims: nothing is padded
             members = [prepared[i] for i in indices]
             outputs = self.runner.run(members)
-            self._record_call(sum(m.rows for m in members))
-            for index, result in zip(indices, split(outputs, members, self.checker.where)):
-                items[index]["result"] = result
+            total = sum(m.rows for m in members)
+            self._record_call(total)
+            check_rows(outputs, total, self.checker.inputs.label, self.path)
+            # Copies: the outputs are views of staging buffers the next batch reuses.
+            for index, parts in zip(indices, split(outputs, members, copy=True)):
+                items[index]["result"] = as_result(parts)
 
     def close(self) -> None:
         if self.runner is not None:

@@ -28,33 +28,55 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ... import cuda
-from ...backend import Backend, Key, Signature, TensorSpec, call_recorder
-from ...errors import BackendError, ConfigError, InvalidInputError, ModelUnavailableError
+from ...backend import Backend, BackendOptions, InstanceContext, Key, Signature, TensorSpec, option
+from ...errors import ConfigError, InvalidInputError, ModelUnavailableError
+from ..stacking import Prepared, check_rows, describe, group, split
 from .torchgraph import GraphRunner
 
 
-def _describe(data: Any) -> str:
-    shape = getattr(data, "shape", None)
-    return f"{type(data).__name__}(shape={tuple(shape)})" if shape is not None else type(data).__name__
+@dataclass(frozen=True)
+class TorchScriptOptions(BackendOptions):
+    model: str = ""  # the node's model file (required_keys)
+    device: str = option(Key(str, "auto", "auto: cuda when PyTorch sees a GPU, else cpu", choices=("auto", "cuda", "cpu")))
+    add_batch_dim: bool = option(Key(bool, False, "items are single samples: add (and remove) a batch dimension of 1"))
+    result_device: str = option(
+        Key(str, "host", "host: numpy results; device: DeviceArray results on the GPU", choices=("host", "device"))
+    )
+    cuda_graph: bool = option(Key(bool, False, "capture the model in a CUDA graph per input shape and replay it (CUDA only)"))
+
+    def check(self) -> None:
+        """CUDA-only keys on a node that says ``device = "cpu"``.  (With ``"auto"`` the
+        machine decides: cuda_graph is then ignored on a CPU, result_device refused at init.)"""
+        if self.device != "cpu":
+            return
+        if self.cuda_graph:
+            raise ConfigError(
+                'TorchScriptTensor: cuda_graph = true needs CUDA, and this node has device = "cpu"; '
+                'remove cuda_graph or set device = "auto"',
+                key="cuda_graph",
+            )
+        if self.result_device == "device":
+            raise ConfigError(
+                'TorchScriptTensor: result_device = "device" needs CUDA, and this node has device = "cpu"; '
+                'remove result_device or set device = "auto"',
+                key="result_device",
+            )
 
 
 class TorchScriptTensor(Backend):
     thread_bound = True  # runs on the instance's current stream
-    config_keys = {
-        "device": Key(str, "auto", "auto: cuda when PyTorch sees a GPU, else cpu", choices=("auto", "cuda", "cpu")),
-        "add_batch_dim": Key(bool, False, "items are single samples: add (and remove) a batch dimension of 1"),
-        "result_device": Key(str, "host", "host: numpy results; device: DeviceArray results on the GPU", choices=("host", "device")),
-        "cuda_graph": Key(bool, False, "capture the model in a CUDA graph per input shape and replay it (CUDA only)"),
-    }
+    Options = TorchScriptOptions
     required_keys = ("model",)
 
-    def init(self, config: dict[str, Any], kwargs: dict[str, Any]) -> None:
-        super().init(config, kwargs)
+    def init(self, context: InstanceContext) -> None:
+        super().init(context)
+        options = context.options(TorchScriptOptions)
         try:
             import torch
         except ImportError:
@@ -63,18 +85,18 @@ class TorchScriptTensor(Backend):
                 backend="TorchScriptTensor",
             ) from None
         self.torch = torch
-        self._record_call = call_recorder(kwargs)
-        path = self.path = config.get("model")
+        self._record_call = context.record_call
+        path = self.path = options.model
         if not path:
             raise ConfigError("TorchScriptTensor needs the config key 'model' (a TorchScript .pt file)", key="model")
-        self.add_batch_dim = bool(config.get("add_batch_dim"))
-        self.result_on_device = config.get("result_device") == "device"
+        self.add_batch_dim = options.add_batch_dim
+        self.result_on_device = options.result_device == "device"
         self.stream = None
         self.torch_stream = None
         self.staging: list[cuda.HostStaging] = []  # pinned upload buffers, two per model input
         self._turn = 0
         self.graphs: GraphRunner | None = None
-        choice = config.get("device") or "auto"
+        choice = options.device
         use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
         if use_cuda:
             self._bind_cuda(choice)
@@ -93,23 +115,14 @@ class TorchScriptTensor(Backend):
                 file=str(path),
             ) from None
         self.model.eval()
-        self.graphs = self._graph_runner(config, kwargs, choice)
+        self.graphs = self._graph_runner(options, context)
 
-    def _graph_runner(self, config: dict[str, Any], kwargs: dict[str, Any], choice: str) -> GraphRunner | None:
+    def _graph_runner(self, options: TorchScriptOptions, context: InstanceContext) -> GraphRunner | None:
         """``cuda_graph = true``: the model replayed from CUDA graphs (torchgraph.py).  With
         ``device = "auto"`` on a machine without a GPU it does not apply and is ignored, so one
-        repository serves on both; with ``device = "cpu"`` it is a contradiction."""
-        if not config.get("cuda_graph"):
-            return None
-        if self.device.type == "cuda":
-            where = ".".join(str(kwargs[k]) for k in ("model", "node") if kwargs.get(k)) or "TorchScriptTensor"
-            return GraphRunner(self.torch, self.model, where)
-        if choice == "cpu":
-            raise ConfigError(
-                'TorchScriptTensor: cuda_graph = true needs CUDA, and this node has device = "cpu"; '
-                'remove cuda_graph or set device = "auto"',
-                key="cuda_graph",
-            )
+        repository serves on both (``device = "cpu"`` is refused at load: Options.check)."""
+        if options.cuda_graph and self.device.type == "cuda":
+            return GraphRunner(self.torch, self.model, context.where)
         return None
 
     def _bind_cuda(self, choice: str) -> None:
@@ -166,16 +179,16 @@ class TorchScriptTensor(Backend):
             if shape is None or not (hasattr(tensor, "__cuda_array_interface__") or isinstance(tensor, np.ndarray) or self._is_torch(tensor)):
                 raise InvalidInputError(
                     f"TorchScriptTensor takes a numpy array, a DeviceArray or a torch tensor (or a dict of them), "
-                    f"got {_describe(tensor)}",
+                    f"got {describe(tensor)}",
                     backend="TorchScriptTensor",
-                    received=_describe(tensor),
+                    received=describe(tensor),
                 )
             if not self.add_batch_dim and len(shape) == 0:
                 raise InvalidInputError(
                     "TorchScriptTensor inputs need a leading batch dimension; send shape (n, ...) "
                     "or set add_batch_dim = true",
                     backend="TorchScriptTensor",
-                    received=_describe(tensor),
+                    received=describe(tensor),
                 )
 
     def _is_torch(self, value: Any) -> bool:
@@ -183,78 +196,59 @@ class TorchScriptTensor(Backend):
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, items: list[dict[str, Any]]) -> None:
-        groups = self._shape_groups(items)
-        if groups is None:
-            self._run(items)
+        prepared = self._prepare(items)
+        groups = group(prepared)
+        if len(groups) == 1:  # the common batch: one sample shape
+            self._run(items, prepared)
             return
-        for indices in groups:  # mixed sample shapes: one call per shape (docs/configuration.md)
-            self._run([items[i] for i in indices])
+        for indices, _ in groups:  # mixed sample shapes: one call per shape (docs/configuration.md)
+            self._run([items[i] for i in indices], [prepared[i] for i in indices])
 
-    def _shape_groups(self, items: list[dict[str, Any]]) -> list[list[int]] | None:
-        """Item indices by sample shape, in order of first appearance; None when every item
-        has one shape (the common batch: one call)."""
-        skip = 0 if self.add_batch_dim else 1
-        first = items[0]["data"]
-        if not isinstance(first, dict):  # the common batch, checked without building keys
-            shape = getattr(first, "shape", ())[skip:]
-            for item in items:
-                data = item["data"]
-                if isinstance(data, dict) or getattr(data, "shape", ())[skip:] != shape:
-                    break
-            else:
-                return None
-        keys = []
-        for item in items:
-            data = item["data"]
-            values = data.values() if isinstance(data, dict) else (data,)
-            keys.append(tuple(tuple(getattr(v, "shape", ())[skip:]) for v in values))
-        if len(set(keys)) == 1:
-            return None
-        groups: dict[tuple, list[int]] = {}
-        for index, key in enumerate(keys):
-            groups.setdefault(key, []).append(index)
-        return list(groups.values())
-
-    def _run(self, items: list[dict[str, Any]]) -> None:
-        """One model call for items of one sample shape."""
-        torch = self.torch
-        self._turn ^= 1  # which staging buffer of each input this batch packs into
-        with torch.inference_mode(), (torch.cuda.stream(self.torch_stream) if self.torch_stream else contextlib.nullcontext()):
-            names, columns = self._columns(items)
-            rows = [1 if self.add_batch_dim else int(value.shape[0]) for value in columns[0]]
-            inputs = [self._batch(col, index) for index, col in enumerate(columns)]
-            outputs = self._named_outputs((self.graphs or self.model)(*inputs))
-            total = sum(rows)
-            self._record_call(total)
-            for name, out in outputs.items():
-                if out.ndim == 0 or out.shape[0] != total:
-                    raise BackendError(
-                        f"TorchScriptTensor: output {name!r} has shape {tuple(out.shape)}, expected a first dimension "
-                        f"of {total} (the batch's rows); the model must keep the batch dimension",
-                        backend="TorchScriptTensor",
-                    )
-            per_item = {name: self._split(out, rows) for name, out in outputs.items()}
-        for index, item in enumerate(items):
-            results = {name: parts[index] for name, parts in per_item.items()}
-            item["result"] = results["output0"] if list(results) == ["output0"] else results
-
-    def _columns(self, items: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-        """Per model input, every item's value as sent (numpy, DeviceArray or torch)."""
+    def _prepare(self, items: list[dict[str, Any]]) -> list[Prepared]:
+        """Per item, every model input (by name, ``input`` for a lone tensor) with its batch
+        dimension; items batched together must have the same inputs."""
         first = items[0]["data"]
         names = list(first) if isinstance(first, dict) else ["input"]
-        columns: list[list[Any]] = [[] for _ in names]
+        prepared = []
         for item in items:
             data = item["data"]
             if isinstance(first, dict) != isinstance(data, dict) or (isinstance(data, dict) and list(data) != names):
                 raise InvalidInputError(
                     f"TorchScriptTensor: items batched together must have the same inputs; the first has "
-                    f"{names if isinstance(first, dict) else 'one tensor'}, another has {_describe(data)}",
+                    f"{names if isinstance(first, dict) else 'one tensor'}, another has {describe(data)}",
                     backend="TorchScriptTensor",
                 )
-            values = [data[n] for n in names] if isinstance(data, dict) else [data]
-            for column, value in zip(columns, values):
-                column.append(value)
-        return names, columns
+            values = data.values() if isinstance(data, dict) else (data,)
+            if self.add_batch_dim:
+                values = [self._with_batch_dim(value) for value in values]
+            arrays = dict(zip(names, values))
+            prepared.append(Prepared(arrays, int(next(iter(arrays.values())).shape[0]), self.add_batch_dim))
+        return prepared
+
+    def _with_batch_dim(self, value: Any) -> Any:
+        """One sample as a batch of one, as a view (``add_batch_dim``)."""
+        if isinstance(value, np.ndarray):
+            return value[np.newaxis]
+        if self._is_torch(value):
+            return value.unsqueeze(0)
+        if isinstance(value, cuda.DeviceArray):
+            return value.reshape((1,) + tuple(value.shape))
+        return self._as_tensor(value).unsqueeze(0)
+
+    def _run(self, items: list[dict[str, Any]], prepared: list[Prepared]) -> None:
+        """One model call for items of one sample shape."""
+        torch = self.torch
+        self._turn ^= 1  # which staging buffer of each input this batch packs into
+        with torch.inference_mode(), (torch.cuda.stream(self.torch_stream) if self.torch_stream else contextlib.nullcontext()):
+            columns = [[p.arrays[name] for p in prepared] for name in prepared[0].arrays]
+            inputs = [self._batch(col, index) for index, col in enumerate(columns)]
+            outputs = self._named_outputs((self.graphs or self.model)(*inputs))
+            total = sum(p.rows for p in prepared)
+            self._record_call(total)
+            check_rows(outputs, total, f"TorchScriptTensor model {self.path}", str(self.path))
+            wholes = {name: self._whole(out) for name, out in outputs.items()}
+        for item, parts in zip(items, split(wholes, prepared)):
+            item["result"] = parts["output0"] if list(parts) == ["output0"] else parts
 
     def _as_tensor(self, value: Any) -> Any:
         torch = self.torch
@@ -266,16 +260,15 @@ class TorchScriptTensor(Backend):
             if self.device.type != "cuda":
                 return torch.from_numpy(cuda.to_host(value))
             return torch.as_tensor(value, device=self.device)  # zero-copy view of device memory
-        raise InvalidInputError(f"TorchScriptTensor cannot use {_describe(value)} as a tensor", backend="TorchScriptTensor")
+        raise InvalidInputError(f"TorchScriptTensor cannot use {describe(value)} as a tensor", backend="TorchScriptTensor")
 
     def _batch(self, column: list[Any], index: int) -> Any:
-        """One input tensor of the whole batch, on the model's device."""
+        """One input tensor of the whole batch (every value with its batch dimension), on
+        the model's device."""
         torch = self.torch
-        if self.device.type == "cuda" and _numpy_rows(column, self.add_batch_dim):
+        if self.device.type == "cuda" and _numpy_rows(column):
             return self._upload(column, index)  # the common case: host requests
         column = [self._as_tensor(value) for value in column]
-        if self.add_batch_dim:
-            column = [tensor.unsqueeze(0) for tensor in column]
         if self.device.type == "cpu":
             return column[0] if len(column) == 1 else torch.cat(column)
         host = [t for t in column if t.device.type == "cpu"]
@@ -309,7 +302,7 @@ class TorchScriptTensor(Backend):
         """
         torch = self.torch
         first = arrays[0]
-        shape = self._batch_shape(arrays)
+        shape = (sum(int(a.shape[0]) for a in arrays),) + tuple(first.shape[1:])
         # Two buffers per input, used in turn: with SyncTensor's overlap the next batch is
         # packed while the previous one may still be uploading from its buffer.
         slot = 2 * index + self._turn
@@ -321,17 +314,11 @@ class TorchScriptTensor(Backend):
             return torch.from_numpy(np.empty(shape, first.dtype)).to(self.device)
         packed = torch.from_numpy(staging.reserve(nbytes)[:nbytes].view(first.dtype).reshape(shape))
         rows = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]  # no copy when contiguous
-        torch.stack(rows, out=packed) if self.add_batch_dim else torch.cat(rows, out=packed)
+        torch.cat(rows, out=packed)
         batch = torch.empty(shape, dtype=packed.dtype, device=self.device)
         cuda.copy_async(batch.data_ptr(), staging.ptr, nbytes, "htod", self.stream)
         staging.fence_on(self.stream)
         return batch
-
-    def _batch_shape(self, rows: list[Any]) -> tuple[int, ...]:
-        first = rows[0]
-        if self.add_batch_dim:
-            return (len(rows),) + tuple(first.shape)
-        return (sum(int(r.shape[0]) for r in rows),) + tuple(first.shape[1:])
 
     def _named_outputs(self, out: Any) -> dict[str, Any]:
         if isinstance(out, dict):
@@ -340,49 +327,39 @@ class TorchScriptTensor(Backend):
             return {f"output{i}": v for i, v in enumerate(out)}
         return {"output0": out}
 
-    def _split(self, out: Any, rows: list[int]) -> list[Any]:
-        """Per-item results: numpy on the host, or DeviceArrays on the GPU."""
+    def _whole(self, out: Any) -> Any:
+        """One output of the batch where its items will read it: numpy on the host, or a
+        DeviceArray on the GPU (``result_device = "device"``); stacking.split slices it."""
         torch = self.torch
         if self.device.type == "cuda" and out.device.type == "cpu":
             out = out.to(self.device)  # a model on CUDA that returned a host tensor
         out = out.contiguous()
         if self.device.type == "cpu":
-            whole = out.numpy()
-        elif self.result_on_device:
+            return out.numpy()
+        if self.result_on_device:
             # Copy into stream-ordered memory of our own: torch's allocator could otherwise
             # hand the block to new work on this stream while a consumer still reads it.
-            whole_dev = cuda.DeviceArray.empty(tuple(out.shape), _numpy_dtype(out), self.stream)
-            cuda.copy_async(whole_dev.ptr, out.data_ptr(), whole_dev.nbytes, "dtod", self.stream)
-            return self._slices(whole_dev, rows, lambda a, s, e: a.rows(s, e))
-        else:
-            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-            # Through cuda-python, not host.copy_(): torch would remember the stream and, when
-            # the result is freed, record an event on it, which crashes once the instance's
-            # stream is destroyed (a result kept after its model was unloaded).  Complete once
-            # SyncTensor's wait returns.
-            cuda.copy_async(host.data_ptr(), out.data_ptr(), host.numel() * host.element_size(), "dtoh", self.stream)
-            whole = host.numpy()
-        return self._slices(whole, rows, lambda a, s, e: a[s:e])
-
-    def _slices(self, whole: Any, rows: list[int], take) -> list[Any]:
-        parts, offset = [], 0
-        for n in rows:
-            part = take(whole, offset, offset + n)
-            if self.add_batch_dim:
-                part = part.reshape(part.shape[1:]) if isinstance(part, cuda.DeviceArray) else part[0]
-            parts.append(part)
-            offset += n
-        return parts
+            whole = cuda.DeviceArray.empty(tuple(out.shape), _numpy_dtype(out), self.stream)
+            cuda.copy_async(whole.ptr, out.data_ptr(), whole.nbytes, "dtod", self.stream)
+            return whole
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        # Through cuda-python, not host.copy_(): torch would remember the stream and, when
+        # the result is freed, record an event on it, which crashes once the instance's
+        # stream is destroyed (a result kept after its model was unloaded).  Complete once
+        # SyncTensor's wait returns.
+        cuda.copy_async(host.data_ptr(), out.data_ptr(), host.numel() * host.element_size(), "dtoh", self.stream)
+        return host.numpy()
 
 
-def _numpy_rows(column: list[Any], add_batch_dim: bool) -> bool:
-    """Every value a numpy array, of one dtype and one sample shape (so they stack)."""
+def _numpy_rows(column: list[Any]) -> bool:
+    """Every value a numpy array with a batch dimension, of one dtype and one sample shape
+    (so they stack)."""
     first = column[0]
-    if type(first) is not np.ndarray or (not add_batch_dim and first.ndim == 0):
+    if type(first) is not np.ndarray or first.ndim == 0:
         return False
-    dtype, sample = first.dtype, first.shape if add_batch_dim else first.shape[1:]
+    dtype, sample = first.dtype, first.shape[1:]
     for value in column:
-        if type(value) is not np.ndarray or value.dtype != dtype or (value.shape if add_batch_dim else value.shape[1:]) != sample:
+        if type(value) is not np.ndarray or value.dtype != dtype or value.shape[1:] != sample:
             return False
     return True
 
