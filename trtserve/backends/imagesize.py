@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 Size = tuple[int, int]  # (width, height)
 

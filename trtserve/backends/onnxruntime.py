@@ -25,7 +25,8 @@ parallelism comes from ``instance_num``, and more threads per instance oversubsc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort

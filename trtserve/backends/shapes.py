@@ -18,7 +18,8 @@ This module reads and checks the ``pad`` key; stacking.group applies it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

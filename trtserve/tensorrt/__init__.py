@@ -16,7 +16,7 @@ import logging
 import threading
 from contextlib import contextmanager
 from types import ModuleType
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..errors import ConfigError, ModelUnavailableError
 
@@ -26,7 +26,7 @@ INSTALL_HINT = "pip install tensorrt  (full TensorRT 10)  or  pip install tensor
 
 log = logging.getLogger("trtserve.tensorrt")
 _import_lock = threading.Lock()
-_loggers: dict[str, "object"] = {}
+_loggers: dict[str, object] = {}
 
 
 def import_tensorrt(preference: str = "auto") -> ModuleType:

@@ -34,7 +34,7 @@ class TensorInfo:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "TensorInfo":
+    def from_dict(cls, raw: dict[str, Any]) -> TensorInfo:
         return cls(str(raw["name"]), str(raw["dtype"]), tuple(int(d) for d in raw["shape"]))
 
 
@@ -50,7 +50,7 @@ class EngineIO:
         return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "EngineIO":
+    def from_dict(cls, raw: dict[str, Any]) -> EngineIO:
         return cls(
             tuple(TensorInfo.from_dict(t) for t in raw["inputs"]),
             tuple(TensorInfo.from_dict(t) for t in raw["outputs"]),

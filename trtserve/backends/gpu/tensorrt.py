@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ...backend import Backend, BackendOptions, InstanceContext, Key, Signature, TensorSpec, option
 from ...errors import ConfigError, ModelUnavailableError
