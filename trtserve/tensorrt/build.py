@@ -17,8 +17,8 @@ from typing import Any
 
 from ..backend import did_you_mean
 from ..errors import ConfigError, ModelUnavailableError
-from . import is_strongly_typed_only, logger, quote_errors
 from .io import EngineIO, TensorInfo, network_io
+from .module import is_strongly_typed_only, logger, quote_errors
 
 PRECISIONS = ("fp32", "fp16")
 log = logging.getLogger("trtserve.tensorrt")

@@ -27,16 +27,16 @@ import os
 import struct
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from collections.abc import Iterator
 from typing import Any
 
 from ..errors import ConfigError, ModelUnavailableError
-from . import module_identity
 from .build import BuildSpec, build_engine
 from .io import EngineIO
+from .module import module_identity
 
 CACHE_SCHEMA = 1
 CACHE_SUFFIX = ".trtcache"
@@ -79,9 +79,23 @@ def build_target(trt: ModuleType) -> str:
     """
     if trt.__name__ == "tensorrt_rtx":
         return "rtx-aot:default"
-    from .runtime import current_gpu
-
     return current_gpu()
+
+
+def current_gpu() -> str:
+    """``"<name> sm_<major><minor>"`` of the current CUDA device (full TensorRT's build target)."""
+    try:
+        from .. import cuda
+    except ImportError as exc:
+        raise ModelUnavailableError(f"building with full TensorRT needs a CUDA GPU, but trtserve.cuda is missing: {exc}") from None
+    if not cuda.is_available():
+        raise ModelUnavailableError(
+            f"building with full TensorRT needs a CUDA GPU and none is available ({cuda.unavailable_reason()}); "
+            "on a CPU-only machine build with tensorrt_rtx (trt_module = 'tensorrt_rtx')",
+        )
+    info = cuda.device_info(cuda.ensure_device())
+    major, minor = info.compute_capability
+    return f"{info.name} sm_{major}{minor}"
 
 
 def cache_path(model: Path) -> Path:

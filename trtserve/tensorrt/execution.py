@@ -16,15 +16,25 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
 from ..backends.stacking import Prepared
 from ..errors import BackendError, ConfigError, ModelUnavailableError
-from . import logger, quote_errors
 from .io import EngineIO
 from .items import Bounds, DeviceInput
+from .module import logger, quote_errors
+
+if TYPE_CHECKING:
+    from ..cuda import DeviceBuffer, Event, PinnedBuffer, Stream
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+_Owned = TypeVar("_Owned", bound=_Closable)
 
 
 class EngineRunner:
@@ -34,8 +44,8 @@ class EngineRunner:
         from .. import cuda
 
         self.cuda, self.trt, self.engine, self.io, self.where = cuda, trt, engine, io, where
-        self._closers: list[Any] = []
-        self.context = None
+        self._closers: list[_Closable] = []
+        self.context: Any = None  # TensorRT's IExecutionContext (TensorRT ships no type information)
         try:
             self._setup(min_rows, max_rows)
         except BaseException:
@@ -44,18 +54,19 @@ class EngineRunner:
 
     def _setup(self, min_rows: int, max_rows: int) -> None:
         cuda, engine, io, where = self.cuda, self.engine, self.io, self.where
-        self.stream = cuda.current_stream()  # SyncTensor's, when it wraps us
-        if self.stream is None:
-            self.stream = self._own(cuda.Stream())  # alone in a node: our own, never the legacy stream
+        stream = cuda.current_stream()  # SyncTensor's, when it wraps us
+        if stream is None:
+            stream = self._own(cuda.Stream())  # alone in a node: our own, never the legacy stream
+        self.stream: Stream = stream
         with logger(self.trt).capture() as errors:
             self.context = engine.create_execution_context()
         if self.context is None:
             raise ModelUnavailableError(f"{where}: TensorRT could not create an execution context: {quote_errors(errors)}")
-        self.bounds = [self._bounds(t, min_rows, max_rows) for t in io.inputs]
+        self.bounds: list[Bounds] = [self._bounds(t, min_rows, max_rows) for t in io.inputs]
         self._set_shapes({b.tensor.name: b.hi for b in self.bounds}, "the profile's largest shapes", ModelUnavailableError)
         self.capacity: dict[str, int] = {}
-        self.device: dict[str, Any] = {}
-        self.pinned: dict[str, Any] = {}
+        self.device: dict[str, DeviceBuffer] = {}
+        self.pinned: dict[str, PinnedBuffer] = {}
         for tensor in io.inputs + io.outputs:
             shape = self._context_shape(tensor.name)
             nbytes = math.prod(shape) * np.dtype(tensor.dtype).itemsize
@@ -64,10 +75,10 @@ class EngineRunner:
             self.pinned[tensor.name] = self._own(cuda.PinnedBuffer(nbytes))
             if not self.context.set_tensor_address(tensor.name, self.device[tensor.name].ptr):
                 raise ModelUnavailableError(f"{where}: set_tensor_address({tensor.name!r}) was refused")
-        self.done = self._own(cuda.Event(blocking=True))  # waits sleep instead of spinning a core
-        self.producer_ready = self._own(cuda.Event(blocking=False))
+        self.done: Event = self._own(cuda.Event(blocking=True))  # waits sleep instead of spinning a core
+        self.producer_ready: Event = self._own(cuda.Event(blocking=False))
 
-    def _own(self, resource: Any) -> Any:
+    def _own(self, resource: _Owned) -> _Owned:
         self._closers.append(resource)
         return resource
 

@@ -11,8 +11,8 @@ from types import ModuleType
 from typing import Any
 
 from ..errors import ModelUnavailableError
-from . import logger, module_identity, quote_errors
 from .cache import EngineArtifact
+from .module import logger, module_identity, quote_errors
 
 
 class EngineRejected(ModelUnavailableError):
@@ -77,18 +77,3 @@ def _validity_hint(reasons: list[str]) -> str:
         return "rebuild the engine with the installed TensorRT-RTX version"
     return "check that a supported NVIDIA GPU and driver are present"
 
-
-def current_gpu() -> str:
-    """``"<name> sm_<major><minor>"`` of the current CUDA device (full TensorRT's build target)."""
-    try:
-        from .. import cuda
-    except ImportError as exc:
-        raise ModelUnavailableError(f"building with full TensorRT needs a CUDA GPU, but trtserve.cuda is missing: {exc}") from None
-    if not cuda.is_available():
-        raise ModelUnavailableError(
-            f"building with full TensorRT needs a CUDA GPU and none is available ({cuda.unavailable_reason()}); "
-            "on a CPU-only machine build with tensorrt_rtx (trt_module = 'tensorrt_rtx')",
-        )
-    info = cuda.device_info(cuda.ensure_device())
-    major, minor = info.compute_capability
-    return f"{info.name} sm_{major}{minor}"
