@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Iterator, Mapping, TypeVar
 
+from .completion import Completion
 from .errors import ConfigError, InvalidInputError
 
 NO_RESULT = "no_result"  # item key: why a backend left this item without a result (a str)
@@ -217,10 +218,10 @@ class Backend:
         for child in self.children:
             child.init(context)
 
-    def forward(self, items: list[dict[str, Any]]) -> None:
+    def forward(self, items: list[dict[str, Any]]) -> Completion | None:
         if len(self.children) == 1:
             self.children[0].forward(items)
-            return
+            return None
         raise NotImplementedError(f"{type(self).__name__} must implement forward(items)")
 
     def max(self) -> int:

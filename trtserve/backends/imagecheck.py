@@ -161,7 +161,7 @@ def check_encoded(data: Any, backend: str) -> None:
 
 
 def is_hwc_image(data: Any) -> bool:
-    shape = getattr(data, "shape", ())
+    shape: tuple[int, ...] = getattr(data, "shape", ())
     return (
         getattr(data, "dtype", None) == np.uint8
         and len(shape) == 3

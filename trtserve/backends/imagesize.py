@@ -107,7 +107,8 @@ def _pnm(data: bytes) -> Size | None:
     if head[:2] == b"P7":  # PAM: WIDTH and HEIGHT lines
         width, height = re.search(rb"\nWIDTH\s+(\d+)", head), re.search(rb"\nHEIGHT\s+(\d+)", head)
         return (int(width.group(1)), int(height.group(1))) if width and height else None
-    tokens, pos = [], 2
+    tokens: list[int] = []
+    pos = 2
     while len(tokens) < 2:
         match = _PNM_TOKEN.match(head, pos)
         if match is None or not match.group(1).isdigit():
@@ -151,25 +152,26 @@ def _hdr(data: bytes) -> Size | None:
     return (second, first) if match.group(2) == b"Y" else (first, second)
 
 
-_SIGNATURES: list[tuple[bytes, Callable[[bytes], Size | None]]] = [
+# JPEG and TIFF are walked to wherever their size is (ICC profiles in APPn segments can
+# take megabytes; a TIFF's first IFD is often at the end): they read the whole image.
+_WALKED: list[tuple[bytes, Callable[[bytes | memoryview], Size | None]]] = [
     (b"\xff\xd8", _jpeg),
+    (b"II*\x00", _tiff),
+    (b"MM\x00*", _tiff),
+]
+# The others keep their size up front: they read the first 4 KiB.
+_HEADED: list[tuple[bytes, Callable[[bytes], Size | None]]] = [
     (b"\x89PNG\r\n\x1a\n", _png),
     (b"BM", _bmp),
     (b"GIF87a", _gif),
     (b"GIF89a", _gif),
-    (b"II*\x00", _tiff),
-    (b"MM\x00*", _tiff),
     (b"\x00\x00\x00\x0cjP  \r\n\x87\n", _jp2),
     (b"\xff\x4f\xff\x51", _j2k),
     (b"\x59\xa6\x6a\x95", _sun),
     (b"#?RADIANCE", _hdr),
     (b"#?RGBE", _hdr),
-] + [(b"P" + bytes([c]), _pnm) for c in b"1234567fF"]
-
-
-# JPEG and TIFF are walked to wherever their size is (ICC profiles in APPn segments can
-# take megabytes; a TIFF's first IFD is often at the end); the others keep it up front.
-_ANYWHERE = (_jpeg, _tiff)
+]
+_HEADED += [(b"P" + bytes([c]), _pnm) for c in b"1234567fF"]
 
 
 def image_size(data: bytes | bytearray | memoryview) -> Size | None:
@@ -181,10 +183,13 @@ def image_size(data: bytes | bytearray | memoryview) -> Size | None:
         return _webp(head)
     if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis", b"mif1", b"msf1"):
         return _avif(head)
-    for signature, reader in _SIGNATURES:
-        if head.startswith(signature):
-            try:
-                return reader(view if reader in _ANYWHERE else head)
-            except (struct.error, ValueError, IndexError):
-                return None
+    try:
+        for signature, walker in _WALKED:
+            if head.startswith(signature):
+                return walker(view)
+        for signature, reader in _HEADED:
+            if head.startswith(signature):
+                return reader(head)
+    except (struct.error, ValueError, IndexError):
+        return None
     return None

@@ -24,8 +24,8 @@ parallelism comes from ``instance_num``, and more threads per instance oversubsc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -216,7 +216,7 @@ class OnnxRuntime(Backend):
         """The item's inputs with a batch dimension, or InvalidInputError naming the problem."""
         data = item.get("data")
         sole = self._sole
-        if type(data) is np.ndarray and data.ndim == self._sole_rank and data.dtype == sole.dtype:
+        if sole is not None and type(data) is np.ndarray and data.ndim == self._sole_rank and data.dtype == sole.dtype:
             shape = data.shape
             for axis, want in self._sole_static:
                 if shape[axis] != want:
@@ -284,6 +284,7 @@ class OnnxRuntime(Backend):
         passes prepare's fast check) without a Prepared per item: this Python sits between
         two session.run calls of a busy instance.  False (nothing done) for any other batch."""
         sole, rank, static = self._sole, self._sole_rank, self._sole_static
+        assert sole is not None  # _sole_fast is only set with a sole input
         arrays = []
         for item in items:
             data = item.get("data")

@@ -17,8 +17,8 @@ This module reads and checks the ``pad`` key; stacking.group applies it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np

@@ -25,8 +25,8 @@ DeviceArray); nothing here imports cuda.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import numpy as np
@@ -38,11 +38,16 @@ Padding = dict[str, tuple[tuple[int, ...], float]]  # input -> (shape without th
 
 
 class PadPolicy(Protocol):
-    """One input's ``pad`` rule, as backends/shapes.PadRule gives it."""
+    """One input's ``pad`` rule, as backends/shapes.PadRule gives it (read-only: PadRule is frozen)."""
 
-    axes: tuple[int, ...]
-    value: float
-    limit: int | None
+    @property
+    def axes(self) -> tuple[int, ...]: ...
+
+    @property
+    def value(self) -> float: ...
+
+    @property
+    def limit(self) -> int | None: ...
 
 
 @dataclass(slots=True)
@@ -126,7 +131,7 @@ class InputChecker:
 # --------------------------------------------------------------------------- grouping and stacking
 
 
-def group(prepared: list[Prepared], rules: dict[str, PadPolicy] | None = None) -> list[tuple[list[int], Padding | None]]:
+def group(prepared: list[Prepared], rules: Mapping[str, PadPolicy] | None = None) -> list[tuple[list[int], Padding | None]]:
     """Item indices that run as one call, in order of first appearance, each with what to
     pad each input to (``Padding``), or None when nothing is padded."""
     groups: dict[tuple, list[int]] = {}
@@ -137,7 +142,7 @@ def group(prepared: list[Prepared], rules: dict[str, PadPolicy] | None = None) -
     return [(indices, _target([prepared[i] for i in indices], rules)) for indices in groups.values()]
 
 
-def signature(prep: Prepared, rules: dict[str, PadPolicy] | None = None) -> tuple:
+def signature(prep: Prepared, rules: Mapping[str, PadPolicy] | None = None) -> tuple:
     """What must agree for items to stack: per input its dtype and its dimensions after the
     batch, where padded dimensions that fit their limit do not count."""
     key = []
@@ -153,7 +158,7 @@ def signature(prep: Prepared, rules: dict[str, PadPolicy] | None = None) -> tupl
     return tuple(key)
 
 
-def _target(members: list[Prepared], rules: dict[str, PadPolicy]) -> Padding | None:
+def _target(members: list[Prepared], rules: Mapping[str, PadPolicy]) -> Padding | None:
     target = {}
     for name, rule in rules.items():
         shapes = [m.arrays[name].shape[1:] for m in members]

@@ -103,13 +103,14 @@ class _GpuImage(Backend):
     def device_images(self, items: list[dict[str, Any]]) -> list[DeviceArray]:
         """Every item's image on the device; host images go up in one staged upload."""
         images = [self.image(item) for item in items]
-        host = [i for i, img in enumerate(images) if isinstance(img, np.ndarray)]
-        if host:
-            if self.staging is None:
-                self.staging = HostStaging(device=self.device)
-            for i, dev in zip(host, self.staging.upload([images[i] for i in host])):
-                images[i] = dev
-        return images  # type: ignore[return-value]
+        host = [img for img in images if isinstance(img, np.ndarray)]
+        uploaded = iter(self._upload(host) if host else ())
+        return [img if isinstance(img, DeviceArray) else next(uploaded) for img in images]
+
+    def _upload(self, host: list[np.ndarray]) -> list[DeviceArray]:
+        if self.staging is None:
+            self.staging = HostStaging(device=self.device)
+        return self.staging.upload(host)
 
     def close(self) -> None:
         if self.staging is not None:
@@ -134,7 +135,7 @@ class DecodeTensor(_GpuImage):
         self.nvimgcodec = None
         if choice in ("auto", "nvimgcodec"):
             try:
-                from nvidia import nvimgcodec  # type: ignore[import-not-found]
+                from nvidia import nvimgcodec
             except ImportError:
                 if choice == "nvimgcodec":
                     raise ModelUnavailableError(
@@ -162,21 +163,24 @@ class DecodeTensor(_GpuImage):
         if not items:
             return
         if self.nvimgcodec is not None:
-            self._forward_nvimgcodec(items)
+            self._forward_nvimgcodec(items, self.nvimgcodec)
             return
+        staging = self.staging
+        assert staging is not None, "init creates the staging buffer when it decodes on the host"
         decoded = [(item, self.host_decode(item.get("data"))) for item in items]
-        decoded = [(item, image) for item, image in decoded if image is not None]
-        if not decoded:
+        good = [(item, image) for item, image in decoded if image is not None]
+        if not good:
             return
-        uploaded = self.staging.upload([image for _, image in decoded])
-        for (item, _), image in zip(decoded, uploaded):
+        uploaded = staging.upload([image for _, image in good])
+        for (item, _), image in zip(good, uploaded):
             item["result"] = image
             item["color"] = "bgr"
 
-    def _forward_nvimgcodec(self, items: list[dict[str, Any]]) -> None:
+    def _forward_nvimgcodec(self, items: list[dict[str, Any]], nvimgcodec: Any) -> None:
         stream = current_stream()
-        sources = [bytes(item.get("data")) for item in items]
-        params = self.nvimgcodec.DecodeParams(color_spec=self.rgb)
+        assert stream is not None, "init refuses to load without the instance's stream"
+        sources = [bytes(item["data"]) for item in items]  # refuse_oversized dropped items without data
+        params = nvimgcodec.DecodeParams(color_spec=self.rgb)
         try:
             images = self.decoder.decode(sources, params=params, cuda_stream=stream.handle)
         except Exception:  # one bad image can fail the batch call: isolate it per item

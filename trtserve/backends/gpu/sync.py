@@ -115,7 +115,9 @@ class SyncTensor(Backend):
 
     def forward(self, items: list[dict[str, Any]]) -> Completion | None:
         cuda.raise_if_poisoned()
-        with cuda.use_stream(self.stream):
+        stream, done = self.stream, self.done
+        assert stream is not None and done is not None, "SyncTensor.forward before init"
+        with cuda.use_stream(stream):
             try:
                 if self.children:
                     self.children[0].forward(items)
@@ -123,24 +125,24 @@ class SyncTensor(Backend):
                     for item in items:
                         item["result"] = item["data"]
                 if self.overlap:
-                    return self._completion(items)
-                self.done.record(self.stream)
-                self.done.synchronize()
+                    return self._completion(items, stream)
+                done.record(stream)
+                done.synchronize()
                 _mark_complete(items)
                 return None
             except TrtserveError:
                 raise  # CudaError included: check() already poisoned the process if sticky
             except Exception as exc:
-                self._raise_if_device_failed(exc)
+                self._raise_if_device_failed(exc, stream)
                 raise
 
-    def _completion(self, items: list[dict[str, Any]]) -> Completion:
+    def _completion(self, items: list[dict[str, Any]], stream: cuda.Stream) -> Completion:
         """overlap: mark the batch's end on the stream and return; the instance thread waits
         on that event later (after preparing its next batch, when it has one).  The scheduler keeps at most two batches of an
         instance in flight, so the two events are never re-recorded while still awaited."""
         event = self._events[self._turn]
         self._turn ^= 1
-        event.record(self.stream)
+        event.record(stream)
 
         def finish() -> None:
             event.synchronize()
@@ -148,10 +150,11 @@ class SyncTensor(Backend):
 
         return Completion(finish)
 
-    def _raise_if_device_failed(self, exc: Exception) -> None:
-        """After a foreign exception, surface a CUDA error on this stream as a typed one."""
+    @staticmethod
+    def _raise_if_device_failed(exc: Exception, stream: cuda.Stream) -> None:
+        """After a foreign exception, surface a CUDA error on ``stream`` as a typed one."""
         try:
-            self.stream.synchronize()
+            stream.synchronize()
         except cuda.CudaError as device_error:
             raise device_error from exc
 

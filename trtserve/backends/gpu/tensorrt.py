@@ -13,14 +13,17 @@ model fails to load with ModelUnavailableError saying so; nothing crashes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...backend import Backend, BackendOptions, InstanceContext, Key, Signature, TensorSpec, option
 from ...errors import ConfigError, ModelUnavailableError
 from ..stacking import as_result, check_rows, group, split
+
+if TYPE_CHECKING:
+    from ...tensorrt.execution import EngineRunner
 
 log = logging.getLogger("trtserve.tensorrt")
 ONNX_SUFFIXES = (".onnx",)
@@ -84,7 +87,7 @@ class TensorrtTensor(Backend):
 
     def init(self, context: InstanceContext) -> None:
         super().init(context)
-        self.runner = None
+        self.runner: EngineRunner | None = None
         self._keep: tuple[Any, ...] = ()
         self._record_call = context.record_call
         config = context.options(TensorrtOptions)
@@ -192,10 +195,12 @@ class TensorrtTensor(Backend):
     # -- execution (instance thread) ---------------------------------------------------
     def forward(self, items: list[dict[str, Any]]) -> None:
         # Checked again: inside S[...] only the first stage's validate runs before queueing.
+        runner = self.runner
+        assert runner is not None, "TensorrtTensor.forward before init"
         prepared = [self.checker.prepare(item) for item in items]
         for indices, _ in group(prepared):  # the profile fixes the other dims: nothing is padded
             members = [prepared[i] for i in indices]
-            outputs = self.runner.run(members)
+            outputs = runner.run(members)
             total = sum(m.rows for m in members)
             self._record_call(total)
             check_rows(outputs, total, self.checker.inputs.label, self.path)

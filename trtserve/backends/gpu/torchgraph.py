@@ -40,17 +40,26 @@ stall the other instances).  Captures are short and happen once per signature.
 """
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Final
 
 log = logging.getLogger("trtserve.backends")
 
 WARMUP_RUNS = 3  # eager calls before a capture; graph_rate in bench/gpu/run_all.py uses 3 too
 MAX_GRAPHS = 32  # per instance: batch sizes 1..max of one sample shape fit for any max <= 32
 _CAPTURE_LOCK = threading.Lock()
-_UNSEEN = object()
+
+
+class _Unseen(enum.Enum):
+    """graphs.get's default: a signature not seen yet (None there means: it runs eagerly)."""
+
+    UNSEEN = enum.auto()
+
+
+_UNSEEN: Final = _Unseen.UNSEEN
 
 
 def signature(inputs: list[Any]) -> tuple[Any, ...]:

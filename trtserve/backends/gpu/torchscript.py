@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,16 +92,16 @@ class TorchScriptTensor(Backend):
             raise ConfigError("TorchScriptTensor needs the config key 'model' (a TorchScript .pt file)", key="model")
         self.add_batch_dim = options.add_batch_dim
         self.result_on_device = options.result_device == "device"
-        self.stream = None
-        self.torch_stream = None
+        self.stream: cuda.Stream | None = None  # the instance's, on CUDA
+        self.torch_stream: Any = None  # torch's view of it (torch.cuda.ExternalStream)
         self.staging: list[cuda.HostStaging] = []  # pinned upload buffers, two per model input
         self._turn = 0
         self.graphs: GraphRunner | None = None
         choice = options.device
         use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
         if use_cuda:
-            self._bind_cuda(choice)
-            self.device = torch.device("cuda", self.stream.device)
+            stream = self._bind_cuda(choice)
+            self.device = torch.device("cuda", stream.device)
         else:
             self.device = torch.device("cpu")
             if self.result_on_device:
@@ -125,7 +126,8 @@ class TorchScriptTensor(Backend):
             return GraphRunner(self.torch, self.model, context.where)
         return None
 
-    def _bind_cuda(self, choice: str) -> None:
+    def _bind_cuda(self, choice: str) -> cuda.Stream:
+        """The instance's stream, bound for torch too."""
         torch = self.torch
         if not torch.cuda.is_available():
             raise ModelUnavailableError(
@@ -133,15 +135,16 @@ class TorchScriptTensor(Backend):
                 "(torch.cuda.is_available() is False); use device = \"cpu\" or \"auto\"",
                 backend="TorchScriptTensor",
             )
-        self.stream = cuda.current_stream()
-        if self.stream is None:
+        stream = self.stream = cuda.current_stream()
+        if stream is None:
             raise ConfigError(
                 "TorchScriptTensor on CUDA runs on the instance's stream, and none is bound: "
                 "wrap it, backend = \"SyncTensor[TorchScriptTensor]\" (or set device = \"cpu\")",
                 backend="TorchScriptTensor",
             )
-        torch.cuda.set_device(self.stream.device)
-        self.torch_stream = torch.cuda.ExternalStream(self.stream.handle, device=torch.device("cuda", self.stream.device))
+        torch.cuda.set_device(stream.device)
+        self.torch_stream = torch.cuda.ExternalStream(stream.handle, device=torch.device("cuda", stream.device))
+        return stream
 
     def close(self) -> None:
         if self.graphs is not None:
@@ -158,7 +161,7 @@ class TorchScriptTensor(Backend):
         schema = self.model.forward.schema
         inputs = tuple(TensorSpec(a.name, "", ()) for a in schema.arguments[1:] if not a.has_default_value())
         returned = schema.returns[0].type if len(schema.returns) == 1 else None
-        outputs = None
+        outputs: tuple[TensorSpec, ...] | None = None
         if isinstance(returned, self.torch.TensorType):
             outputs = (TensorSpec("output0", "", ()),)
         elif isinstance(returned, self.torch.TupleType):
@@ -218,7 +221,7 @@ class TorchScriptTensor(Backend):
                     f"{names if isinstance(first, dict) else 'one tensor'}, another has {describe(data)}",
                     backend="TorchScriptTensor",
                 )
-            values = data.values() if isinstance(data, dict) else (data,)
+            values: Iterable[Any] = data.values() if isinstance(data, dict) else (data,)
             if self.add_batch_dim:
                 values = [self._with_batch_dim(value) for value in values]
             arrays = dict(zip(names, values))
@@ -301,23 +304,27 @@ class TorchScriptTensor(Backend):
         per row.
         """
         torch = self.torch
+        stream = self.stream
+        assert stream is not None, "uploads happen on CUDA only, where init binds the stream"
         first = arrays[0]
         shape = (sum(int(a.shape[0]) for a in arrays),) + tuple(first.shape[1:])
         # Two buffers per input, used in turn: with SyncTensor's overlap the next batch is
         # packed while the previous one may still be uploading from its buffer.
         slot = 2 * index + self._turn
         while len(self.staging) <= slot:
-            self.staging.append(cuda.HostStaging(device=self.stream.device))
+            self.staging.append(cuda.HostStaging(device=stream.device))
         staging = self.staging[slot]
         nbytes = math.prod(shape) * first.dtype.itemsize
         if nbytes == 0:  # rows with a zero-sized dimension: nothing to copy
             return torch.from_numpy(np.empty(shape, first.dtype)).to(self.device)
-        packed = torch.from_numpy(staging.reserve(nbytes)[:nbytes].view(first.dtype).reshape(shape))
+        buffer = staging.reserve(nbytes)
+        assert buffer is not None  # None only for nbytes == 0, returned above
+        packed = torch.from_numpy(buffer[:nbytes].view(first.dtype).reshape(shape))
         rows = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]  # no copy when contiguous
         torch.cat(rows, out=packed)
         batch = torch.empty(shape, dtype=packed.dtype, device=self.device)
-        cuda.copy_async(batch.data_ptr(), staging.ptr, nbytes, "htod", self.stream)
-        staging.fence_on(self.stream)
+        cuda.copy_async(batch.data_ptr(), staging.ptr, nbytes, "htod", stream)
+        staging.fence_on(stream)
         return batch
 
     def _named_outputs(self, out: Any) -> dict[str, Any]:
