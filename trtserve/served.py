@@ -2,15 +2,47 @@
 (metadata, statistics).  The repository (repository.py) builds, swaps and retires them."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .backend import Signature
+from .backend import Signature, TensorSpec
 from .config import ModelConfig
-from .errors import ShuttingDownError
-from .pipeline import ItemCallback, Pipeline
-from .scheduler import Request
+from .errors import ShuttingDownError, TrtserveError
+from .pipeline import ItemCallback
+from .scheduler import Scheduler
+from .stats import ModelStats
+
+
+class Submitted(Protocol):
+    """A request on its way (a pipeline's ``Request``, a ``RemotePipeline``'s ``Forward``)."""
+
+    def cancel(self, error: TrtserveError | None = None) -> None:
+        """The caller gave up: stop the request if it has not run (``error``: what to count)."""
+        ...
+
+
+class ServedPipeline(Protocol):
+    """What a served version runs and the server uses: a ``Pipeline``, or, for a model served
+    by Ray, scaleout's ``RemotePipeline`` (no local nodes: its replicas run them)."""
+
+    @property
+    def nodes(self) -> Sequence[Scheduler]: ...
+
+    @property
+    def stats(self) -> ModelStats: ...
+
+    @property
+    def max_batch(self) -> int: ...
+
+    def submit(
+        self, item: dict[str, Any], on_done: ItemCallback, deadline: float | None = None, priority: int = 0
+    ) -> Submitted: ...
+
+    def io_spec(self) -> tuple[list[TensorSpec] | None, list[TensorSpec] | None]: ...
+
+    def close(self, drain: bool = False) -> None: ...
 
 
 class Versions(Protocol):
@@ -27,12 +59,12 @@ class LoadedModel:
     version: int
     folder: Path
     config: ModelConfig
-    pipeline: Pipeline
+    pipeline: ServedPipeline
     entry: Versions | None = field(default=None, repr=False)
 
     def submit(
         self, item: dict[str, Any], on_done: ItemCallback, deadline: float | None = None, priority: int = 0
-    ) -> Request:
+    ) -> Submitted:
         try:
             return self.pipeline.submit(item, on_done, deadline, priority)
         except ShuttingDownError:

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from typing import TypedDict
 
 from ..errors import ConfigError
 
@@ -35,6 +36,14 @@ def check_address(text: str) -> str:
         key="ray",
         value=text,
     )
+
+
+class _InitOptions(TypedDict):
+    """ray.init's keywords that every connect passes (typed, so ``**`` checks them)."""
+
+    logging_level: int
+    include_dashboard: bool
+    log_to_driver: bool
 
 
 @dataclass
@@ -75,8 +84,9 @@ def probe(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         ) from None
 
 
-def connect(address: str, num_cpus: float | None = None) -> Cluster:
-    """Join (or start) the cluster and make sure Serve runs on it."""
+def connect(address: str, num_cpus: int | None = None) -> Cluster:
+    """Join (or start) the cluster and make sure Serve runs on it (``num_cpus``: the logical
+    CPUs of a local cluster; None counts this machine's)."""
     import ray
     from ray import serve
 
@@ -87,7 +97,7 @@ def connect(address: str, num_cpus: float | None = None) -> Cluster:
     if started:
         # log_to_driver off: workers' logs stay in Ray's log folder, and stdout keeps its one
         # "listening" line (scripts read it).
-        options = {"logging_level": logging.WARNING, "include_dashboard": False, "log_to_driver": False}
+        options = _InitOptions(logging_level=logging.WARNING, include_dashboard=False, log_to_driver=False)
         if address == LOCAL:
             # Ray runs workers at nice 15; here the replicas (which run the models) share
             # the cores with this front door, and must not starve behind it.

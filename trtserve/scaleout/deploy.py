@@ -45,7 +45,9 @@ def deploy(app: str, deployment: str, settings: RaySettings, init_args: tuple, *
         log.info("application %s already runs deployment %s: attaching to it", app, deployment)
         return serve.get_deployment_handle(deployment, app)
     with _SUBMIT_LOCK:
-        replica = serve.deployment(ModelReplica).options(
+        # serve.deployment() then the class: the form Ray's annotations describe (called on
+        # the class directly it returns the same Deployment, annotated as a decorator).
+        replica = serve.deployment()(ModelReplica).options(
             name=deployment,
             logging_config=REPLICA_LOGGING,
             max_constructor_retry_count=CONSTRUCTOR_RETRIES,

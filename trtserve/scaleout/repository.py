@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from .. import __version__
 from ..backend import TensorSpec
 from ..config import ModelConfig, load_config, read_toml
 from ..errors import ConfigError, ModelUnavailableError
+from ..pipeline import ItemCallback
 from ..repository import (
     CONFIG_FILE,
     LoadedModel,
@@ -70,7 +72,8 @@ class RemotePipeline:
         self.remote_metadata = metadata
         self.stats = ModelStats()  # outcomes as this front door answered them
 
-    def submit(self, item: dict[str, Any], on_done, deadline: float | None = None, priority: int = 0) -> Forward:
+    def submit(self, item: dict[str, Any], on_done: ItemCallback, deadline: float | None = None,
+               priority: int = 0) -> Forward:
         return self.forwarder.submit(item, on_done, deadline, priority, self.version, self.stats)
 
     def io_spec(self) -> tuple[list[TensorSpec] | None, list[TensorSpec] | None]:
@@ -91,6 +94,7 @@ class RemotePipeline:
 class DeployedModel(LoadedModel):
     """A served version whose pipeline runs in the replicas of a Serve deployment."""
 
+    pipeline: RemotePipeline
     view: ClusterView | None = field(default=None, repr=False)
     settings: RaySettings = field(default_factory=RaySettings)
 
@@ -109,9 +113,11 @@ class DeployedModel(LoadedModel):
         (queue and compute time, batches) summed over the replicas and row by row."""
         stats = self.pipeline.stats.snapshot()
         stats.update(name=self.name, version=self.version, nodes={}, deployment=self._deployment())
-        replicas, batch_sizes, queue_ns, compute_ns = [], {}, 0, 0
+        replicas: list[dict[str, Any]] = []
+        batch_sizes: dict[str, int] = {}
+        queue_ns = compute_ns = 0
         for row in self.view.replicas if self.view else []:
-            mine = next((v for v in row.get("versions", []) if v.get("version") == self.version), {})
+            mine: dict[str, Any] = next((v for v in row.get("versions", []) if v.get("version") == self.version), {})
             for size, count in mine.get("batch_sizes", {}).items():
                 batch_sizes[size] = batch_sizes.get(size, 0) + count
             queue_ns += mine.get("queue_ns") or 0
@@ -140,7 +146,7 @@ class RayRepository(ModelRepository):
         root: str | Path,
         kwargs: dict[str, Any] | None = None,
         *,
-        overrides: list[Override] = (),
+        overrides: Sequence[Override] = (),
         app_prefix: str = DEFAULT_APP_PREFIX,
         status_interval_s: float = DEFAULT_STATUS_INTERVAL_S,
         deploy_timeout_s: float = DEFAULT_DEPLOY_TIMEOUT_S,

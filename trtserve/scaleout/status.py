@@ -118,11 +118,11 @@ class StatusMonitor:
         for view in list(self.repository.views.values()):
             _apply_status(view, applications.get(view.app))
         for name, handle in self.repository.deployment_handles().items():
-            view = self.repository.views.get(name)
-            if view is not None and view.running_replicas:
-                view.set_replicas(_replica_statistics(handle, self.interval_s, view.replicas))
-            elif view is not None:
-                view.set_replicas([])
+            deployed = self.repository.views.get(name)
+            if deployed is not None and deployed.running_replicas:
+                deployed.set_replicas(_replica_statistics(handle, self.interval_s, deployed.replicas))
+            elif deployed is not None:
+                deployed.set_replicas([])
 
 
 def _apply_status(view: ClusterView, app: Any) -> None:

@@ -34,7 +34,7 @@ from ..errors import (
     VersionNotFoundError,
 )
 from ..repository import LoadedModel, ModelRepository
-from ..scheduler import Request
+from ..served import Submitted
 from .doorbell import Doorbell
 from .modelio import DEFAULT_OUTPUT, ModelIO
 from .reply import Reply
@@ -113,7 +113,7 @@ class InferCall(Reply):
         Reply.__init__(self)
         self.started = started  # time.perf_counter() when the request was read
         self.bell = bell
-        self.request: Request | None = None
+        self.request: Submitted | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.io = io
         self.model = model
