@@ -1,4 +1,4 @@
-"""A model's nodes chained with ``next``, each with its own scheduler.
+"""A model's nodes chained with ``next``.
 
 The pipeline is callback-driven, so the sync ``pipe()`` and the asyncio server share it:
 ``submit(item, on_done)`` returns at once and ``on_done(item, error)`` runs exactly once,
@@ -21,7 +21,7 @@ from typing import Any, Callable
 from .backend import TensorSpec
 from .config import ModelConfig
 from .errors import BackendError, ConfigError, InvalidInputError, TrtserveError
-from .scheduler import Request, Scheduler
+from .node import Node, Request
 from .signature import check_pipeline, label
 from .stats import ModelStats
 
@@ -32,7 +32,7 @@ _MISSING = object()
 class Pipeline:
     def __init__(self, config: ModelConfig, kwargs: dict[str, Any] | None = None) -> None:
         self.config = config
-        self.nodes = [Scheduler(node, dict(kwargs or {}, model=config.name)) for node in config.nodes]
+        self.nodes = [Node(node, dict(kwargs or {}, model=config.name)) for node in config.nodes]
         for node in self.nodes:
             node.kwargs["stats"] = node.stats  # backends count their model calls (Backend.init)
         self.stats = ModelStats()
@@ -55,12 +55,12 @@ class Pipeline:
             raise
         return self
 
-    def _in_config(self, exc: ConfigError, node: Scheduler) -> ConfigError:
+    def _in_config(self, exc: ConfigError, node: Node) -> ConfigError:
         """A backend's init error, with the config file and node it belongs to."""
         source = self.config.source
         where = "" if exc.message.startswith(source) else f"{source}: "
-        message = f"{where}node {node.node.name!r}: {exc.message}"
-        return ConfigError(message, **{"file": source, "node": node.node.name, **exc.details})
+        message = f"{where}node {node.name!r}: {exc.message}"
+        return ConfigError(message, **{"file": source, "node": node.name, **exc.details})
 
     def close(self, drain: bool = False) -> None:
         """Stop accepting work; running work finishes; queued work fails, or runs if ``drain``.
@@ -90,18 +90,36 @@ class Pipeline:
         ``deadline`` is a ``time.monotonic()`` value; the returned request may be cancelled.
         ``priority`` applies at the entry node (1 = highest, 0 = default).
         """
-        item.pop("result", None)
-        request = _Flow(item, self._stage_done, deadline, 0, priority)  # positional: the hot path
-        request.caller = on_done
-        request.original = original = item.get("data", _MISSING)
+        request = self._flow(item, on_done, deadline, priority)
         try:
             self.nodes[0].submit(request)
         except TrtserveError as exc:
-            if original is not _MISSING:
-                item["data"] = original
-            self.stats.record(0, 0, exc.name)
+            self._refused(request, exc)
             raise
         return request
+
+    def submit_all(self, items: list[dict[str, Any]], callbacks: list[ItemCallback]) -> list[TrtserveError | None]:
+        """Start items that came together: the entry node forms batches of them at once
+        (``Node.submit_all``).  Each refusal is returned in its item's place; a refused
+        item's callback is not called."""
+        requests = [self._flow(item, on_done, None, 0) for item, on_done in zip(items, callbacks)]
+        refusals = self.nodes[0].submit_all(requests)
+        for request, refusal in zip(requests, refusals):
+            if refusal is not None:
+                self._refused(request, refusal)
+        return refusals
+
+    def _flow(self, item: dict[str, Any], on_done: ItemCallback, deadline: float | None, priority: int) -> "_Flow":
+        item.pop("result", None)
+        request = _Flow(item, self._stage_done, deadline, 0, priority)  # positional: the hot path
+        request.caller = on_done
+        request.original = item.get("data", _MISSING)
+        return request
+
+    def _refused(self, request: "_Flow", exc: TrtserveError) -> None:
+        if request.original is not _MISSING:
+            request.item["data"] = request.original
+        self.stats.record(0, 0, exc.name)
 
     def _stage_done(self, req: "_Flow", error: TrtserveError | None) -> None:
         """A node finished ``req``: hand its result to the next node, or finish."""
@@ -128,9 +146,9 @@ class Pipeline:
         return BackendError(
             f"{label(node)} refused what {label(before)} produced for this request: {exc.message}; "
             "the stages do not fit for this input (a configuration problem, not the request's): make "
-            f"{before.node.name!r} produce what {node.node.name!r} takes (docs/configuration.md, \"Stages that fit\")",
-            node=node.node.name,
-            producer=before.node.name,
+            f"{before.name!r} produce what {node.name!r} takes (docs/configuration.md, \"Stages that fit\")",
+            node=node.name,
+            producer=before.name,
         )
 
     def _finish(self, req: "_Flow", error: TrtserveError | None) -> None:

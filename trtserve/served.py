@@ -10,7 +10,7 @@ from .backend import Signature
 from .config import ModelConfig
 from .errors import ShuttingDownError
 from .pipeline import ItemCallback, Pipeline
-from .scheduler import Request
+from .request import Request
 
 if TYPE_CHECKING:
     from .repository import _Entry
@@ -52,7 +52,7 @@ class LoadedModel:
             "outputs": [t.to_dict() for t in outputs or []],
             "max_batch_size": self.pipeline.max_batch,
             "nodes": [
-                {"name": n.node.name, "backend": str(n.node.expr), "instance_num": n.node.instance_num,
+                {"name": n.name, "backend": str(n.config.expr), "instance_num": n.scheduling.instance_num,
                  **_model_file(n.backend.signature(), self.folder)}
                 for n in self.pipeline.nodes
             ],
@@ -61,8 +61,8 @@ class LoadedModel:
     def statistics(self) -> dict[str, Any]:
         stats = self.pipeline.stats.snapshot()
         stats.update(name=self.name, version=self.version)
-        stats["nodes"] = {n.node.name: n.stats.snapshot() for n in self.pipeline.nodes}
-        last = stats["nodes"][self.pipeline.nodes[-1].node.name]
+        stats["nodes"] = {n.name: n.stats.snapshot() for n in self.pipeline.nodes}
+        last = stats["nodes"][self.pipeline.nodes[-1].name]
         for key in ("batch_sizes", "model_calls", "call_rows"):  # the model node's, at the top
             stats[key] = last[key]
         return stats

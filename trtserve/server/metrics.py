@@ -146,9 +146,9 @@ class Metrics:
 
         pipeline.stats.add_listener(on_request)
         for node in pipeline.nodes:
-            observe = self.batch_size.labels(*labels, node.node.name).observe
+            observe = self.batch_size.labels(*labels, node.name).observe
             node.stats.add_listener(lambda size, compute_ns, failed, observe=observe: observe(size))
-            node.stats.add_call_listener(self.call_rows.labels(*labels, node.node.name).observe)
+            node.stats.add_call_listener(self.call_rows.labels(*labels, node.name).observe)
 
     # -- answers -------------------------------------------------------------------------
     def meter(self, model: LoadedModel) -> ModelMeter:
