@@ -5,7 +5,8 @@ A node needs waking only when nothing else will happen in time: a partial batch 
 instance is busy.  One shared thread serves every node (a heap of wake-up times), started
 on first use; a node costs no thread of its own for it.  ``wake()`` runs on this thread,
 so it must be short: it fails expired requests and, for an ``inline`` node, runs the
-batches that became due (microseconds each, by the definition of inline).
+batches that became due (microseconds each, by the definition of inline).  The alarm
+holds nodes weakly: a model unloaded while a wake-up is pending is freed all the same.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from typing import Protocol
 
 log = logging.getLogger("trtserve.scheduler")
@@ -25,7 +27,7 @@ class Sleeper(Protocol):
 
 class Alarm:
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Sleeper]] = []
+        self._heap: list[tuple[float, int, weakref.ref[Sleeper]]] = []
         self._order = itertools.count()  # ties never compare the sleepers
         self._changed = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
@@ -34,7 +36,7 @@ class Alarm:
         """Call ``sleeper.wake()`` at ``when`` (``time.monotonic()``), or soon after."""
         with self._changed:
             first = not self._heap or when < self._heap[0][0]
-            heapq.heappush(self._heap, (when, next(self._order), sleeper))
+            heapq.heappush(self._heap, (when, next(self._order), weakref.ref(sleeper)))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="trtserve-alarm", daemon=True)
                 self._thread.start()
@@ -43,14 +45,16 @@ class Alarm:
 
     def _run(self) -> None:
         while True:
-            sleeper = self._next()
+            sleeper = self._next()()
+            if sleeper is None:  # its node is gone
+                continue
             try:
                 sleeper.wake()
             except Exception:  # a bug in one node must not stop every node's wake-ups
                 log.exception("waking a node failed")
             del sleeper
 
-    def _next(self) -> Sleeper:
+    def _next(self) -> weakref.ref[Sleeper]:
         with self._changed:
             while True:
                 if self._heap:

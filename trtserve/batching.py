@@ -12,9 +12,11 @@ queue, its free instances and the time, and carries out what it returns.
 * A batch never goes below an instance's ``min``: such requests wait for more work.
 
 ``worth_waiting`` is the ``batching_timeout`` policy: a partial batch waits only while the
-observed arrivals say another request is likely to come inside the window.  When every
-caller is already queued (a closed loop at its concurrency), arrivals stop and the batch
-runs at once instead of idling the instance for the whole window.
+observed arrivals say another request is likely to come inside the window, and sooner
+than a batch takes to run (otherwise running now costs less: what arrives meanwhile
+batches behind it).  When every caller is already queued (a closed loop at its
+concurrency), arrivals stop and the batch runs at once instead of idling the instance for
+the whole window.
 """
 from __future__ import annotations
 
@@ -70,6 +72,12 @@ class Window(NamedTuple):
     running: int  # batches running now
     flush: bool = False  # no more work is coming: the node closes, or a whole list just came
     arrivals: Arrivals = Arrivals()
+    service: float = 0.0  # how long the node's recent batches took to run, seconds
+
+
+def averaged(previous: float, sample: float) -> float:
+    """An exponential average: recent samples weigh most."""
+    return previous + GAP_WEIGHT * (sample - previous)
 
 
 def arrived(seen: Arrivals, now: float, timeout: float) -> Arrivals:
@@ -78,18 +86,21 @@ def arrived(seen: Arrivals, now: float, timeout: float) -> Arrivals:
     if seen.last == float("-inf"):
         return Arrivals(now, float("inf"))
     sample = min(now - seen.last, timeout)
-    gap = sample if seen.gap == float("inf") else seen.gap + GAP_WEIGHT * (sample - seen.gap)
+    gap = sample if seen.gap == float("inf") else averaged(seen.gap, sample)
     return Arrivals(now, gap)
 
 
 def worth_waiting(size: int, hi: int, w: Window) -> float | None:
     """When to look again if a partial batch of ``size`` rows should wait for more, or None
     when it should run now: it is full, its window is over, the next arrival is expected
-    after the window, or arrivals have stopped (none for ``OVERDUE_GAPS`` usual gaps)."""
+    after the window or later than a batch takes, or arrivals have stopped (none for
+    ``OVERDUE_GAPS`` usual gaps)."""
     closes = w.oldest + w.timeout
     if size >= hi or w.now >= closes:
         return None
     seen = w.arrivals
+    if seen.gap >= w.service:  # a batch run now ends before the next request would come
+        return None
     if seen.last + seen.gap > closes:  # the next arrival would likely come too late
         return None
     overdue = seen.last + OVERDUE_GAPS * seen.gap

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from .alarm import ALARM
 from .backend import Backend
-from .batching import Arrivals, Slot, Wait, Window, arrived, choose
+from .batching import Arrivals, Slot, Wait, Window, arrived, averaged, choose
 from .config import NodeConfig
 from .errors import (
     DeadlineExceededError,
@@ -43,10 +43,10 @@ from .errors import (
 )
 from .instances import InlineInstance, Instance, InstanceThread
 from .queues import PriorityQueue
-from .request import DoneCallback, Request
+from .request import Request
 from .stats import NodeStats
 
-__all__ = ["DoneCallback", "Node", "Request"]
+__all__ = ["Node"]
 log = logging.getLogger("trtserve.scheduler")
 # Inline batches one thread runs in a row before the alarm thread takes over the rest: a
 # caller whose own request is done is not kept running other callers' batches for long.
@@ -74,6 +74,7 @@ class Node:
         self._timed = 0  # queued requests with a deadline: expiry scans run only when > 0
         self._closed = False
         self._arrivals = Arrivals()
+        self._service = 0.0  # recent batches' run time, seconds (written by complete only)
         self._wake_at: float | None = None  # the earliest wake-up asked of the alarm
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -289,7 +290,7 @@ class Node:
             if not free:
                 break
             window = Window(now, self._queue.oldest_enqueued(), self.scheduling.batching_timeout_s,
-                            self._queued_size, self._busy, flush or self._closed, self._arrivals)
+                            self._queued_size, self._busy, flush or self._closed, self._arrivals, self._service)
             decision = choose(self._queue, free, window)
             if decision is None:
                 break
@@ -365,6 +366,7 @@ class Node:
     def complete(self, batch: list[Request], error: TrtserveError | None, start_ns: int) -> None:
         """A batch is done: count it, then wake its callers (on the reporting thread)."""
         elapsed = time.perf_counter_ns() - start_ns
+        self._service = averaged(self._service, elapsed / 1e9)  # one float store: no lock needed
         self.stats.record_batch(sum(r.size for r in batch), elapsed, failed=error is not None)
         for req in batch:
             req.compute_ns += elapsed

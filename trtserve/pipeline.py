@@ -21,7 +21,8 @@ from typing import Any, Callable
 from .backend import TensorSpec
 from .config import ModelConfig
 from .errors import BackendError, ConfigError, InvalidInputError, TrtserveError
-from .node import Node, Request
+from .node import Node
+from .request import Request
 from .signature import check_pipeline, label
 from .stats import ModelStats
 

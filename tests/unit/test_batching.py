@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from trtserve.batching import Arrivals, Run, Slot, Wait, Window, arrived, choose, worth_waiting
+from trtserve.batching import Arrivals, Run, Slot, Wait, Window, arrived, averaged, choose, worth_waiting
 
 
 @dataclass
@@ -17,8 +17,8 @@ class Req:
     enqueued: float = 0.0
 
 
-def window(now=1.0, oldest=1.0, timeout=0.002, queued=None, running=0, flush=False, arrivals=Arrivals()):
-    return Window(now, oldest, timeout, queued, running, flush, arrivals)
+def window(now=1.0, oldest=1.0, timeout=0.002, queued=None, running=0, flush=False, arrivals=Arrivals(), service=0.001):
+    return Window(now, oldest, timeout, queued, running, flush, arrivals, service)
 
 
 def decide(queue, free, **kw):
@@ -91,6 +91,12 @@ def test_no_wait_when_the_next_arrival_is_expected_after_the_window():
     assert worth_waiting(2, 8, window(now=1.0, oldest=1.0, arrivals=Arrivals(1.0, 0.005))) is None
 
 
+def test_no_wait_when_the_next_arrival_is_expected_later_than_a_batch_takes():
+    # A request every 100 us, a batch in 50 us: run now, the next one batches behind it.
+    assert worth_waiting(2, 8, window(arrivals=FLOWING, service=0.00005)) is None
+    assert worth_waiting(2, 8, window(arrivals=FLOWING, service=0.0)) is None  # nothing ran yet
+
+
 def test_no_wait_once_arrivals_have_stopped():
     stopped = Arrivals(last=1.0, gap=0.0001)
     assert worth_waiting(2, 8, window(now=1.0003, oldest=1.0, arrivals=stopped)) is None
@@ -122,6 +128,7 @@ class Simulation:
         self.busy_until: float | None = None
         self.running: list[tuple[Req, int]] = []
         self.arrivals = Arrivals()
+        self.service = 0.0
         self.latencies: list[float] = []
         self.batches: list[int] = []
         self.done: list[tuple[float, int]] = []  # (time, caller)
@@ -138,6 +145,7 @@ class Simulation:
                 self.queue.append(Req(1, now))
                 self.callers.append(event.caller)
             elif event.kind == "free":
+                self.service = averaged(self.service, self.fixed + self.per_row * len(self.running))
                 for req, caller in self.running:
                     self.latencies.append(now - req.enqueued)
                     self.done.append((now, caller))
@@ -149,7 +157,7 @@ class Simulation:
     def dispatch(self, now: float) -> None:
         if self.busy_until is not None or not self.queue:
             return
-        w = Window(now, self.queue[0].enqueued, self.timeout, len(self.queue), 0, False, self.arrivals)
+        w = Window(now, self.queue[0].enqueued, self.timeout, len(self.queue), 0, False, self.arrivals, self.service)
         if self.always_wait and 1 < len(self.queue) < 8 and now < w.oldest + self.timeout:
             decision = Wait(w.oldest + self.timeout)  # the lone rule, then the whole window
         else:
