@@ -28,12 +28,15 @@ from trtserve_bench.serverproc import ServerProcess  # noqa: E402
 EXAMPLE = HERE.parent / "model_repository" / "tensor_mlp"
 
 
-def repository(root: Path, instances: int) -> Path:
+def repository(root: Path, instances: int, window_ms: str | None) -> Path:
     folder = root / f"mlp{instances}" / "tensor_mlp"
     (folder / "1").mkdir(parents=True)
     config = (EXAMPLE / "config.toml").read_text()
-    assert "instance_num = 1" in config, "the example tensor_mlp is expected at instance_num = 1"
-    (folder / "config.toml").write_text(config.replace("instance_num = 1", f"instance_num = {instances}"))
+    assert "instance_num = 1" in config and "batching_timeout = 2" in config, "the example tensor_mlp changed"
+    config = config.replace("instance_num = 1", f"instance_num = {instances}")
+    if window_ms is not None:
+        config = config.replace("batching_timeout = 2", f"batching_timeout = {window_ms}")
+    (folder / "config.toml").write_text(config)
     (folder / "1" / "model.onnx").symlink_to(EXAMPLE / "1" / "model.onnx")
     return folder.parent
 
@@ -54,6 +57,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tree", action="append", required=True, help="NAME=PATH of a source tree (repeat)")
     p.add_argument("--instances", default="1,2")
+    p.add_argument("--batching-timeout", help="ms, instead of the example's 2")
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--window-ms", type=float, default=500.0)
@@ -64,7 +68,7 @@ def main() -> None:
     best: dict[str, dict[int, dict[int, dict]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        repos = {n: repository(root, n) for n in map(int, args.instances.split(","))}
+        repos = {n: repository(root, n, args.batching_timeout) for n in map(int, args.instances.split(","))}
         for rnd in range(args.rounds):
             for n, repo in repos.items():
                 for name, path in trees.items():

@@ -54,13 +54,6 @@ class Wait(NamedTuple):
     until: float
 
 
-class Arrivals(NamedTuple):
-    """What the node has seen of its arrivals: the last one and the usual gap (seconds)."""
-
-    last: float = float("-inf")
-    gap: float = float("inf")
-
-
 class Window(NamedTuple):
     """Everything ``choose`` needs besides the queue and the free instances (a tuple:
     built at every dispatch, so it must be cheap)."""
@@ -71,7 +64,8 @@ class Window(NamedTuple):
     queued_size: int  # rows queued in all
     running: int  # batches running now
     flush: bool = False  # no more work is coming: the node closes, or a whole list just came
-    arrivals: Arrivals = Arrivals()
+    last_arrival: float = float("-inf")
+    gap: float = float("inf")  # the usual time between arrivals (``next_gap``), seconds
     service: float = 0.0  # how long the node's recent batches took to run, seconds
 
 
@@ -80,14 +74,15 @@ def averaged(previous: float, sample: float) -> float:
     return previous + GAP_WEIGHT * (sample - previous)
 
 
-def arrived(seen: Arrivals, now: float, timeout: float) -> Arrivals:
-    """The arrivals after one more at ``now``.  A gap longer than the window counts as the
-    window: for the policy it only says "none came in time"."""
-    if seen.last == float("-inf"):
-        return Arrivals(now, float("inf"))
-    sample = min(now - seen.last, timeout)
-    gap = sample if seen.gap == float("inf") else averaged(seen.gap, sample)
-    return Arrivals(now, gap)
+def next_gap(gap: float, last: float, now: float, timeout: float) -> float:
+    """The usual gap between arrivals after one more at ``now`` (the one before came at
+    ``last``).  A gap longer than the window counts as the window: for the policy it only
+    says "none came in time".  Start from ``gap = timeout``: one arrival per window.
+    Called at every submit, so plain arithmetic."""
+    sample = now - last
+    if sample > timeout:
+        sample = timeout
+    return gap + GAP_WEIGHT * (sample - gap)
 
 
 def worth_waiting(size: int, hi: int, w: Window) -> float | None:
@@ -98,12 +93,11 @@ def worth_waiting(size: int, hi: int, w: Window) -> float | None:
     closes = w.oldest + w.timeout
     if size >= hi or w.now >= closes:
         return None
-    seen = w.arrivals
-    if seen.gap >= w.service:  # a batch run now ends before the next request would come
+    if w.gap >= w.service:  # a batch run now ends before the next request would come
         return None
-    if seen.last + seen.gap > closes:  # the next arrival would likely come too late
+    if w.last_arrival + w.gap > closes:  # the next arrival would likely come too late
         return None
-    overdue = seen.last + OVERDUE_GAPS * seen.gap
+    overdue = w.last_arrival + OVERDUE_GAPS * w.gap
     if w.now >= overdue:
         return None
     return min(closes, overdue)

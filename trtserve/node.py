@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from .alarm import ALARM
 from .backend import Backend
-from .batching import Arrivals, Slot, Wait, Window, arrived, averaged, choose
+from .batching import Slot, Wait, Window, averaged, choose, next_gap
 from .config import NodeConfig
 from .errors import (
     DeadlineExceededError,
@@ -73,7 +73,9 @@ class Node:
         self._queued_size = 0
         self._timed = 0  # queued requests with a deadline: expiry scans run only when > 0
         self._closed = False
-        self._arrivals = Arrivals()
+        self._window = sched.batching_timeout_s
+        self._last_arrival = float("-inf")
+        self._gap = self._window  # the usual time between arrivals (batching.next_gap)
         self._service = 0.0  # recent batches' run time, seconds (written by complete only)
         self._wake_at: float | None = None  # the earliest wake-up asked of the alarm
         self._lock = threading.Lock()
@@ -115,15 +117,15 @@ class Node:
             if self._closed:
                 return
             self._closed = True
+            drain = drain and not self._runs_here()  # (waiting for idle would wait for itself)
             expired = self._dispatch(time.monotonic(), flush=True) if drain else []  # partial batches are due now
-        self._fail_expired(expired)
-        if drain and not self._runs_here():
+            leftovers = [] if drain else self._clear()
+        if drain:
+            self._fail_expired(expired)
             self.run_due(limit=None)
             with self._lock:
                 self._idle.wait_for(lambda: not self._queue and self._busy == 0)
-        with self._lock:
-            leftovers = [r for r in self._queue.clear() if not r.cancelled or r.cancel_error is not None]
-            self._queued_size = self._timed = 0
+                leftovers = self._clear()
         error = ShuttingDownError(f"node {self.name!r} is shutting down", node=self.name)
         for req in leftovers:
             self._finish(req, req.cancel_error if req.cancelled else error)
@@ -137,6 +139,12 @@ class Node:
         # stops, so a draining pipeline's next node is closed only after that.
         for inst in self._instances:
             inst.stop()
+
+    def _clear(self) -> list[Request]:
+        """Empty the queue; the requests to fail (cancelled ones only if given a reason)."""
+        leftovers = [r for r in self._queue.clear() if not r.cancelled or r.cancel_error is not None]
+        self._queued_size = self._timed = 0
+        return leftovers
 
     def on_each_instance(self, fn: Callable[[Any], Any]) -> list[Any]:
         """``fn(instance)`` on every instance's own thread, all at once; the results in
@@ -161,8 +169,8 @@ class Node:
         now = self._prepare(req)
         with self._lock:
             self._check_accepting()
-            if self.scheduling.batching_timeout_s:
-                self._arrivals = arrived(self._arrivals, now, self.scheduling.batching_timeout_s)
+            if self._window:
+                self._arrived(now)
             if (not self._queue and self._busy == 0 and not req.cancelled
                     and (req.deadline is None or req.deadline > now) and self._start_lone(req, now)):
                 expired = None
@@ -194,8 +202,8 @@ class Node:
                 except TrtserveError as exc:
                     refusals[index] = exc
                     continue
-                if self.scheduling.batching_timeout_s:
-                    self._arrivals = arrived(self._arrivals, now, self.scheduling.batching_timeout_s)
+                if self._window:
+                    self._arrived(now)
                 self._enqueue(requests[index])
             expired = self._dispatch(now, flush=True)
         self._fail_expired(expired)
@@ -235,6 +243,11 @@ class Node:
                 node=self.name,
                 max_queue_size=limit,
             )
+
+    def _arrived(self, now: float) -> None:
+        """Track arrivals for the batching window (only a node with one needs them)."""
+        self._gap = next_gap(self._gap, self._last_arrival, now, self._window)
+        self._last_arrival = now
 
     def _enqueue(self, req: Request) -> None:
         self._queue.append(req)
@@ -289,8 +302,8 @@ class Node:
             free = [s for s in self._slots if not self._running[s.index]]
             if not free:
                 break
-            window = Window(now, self._queue.oldest_enqueued(), self.scheduling.batching_timeout_s,
-                            self._queued_size, self._busy, flush or self._closed, self._arrivals, self._service)
+            window = Window(now, self._queue.oldest_enqueued(), self._window, self._queued_size, self._busy,
+                            flush or self._closed, self._last_arrival, self._gap, self._service)
             decision = choose(self._queue, free, window)
             if decision is None:
                 break

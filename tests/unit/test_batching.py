@@ -5,10 +5,11 @@ from __future__ import annotations
 import heapq
 import random
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import pytest
 
-from trtserve.batching import Arrivals, Run, Slot, Wait, Window, arrived, averaged, choose, worth_waiting
+from trtserve.batching import Run, Slot, Wait, Window, averaged, choose, next_gap, worth_waiting
 
 
 @dataclass
@@ -17,8 +18,13 @@ class Req:
     enqueued: float = 0.0
 
 
+class Arrivals(NamedTuple):
+    last: float = float("-inf")
+    gap: float = 0.002
+
+
 def window(now=1.0, oldest=1.0, timeout=0.002, queued=None, running=0, flush=False, arrivals=Arrivals(), service=0.001):
-    return Window(now, oldest, timeout, queued, running, flush, arrivals, service)
+    return Window(now, oldest, timeout, queued, running, flush, arrivals.last, arrivals.gap, service)
 
 
 def decide(queue, free, **kw):
@@ -74,13 +80,12 @@ def test_best_fit_is_the_smallest_max_that_holds_all_else_the_largest():
 
 
 # -- the window policy -------------------------------------------------------------------
-def test_the_first_arrival_has_no_gap_yet_and_later_gaps_are_averaged_capped_at_the_window():
-    seen = arrived(Arrivals(), 1.0, 0.002)
-    assert seen == Arrivals(1.0, float("inf"))
-    seen = arrived(seen, 1.001, 0.002)
-    assert seen.gap == pytest.approx(0.001)
-    seen = arrived(seen, 2.0, 0.002)  # a second of silence counts as one window
-    assert seen.gap == pytest.approx(0.001 + 0.25 * (0.002 - 0.001))
+def test_the_usual_gap_starts_at_one_per_window_and_averages_gaps_capped_at_the_window():
+    gap = next_gap(0.002, float("-inf"), 1.0, 0.002)  # the first arrival says nothing yet
+    assert gap == 0.002
+    gap = next_gap(gap, 1.0, 1.001, 0.002)
+    assert gap == pytest.approx(0.002 + 0.25 * (0.001 - 0.002))
+    assert next_gap(gap, 1.001, 2.0, 0.002) == pytest.approx(gap + 0.25 * (0.002 - gap))  # a second counts as a window
 
 
 def test_no_wait_once_the_window_is_over():
@@ -127,7 +132,7 @@ class Simulation:
         self.callers: list[int] = []  # the caller of each queued request
         self.busy_until: float | None = None
         self.running: list[tuple[Req, int]] = []
-        self.arrivals = Arrivals()
+        self.last, self.gap = float("-inf"), timeout
         self.service = 0.0
         self.latencies: list[float] = []
         self.batches: list[int] = []
@@ -141,7 +146,8 @@ class Simulation:
             event = heapq.heappop(self.events)
             now = event.when
             if event.kind == "arrive":
-                self.arrivals = arrived(self.arrivals, now, self.timeout)
+                self.gap = next_gap(self.gap, self.last, now, self.timeout) if self.timeout else self.gap
+                self.last = now
                 self.queue.append(Req(1, now))
                 self.callers.append(event.caller)
             elif event.kind == "free":
@@ -157,7 +163,7 @@ class Simulation:
     def dispatch(self, now: float) -> None:
         if self.busy_until is not None or not self.queue:
             return
-        w = Window(now, self.queue[0].enqueued, self.timeout, len(self.queue), 0, False, self.arrivals, self.service)
+        w = Window(now, self.queue[0].enqueued, self.timeout, len(self.queue), 0, False, self.last, self.gap, self.service)
         if self.always_wait and 1 < len(self.queue) < 8 and now < w.oldest + self.timeout:
             decision = Wait(w.oldest + self.timeout)  # the lone rule, then the whole window
         else:
