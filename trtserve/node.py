@@ -321,8 +321,8 @@ class Node:
             if batch:
                 self._start(self._instances[decision.slot.index], batch, now)
             expired += self._drop_expired(now)
-        if not self._queue and self._busy == 0:
-            self._idle.notify_all()  # close(drain=True) waits for this
+        if self._closed and not self._queue and self._busy == 0:
+            self._idle.notify_all()  # close(drain=True) waits for this (only close waits)
         return expired
 
     def _start_lone(self, req: Request, now: float) -> bool:
@@ -397,7 +397,7 @@ class Node:
             if linger and not got:
                 self._running[index] = True
                 self._busy += 1
-            if self.inline:
+            if self._closed and self.inline:
                 self._idle.notify_all()  # close() waits for each instance it does not run itself
         self._fail_expired(expired)
         return got
