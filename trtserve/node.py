@@ -10,7 +10,9 @@
   (the instance is free: look again at what is due).
 * Threaded instances (the default) run their batches on their own threads; ``inline``
   instances leave their assigned batches in ``_due`` for the thread that made them due
-  (a submitter, a releasing instance, the alarm) to run once it lets go of the lock.
+  (a submitter, a releasing instance, the alarm) to run once it lets go of the lock.  A
+  burst of submits to an inline node (hold.py) is queued at once and dispatched at its
+  end (``flush``), so it forms batches.
 * Nothing else runs on a thread of the node's own: the process-wide alarm (alarm.py)
   wakes the node when a ``batching_timeout`` window ends or a deadline passes while every
   instance is busy.
@@ -32,6 +34,7 @@ from .alarm import ALARM
 from .backend import Backend
 from .batching import Slot, Wait, Window, averaged, choose, next_gap
 from .config import NodeConfig
+from .hold import current as current_burst
 from .errors import (
     DeadlineExceededError,
     InvalidArgumentError,
@@ -171,6 +174,10 @@ class Node:
             self._check_accepting()
             if self._window:
                 self._arrived(now)
+            if self.inline and (burst := current_burst()) is not None:
+                self._enqueue(req)  # dispatched when the burst ends (hold.py)
+                burst[self] = None
+                return
             if (not self._queue and self._busy == 0 and not req.cancelled
                     and (req.deadline is None or req.deadline > now) and self._start_lone(req, now)):
                 expired = None
@@ -210,6 +217,15 @@ class Node:
         if self._due:
             self.run_due()
         return refusals
+
+    def flush(self) -> None:
+        """Dispatch as if no more work were coming (a burst ended, hold.py) and run what
+        is due here."""
+        with self._lock:
+            expired = self._dispatch(time.monotonic(), flush=True)
+        self._fail_expired(expired)
+        if self._due:
+            self.run_due()
 
     def _prepare(self, req: Request) -> float:
         """Admit ``req`` (raises for bad input) and set its size, priority and deadline;

@@ -1,5 +1,6 @@
 """Inline nodes (``inline = true``): batches run on the thread that dispatched them, one at a
-time per instance, with the same batching rules.  Gated by events, as test_scheduler.py."""
+time per instance, with the same batching rules; bursts held by ``held_dispatch`` form
+batches.  Gated by events, as test_scheduler.py."""
 from __future__ import annotations
 
 import sys
@@ -10,6 +11,7 @@ import pytest
 
 import trtserve
 from trtserve.errors import BackendError, ConfigError, QueueFullError, ShuttingDownError
+from trtserve.hold import held_dispatch
 
 def test_forward_runs_on_the_submitting_thread(make_pipe, probe):
     models = make_pipe(inline=True, max=4)
@@ -48,6 +50,47 @@ def test_each_submit_from_one_thread_is_its_own_batch(make_pipe, probe, collecto
         models.pipeline.submit({"data": key}, collector.callback(key))
     collector.wait(0, 1, 2)
     assert probe.sizes() == [1, 1, 1]
+
+
+def test_a_held_burst_forms_batches_when_it_ends(make_pipe, probe, collector):
+    models = make_pipe(inline=True, max=4)
+    with held_dispatch():
+        for key in range(6):
+            models.pipeline.submit({"data": key}, collector.callback(key))
+        assert probe.sizes() == [] and models.pipeline.nodes[0].queue_depth() == 6
+    collector.wait(*range(6))
+    assert [batch for _, batch in probe.batches] == [[0, 1, 2, 3], [4, 5]]
+
+
+def test_held_requests_count_toward_max_queue_size(make_pipe, probe, collector):
+    models = make_pipe(inline=True, max=1, max_queue_size=2)
+    with held_dispatch():
+        models.pipeline.submit({"data": 0}, collector.callback(0))
+        models.pipeline.submit({"data": 1}, collector.callback(1))
+        with pytest.raises(QueueFullError):
+            models.pipeline.submit({"data": 2}, collector.callback(2))
+    collector.wait(0, 1)
+
+
+def test_a_nested_hold_dispatches_the_node_at_its_own_end(make_pipe, probe):
+    models = make_pipe(inline=True, max=8)
+    done = []
+    with held_dispatch():
+        models.pipeline.submit({"data": "outer"}, lambda item, error: done.append(item["result"]))
+        with held_dispatch():
+            models.pipeline.submit({"data": "a"}, lambda item, error: done.append(item["result"]))
+        assert done == ["outer", "a"] and probe.sizes() == [2]  # everything the node had queued
+
+
+def test_a_drain_runs_what_a_burst_still_holds(probe):
+    chain = trtserve.pipe({"backend": "Probe", "probe": probe.key, "inline": True})
+    out = {}
+    with held_dispatch():
+        chain.pipeline.submit({"data": 1}, lambda item, error: out.__setitem__("held", (item.get("result"), error)))
+        drainer = threading.Thread(target=chain.pipeline.close, kwargs={"drain": True})
+        drainer.start()
+        drainer.join(10)
+    assert out == {"held": (1, None)}
 
 
 def test_work_queued_behind_a_busy_instance_runs_on_the_thread_that_frees_it(make_pipe, probe, collector):

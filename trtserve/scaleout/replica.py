@@ -3,7 +3,8 @@
 A replica loads the model exactly as ``trtserve serve`` does (``ModelRepository.load``:
 ``backend.py``, version policy, nodes, instances, warmup), so it batches the same way.
 The front door (forwarder.py) sends it *calls*, each carrying the requests that arrived
-together; the replica submits them all and answers once every one finished.
+together; the replica submits them all inside one ``held_dispatch()`` (so inline nodes
+batch them as the server batches one socket read) and answers once every one finished.
 
 Values cross as Python objects (numpy arrays, bytes, dicts) through Ray's serialization,
 never as trtserve wire frames.  Errors cross as trtserve's typed exceptions (picklable).
@@ -19,6 +20,7 @@ from typing import Any
 from ray import serve
 
 from ..errors import DeviceError, ModelUnavailableError, TrtserveError
+from ..hold import held_dispatch
 from ..repository import ModelRepository
 
 # One request of a call: (data, version or None, seconds left or None, priority).
@@ -69,14 +71,15 @@ class ModelReplica:
     def _submit_all(self, requests: list[CallRequest], items: list[dict[str, Any]], done_for) -> list[Any]:
         now = time.monotonic()
         flows: list[Any] = [None] * len(requests)
-        for index, (_, version, seconds_left, priority) in enumerate(requests):
-            on_done = done_for(index)
-            try:
-                model = self.repository.get(self.model, version)
-                deadline = None if seconds_left is None else now + seconds_left
-                flows[index] = model.submit(items[index], on_done, deadline, priority)
-            except TrtserveError as exc:  # refused before queueing: answered at once
-                on_done(items[index], exc)
+        with held_dispatch():  # inline nodes form batches from the whole call
+            for index, (_, version, seconds_left, priority) in enumerate(requests):
+                on_done = done_for(index)
+                try:
+                    model = self.repository.get(self.model, version)
+                    deadline = None if seconds_left is None else now + seconds_left
+                    flows[index] = model.submit(items[index], on_done, deadline, priority)
+                except TrtserveError as exc:  # refused before queueing: answered at once
+                    on_done(items[index], exc)
         return flows
 
     # -- control plane (the front door's status thread, via broadcast) ---------------------

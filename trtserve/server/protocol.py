@@ -52,6 +52,7 @@ from ..errors import (
     TrtserveError,
     UnauthenticatedError,
 )
+from ..hold import held_dispatch
 from .closing import DISCARD, Closing
 from .reply import Reply
 from .tracker import ConnectionTracker
@@ -243,10 +244,14 @@ class ServerProtocol(Closing, asyncio.BufferedProtocol):
         if more():
             self._handling = True
             try:
+                # Inline models run a burst's requests as batches when the hold ends, which
+                # frees their in-flight slots: the backlog past the limit then goes on.
                 while more():
-                    size = account.sizes.popleft()  # frames come out in the order admitted
-                    if not self._handle(backlog.popleft(), size) and not self._closing:
-                        account.release(size)
+                    with held_dispatch():
+                        while more():
+                            size = account.sizes.popleft()  # frames come out in the order admitted
+                            if not self._handle(backlog.popleft(), size) and not self._closing:
+                                account.release(size)
             finally:
                 self._handling = False
             # What the burst answered at once (cheap operations, inline models) leaves now in
