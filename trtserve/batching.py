@@ -7,7 +7,7 @@ queue, its free instances and the time, and carries out what it returns.
   Among the free instances, the one whose ``[min, max]`` fits the queued work best is used:
   the smallest ``max`` that holds all of it, else the largest ``max``.
 * A batch runs at once when it fills the instance's ``max`` (or the next request would not
-  fit), when no more work is coming (the node is closing, or a whole list was submitted), when it is a lone request and nothing is running (no
+  fit), when no more work is coming (the node is closing, or a held burst ended), when it is a lone request and nothing is running (no
   latency penalty at low load), or when waiting cannot help (``worth_waiting``).
 * A batch never goes below an instance's ``min``: such requests wait for more work.
 
@@ -63,7 +63,7 @@ class Window(NamedTuple):
     timeout: float  # batching_timeout, seconds
     queued_size: int  # rows queued in all
     running: int  # batches running now
-    flush: bool = False  # no more work is coming: the node closes, or a whole list just came
+    flush: bool = False  # no more work is coming: the node closes, or a burst ended (hold.py)
     last_arrival: float = float("-inf")
     gap: float = float("inf")  # the usual time between arrivals (``next_gap``), seconds
     service: float = 0.0  # how long the node's recent batches took to run, seconds

@@ -189,35 +189,6 @@ class Node:
         if self._due:
             self.run_due()
 
-    def submit_all(self, requests: list[Request]) -> list[TrtserveError | None]:
-        """Queue requests that came together (a list given to ``pipe()``) and run what is due
-        as if no more work were coming: they form batches of up to ``max`` at once.  Each
-        request's refusal (bad input, full queue) is returned in its place."""
-        refusals: list[TrtserveError | None] = [None] * len(requests)
-        admitted = []
-        for index, req in enumerate(requests):
-            try:
-                self._prepare(req)
-                admitted.append(index)
-            except TrtserveError as exc:
-                refusals[index] = exc
-        now = time.monotonic()
-        with self._lock:
-            for index in admitted:
-                try:
-                    self._check_accepting()
-                except TrtserveError as exc:
-                    refusals[index] = exc
-                    continue
-                if self._window:
-                    self._arrived(now)
-                self._enqueue(requests[index])
-            expired = self._dispatch(now, flush=True)
-        self._fail_expired(expired)
-        if self._due:
-            self.run_due()
-        return refusals
-
     def flush(self) -> None:
         """Dispatch as if no more work were coming (a burst ended, hold.py) and run what
         is due here."""

@@ -7,6 +7,7 @@ from typing import Any
 
 from .config import load_config
 from .errors import TrtserveError
+from .hold import held_dispatch
 from .modelcode import ModelCode, load_model_code
 from .pipeline import Pipeline
 from .warmup import run_warmup
@@ -45,16 +46,12 @@ class Pipe:
 
             return on_done
 
-        callbacks = [on_done_for(index) for index in range(len(batch))]
-        if len(batch) == 1:
-            try:
-                self.pipeline.submit(batch[0], callbacks[0])
-            except TrtserveError as exc:
-                callbacks[0](batch[0], exc)
-        else:  # a list's items form batches of up to max at once
-            for item, callback, refusal in zip(batch, callbacks, self.pipeline.submit_all(batch, callbacks)):
-                if refusal is not None:
-                    callback(item, refusal)
+        with held_dispatch():  # a list's items form batches on inline nodes too
+            for index, item in enumerate(batch):
+                try:
+                    self.pipeline.submit(item, on_done_for(index))
+                except TrtserveError as exc:
+                    on_done_for(index)(item, exc)
         if batch:
             finished.acquire()
         first = next((e for e in errors if e is not None), None)

@@ -91,36 +91,18 @@ class Pipeline:
         ``deadline`` is a ``time.monotonic()`` value; the returned request may be cancelled.
         ``priority`` applies at the entry node (1 = highest, 0 = default).
         """
-        request = self._flow(item, on_done, deadline, priority)
-        try:
-            self.nodes[0].submit(request)
-        except TrtserveError as exc:
-            self._refused(request, exc)
-            raise
-        return request
-
-    def submit_all(self, items: list[dict[str, Any]], callbacks: list[ItemCallback]) -> list[TrtserveError | None]:
-        """Start items that came together: the entry node forms batches of them at once
-        (``Node.submit_all``).  Each refusal is returned in its item's place; a refused
-        item's callback is not called."""
-        requests = [self._flow(item, on_done, None, 0) for item, on_done in zip(items, callbacks)]
-        refusals = self.nodes[0].submit_all(requests)
-        for request, refusal in zip(requests, refusals):
-            if refusal is not None:
-                self._refused(request, refusal)
-        return refusals
-
-    def _flow(self, item: dict[str, Any], on_done: ItemCallback, deadline: float | None, priority: int) -> "_Flow":
         item.pop("result", None)
         request = _Flow(item, self._stage_done, deadline, 0, priority)  # positional: the hot path
         request.caller = on_done
-        request.original = item.get("data", _MISSING)
+        request.original = original = item.get("data", _MISSING)
+        try:
+            self.nodes[0].submit(request)
+        except TrtserveError as exc:
+            if original is not _MISSING:
+                item["data"] = original
+            self.stats.record(0, 0, exc.name)
+            raise
         return request
-
-    def _refused(self, request: "_Flow", exc: TrtserveError) -> None:
-        if request.original is not _MISSING:
-            request.item["data"] = request.original
-        self.stats.record(0, 0, exc.name)
 
     def _stage_done(self, req: "_Flow", error: TrtserveError | None) -> None:
         """A node finished ``req``: hand its result to the next node, or finish."""

@@ -31,7 +31,7 @@ def test_a_threaded_node_still_runs_on_its_instance_thread(make_pipe, probe):
 def test_a_list_forms_batches_within_max(make_pipe, probe):
     models = make_pipe(inline=True, max=4)
     items = [{"data": i} for i in range(10)]
-    models(items)  # queued together, then run as batches of at most max
+    models(items)  # held as one burst, then run as batches of at most max
     assert [item["result"] for item in items] == list(range(10))
     assert [batch for _, batch in probe.batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
