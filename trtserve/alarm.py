@@ -3,7 +3,8 @@
 A node needs waking only when nothing else will happen in time: a partial batch whose
 ``batching_timeout`` window ends, or a queued request whose deadline passes while every
 instance is busy.  One shared thread serves every node (a heap of wake-up times), started
-on first use; a node costs no thread of its own for it.  ``wake()`` runs on this thread,
+when the first node starts (so a process's thread count is settled once its models are
+loaded); a node costs no thread of its own for it.  ``wake()`` runs on this thread,
 so it must be short: it fails expired requests and, for an ``inline`` node, runs the
 batches that became due (microseconds each, by the definition of inline).  The alarm
 holds nodes weakly: a model unloaded while a wake-up is pending is freed all the same.
@@ -32,15 +33,20 @@ class Alarm:
         self._changed = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
 
-    def at(self, when: float, sleeper: Sleeper) -> None:
-        """Call ``sleeper.wake()`` at ``when`` (``time.monotonic()``), or soon after."""
+    def start(self) -> None:
+        """Start the thread, once per process."""
         with self._changed:
-            first = not self._heap or when < self._heap[0][0]
-            heapq.heappush(self._heap, (when, next(self._order), weakref.ref(sleeper)))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="trtserve-alarm", daemon=True)
                 self._thread.start()
-            elif first:
+
+    def at(self, when: float, sleeper: Sleeper) -> None:
+        """Call ``sleeper.wake()`` at ``when`` (``time.monotonic()``), or soon after."""
+        self.start()
+        with self._changed:
+            first = not self._heap or when < self._heap[0][0]
+            heapq.heappush(self._heap, (when, next(self._order), weakref.ref(sleeper)))
+            if first:
                 self._changed.notify()
 
     def _run(self) -> None:

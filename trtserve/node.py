@@ -91,6 +91,7 @@ class Node:
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
         """Start every instance and wait for their init; re-raise the first init failure."""
+        ALARM.start()
         for inst in self._instances:
             inst.launch()
         for inst in self._instances:
