@@ -22,7 +22,8 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
-from typing import Any, Callable, ClassVar, Iterator, Mapping, TypeVar
+from typing import Any, ClassVar, TypeVar
+from collections.abc import Callable, Iterator, Mapping
 
 from .completion import Completion
 from .errors import ConfigError, InvalidInputError
@@ -105,7 +106,7 @@ class InstanceContext:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, config: Mapping[str, Any], settings: Mapping[str, Any], instance_index: int) -> "InstanceContext":
+    def of(cls, config: Mapping[str, Any], settings: Mapping[str, Any], instance_index: int) -> InstanceContext:
         """The context of instance ``instance_index`` of a node whose pipeline was built
         with ``settings`` (``node``, ``model``, ``stats``, a repository's ``version`` and
         ``model_dir``, and whatever else the program passed)."""

@@ -1,110 +1,151 @@
-"""How a node forms batches: which queued requests run together, on which free instance,
-and when (TorchPipe's semantics, made precise).  Every method runs with the scheduler's
-lock held and only decides; ``_start`` hands the batch to the instance (workers.py).
+"""Which queued requests run together, on which free instance, and when: pure functions.
+
+Nothing here holds state or a lock.  The node (node.py) calls ``choose`` with a view of its
+queue, its free instances and the time, and carries out what it returns.
 
 * A batch is formed only when an instance is free, so batches grow while instances are busy.
   Among the free instances, the one whose ``[min, max]`` fits the queued work best is used:
   the smallest ``max`` that holds all of it, else the largest ``max``.
-* A batch is dispatched when it fills the chosen instance's ``max`` (or the next request
-  would not fit), when ``batching_timeout`` ms have passed since its oldest request was
-  queued, at once when a lone request arrives while no instance is busy (no latency
-  penalty at low load), or when the node drains.
-* A batch never goes below an instance's ``min``; such requests wait for more work (or
-  until their own deadline).  Cancelled requests are dropped unrun; expired ones are
-  returned to be finished with DEADLINE_EXCEEDED after the lock.
+* A batch runs at once when it fills the instance's ``max`` (or the next request would not
+  fit), when no more work is coming (the node is closing, or a held burst ended), when it is a lone request and nothing is running (no
+  latency penalty at low load), or when waiting cannot help (``worth_waiting``).
+* A batch never goes below an instance's ``min``: such requests wait for more work.
+
+``worth_waiting`` is the ``batching_timeout`` policy: a partial batch waits only while the
+observed arrivals say another request is likely to come inside the window, and sooner
+than a batch takes to run (otherwise running now costs less: what arrives meanwhile
+batches behind it).  When every caller is already queued (a closed loop at its
+concurrency), arrivals stop and the batch runs at once instead of idling the instance for
+the whole window.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import NamedTuple, Protocol
+from collections.abc import Iterable, Iterator
 
-from .request import Request
+# How much one inter-arrival gap moves the running estimate (an exponential average).
+GAP_WEIGHT = 0.25
+# Arrivals have stopped once none came for this many usual gaps.
+OVERDUE_GAPS = 2.0
 
 
-class BatchForming:
-    """The batch-forming half of ``Scheduler`` (its queue, instances and counters)."""
+class Sized(Protocol):
+    size: int
 
-    def _dispatch(self, now: float) -> list[Request]:
-        """Hand out every batch that is due; return requests whose deadline passed."""
-        if self._busy == len(self._instances) and not self._timed:
-            return []  # the common case under load: nothing can start, nothing can expire
-        expired = self._drop_dead_head(now)
-        while self._queue:
-            free = [i for i in self._instances if not i.busy]
-            if not free:
-                return expired
-            choice = self._best_fit(free)
-            if choice is None:  # below every free instance's min: wait for more work
-                return expired
-            inst, count, size = choice
-            oldest = self._queue.oldest_enqueued()
-            due = (
-                size >= inst.hi
-                or count < len(self._queue)  # the next request does not fit: it cannot grow
-                or (len(self._queue) == 1 and self._busy == 0)
-                or self._closed  # draining: no more work will arrive to fill the batch
-                or now >= oldest + self.timeout_s
-            )
-            if not due:
-                self._arm_timer(oldest + self.timeout_s)
-                return expired
-            popped = [self._queue.popleft() for _ in range(count)]
-            for req in popped:
-                req.owner = None
-            self._queued_size -= size
-            self._timed -= sum(r.deadline is not None for r in popped)
-            # Cancelled requests (their caller went away) are dropped here, unrun; one cancelled
-            # with a reason is finished with it after the lock, like an expired one.
-            batch = [r for r in popped if not r.cancelled]
-            expired += [r for r in popped if r.cancelled and r.cancel_error is not None]
-            if not batch:
-                continue
-            self._start(inst, batch, now)
-            expired += self._drop_dead_head(now)
-        return expired
 
-    def _start_lone(self, req: Request, now: float) -> bool:
-        """The lone-item rule without the queue: nothing queued, nothing running, so ``req``
-        alone is due at once, on the free instance that fits it best (the smallest max)."""
-        for inst in self._by_max:
-            if inst.lo <= req.size <= inst.hi:
-                self._start(inst, [req], now)
-                return True
-        return False  # below every instance's min: it waits in the queue for more work
+class QueueView(Protocol):
+    """The node's queue as batching reads it (queues.PriorityQueue, a list in tests)."""
 
-    def _start(self, inst: Any, batch: list[Request], now: float) -> None:
-        inst.busy = True
-        self._busy += 1
-        for req in batch:
-            req.queue_ns += int((now - req.enqueued) * 1e9)
-        inst.assign(batch)
+    def __len__(self) -> int: ...
 
-    def _best_fit(self, free: list[Any]) -> tuple[Any, int, int] | None:
-        """The free instance that fits the queued work best, with its batch (count, size)."""
-        fits, largest = None, None
-        for inst in free:
-            count, size = self._take(inst.hi)
-            if count == 0 or size < inst.lo:
-                continue
-            if size == self._queued_size and (fits is None or inst.hi < fits[0].hi):
-                fits = (inst, count, size)
-            if largest is None or inst.hi > largest[0].hi:
-                largest = (inst, count, size)
-        return fits or largest
+    def __iter__(self) -> Iterator[Sized]: ...
 
-    def _take(self, limit: int) -> tuple[int, int]:
-        count = size = 0
-        for req in self._queue:
-            if size + req.size > limit:
-                break
-            count += 1
-            size += req.size
-        return count, size
 
-    def _drop_dead_head(self, now: float) -> list[Request]:
-        """Remove and return queued requests whose deadline has passed (anywhere in the queue)."""
-        if not self._timed:
-            return []
-        removed = self._queue.remove_if(lambda r: r.deadline is not None and r.deadline <= now)
-        self._queued_size -= sum(r.size for r in removed)
-        self._timed -= len(removed)
-        return [r for r in removed if not r.cancelled or r.cancel_error is not None]
+class Slot(NamedTuple):
+    """A free instance as batching sees it: its position and batch range."""
+
+    instance: int
+    lo: int
+    hi: int
+
+
+class Run(NamedTuple):
+    """Run the first ``requests`` queued requests (``size`` rows) on instance ``slot``."""
+
+    slot: Slot
+    requests: int
+    size: int
+
+
+class Wait(NamedTuple):
+    """Nothing is due before ``until`` (a ``time.monotonic()`` value)."""
+
+    until: float
+
+
+class Window(NamedTuple):
+    """Everything ``choose`` needs besides the queue and the free instances (a tuple:
+    built at every dispatch, so it must be cheap)."""
+
+    now: float
+    oldest: float  # when the longest-waiting queued request arrived
+    timeout: float  # batching_timeout, seconds
+    queued_size: int  # rows queued in all
+    running: int  # batches running now
+    flush: bool = False  # no more work is coming: the node closes, or a burst ended (hold.py)
+    last_arrival: float = float("-inf")
+    gap: float = float("inf")  # the usual time between arrivals (``next_gap``), seconds
+    service: float = 0.0  # how long the node's recent batches took to run, seconds
+
+
+def averaged(previous: float, sample: float) -> float:
+    """An exponential average: recent samples weigh most."""
+    return previous + GAP_WEIGHT * (sample - previous)
+
+
+def next_gap(gap: float, last: float, now: float, timeout: float) -> float:
+    """The usual gap between arrivals after one more at ``now`` (the one before came at
+    ``last``).  A gap longer than the window counts as the window: for the policy it only
+    says "none came in time".  Start from ``gap = timeout``: one arrival per window.
+    Called at every submit, so plain arithmetic."""
+    sample = now - last
+    if sample > timeout:
+        sample = timeout
+    return gap + GAP_WEIGHT * (sample - gap)
+
+
+def worth_waiting(size: int, hi: int, w: Window) -> float | None:
+    """When to look again if a partial batch of ``size`` rows should wait for more, or None
+    when it should run now: it is full, its window is over, the next arrival is expected
+    after the window or later than a batch takes, or arrivals have stopped (none for
+    ``OVERDUE_GAPS`` usual gaps)."""
+    closes = w.oldest + w.timeout
+    if size >= hi or w.now >= closes:
+        return None
+    if w.gap >= w.service:  # a batch run now ends before the next request would come
+        return None
+    if w.last_arrival + w.gap > closes:  # the next arrival would likely come too late
+        return None
+    overdue = w.last_arrival + OVERDUE_GAPS * w.gap
+    if w.now >= overdue:
+        return None
+    return min(closes, overdue)
+
+
+def take(queue: Iterable[Sized], limit: int) -> tuple[int, int]:
+    """How many requests from the head fit in ``limit`` rows, and their rows."""
+    count = size = 0
+    for req in queue:
+        if size + req.size > limit:
+            break
+        count += 1
+        size += req.size
+    return count, size
+
+
+def best_fit(queue: QueueView, free: Iterable[Slot], queued_size: int) -> Run | None:
+    """The free instance that fits the queued work best, with its batch."""
+    fits = largest = None
+    for slot in free:
+        count, size = take(queue, slot.hi)
+        if count == 0 or size < slot.lo:
+            continue
+        if size == queued_size and (fits is None or slot.hi < fits.slot.hi):
+            fits = Run(slot, count, size)
+        if largest is None or slot.hi > largest.slot.hi:
+            largest = Run(slot, count, size)
+    return fits or largest
+
+
+def choose(queue: QueueView, free: Iterable[Slot], w: Window) -> Run | Wait | None:
+    """The next batch to run now, when to look again, or None (nothing can run: no free
+    instance, an empty queue, or work below every free instance's ``min``)."""
+    if not queue:
+        return None
+    run = best_fit(queue, free, w.queued_size)
+    if run is None:
+        return None
+    if run.requests < len(queue) or w.flush or (len(queue) == 1 and w.running == 0):
+        return run  # it cannot grow, no more work is coming, or a lone request
+    until = worth_waiting(run.size, run.slot.hi, w)
+    return run if until is None else Wait(until)

@@ -1,15 +1,18 @@
-"""Deferred completion: a forward that returns before its batch's results are complete.
+"""How a batch ends: a forward's outcome, now or later.
 
 A backend's ``forward`` normally returns once every result is written.  A backend whose
 work finishes elsewhere (SyncTensor with ``overlap = true``: the GPU is still running the
-batch) may instead return a ``Completion``.  If the scheduler has more work for the
-instance, the instance prepares its next batch first and only then waits for this one and
-wakes its callers; otherwise it waits at once (scheduler.py ``_defer``).
+batch) may instead return a ``Completion``.  Either way the batch ends in one place,
+``Node.complete`` (count it, wake its callers); a ``Completion`` only decides *when*: if
+the node has more work for the instance, the instance launches its next batch first and
+then waits for this one (instances.py), otherwise it waits at once.
 """
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
+
+from .errors import BackendError, TrtserveError
 
 
 class Completion:
@@ -35,3 +38,15 @@ class Completion:
                     self._error = exc
         if self._error is not None:
             raise self._error
+
+
+def batch_error(exc: BaseException, node: str, what: str, size: int) -> TrtserveError:
+    """A backend's exception as its batch's error: typed errors as they are, others wrapped."""
+    if isinstance(exc, TrtserveError):
+        return exc
+    return BackendError(
+        f"node {node!r}: {what} a batch of {size}: {type(exc).__name__}: {exc}",
+        node=node,
+        exception=type(exc).__name__,
+        batch_size=size,
+    )

@@ -65,12 +65,42 @@ TRITON_KEYS = {
 }
 
 
+@dataclass(frozen=True)
+class Scheduling:
+    """A node's scheduling keys, typed (the config file keeps TorchPipe's names)."""
+
+    instance_num: int = 1
+    inline: bool = False
+    batching_timeout_s: float = 0.0  # batching_timeout, converted from ms
+    max_queue_size: int = 0  # 0 = unbounded
+    queue_timeout_s: float = 0.0  # queue_timeout, converted from ms; 0 = no limit
+    priority_levels: int = 1
+    default_priority: int = 1  # resolved: 0 in the file means the lowest level
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> Scheduling:
+        levels = int(options["priority_levels"])
+        return cls(
+            instance_num=int(options["instance_num"]),
+            inline=bool(options["inline"]),
+            batching_timeout_s=float(options["batching_timeout"]) / 1000.0,
+            max_queue_size=int(options["max_queue_size"]),
+            queue_timeout_s=float(options["queue_timeout"]) / 1000.0,
+            priority_levels=levels,
+            default_priority=int(options["default_priority"]) or levels,
+        )
+
+
 @dataclass
 class NodeConfig:
     name: str
     expr: Expr
     options: dict[str, Any]  # every key of the node, typed, defaults filled in
     backends: dict[str, type[Backend]] | None = field(default=None, repr=False)  # the model's own (modelcode.py)
+
+    @property
+    def scheduling(self) -> Scheduling:
+        return Scheduling.from_options(self.__dict__["options"])
 
     def __getattr__(self, key: str) -> Any:  # node.max, node.instance_num, ...
         try:

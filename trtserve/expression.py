@@ -22,7 +22,7 @@ class ExpressionError(ConfigError):
 @dataclass(frozen=True)
 class Expr:
     name: str
-    children: tuple["Expr", ...] = ()
+    children: tuple[Expr, ...] = ()
     position: int = 0
 
     def __str__(self) -> str:

@@ -63,7 +63,7 @@ class Pipe:
         if self._code is not None:
             self._code.release()
 
-    def __enter__(self) -> "Pipe":
+    def __enter__(self) -> Pipe:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -1,4 +1,4 @@
-"""A model's nodes chained with ``next``, each with its own scheduler.
+"""A model's nodes chained with ``next``.
 
 The pipeline is callback-driven, so the sync ``pipe()`` and the asyncio server share it:
 ``submit(item, on_done)`` returns at once and ``on_done(item, error)`` runs exactly once,
@@ -16,12 +16,14 @@ sent was made by a stage, not by the client.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from .backend import TensorSpec
 from .config import ModelConfig
 from .errors import BackendError, ConfigError, InvalidInputError, TrtserveError
-from .scheduler import Request, Scheduler
+from .node import Node
+from .request import Request
 from .signature import check_pipeline, label
 from .stats import ModelStats
 
@@ -32,14 +34,14 @@ _MISSING = object()
 class Pipeline:
     def __init__(self, config: ModelConfig, kwargs: dict[str, Any] | None = None) -> None:
         self.config = config
-        self.nodes = [Scheduler(node, dict(kwargs or {}, model=config.name)) for node in config.nodes]
+        self.nodes = [Node(node, dict(kwargs or {}, model=config.name)) for node in config.nodes]
         for node in self.nodes:
             node.kwargs["stats"] = node.stats  # backends count their model calls (Backend.init)
         self.stats = ModelStats()
         self._outputs: list[TensorSpec] | None = None  # what the last node gives, checked at start
         self._renames = {source: name for name, source in config.output_sources.items()}
 
-    def start(self) -> "Pipeline":
+    def start(self) -> Pipeline:
         started = []
         try:
             for node in self.nodes:
@@ -55,12 +57,12 @@ class Pipeline:
             raise
         return self
 
-    def _in_config(self, exc: ConfigError, node: Scheduler) -> ConfigError:
+    def _in_config(self, exc: ConfigError, node: Node) -> ConfigError:
         """A backend's init error, with the config file and node it belongs to."""
         source = self.config.source
         where = "" if exc.message.startswith(source) else f"{source}: "
-        message = f"{where}node {node.node.name!r}: {exc.message}"
-        return ConfigError(message, **{"file": source, "node": node.node.name, **exc.details})
+        message = f"{where}node {node.name!r}: {exc.message}"
+        return ConfigError(message, **{"file": source, "node": node.name, **exc.details})
 
     def close(self, drain: bool = False) -> None:
         """Stop accepting work; running work finishes; queued work fails, or runs if ``drain``.
@@ -103,7 +105,7 @@ class Pipeline:
             raise
         return request
 
-    def _stage_done(self, req: "_Flow", error: TrtserveError | None) -> None:
+    def _stage_done(self, req: _Flow, error: TrtserveError | None) -> None:
         """A node finished ``req``: hand its result to the next node, or finish."""
         position = req.context + 1
         if error is not None or "result" not in req.item or position == len(self.nodes):
@@ -128,12 +130,12 @@ class Pipeline:
         return BackendError(
             f"{label(node)} refused what {label(before)} produced for this request: {exc.message}; "
             "the stages do not fit for this input (a configuration problem, not the request's): make "
-            f"{before.node.name!r} produce what {node.node.name!r} takes (docs/configuration.md, \"Stages that fit\")",
-            node=node.node.name,
-            producer=before.node.name,
+            f"{before.name!r} produce what {node.name!r} takes (docs/configuration.md, \"Stages that fit\")",
+            node=node.name,
+            producer=before.name,
         )
 
-    def _finish(self, req: "_Flow", error: TrtserveError | None) -> None:
+    def _finish(self, req: _Flow, error: TrtserveError | None) -> None:
         item = req.item
         if req.original is not _MISSING:
             item["data"] = req.original
@@ -152,3 +154,5 @@ class _Flow(Request):
     along, so a submit allocates no closures (``context`` is the node position)."""
 
     __slots__ = ("caller", "original")
+    caller: ItemCallback
+    original: Any

@@ -6,7 +6,8 @@ without a priority (0) gets the node's default level.  With one level this is a 
 from __future__ import annotations
 
 import collections
-from typing import Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Generic, Protocol, TypeVar
 
 
 class Queued(Protocol):
@@ -14,9 +15,14 @@ class Queued(Protocol):
     enqueued: float
 
 
-class PriorityQueue:
+Q = TypeVar("Q", bound=Queued)
+
+
+class PriorityQueue(Generic[Q]):
+    """Of requests (request.Request in a node)."""
+
     def __init__(self, levels: int = 1) -> None:
-        self._levels = [collections.deque() for _ in range(max(levels, 1))]
+        self._levels: list[collections.deque[Q]] = [collections.deque() for _ in range(max(levels, 1))]
         self._len = 0
 
     def __len__(self) -> int:
@@ -25,15 +31,15 @@ class PriorityQueue:
     def __bool__(self) -> bool:
         return self._len > 0
 
-    def __iter__(self) -> Iterator[Queued]:
+    def __iter__(self) -> Iterator[Q]:
         for level in self._levels:
             yield from level
 
-    def append(self, req: Queued) -> None:
+    def append(self, req: Q) -> None:
         self._levels[req.priority - 1].append(req)
         self._len += 1
 
-    def popleft(self) -> Queued:
+    def popleft(self) -> Q:
         for level in self._levels:
             if level:
                 self._len -= 1
@@ -44,18 +50,18 @@ class PriorityQueue:
         """When the longest-waiting request was queued (drives batching_timeout)."""
         return min(level[0].enqueued for level in self._levels if level)
 
-    def remove_if(self, predicate: Callable[[Queued], bool]) -> list[Queued]:
-        removed = []
+    def remove_if(self, predicate: Callable[[Q], bool]) -> list[Q]:
+        removed: list[Q] = []
         for index, level in enumerate(self._levels):
             if any(predicate(r) for r in level):
-                keep = collections.deque()
+                keep: collections.deque[Q] = collections.deque()
                 for req in level:
                     (removed if predicate(req) else keep).append(req)
                 self._levels[index] = keep
         self._len -= len(removed)
         return removed
 
-    def clear(self) -> list[Queued]:
+    def clear(self) -> list[Q]:
         everything = list(self)
         for level in self._levels:
             level.clear()

@@ -1,14 +1,19 @@
 """A request travelling through a node: its item, callback, deadline and timings."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Protocol
+from collections.abc import Callable
 
 from .errors import TrtserveError
 
-if TYPE_CHECKING:
-    from .scheduler import Scheduler
+# Called with the request itself: Any, since a subclass's owner (pipeline._Flow) takes its own type.
+DoneCallback = Callable[[Any, "TrtserveError | None"], None]
 
-DoneCallback = Callable[["Request", "TrtserveError | None"], None]
+
+class Holder(Protocol):
+    """The node whose queue holds a request (node.py ``Node``)."""
+
+    def withdraw(self, req: Request) -> None: ...
 
 
 class Request:
@@ -35,7 +40,7 @@ class Request:
         self.deadline = deadline  # time.monotonic() value, or None
         self._cancelled = False
         self.cancel_error: TrtserveError | None = None  # why the caller gave up, when it said
-        self.owner: Scheduler | None = None  # the node whose queue holds it, while queued
+        self.owner: Holder | None = None  # the node whose queue holds it, while queued
         self.queue_ns = 0
         self.compute_ns = 0
         self.context = context  # the pipeline's bookkeeping (its position in the chain)
@@ -54,4 +59,4 @@ class Request:
         self._cancelled = True
         owner = self.owner
         if owner is not None:
-            owner._forget(self)
+            owner.withdraw(self)

@@ -10,8 +10,8 @@ from typing import Any, Protocol
 from .backend import Signature, TensorSpec
 from .config import ModelConfig
 from .errors import ShuttingDownError, TrtserveError
+from .node import Node
 from .pipeline import ItemCallback
-from .scheduler import Scheduler
 from .stats import ModelStats
 
 
@@ -28,7 +28,7 @@ class ServedPipeline(Protocol):
     by Ray, scaleout's ``RemotePipeline`` (no local nodes: its replicas run them)."""
 
     @property
-    def nodes(self) -> Sequence[Scheduler]: ...
+    def nodes(self) -> Sequence[Node]: ...
 
     @property
     def stats(self) -> ModelStats: ...
@@ -87,7 +87,7 @@ class LoadedModel:
             "outputs": [t.to_dict() for t in outputs or []],
             "max_batch_size": self.pipeline.max_batch,
             "nodes": [
-                {"name": n.node.name, "backend": str(n.node.expr), "instance_num": n.node.instance_num,
+                {"name": n.name, "backend": str(n.config.expr), "instance_num": n.scheduling.instance_num,
                  **_model_file(n.backend.signature(), self.folder)}
                 for n in self.pipeline.nodes
             ],
@@ -96,8 +96,8 @@ class LoadedModel:
     def statistics(self) -> dict[str, Any]:
         stats = self.pipeline.stats.snapshot()
         stats.update(name=self.name, version=self.version)
-        stats["nodes"] = {n.node.name: n.stats.snapshot() for n in self.pipeline.nodes}
-        last = stats["nodes"][self.pipeline.nodes[-1].node.name]
+        stats["nodes"] = {n.name: n.stats.snapshot() for n in self.pipeline.nodes}
+        last = stats["nodes"][self.pipeline.nodes[-1].name]
         for key in ("batch_sizes", "model_calls", "call_rows"):  # the model node's, at the top
             stats[key] = last[key]
         return stats

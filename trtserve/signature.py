@@ -249,4 +249,4 @@ def leaf(backend: Backend, last: bool) -> Backend:
 
 
 def label(node: Any) -> str:
-    return f"node {node.node.name!r} ({node.node.expr})"
+    return f"node {node.name!r} ({node.config.expr})"

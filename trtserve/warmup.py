@@ -107,7 +107,7 @@ def run_warmup(pipeline: Any, samples: list[WarmupSample], model: str) -> None:
     or a sample that a node finishes without a result, makes the load fail."""
     data = [sample.data for sample in samples]
     for node in pipeline.nodes:
-        where = _Where(model, node.node.name)
+        where = _Where(model, node.name)
         per_instance = node.on_each_instance(  # runs before the loop moves on: binds as it stands
             lambda inst, where=where, data=data: [_warm(inst, d, s, where.sample(i))
                                                   for i, (d, s) in enumerate(zip(data, samples))])

@@ -3,7 +3,7 @@
     python3 bench/gpu/timeline.py [--seconds 3] [--concurrency 16,32,64] [--modes eager,cuda_graph] [--json OUT.json]
 
 Wraps the instance's steps with timers (no change to the code under test beyond the
-wrapping) and reports, per batch and per instance thread: the scheduler's whole execute,
+wrapping) and reports, per batch and per instance thread: the instance's whole batch (``_serve``),
 TorchScriptTensor's forward split into staging (before the model call), the model call
 (TorchScript launches, GIL released) and the split (after it), SyncTensor's wait for the
 stream, the callbacks and dispatch after forward, and the gap until the same thread's next
@@ -66,9 +66,9 @@ class Recorder:
 
 def instrument(pipe: Any, rec: Recorder) -> None:
     node = pipe.pipeline.nodes[0]
-    node._execute = rec.timed("execute", node._execute, span=True)
     node._finish_batch = rec.timed("callbacks_on_the_instance", node._finish_batch)
     for inst in node._instances:
+        inst._serve = rec.timed("execute", inst._serve, span=True)  # one batch, forward to release
         sync = inst.backend
         child = sync.children[0]
         sync.done.synchronize = rec.timed("sync_wait", sync.done.synchronize)

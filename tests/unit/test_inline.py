@@ -31,17 +31,66 @@ def test_a_threaded_node_still_runs_on_its_instance_thread(make_pipe, probe):
 def test_a_list_forms_batches_within_max(make_pipe, probe):
     models = make_pipe(inline=True, max=4)
     items = [{"data": i} for i in range(10)]
-    models(items)  # held as one burst, then dispatched as batches of at most max
+    models(items)  # held as one burst, then run as batches of at most max
     assert [item["result"] for item in items] == list(range(10))
     assert [batch for _, batch in probe.batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
-def test_without_a_hold_each_submit_is_its_own_batch(make_pipe, probe, collector):
+def test_a_lists_items_count_toward_max_queue_size(make_pipe, probe):
+    models = make_pipe(inline=True, max=1, max_queue_size=2)
+    items = [{"data": i} for i in range(3)]
+    with pytest.raises(QueueFullError):
+        models(items)
+    assert [item.get("result") for item in items] == [0, 1, None]
+
+
+def test_each_submit_from_one_thread_is_its_own_batch(make_pipe, probe, collector):
     models = make_pipe(inline=True, max=4)
     for key in range(3):
         models.pipeline.submit({"data": key}, collector.callback(key))
     collector.wait(0, 1, 2)
     assert probe.sizes() == [1, 1, 1]
+
+
+def test_a_held_burst_forms_batches_when_it_ends(make_pipe, probe, collector):
+    models = make_pipe(inline=True, max=4)
+    with held_dispatch():
+        for key in range(6):
+            models.pipeline.submit({"data": key}, collector.callback(key))
+        assert probe.sizes() == [] and models.pipeline.nodes[0].queue_depth() == 6
+    collector.wait(*range(6))
+    assert [batch for _, batch in probe.batches] == [[0, 1, 2, 3], [4, 5]]
+
+
+def test_held_requests_count_toward_max_queue_size(make_pipe, probe, collector):
+    models = make_pipe(inline=True, max=1, max_queue_size=2)
+    with held_dispatch():
+        models.pipeline.submit({"data": 0}, collector.callback(0))
+        models.pipeline.submit({"data": 1}, collector.callback(1))
+        with pytest.raises(QueueFullError):
+            models.pipeline.submit({"data": 2}, collector.callback(2))
+    collector.wait(0, 1)
+
+
+def test_a_nested_hold_dispatches_the_node_at_its_own_end(make_pipe, probe):
+    models = make_pipe(inline=True, max=8)
+    done = []
+    with held_dispatch():
+        models.pipeline.submit({"data": "outer"}, lambda item, error: done.append(item["result"]))
+        with held_dispatch():
+            models.pipeline.submit({"data": "a"}, lambda item, error: done.append(item["result"]))
+        assert done == ["outer", "a"] and probe.sizes() == [2]  # everything the node had queued
+
+
+def test_a_drain_runs_what_a_burst_still_holds(probe):
+    chain = trtserve.pipe({"backend": "Probe", "probe": probe.key, "inline": True})
+    out = {}
+    with held_dispatch():
+        chain.pipeline.submit({"data": 1}, lambda item, error: out.__setitem__("held", (item.get("result"), error)))
+        drainer = threading.Thread(target=chain.pipeline.close, kwargs={"drain": True})
+        drainer.start()
+        drainer.join(10)
+    assert out == {"held": (1, None)}
 
 
 def test_work_queued_behind_a_busy_instance_runs_on_the_thread_that_frees_it(make_pipe, probe, collector):
@@ -105,49 +154,6 @@ def test_a_failing_batch_fails_its_callers_and_the_node_keeps_serving(make_pipe)
     item = {"data": 2}
     models(item)
     assert item["result"] == 2
-
-
-def test_the_batching_timeout_runs_a_partial_batch_on_the_timer_thread(make_pipe, probe):
-    models = make_pipe(inline=True, max=4, batching_timeout=20)
-    items = [{"data": 1}, {"data": 2}]
-    models(items)  # two held requests below max: due only when the timeout passes
-    assert [item["result"] for item in items] == [1, 2]
-    assert probe.sizes() == [2]
-    (thread,) = probe.forward_threads[0]
-    assert thread != threading.get_ident()
-    assert any(t.ident == thread and t.name.endswith("-timer") for t in threading.enumerate())
-
-
-def test_held_requests_count_toward_max_queue_size(make_pipe, probe):
-    models = make_pipe(inline=True, max=1, max_queue_size=2)
-    items = [{"data": i} for i in range(3)]
-    with pytest.raises(QueueFullError):
-        models(items)
-    assert [item.get("result") for item in items] == [0, 1, None]
-
-
-def test_a_nested_hold_releases_its_own_requests_at_its_end(make_pipe, probe):
-    models = make_pipe(inline=True, max=8)
-    done = []
-    with held_dispatch():
-        models.pipeline.submit({"data": "outer"}, lambda item, error: done.append(item["result"]))
-        with held_dispatch():
-            models.pipeline.submit({"data": "a"}, lambda item, error: done.append(item["result"]))
-            models.pipeline.submit({"data": "b"}, lambda item, error: done.append(item["result"]))
-        assert done == ["a", "b"] and probe.sizes() == [2]  # the inner hold released its own
-    assert done == ["a", "b", "outer"] and probe.sizes() == [2, 1]
-
-
-def test_a_chain_of_inline_nodes_keeps_its_batches(probe):
-    config = {
-        "first": {"backend": "Probe", "probe": probe.key, "inline": True, "max": 8, "next": "second"},
-        "second": {"backend": "Probe", "probe": probe.key, "inline": True, "max": 8},
-    }
-    with trtserve.pipe(config) as models:
-        items = [{"data": i} for i in range(5)]
-        models(items)
-    assert [item["result"] for item in items] == list(range(5))
-    assert probe.sizes() == [5, 5], "the second node got the first node's batch as one burst"
 
 
 def test_close_waits_for_a_batch_running_on_another_thread(probe):
@@ -229,8 +235,8 @@ def recorder():
     Recorder.block.set()
 
 
-def test_pipe_called_from_an_inline_forward_does_not_wait_for_the_callers_hold():
-    """The inner pipe() is its own hold: it runs its requests before it waits for them."""
+def test_pipe_called_from_an_inline_forward_runs_on_the_same_thread():
+    """A forward may call another inline model's pipe(): it runs there and then."""
     inner = trtserve.pipe({"backend": "Identity", "inline": True, "max": 4})
 
     class Outer(trtserve.Backend):
@@ -243,36 +249,8 @@ def test_pipe_called_from_an_inline_forward_does_not_wait_for_the_callers_hold()
     trtserve.register("NestingOuter", Outer)
     with inner, trtserve.pipe({"backend": "NestingOuter", "inline": True, "max": 4}) as outer:
         items = [{"data": 1}, {"data": 2}]
-        outer(items)  # a held burst; its release runs Outer.forward, which calls inner()
+        outer(items)
     assert [item["result"] for item in items] == [10, 20]
-
-
-def test_a_drain_runs_what_a_burst_still_holds(probe, recorder):
-    """A two-node inline pipeline drains while a burst on another thread still holds the
-    second node's request (the first node ran; a slow model of the same burst is running)."""
-    chain = trtserve.pipe({"a": {"backend": "Identity", "inline": True, "next": "b"},
-                           "b": {"backend": "Recorder", "inline": True}})
-    slow = trtserve.pipe({"backend": "Probe", "probe": probe.key, "inline": True})
-    probe.gate.clear()
-    out = {}
-
-    def burst():
-        with held_dispatch():  # released in order: chain's a, slow (blocks), then chain's b
-            chain.pipeline.submit({"data": 1}, lambda item, error: out.__setitem__("chain", (item.get("result"), error)))
-            slow.pipeline.submit({"data": 2}, lambda item, error: out.__setitem__("slow", (item.get("result"), error)))
-
-    burster = threading.Thread(target=burst)
-    burster.start()
-    probe.wait_entered()  # a ran, b's request is held, slow's forward waits at the gate
-    drained = threading.Event()
-    drainer = threading.Thread(target=lambda: (chain.pipeline.close(drain=True), drained.set()))
-    drainer.start()
-    assert not drained.wait(0.2), "the drain finished while b's request was still held"
-    probe.gate.set()
-    burster.join(10)
-    drainer.join(10)
-    slow.close()
-    assert out == {"chain": (1, None), "slow": (2, None)}
 
 
 def test_close_from_a_callback_waits_for_batches_running_on_other_threads(recorder):
@@ -321,29 +299,9 @@ def test_an_instance_is_marked_as_running_on_the_thread_that_runs_it():
     assert wrong == []
 
 
-def test_close_from_a_batch_that_runs_on_the_timer_thread(recorder):
-    models = trtserve.pipe({"backend": "Recorder", "inline": True, "max": 4, "batching_timeout": 10})
-    threads = []
-
-    def on_done(item, error):
-        threads.append(threading.current_thread().name)
-        models.close()  # on the node's timer thread: it must not join itself
-
-    with held_dispatch():
-        models.pipeline.submit({"data": 1}, on_done)
-        models.pipeline.submit({"data": 2}, lambda item, error: None)
-    deadline = threading.Event()
-    for _ in range(200):
-        if ("close", 0) in recorder.log:
-            break
-        deadline.wait(0.01)
-    assert threads and threads[0].endswith("-timer")
-    assert ("close", 0) in recorder.log
-
-
 def test_a_caller_runs_a_bounded_number_of_other_callers_batches():
     """Under sustained load from other threads, one pipe() call hands the rest of the
-    node's work to the timer thread after a few batches instead of running it all."""
+    node's work to the alarm thread after a few batches instead of running it all."""
     per_call = threading.local()
 
     class Count(trtserve.Backend):

@@ -106,7 +106,7 @@ def test_multi_node_pipeline_batches_in_the_model_node():
         "model": {"backend": "HoldFirst", "max": 8, "batching_timeout": 5},
     }
     with trtserve.pipe(config) as models:
-        assert [n.node.name for n in models.pipeline.nodes] == ["pre", "model"]
+        assert [n.name for n in models.pipeline.nodes] == ["pre", "model"]
         results = {}
 
         def worker(base):

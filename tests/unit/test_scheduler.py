@@ -51,20 +51,19 @@ def test_batches_grow_while_the_instance_is_busy(make_pipe, probe, collector):
     assert [batch for _, batch in probe.batches] == [["A"], ["B", "C", "D", "E"], ["F"]]
 
 
-def test_partial_batch_waits_for_fill_not_for_a_single_free_instance(make_pipe, probe, collector):
+def test_a_partial_batch_does_not_wait_out_the_window_once_arrivals_stop(make_pipe, probe, collector):
+    """B and C queued while A ran, then nothing more came: waiting could not fill the
+    batch, so it runs when the instance is free, not when the (endless) window ends."""
     models = make_pipe(max=4, batching_timeout=FOREVER_MS)
     probe.gate.clear()
     submit(models, collector, 0, "A")
     probe.wait_entered()
     submit(models, collector, 1, "B")
     submit(models, collector, 2, "C")
+    time.sleep(0.05)  # far longer than the gap between B and C: arrivals have stopped
     probe.gate.set()
-    collector.wait(0)  # the instance is free again and has decided about B, C
-    assert probe.sizes() == [1], "B and C must wait for the batch to fill or the timeout"
-    submit(models, collector, 3, "D")
-    submit(models, collector, 4, "E")
-    collector.wait(1, 2, 3, 4)
-    assert [batch for _, batch in probe.batches] == [["A"], ["B", "C", "D", "E"]]
+    collector.wait(0, 1, 2)
+    assert [batch for _, batch in probe.batches] == [["A"], ["B", "C"]]
 
 
 def test_timeout_sends_a_partial_batch(make_pipe, probe, collector):
@@ -187,39 +186,8 @@ def test_init_and_forward_run_on_the_instance_thread(make_pipe, probe):
     assert len(set(probe.init_threads.values())) == 3
 
 
-def open_after_a_long_forward(probe):
-    """Open the gate once the running forward has lasted over the scheduler's hand-off
-    threshold (200 us): the sleep is a lower bound on its duration, never a race."""
-    time.sleep(0.002)
-    probe.gate.set()
-
-
-def test_a_queued_batch_starts_while_the_finisher_wakes_the_last_callers(make_pipe, probe, collector):
-    """Under load a finished batch's callbacks run on the node's finisher thread: a caller of
-    batch A that takes its time does not hold back batch B, already waiting for the instance."""
-    models = make_pipe(max=1)
-    probe.gate.clear()
-    seen = {}
-    answered = threading.Event()
-
-    def slow_caller(item, error):
-        seen["thread"] = threading.current_thread().name
-        seen["b_entered"] = probe.entered.acquire(timeout=10)  # B's forward, while A's caller runs
-        answered.set()
-
-    models.pipeline.submit({"data": "A"}, slow_caller)
-    probe.wait_entered()  # A holds the only instance
-    submit(models, collector, 1, "B")  # queued behind A
-    open_after_a_long_forward(probe)
-    assert answered.wait(20)
-    assert seen["b_entered"], "batch B waited for batch A's callbacks"
-    assert seen["thread"].endswith("-finisher"), seen["thread"]
-    collector.wait(1)
-    assert collector.done[1][0]["result"] == "B"
-
-
 def test_a_lone_requests_caller_is_woken_by_its_instance(make_pipe, probe):
-    """Nothing queued: the instance runs the callback itself (no extra thread hand-off)."""
+    """Callers are woken on the thread that ran their batch: no extra thread hand-off."""
     models = make_pipe(max=4)
     woken_on = []
     done = threading.Event()
@@ -229,53 +197,45 @@ def test_a_lone_requests_caller_is_woken_by_its_instance(make_pipe, probe):
 
 
 class Payload:
-    """Weak-referenceable data, to see when the scheduler lets go of an item."""
+    """Weak-referenceable data, to see when the node lets go of an item."""
 
 
-def test_the_finisher_lets_go_of_a_batch_once_its_callbacks_ran(make_pipe, probe, collector):
-    """A handed-off batch is released at once, not when the next one comes: its items may
+def test_an_instance_lets_go_of_a_batch_once_its_callbacks_ran(make_pipe, probe, collector):
+    """A finished batch is released at once, not when the next one comes: its items may
     hold GPU buffers that must be freed while their instance's stream exists."""
     import gc
     import weakref
 
     models = make_pipe(max=1)
-    probe.gate.clear()
     payload = Payload()
     alive = weakref.ref(payload)
     submit(models, collector, 0, payload)
-    probe.wait_entered()
-    submit(models, collector, 1, "B")
-    open_after_a_long_forward(probe)
-    collector.wait(0, 1)
+    collector.wait(0)
     assert collector.done[0][1] is None
     del payload
     collector.done.clear()
     probe.batches.clear()  # the probe's own record of what it ran
     gc.collect()
-    assert alive() is None, "something in the scheduler still holds the finished batch"
+    assert alive() is None, "something in the node still holds the finished batch"
 
 
-def test_close_returns_after_the_finisher_ran_every_handed_off_callback(probe, collector):
+def test_close_returns_after_every_callback_ran(probe, collector):
     models = trtserve.pipe({"backend": "Probe", "probe": probe.key, "max": 1})
-    probe.gate.clear()
     hold = threading.Event()
     finished = []
     models.pipeline.submit({"data": "A"}, lambda item, error: (hold.wait(20), finished.append(item["result"])))
     probe.wait_entered()
-    submit(models, collector, 1, "B")
-    open_after_a_long_forward(probe)
-    collector.wait(1)  # B ran while A's caller is still held on the finisher
     closer = threading.Thread(target=models.pipeline.close, kwargs={"drain": True})
     closer.start()
     closer.join(0.2)
-    assert closer.is_alive(), "close returned while a handed-off callback was still running"
+    assert closer.is_alive(), "close returned while a callback was still running"
     hold.set()
     closer.join(10)
     assert not closer.is_alive() and finished == ["A"]
 
 
 class Sleepy(trtserve.Backend):
-    """Takes 1 ms a batch (over the finisher's 200 us threshold), echoes data."""
+    """Takes 1 ms a batch, echoes data."""
 
     def forward(self, items):
         time.sleep(0.001)
@@ -286,10 +246,9 @@ class Sleepy(trtserve.Backend):
 trtserve.register("Sleepy", Sleepy)
 
 
-def test_a_callback_waiting_for_another_request_of_its_node_is_not_stuck_behind_itself():
-    """The outer callback runs on the finisher (work was queued behind it) and waits for a
-    nested request; the nested request's callback must not be handed to that same busy
-    finisher, or it would never run."""
+def test_a_callback_waiting_for_another_request_of_its_node_is_served_by_the_other_instance():
+    """The outer callback holds its instance while it waits for a nested request of the same
+    node: the node's other instance runs it."""
     with trtserve.pipe({"backend": "Sleepy", "instance_num": 2, "max": 1}) as models:
         seen = {}
         answered = threading.Event()
@@ -297,9 +256,8 @@ def test_a_callback_waiting_for_another_request_of_its_node_is_not_stuck_behind_
         def outer(item, error):
             nested = threading.Event()
             models.pipeline.submit({"data": "nested"}, lambda i, e: nested.set())
-            for n in range(6):  # queued behind it, so its batch ends with work waiting
+            for n in range(6):  # queued behind it
                 models.pipeline.submit({"data": n}, lambda i, e: None)
-            seen["thread"] = threading.current_thread().name
             seen["nested answered"] = nested.wait(5)
             answered.set()
 
@@ -307,54 +265,36 @@ def test_a_callback_waiting_for_another_request_of_its_node_is_not_stuck_behind_
         for n in range(4):
             models.pipeline.submit({"data": n}, lambda i, e: None)
         assert answered.wait(20)
-        assert seen["nested answered"], f"the nested request's callback waited behind its waiter ({seen['thread']})"
+        assert seen["nested answered"], "the nested request waited behind its waiter"
 
 
 def test_slow_callers_still_fill_the_queue_so_max_queue_size_refuses():
-    """The finisher takes one batch at a time: while it is busy, an instance wakes its own
-    callers before it takes new work, so slow callers slow the intake and the queue fills."""
+    """An instance wakes its callers before it takes new work: slow callers slow the intake
+    and the queue fills."""
     with trtserve.pipe({"backend": "Sleepy", "max": 1, "max_queue_size": 2}) as models:
         release = threading.Event()
-        b_called = threading.Event()
-        models.pipeline.submit({"data": "A"}, lambda i, e: release.wait(20))  # holds the finisher
-        models.pipeline.submit({"data": "B"}, lambda i, e: (b_called.set(), release.wait(20)))
+        a_called = threading.Event()
+        models.pipeline.submit({"data": "A"}, lambda i, e: (a_called.set(), release.wait(20)))
+        assert a_called.wait(10)
+        models.pipeline.submit({"data": "B"}, lambda i, e: None)  # the instance is inside A's callback
         models.pipeline.submit({"data": "C"}, lambda i, e: None)
-        assert b_called.wait(10), "B's callback never ran: it was queued behind A's"
-        models.pipeline.submit({"data": "D"}, lambda i, e: None)  # the instance is inside B's callback
         assert models.pipeline.nodes[0].queue_depth() == 2
         with pytest.raises(QueueFullError):
-            models.pipeline.submit({"data": "E"}, lambda i, e: None)
+            models.pipeline.submit({"data": "D"}, lambda i, e: None)
         release.set()
 
 
-def test_a_failed_batch_handed_to_the_finisher_delivers_its_error(make_pipe, probe, collector):
-    models = make_pipe(max=1)
-    probe.gate.clear()
-    threads = {}
-
-    def record(key):
-        callback = collector.callback(key)
-        return lambda item, error: (threads.setdefault(key, threading.current_thread().name), callback(item, error))
-
-    models.pipeline.submit({"data": "raise"}, record(0))
-    probe.wait_entered()
-    models.pipeline.submit({"data": "B"}, record(1))
-    open_after_a_long_forward(probe)
-    collector.wait(0, 1)
-    assert isinstance(collector.done[0][1], BackendError)
-    assert threads[0].endswith("-finisher") and collector.done[1][0]["result"] == "B"
-
-
-def test_close_from_a_handed_off_callback_returns(make_pipe, probe, collector):
+def test_close_from_a_callback_returns(make_pipe, probe, collector):
     models = make_pipe(max=1)
     probe.gate.clear()
     closed = threading.Event()
     models.pipeline.submit({"data": "A"}, lambda item, error: (models.close(), closed.set()))
     probe.wait_entered()
     submit(models, collector, 1, "B")
-    open_after_a_long_forward(probe)
-    assert closed.wait(10), "close() called on the finisher thread did not return"
+    probe.gate.set()
+    assert closed.wait(10), "close() called from a callback did not return"
     collector.wait(1)
+    assert isinstance(collector.done[1][1], ShuttingDownError)
 
 
 def test_queue_full_is_raised_at_submit(make_pipe, probe, collector):
@@ -579,16 +519,16 @@ def test_queue_and_compute_time_are_measured(make_pipe, probe, collector):
 
 
 def test_a_cancel_racing_a_dispatch_is_still_finished_once(make_pipe, probe, collector):
-    """The canceller sets the flag, then a dispatch pops the request before _forget runs:
+    """The canceller sets the flag, then a dispatch pops the request before withdraw runs:
     the dispatch finishes it with the reason (else nobody would, and it would go uncounted)."""
     models = make_pipe(max=1, batching_timeout=FOREVER_MS)
-    scheduler = models.pipeline.nodes[0]
+    node = models.pipeline.nodes[0]
     probe.gate.clear()
     submit(models, collector, 0, "A")
     probe.wait_entered()
     b = submit(models, collector, 1, "B")
-    go, forget = threading.Event(), scheduler._forget
-    scheduler._forget = lambda req: (go.wait(10), forget(req))  # the canceller stalls here
+    go, withdraw = threading.Event(), node.withdraw
+    node.withdraw = lambda req: (go.wait(10), withdraw(req))  # the canceller stalls here
     reason = DeadlineExceededError("the caller gave up")
     canceller = threading.Thread(target=b.cancel, args=(reason,))
     canceller.start()

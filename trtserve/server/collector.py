@@ -38,10 +38,10 @@ class LiveCollector(Collector):
         total = GaugeMetricFamily("trtserve_instances", "A node's instances (instance_num)", labels=NODE_LABELS)
         for model in self._served():
             for node in model.pipeline.nodes:
-                labels = [model.name, str(model.version), node.node.name]
+                labels = [model.name, str(model.version), node.name]
                 queued.add_metric(labels, node.queue_depth())
                 busy.add_metric(labels, node.busy_instances())
-                total.add_metric(labels, node.node.instance_num)
+                total.add_metric(labels, node.scheduling.instance_num)
         return iter((queued, busy, total))
 
     def _served(self) -> list[LoadedModel]:

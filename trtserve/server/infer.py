@@ -121,7 +121,7 @@ class InferCall(Reply):
         self.shm = shm
 
     def on_done(self, item: dict[str, Any], error: TrtserveError | None) -> None:
-        """Scheduler thread: write outputs into their regions, hand the finished item to the loop."""
+        """A node's thread: write outputs into their regions, hand the finished item to the loop."""
         shm = self.shm
         if shm is not None and shm.slots and error is None and not self.done and "result" in item:
             try:

@@ -149,9 +149,9 @@ class Metrics:
 
         pipeline.stats.add_listener(on_request)
         for node in pipeline.nodes:
-            observe = self.batch_size.labels(*labels, node.node.name).observe
+            observe = self.batch_size.labels(*labels, node.name).observe
             node.stats.add_listener(functools.partial(_observe_size, observe))
-            node.stats.add_call_listener(self.call_rows.labels(*labels, node.node.name).observe)
+            node.stats.add_call_listener(self.call_rows.labels(*labels, node.name).observe)
 
     # -- answers -------------------------------------------------------------------------
     def meter(self, model: LoadedModel) -> ModelMeter:
