@@ -100,13 +100,13 @@ class NodeConfig:
 
     @property
     def scheduling(self) -> Scheduling:
-        return Scheduling.from_options(self.__dict__["options"])
+        return Scheduling.from_options(self.options)
 
-    def __getattr__(self, key: str) -> Any:  # node.max, node.instance_num, ...
-        try:
-            return self.__dict__["options"][key]
-        except KeyError:
-            raise AttributeError(key) from None
+    @property
+    def next(self) -> str | None:
+        """The node this one's results go to (None: the last of the chain)."""
+        return self.options.get("next")
+
 
 
 @dataclass

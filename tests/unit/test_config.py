@@ -25,7 +25,7 @@ def error_for(source, **kw) -> ConfigError:
 def test_single_node_defaults_and_types(tmp_path):
     config = load_config(write(tmp_path, 'backend = "Identity"\nmax = 4\nbatching_timeout = 1.5\n'))
     node = config.entry
-    assert (node.max, node.min, node.instance_num, node.batching_timeout) == (4, 1, 1, 1.5)
+    assert [node.options[k] for k in ("max", "min", "instance_num", "batching_timeout")] == [4, 1, 1, 1.5]
     assert config.name == tmp_path.name and len(config.nodes) == 1
 
 
@@ -38,7 +38,7 @@ def test_multi_node_chain_is_ordered_from_the_entry(tmp_path):
         )
     )
     assert [n.name for n in config.nodes] == ["pre", "model"]
-    assert config.nodes[0].instance_num == 4
+    assert config.nodes[0].scheduling.instance_num == 4
 
 
 def test_declared_tensors(tmp_path):
@@ -123,7 +123,7 @@ def test_model_path_resolves_against_the_model_dir(tmp_path):
     (tmp_path / "1").mkdir()
     (tmp_path / "1" / "m.bin").write_bytes(b"x")
     config = load_config({"backend": "Identity", "model": "m.bin"}, model_dir=tmp_path / "1")
-    assert config.entry.model == str((tmp_path / "1" / "m.bin").resolve())
+    assert config.entry.options["model"] == str((tmp_path / "1" / "m.bin").resolve())
 
 
 def test_backend_keys_are_validated_with_their_types(tmp_path):
@@ -135,7 +135,7 @@ def test_backend_keys_are_validated_with_their_types(tmp_path):
                 item["result"] = item["data"] * self.config["scale"]
 
     trtserve.register("Scaled", Scaled)
-    assert load_config({"backend": "Scaled"}).entry.scale == 1.0
+    assert load_config({"backend": "Scaled"}).entry.options["scale"] == 1.0
     error = error_for({"backend": "Scaled", "scale": "2"})
     assert "scale must be a number, got str '2'" in error.message
     error = error_for({"backend": "Scaled", "mode": "c"})

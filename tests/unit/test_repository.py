@@ -102,7 +102,7 @@ def test_model_files_resolve_in_each_version_folder(tmp_path, repo):
     (folder / "2" / "weights.bin").write_bytes(b"two")
     repo.load("m")
     for version in (1, 2):
-        assert repo.get("m", version).config.entry.model == str((folder / str(version) / "weights.bin").resolve())
+        assert repo.get("m", version).config.entry.options["model"] == str((folder / str(version) / "weights.bin").resolve())
     (folder / "2" / "weights.bin").unlink()
     with pytest.raises(ConfigError, match="weights.bin"):
         repo.load("m")
@@ -324,7 +324,7 @@ def test_a_model_without_version_folders_is_served_from_its_folder_as_version_1(
     assert "no numbered version folder, so the model folder itself is served as version 1" in caught.value.message
     (folder / "weights.bin").write_bytes(b"w")
     model = repo.load("m")
-    assert model.version == 1 and model.config.entry.model == str((folder / "weights.bin").resolve())
+    assert model.version == 1 and model.config.entry.options["model"] == str((folder / "weights.bin").resolve())
 
 
 FIRST_SIGHT = """

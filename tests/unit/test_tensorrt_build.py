@@ -1,7 +1,7 @@
 """The ONNX -> engine path on the real TensorRT-RTX builder, which runs without a GPU.
 
-Models are made here with onnx.helper.  Rebuilds are counted with the builder's own
-counter (builds_done), never with timings.  Execution needs a GPU that TensorRT-RTX
+Models are made here with onnx.helper.  Rebuilds are counted from the builder's log line
+("built ... engine for ..."), never with timings.  Execution needs a GPU that TensorRT-RTX
 supports, which CI does not have: deserializing is tested up to its typed refusal.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from trtserve.errors import ConfigError, ModelUnavailableError  # noqa: E402
 from trtserve.tensorrt import (  # noqa: E402
     BuildSpec, deserialize_engine, ensure_engine, import_tensorrt, load_plan, parse_onnx,
 )
-from trtserve.tensorrt.build import build_engine, builds_done  # noqa: E402
+from trtserve.tensorrt.build import build_engine  # noqa: E402
 from trtserve.tensorrt.cache import cache_path, read_cache  # noqa: E402
 from trtserve.tensorrt.io import network_io  # noqa: E402
 
@@ -131,21 +131,43 @@ def test_fp16_on_a_float32_model_explains_strong_typing(rtx, tmp_path):
     assert "strongly typed" in message and "convert_float_to_float16" in message and "model.onnx" in message
 
 
-def test_cache_hit_skips_the_build(rtx, tmp_path):
+class BuildCounter(logging.Handler):
+    """Engines built, counted from the builder's INFO line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += str(record.msg).startswith("built ")
+
+
+@pytest.fixture
+def builds():
+    counter, logger = BuildCounter(), logging.getLogger("trtserve.tensorrt")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(counter)
+    yield counter
+    logger.removeHandler(counter)
+    logger.setLevel(level)
+
+
+def test_cache_hit_skips_the_build(rtx, tmp_path, builds):
     path = conv_net(tmp_path)
     first = ensure_engine(rtx, path, BuildSpec(1, 4))
-    before = builds_done()
+    before = builds.count
     second = ensure_engine(rtx, path, BuildSpec(1, 4))
     assert (first.source, second.source) == ("built", "cache")
-    assert builds_done() == before and second.plan == first.plan and second.io == first.io
+    assert builds.count == before and second.plan == first.plan and second.io == first.io
     header, plan = read_cache(cache_path(path), first.key)
     assert plan == first.plan and header["components"]["tensorrt"] == f"tensorrt_rtx {trt.__version__}"
 
 
-def test_cache_invalidated_by_model_and_config_changes(rtx, tmp_path):
+def test_cache_invalidated_by_model_and_config_changes(rtx, tmp_path, builds):
     path = conv_net(tmp_path)
     ensure_engine(rtx, path, BuildSpec(1, 4))
-    before = builds_done()
+    before = builds.count
     assert ensure_engine(rtx, path, BuildSpec(1, 8)).source == "built"  # max changed
     assert ensure_engine(rtx, path, BuildSpec(1, 8, workspace_mb=128)).source == "built"  # workspace changed
     half = fp16_net(tmp_path / "half")
@@ -153,19 +175,19 @@ def test_cache_invalidated_by_model_and_config_changes(rtx, tmp_path):
     assert ensure_engine(rtx, half, BuildSpec(1, 4, precision="fp16")).source == "built"  # precision changed
     conv_net(tmp_path, seed=1)  # same graph, new weights
     assert ensure_engine(rtx, path, BuildSpec(1, 8, workspace_mb=128)).source == "built"
-    assert builds_done() == before + 5  # max, workspace, half fp32, half fp16, new weights
+    assert builds.count == before + 5  # max, workspace, half fp32, half fp16, new weights
     assert ensure_engine(rtx, path, BuildSpec(1, 8, workspace_mb=128)).source == "cache"
 
 
-def test_corrupt_cache_warns_and_rebuilds(rtx, tmp_path, caplog):
+def test_corrupt_cache_warns_and_rebuilds(rtx, tmp_path, caplog, builds):
     path = conv_net(tmp_path)
     ensure_engine(rtx, path, BuildSpec(1, 2))
     blob = cache_path(path).read_bytes()
     cache_path(path).write_bytes(blob[: len(blob) // 2])
-    before = builds_done()
-    with caplog.at_level(logging.WARNING, logger="trtserve.tensorrt"):
+    before = builds.count
+    with caplog.at_level(logging.INFO, logger="trtserve.tensorrt"):
         artifact = ensure_engine(rtx, path, BuildSpec(1, 2))
-    assert artifact.source == "built" and builds_done() == before + 1
+    assert artifact.source == "built" and builds.count == before + 1
     assert any(r.levelno == logging.WARNING and "damaged" in r.message for r in caplog.records)
 
 

@@ -8,7 +8,6 @@ the model leaves it dynamic (one profile cannot guess an image size).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,14 +21,6 @@ from .module import is_strongly_typed_only, logger, quote_errors
 
 PRECISIONS = ("fp32", "fp16")
 log = logging.getLogger("trtserve.tensorrt")
-
-_builds_done = 0
-_builds_lock = threading.Lock()
-
-
-def builds_done() -> int:
-    """How many engines this process has built (the cache tests count rebuilds with it)."""
-    return _builds_done
 
 
 @dataclass(frozen=True)
@@ -195,7 +186,6 @@ def _row_shape(tensor: TensorInfo, spec: BuildSpec, where: str) -> tuple[int, ..
 
 def build_engine(trt: ModuleType, path: Path, spec: BuildSpec) -> BuiltEngine:
     """Parse ``path`` and build a serialized engine for ``spec``."""
-    global _builds_done
     started = time.perf_counter()
     builder, network, _parser = parse_onnx(trt, path)
     io, profile = resolve_profile(network_io(trt, network, str(path)), spec, str(path))
@@ -229,8 +219,6 @@ def build_engine(trt: ModuleType, path: Path, spec: BuildSpec) -> BuiltEngine:
         )
     plan = bytes(serialized)
     seconds = time.perf_counter() - started
-    with _builds_lock:
-        _builds_done += 1
     log.info("built %s engine for %s in %.2f s (%d bytes, batch %d..%d, %s)", trt.__name__, path, seconds,
              len(plan), spec.min_batch, spec.max_batch, spec.precision)
     return BuiltEngine(plan, io, profile, seconds)
