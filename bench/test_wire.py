@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from trtserve_client.frames import FrameDecoder, pack
-from trtserve_client.wire import decode_tensor, encode_tensor
+from trtserve_client.wire import DEFAULT_MAX_FRAME, decode_tensor, encode_tensor
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,7 +22,7 @@ SIZES = {"1KB": 1024, "150KB": 150 * 1024, "4MB": 4 * 1024 * 1024}
 
 def round_trip(array: np.ndarray) -> np.ndarray:
     frame = pack({"v": 2, "id": 1, "op": "infer", "model": "m", "inputs": {"x": encode_tensor(array)}})
-    (message,) = FrameDecoder().feed(frame)
+    (message,) = FrameDecoder(DEFAULT_MAX_FRAME).feed(frame)
     return decode_tensor(message["inputs"]["x"])
 
 
