@@ -69,7 +69,7 @@ def echoed(value):
 
 async def serve(host: str, port: int, io_threads: int) -> None:
     loop = asyncio.get_running_loop()
-    loops = [loop] + [LoopThread(loop, f"echo-io-{i}").loop for i in range(1, io_threads)]
+    loops = [loop] + [LoopThread(type(loop), f"echo-io-{i}").loop for i in range(1, io_threads)]
     turns = itertools.cycle(loops)
 
     def hand_off(sock) -> None:  # round robin: every echo connection costs the same

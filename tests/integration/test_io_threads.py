@@ -71,6 +71,7 @@ def test_the_connection_limit_is_the_servers_not_each_loops(server_factory, gate
         held = [conn.request("infer", model="gate_wide", inputs={"x": b"held"}) for conn in conns]
         gates["gate_wide"].wait_started(3)
         assert sorted(loop_connections(handle)) == [1, 2]
+        assert handle.server.in_flight == 3  # every loop's (a Ray replica reports it to its autoscaler)
         with handle.connect() as fourth:  # every connection busy: no loop can make room
             error = assert_refused(fourth, None, "RESOURCE_EXHAUSTED")
         assert error["details"] == {"max_connections": 3} and "--max-connections 3" in error["message"]

@@ -12,9 +12,7 @@ connections are not reaped and one connection may carry many requests at once.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import uvloop
 from ..errors import ModelUnavailableError
 from ..repository import ModelRepository
 from ..server.app import Server
+from ..server.listener import LoopThread
 
 log = logging.getLogger("trtserve.scaleout")
 
@@ -51,10 +50,7 @@ class ReplicaServer:
         self.repository = OneModelRepository(root, model, kwargs)
         self.server = Server(self.repository, host=host, port=0, model_control="none", grace_s=grace_s,
                              idle_timeout_s=0, max_in_flight_per_connection=MAX_IN_FLIGHT_PER_CONNECTION)
-        self.loop = uvloop.new_event_loop()
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"trtserve-replica-{model}", daemon=True)
+        self._thread: LoopThread | None = None
 
     @property
     def address(self) -> str:
@@ -64,17 +60,21 @@ class ReplicaServer:
     @property
     def in_flight(self) -> int:
         """Requests read and not yet answered: the replica's load, as its autoscaler sees it."""
-        return self.server.tracker.in_flight
+        return self.server.in_flight
 
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> ReplicaServer:
-        self._thread.start()
-        if not self._started.wait(START_TIMEOUT_S):
-            raise ModelUnavailableError(f"model {self.model!r}: the replica's server did not start", model=self.model)
-        if self._error is not None:
-            raise self._error
+        thread = self._thread = LoopThread(uvloop.new_event_loop, f"trtserve-replica-{self.model}")
+        try:  # raises what the server's start raised (a port it cannot bind, ...)
+            thread.submit(self.server.start()).result(START_TIMEOUT_S)
+        except BaseException as exc:
+            thread.stop(30)
+            if isinstance(exc, TimeoutError):
+                raise ModelUnavailableError(f"model {self.model!r}: the replica's server did not start",
+                                            model=self.model) from None
+            raise
         row = next((r for r in self.repository.index() if r["name"] == self.model), None)
         if row is None or row["state"] != "READY":
             reason = (row or {}).get("reason") or f"no model {self.model!r} in {self.repository.root}"
@@ -84,27 +84,14 @@ class ReplicaServer:
         log.info("replica of %s serving on %s", self.model, self.address)
         return self
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self.server.start())
-        except BaseException as exc:  # raised to the replica's constructor by start()
-            self._error = exc
-            self._started.set()
-            return
-        self._started.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-        self.loop.close()
-
     def stop(self, grace_s: float | None = None) -> None:
         """The server's drain: no new requests, those in flight answered (up to ``grace_s``),
         the model closed.  Front doors resend what it did not read to other replicas."""
-        if not self._thread.is_alive() or self.loop.is_closed():
+        thread = self._thread
+        if thread is None or not thread.is_alive():
             return
         grace = self.server.grace_s if grace_s is None else grace_s
         try:
-            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result(grace + 60)
+            thread.submit(self.server.stop(grace)).result(grace + 60)
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(30)
+            thread.stop(30)

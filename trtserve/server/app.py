@@ -181,6 +181,11 @@ class Server:
         return len(self.trackers)
 
     @property
+    def in_flight(self) -> int:
+        """Requests read and not yet answered, on every I/O loop (any thread may read it)."""
+        return sum(tracker.in_flight for tracker in self.trackers)
+
+    @property
     def address(self) -> tuple[str, int]:
         return self.host, self.port
 
@@ -249,7 +254,8 @@ class Server:
 
     async def _start_shards(self, loop: asyncio.AbstractEventLoop, make_dispatcher) -> None:
         for index, tracker in enumerate(self.trackers):
-            thread = LoopThread(loop, f"trtserve-io-{index}") if index else None
+            # The main loop's kind (uvloop under `trtserve serve`): its class takes no arguments.
+            thread = LoopThread(type(loop), f"trtserve-io-{index}") if index else None
             self.shards.append(IOShard(index, tracker, self.ssl_context, thread))
         for shard in self.shards:
             await shard.start(make_dispatcher)

@@ -97,17 +97,21 @@ class Acceptor:
 
 
 class LoopThread:
-    """An event loop of the same kind as the caller's (uvloop when the server runs on it),
-    running on a daemon thread of its own until ``stop``."""
+    """An event loop made by ``new_loop`` (e.g. ``uvloop.new_event_loop``), running on a
+    daemon thread of its own until ``stop``."""
 
-    def __init__(self, like: asyncio.AbstractEventLoop, name: str) -> None:
-        self.loop: asyncio.AbstractEventLoop = type(like)()  # uvloop.Loop() and asyncio's loops take no arguments
+    def __init__(self, new_loop: Callable[[], asyncio.AbstractEventLoop], name: str) -> None:
+        self.loop = new_loop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
