@@ -10,7 +10,8 @@ VENV=${1:-$ROOT/.venv-triton}
 python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q nvidia-pytriton msgpack uvloop onnxruntime
 # The server under test runs from the project's venv; here only trtserve_client and
-# trtserve_bench are imported, so the project's other dependencies are not needed.
-"$VENV/bin/pip" install -q --no-deps -e "$ROOT"
+# trtserve_bench are imported, so the project's other dependencies are not needed.  The
+# client is a distribution of its own (docs/packaging.md).
+"$VENV/bin/pip" install -q --no-deps -e "$ROOT/clients" -e "$ROOT"
 du -sh "$VENV"
 "$VENV/bin/python" -c "import pytriton, tritonclient; print('pytriton', __import__('importlib.metadata').metadata.version('nvidia-pytriton'))"
