@@ -56,14 +56,17 @@ def test_trickling_senders_are_closed(repository, tmp_path):
 
 def test_peers_that_never_read_their_answers_are_cut(repository, tmp_path):
     """20 half-closed peers that never read their 4 MiB answers are aborted after
-    --write-timeout, their descriptors closed, and a second wave of them reuses the memory
-    the first one held (the allocator keeps what it got: RSS shows reuse, not release)."""
+    --write-timeout, their descriptors closed, and later waves of them reuse the memory the
+    earlier ones held: RSS shows reuse, not release.  Three waves, the last two compared:
+    glibc serves the first wave's 4 MiB buffers from mmap (released on free) or from the heap
+    (kept), depending on its adaptive mmap threshold, so only from the second wave on is
+    what it keeps settled."""
     args = ("--write-timeout", "1", "--log-level", "WARNING")
     with server_process(repository, tmp_path / "server.log", *args) as proc:
         pid = proc.proc.pid
         unloaded = baseline_p99(proc.host, proc.port)
         sockets, after = socket_count(pid), []
-        for _ in range(2):
+        for _ in range(3):
             with attack("no-read", proc.port, 20, 4 * MIB) as readers:
                 assert readers.ready["connections"] == 20
                 time.sleep(0.3)  # the server has read the 80 MiB and written what the peers' buffers take
@@ -75,8 +78,8 @@ def test_peers_that_never_read_their_answers_are_cut(repository, tmp_path):
                 readers.finish()
             after.append(rss_mb(pid))
         assert "unread for" in proc.log()
-        assert after[1] < after[0] + 16, f"RSS after each wave: {after} MiB"
-        print(f"non-readers: RSS after each wave {after[0]:.0f}, {after[1]:.0f} MiB")
+        assert after[2] < after[1] + 16, f"RSS after each wave: {after} MiB"
+        print(f"non-readers: RSS after each wave {', '.join(f'{mib:.0f}' for mib in after)} MiB")
 
 
 def test_idle_connections_are_closed_but_busy_ones_are_not(repository, tmp_path, gates):
