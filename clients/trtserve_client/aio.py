@@ -26,6 +26,7 @@ from .errors import (
     ConnectionFailedError,
     InvalidArgumentError,
     InvalidInputError,
+    ModelUnavailableError,
     ProtocolError,
     ShuttingDownError,
     TrtserveError,
@@ -41,6 +42,13 @@ STRATEGIES = ("least_in_flight", "round_robin")
 # Answers that mean "this server did not answer this request; another one may": the
 # connection dropped (or never opened) before an answer, or the server is shutting down.
 RETRIABLE = (ConnectionFailedError, ShuttingDownError)
+
+
+def _another_may_answer(exc: TrtserveError) -> bool:
+    """A RETRIABLE failure, or a server still loading the model (a restarted one binds
+    before its models are READY): nothing ran there, another endpoint may answer."""
+    return isinstance(exc, RETRIABLE) or (
+        isinstance(exc, ModelUnavailableError) and exc.details.get("state") == "LOADING")
 # Operations that are safe to send again: they change nothing on the server.
 _IDEMPOTENT = frozenset({"infer", "live", "ready", "server_metadata", "model_metadata", "model_config",
                          "repository_index", "statistics"})
@@ -72,7 +80,8 @@ class AsyncClient:
     host/port.  Each request goes to the endpoint with the fewest requests outstanding; an
     endpoint whose connection fails is skipped for a while (endpoints.py) and used again
     once it answers.  A request whose connection dropped before its answer (or that a
-    draining server refused with SHUTTING_DOWN) is sent again on another endpoint, at most
+    draining server refused with SHUTTING_DOWN, or a server still loading the model refused
+    with MODEL_UNAVAILABLE, state LOADING) is sent again on another endpoint, at most
     ``retries`` times (default: once per other endpoint; 0 turns it off).  This is safe
     because inference is idempotent: running a request twice gives the same answer and
     changes nothing.  ``load`` and ``unload`` are never re-sent.  With one endpoint nothing
@@ -159,8 +168,10 @@ class AsyncClient:
             assert endpoint is not None  # the loop ends before every endpoint was tried
             try:
                 result = await endpoint.connection(self.strategy).request(op, fields, _remaining(deadline))
-            except RETRIABLE:
-                endpoint.failed(self.down_s)  # dropped, unreachable or draining: skip it a while
+            except TrtserveError as exc:
+                if not _another_may_answer(exc):
+                    raise
+                endpoint.failed(self.down_s)  # dropped, unreachable, draining or loading: skip it a while
                 tried.append(endpoint)
                 if op not in _IDEMPOTENT or len(tried) > self.retries or len(tried) == len(self._endpoints.all):
                     raise

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from trtserve_client import AsyncClient, Client
-from trtserve_client.errors import ConnectionFailedError, InvalidArgumentError
+from trtserve_client.errors import ConnectionFailedError, InvalidArgumentError, ModelUnavailableError
 
 from .conftest import GateControl, build_test_repository
 
@@ -163,3 +163,43 @@ def test_bad_endpoint_arguments_are_typed_errors(kwargs, field):
     with pytest.raises(InvalidArgumentError) as caught:
         AsyncClient(**kwargs)
     assert caught.value.details["field"] == field
+
+
+SLOW_INIT = '''import time
+
+import trtserve
+
+
+class SlowInit(trtserve.Backend):
+    """Echoes; takes 3 s to initialise, so its model stays LOADING meanwhile."""
+
+    def init(self, context):
+        time.sleep(3)
+
+    def forward(self, items):
+        for item in items:
+            item["result"] = item["data"]
+
+
+trtserve.register("SlowInit", SlowInit)
+'''
+
+
+def test_a_model_still_loading_on_one_endpoint_is_served_by_another(server_factory, tmp_path):
+    folder = tmp_path / "slow-repository" / "slow"
+    folder.mkdir(parents=True)
+    (folder / "backend.py").write_text(SLOW_INIT)
+    (folder / "config.toml").write_text('backend = "SlowInit"\n')
+    ready = server_factory(folder.parent)
+    loading = server_factory(folder.parent, model_control="explicit")
+    with Client(HOST, loading.port) as control:
+        threading.Thread(target=control.load, args=("slow",), daemon=True).start()
+        give_up = time.monotonic() + 10
+        while {m["name"]: m["state"] for m in control.repository_index()["models"]}.get("slow") != "LOADING":
+            assert time.monotonic() < give_up, "the explicit load never started"
+            time.sleep(0.01)
+        with Client(endpoints=[f"{HOST}:{loading.port}", f"{HOST}:{ready.port}"]) as client:
+            for i in range(20):  # every one refused by the loading server is sent to the ready one
+                assert client.infer("slow", b"%d" % i) == {"output": b"%d" % i}
+        with Client(HOST, loading.port) as alone, pytest.raises(ModelUnavailableError, match="LOADING"):
+            alone.infer("slow", b"x")  # one endpoint: the caller sees why
