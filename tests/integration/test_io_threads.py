@@ -15,6 +15,7 @@ from trtserve.errors import ConfigError
 from trtserve.server import Server
 
 from .conftest import HOST, RawConn
+from .ops_support import assert_cli_refuses
 from .test_ops_access import assert_refused
 from .test_ops_metrics import scrape, value
 
@@ -138,3 +139,9 @@ def test_a_raw_peer_is_served_on_a_second_loop(server_factory):
         assert first.result("live") == {"live": True}
         assert second.result("live") == {"live": True}
         assert loop_connections(handle) == [1, 1]
+
+
+@pytest.mark.parametrize(("value", "shown"), [("0", "0"), ("two", "'two'")])
+def test_the_cli_refuses_an_io_threads_that_is_not_a_positive_integer(repository, tmp_path, value, shown):
+    assert_cli_refuses(repository, tmp_path, ["--io-threads", value],
+                       f"argument --io-threads: expected a positive integer, got {shown}")
