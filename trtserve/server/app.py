@@ -57,7 +57,7 @@ log = logging.getLogger("trtserve.server")
 DEFAULT_MAX_IN_FLIGHT = 128  # per connection; enough to keep a batched model busy from one client
 DEFAULT_GRACE_S = 30.0  # as Triton's --exit-timeout-secs
 HURRY_POLL_S = 0.05  # how soon a second stop request ends the wait for the models to close
-MAX_IO_THREADS = 4  # past this, the GIL, not the socket copies, bounds the I/O loops
+MAX_IO_THREADS = 4  # the loops share one GIL: beyond a few, only the socket copies still run in parallel
 
 
 def default_io_threads() -> int:
