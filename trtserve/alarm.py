@@ -56,7 +56,7 @@ class Alarm:
                 continue
             try:
                 sleeper.wake()
-            except Exception:  # a bug in one node must not stop every node's wake-ups
+            except BaseException:  # noqa: B036 - a bug (or a callback's sys.exit) in one node must not stop every node's wake-ups
                 log.exception("waking a node failed")
             del sleeper
 
