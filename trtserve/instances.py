@@ -160,16 +160,20 @@ class InstanceThread(Instance):
         error, completion = self._forward(batch)
         self._finish_pending()  # the previous batch, launched before this one
         if completion is None:
-            self.owner.complete(batch, error, start)  # callers first, then new work
-            self.owner.release(self)
+            try:
+                self.owner.complete(batch, error, start)  # callers first, then new work
+            finally:  # whatever happens, the node must not think this instance busy for ever
+                self.owner.release(self)
             return
         self.pending = (batch, completion, start)
         # Free for the next batch: if one is waiting, it is launched before this one is
         # waited for; otherwise the node keeps this instance busy until its callers are woken,
         # so slow callers still slow the intake (max_queue_size keeps its meaning).
         if not self.owner.release(self, linger=True):
-            self._finish_pending()
-            self.owner.release(self)
+            try:
+                self._finish_pending()
+            finally:
+                self.owner.release(self)
 
     def _finish_pending(self) -> None:
         """Wait for the deferred batch, then count it and wake its callers."""

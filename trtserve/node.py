@@ -20,7 +20,9 @@
 A request counts ``backend.request_size(item)`` toward ``max``; one larger than every
 instance's ``max`` is refused at submit with InvalidInputError, never split.  An exception
 in ``forward`` (any: ``SystemExit`` too) fails every request of its batch with
-BackendError; a request without ``result`` afterwards simply finishes without one.
+BackendError; a request without ``result`` afterwards simply finishes without one.  An
+exception in a caller's callback (any, again) is logged: the batch's other requests still
+finish and the instance keeps serving.
 """
 from __future__ import annotations
 
@@ -414,7 +416,7 @@ class Node:
     def _finish(self, req: Request, error: TrtserveError | None) -> None:
         try:
             req.on_done(req, error)
-        except Exception:  # a broken callback must not kill the instance thread
+        except BaseException:  # noqa: B036 - a broken callback (sys.exit too) must not stop the batch's other callers or the thread
             log.exception("request callback failed")
 
     def _priority(self, priority: int) -> int:
