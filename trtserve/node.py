@@ -56,6 +56,8 @@ __all__ = ["Node"]
 log = logging.getLogger("trtserve.scheduler")
 # Inline batches one thread runs in a row before the alarm thread takes over the rest: a
 # caller whose own request is done is not kept running other callers' batches for long.
+# The alarm itself runs as many, then wakes itself again, so the other nodes it serves get
+# their wake-ups in between.
 COMBINE_LIMIT = 8
 
 
@@ -275,7 +277,7 @@ class Node:
             if self._timed:
                 self._arm(min(r.deadline for r in self._queue if r.deadline is not None))
         self._fail_expired(expired)
-        self.run_due(limit=None)
+        self.run_due()  # COMBINE_LIMIT here too: the alarm is shared; past it, run_due re-arms
 
     def _arm(self, when: float) -> None:
         if self._wake_at is None or when < self._wake_at:
