@@ -151,9 +151,9 @@ class Node:
 
     def _clear(self) -> list[Request]:
         """Empty the queue; the requests to fail (cancelled ones only if given a reason)."""
-        leftovers = [r for r in self._queue.clear() if not r.cancelled or r.cancel_error is not None]
-        self._queued_size = self._timed = 0
-        return leftovers
+        removed = self._queue.clear()
+        self._unqueued(removed)
+        return [r for r in removed if not r.cancelled or r.cancel_error is not None]
 
     def on_each_instance(self, fn: Callable[[Any], Any]) -> list[Any]:
         """``fn(instance)`` on every instance's own thread, all at once; the results in
@@ -250,15 +250,21 @@ class Node:
             self._timed += 1
             self._arm(req.deadline)  # failed the moment its deadline passes, even if all are busy
 
+    def _unqueued(self, removed: list[Request]) -> None:
+        """The bookkeeping for requests just taken off the queue (run, withdrawn, expired or
+        cleared): the counts that follow the queue, and no owner to withdraw them from."""
+        for req in removed:
+            req.owner = None
+            self._queued_size -= req.size
+            self._timed -= req.deadline is not None
+
     def withdraw(self, req: Request) -> None:
         """A queued request was cancelled: drop it; what remains may now be due."""
         with self._lock:
             removed = self._queue.remove_if(lambda r: r is req)
             if not removed:
                 return  # already running, finished, or dropped
-            req.owner = None
-            self._queued_size -= req.size
-            self._timed -= req.deadline is not None
+            self._unqueued(removed)
             expired = self._dispatch(time.monotonic())
         if req.cancel_error is not None:
             expired.insert(0, req)  # _fail_expired finishes it with its reason
@@ -304,10 +310,7 @@ class Node:
                 self._arm(decision.until)
                 break
             popped = [self._queue.popleft() for _ in range(decision.requests)]
-            self._queued_size -= decision.size
-            self._timed -= sum(r.deadline is not None for r in popped)
-            for req in popped:
-                req.owner = None
+            self._unqueued(popped)
             # Cancelled requests (their caller went away) are dropped here, unrun.
             batch = [r for r in popped if not r.cancelled]
             expired += [r for r in popped if r.cancelled and r.cancel_error is not None]
@@ -338,8 +341,7 @@ class Node:
         if not self._timed:
             return []
         removed = self._queue.remove_if(lambda r: r.deadline is not None and r.deadline <= now)
-        self._queued_size -= sum(r.size for r in removed)
-        self._timed -= len(removed)
+        self._unqueued(removed)
         return [r for r in removed if not r.cancelled or r.cancel_error is not None]
 
     def run_due(self, limit: int | None = COMBINE_LIMIT) -> None:
