@@ -17,7 +17,8 @@ class Holder(Protocol):
 
 
 class Request:
-    """One item travelling through a node; ``on_done`` is called exactly once."""
+    """One item travelling through a node.  ``on_done`` is called at most once: exactly once,
+    unless ``cancel()`` without an error drops the request unrun (its caller went away)."""
 
     __slots__ = (
         "item", "size", "on_done", "enqueued", "deadline", "_cancelled", "cancel_error", "queue_ns", "compute_ns",
@@ -50,9 +51,11 @@ class Request:
         return self._cancelled
 
     def cancel(self, error: TrtserveError | None = None) -> None:
-        """The caller gave up: a request still queued is dropped unrun at once.  With ``error``
-        a dropped request is also finished with it, so the pipeline counts the failure in its
-        statistics (the caller, who gave up, ignores the late callback)."""
+        """The caller gave up: a request still queued is dropped unrun.
+        Without ``error`` a dropped request is never finished: ``on_done`` is not called.  With
+        ``error`` it is finished with it, so the pipeline counts the failure in its statistics
+        (the caller, who gave up, ignores the late callback).  A request already running
+        finishes as usual."""
         if self._cancelled:
             return
         self.cancel_error = error  # first: whoever sees _cancelled set also sees the reason
