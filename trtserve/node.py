@@ -79,7 +79,7 @@ class Node:
         self._busy = 0  # how many are running
         self._queue: PriorityQueue[Request] = PriorityQueue(sched.priority_levels)
         self._queued_size = 0
-        self._timed = 0  # queued requests with a deadline: expiry scans run only when > 0
+        self._timed = 0  # queued requests that may expire: expiry scans run only when > 0
         self._closed = False
         self._window = sched.batching_timeout_s
         self._last_arrival = float("-inf")
@@ -185,7 +185,7 @@ class Node:
                 burst[self] = None
                 return
             if (not self._queue and self._busy == 0 and not req.cancelled
-                    and (req.deadline is None or req.deadline > now) and self._start_lone(req, now)):
+                    and (req.expires is None or req.expires > now) and self._start_lone(req, now)):
                 expired = None
             else:
                 self._enqueue(req)
@@ -205,8 +205,9 @@ class Node:
             self.run_due()
 
     def _prepare(self, req: Request) -> float:
-        """Admit ``req`` (raises for bad input) and set its size, priority and deadline;
-        returns the time it arrived."""
+        """Admit ``req`` (raises for bad input) and set its size, priority and ``expires``, its
+        deadline in this node's queue (the caller's ``deadline`` is left as it is, for the next
+        node); returns the time it arrived."""
         req.size = self._admit(req.item, self.max_size > 1)
         if req.size > self.max_size:
             raise InvalidInputError(
@@ -221,9 +222,11 @@ class Node:
         req.priority = sched.default_priority if type(priority) is int and priority == 0 else self._priority(priority)
         now = time.monotonic()
         req.enqueued = now
+        req.expires = req.deadline
         if sched.queue_timeout_s:
             queue_deadline = now + sched.queue_timeout_s
-            req.deadline = queue_deadline if req.deadline is None else min(req.deadline, queue_deadline)
+            if req.deadline is None or queue_deadline < req.deadline:
+                req.expires = queue_deadline
         return now
 
     def _check_accepting(self) -> None:
@@ -246,9 +249,9 @@ class Node:
         self._queue.append(req)
         req.owner = self
         self._queued_size += req.size
-        if req.deadline is not None:
+        if req.expires is not None:
             self._timed += 1
-            self._arm(req.deadline)  # failed the moment its deadline passes, even if all are busy
+            self._arm(req.expires)  # failed the moment it expires, even if all are busy
 
     def _unqueued(self, removed: list[Request]) -> None:
         """The bookkeeping for requests just taken off the queue (run, withdrawn, expired or
@@ -256,7 +259,7 @@ class Node:
         for req in removed:
             req.owner = None
             self._queued_size -= req.size
-            self._timed -= req.deadline is not None
+            self._timed -= req.expires is not None
 
     def withdraw(self, req: Request) -> None:
         """A queued request was cancelled: drop it; what remains may now be due."""
@@ -281,7 +284,7 @@ class Node:
             self._wake_at = None
             expired = self._dispatch(now)
             if self._timed:
-                self._arm(min(r.deadline for r in self._queue if r.deadline is not None))
+                self._arm(min(r.expires for r in self._queue if r.expires is not None))
         self._fail_expired(expired)
         self.run_due()  # COMBINE_LIMIT here too: the alarm is shared; past it, run_due re-arms
 
@@ -340,7 +343,7 @@ class Node:
     def _drop_expired(self, now: float) -> list[Request]:
         if not self._timed:
             return []
-        removed = self._queue.remove_if(lambda r: r.deadline is not None and r.deadline <= now)
+        removed = self._queue.remove_if(lambda r: r.expires is not None and r.expires <= now)
         self._unqueued(removed)
         return [r for r in removed if not r.cancelled or r.cancel_error is not None]
 
@@ -408,14 +411,28 @@ class Node:
             if req.cancelled:
                 self._finish(req, req.cancel_error)
                 continue
-            self._finish(
-                req,
-                DeadlineExceededError(
-                    f"node {self.name!r}: request waited {(time.monotonic() - req.enqueued) * 1e3:.1f} ms "
-                    "in the queue and its deadline passed before it could run",
-                    node=self.name,
-                ),
+            self._finish(req, self._expired_error(req))
+
+    def _expired_error(self, req: Request) -> DeadlineExceededError:
+        """Which limit expired (this node's queue_timeout or the request's own timeout), and
+        what to do about it."""
+        waited = f"request waited {(time.monotonic() - req.enqueued) * 1e3:.1f} ms in the queue"
+        relief = "add instances (instance_num) or reduce the load"
+        if req.expires != req.deadline:  # this node's queue_timeout came first
+            limit_ms = self.scheduling.queue_timeout_s * 1e3
+            return DeadlineExceededError(
+                f"node {self.name!r}: {waited} and its queue_timeout = {limit_ms:g} ms expired before it "
+                f"could run; raise queue_timeout, {relief}",
+                node=self.name,
+                limit="queue_timeout",
+                queue_timeout_ms=limit_ms,
             )
+        return DeadlineExceededError(
+            f"node {self.name!r}: {waited} and the request's own timeout expired before it could run; "
+            f"give the request a longer timeout, {relief}",
+            node=self.name,
+            limit="request timeout",
+        )
 
     def _finish(self, req: Request, error: TrtserveError | None) -> None:
         try:
