@@ -18,7 +18,9 @@
   instance is busy.
 
 A request counts ``backend.request_size(item)`` toward ``max``; one larger than every
-instance's ``max`` is refused at submit with InvalidInputError, never split.  An exception
+instance's ``max``, or of size 0, is refused at submit with InvalidInputError (a split
+request, or an empty one, has no batch to run in); a size that is not an integer is the
+backend's bug, BackendError.  An exception
 in ``forward`` (any: ``SystemExit`` too) fails every request of its batch with
 BackendError; a request without ``result`` afterwards simply finishes without one.  An
 exception in a caller's callback (any, again) is logged: the batch's other requests still
@@ -27,6 +29,7 @@ finish and the instance keeps serving.
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import time
 from collections import deque
@@ -39,6 +42,7 @@ from .batching import Slot, Wait, Window, averaged, choose, next_gap
 from .config import NodeConfig
 from .hold import current as current_burst
 from .errors import (
+    BackendError,
     DeadlineExceededError,
     InvalidArgumentError,
     InvalidInputError,
@@ -208,15 +212,10 @@ class Node:
         """Admit ``req`` (raises for bad input) and set its size, priority and ``expires``, its
         deadline in this node's queue (the caller's ``deadline`` is left as it is, for the next
         node); returns the time it arrived."""
-        req.size = self._admit(req.item, self.max_size > 1)
-        if req.size > self.max_size:
-            raise InvalidInputError(
-                f"node {self.name!r}: a request of size {req.size} exceeds the largest batch "
-                f"this node runs (max = {self.max_size}); send at most {self.max_size} rows per request",
-                node=self.name,
-                request_size=req.size,
-                max=self.max_size,
-            )
+        size = self._admit(req.item, self.max_size > 1)
+        if type(size) is not int or not 0 < size <= self.max_size:
+            size = self._checked_size(size)
+        req.size = size
         sched = self.scheduling
         priority = req.priority
         req.priority = sched.default_priority if type(priority) is int and priority == 0 else self._priority(priority)
@@ -228,6 +227,35 @@ class Node:
             if req.deadline is None or queue_deadline < req.deadline:
                 req.expires = queue_deadline
         return now
+
+    def _checked_size(self, size: Any) -> int:
+        """``size`` from the backend's request_size as an int in ``[1, max]``, or the error:
+        a request of 0 rows fits no batch, and one past ``max`` is never split."""
+        try:
+            size = operator.index(size)  # an int, or an integer type such as numpy's
+        except TypeError:
+            raise BackendError(
+                f"node {self.name!r}: {self.config.expr}.request_size returned {size!r}; it must return "
+                "an int >= 1, the rows this request takes of the node's max",
+                node=self.name,
+                request_size=repr(size),
+            ) from None
+        if size < 1:
+            raise InvalidInputError(
+                f"node {self.name!r}: {self.config.expr}.request_size gives {size} for this request; a request "
+                "must take at least 1 row of a batch (an empty request has nothing to run)",
+                node=self.name,
+                request_size=size,
+            )
+        if size > self.max_size:
+            raise InvalidInputError(
+                f"node {self.name!r}: a request of size {size} exceeds the largest batch "
+                f"this node runs (max = {self.max_size}); send at most {self.max_size} rows per request",
+                node=self.name,
+                request_size=size,
+                max=self.max_size,
+            )
+        return size
 
     def _check_accepting(self) -> None:
         if self._closed:
