@@ -178,7 +178,13 @@ class Node:
 
     # -- requests in -------------------------------------------------------------------
     def submit(self, req: Request) -> None:
-        """Queue a request; raises at once (nothing queued) for bad input or a full queue."""
+        """Queue a request; raises at once (nothing queued) for bad input or a full queue.
+        A request cancelled already is never queued (it would count toward ``min``): it is
+        finished with its cancel error, if it was given one."""
+        if req.cancelled:
+            if req.cancel_error is not None:
+                self._finish(req, req.cancel_error)
+            return
         now = self._prepare(req)
         with self._lock:
             self._check_accepting()
@@ -188,7 +194,7 @@ class Node:
                 self._enqueue(req)  # dispatched when the burst ends (hold.py)
                 burst[self] = None
                 return
-            if (not self._queue and self._busy == 0 and not req.cancelled
+            if (not self._queue and self._busy == 0
                     and (req.expires is None or req.expires > now) and self._start_lone(req, now)):
                 expired = None
             else:

@@ -58,7 +58,7 @@ class Request:
         return self._cancelled
 
     def cancel(self, error: TrtserveError | None = None) -> None:
-        """The caller gave up: a request still queued is dropped unrun.
+        """The caller gave up: a request still queued (or not yet queued) is dropped unrun.
         Without ``error`` a dropped request is never finished: ``on_done`` is not called.  With
         ``error`` it is finished with it, so the pipeline counts the failure in its statistics
         (the caller, who gave up, ignores the late callback).  A request already running
