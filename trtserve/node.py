@@ -124,7 +124,8 @@ class Node:
 
         With ``drain`` every queued request still runs first (a hot reload lets the old
         version finish what it accepted); without it, queued requests fail with
-        ShuttingDownError.
+        ShuttingDownError.  On a thread of the node's own (a callback closing its model) a
+        drain would wait for itself: there queued requests fail as without it.
         """
         with self._lock:
             if self._closed:
@@ -144,10 +145,8 @@ class Node:
             self._finish(req, req.cancel_error if req.cancelled else error)
         if self.inline:
             self.run_due(limit=None)  # batches assigned but not yet picked up run now, here
-            me = threading.get_ident()
             with self._lock:  # batches running on other threads finish first (not this one's own)
-                self._idle.wait_for(
-                    lambda: all(not self._running[i.index] or i.running_on == me for i in self._instances))
+                self._idle.wait_for(lambda: all(not self._running[i.index] or i.runs_here() for i in self._instances))
         # A threaded instance finishes its running batch (and wakes its callers) before it
         # stops, so a draining pipeline's next node is closed only after that.
         for inst in self._instances:
@@ -402,10 +401,9 @@ class Node:
                 inst.run(batch)
 
     def _runs_here(self) -> bool:
-        """True on a thread now running one of this node's inline batches (waiting for the
-        node to go idle would wait for itself)."""
-        me = threading.get_ident()
-        return self.inline and any(inst.running_on == me for inst in self._instances)
+        """True on a thread of this node's own: an instance's thread, or one now running an
+        inline batch (a callback closing its model); waiting for the node would wait for itself."""
+        return any(inst.runs_here() for inst in self._instances)
 
     # -- what instances report (instances.Owner) ----------------------------------------
     def complete(self, batch: list[Request], error: TrtserveError | None, start_ns: int) -> None:
