@@ -85,6 +85,7 @@ class Node:
         self._queued_size = 0
         self._timed = 0  # queued requests that may expire: expiry scans run only when > 0
         self._closed = False
+        self._shut = threading.Event()  # set when the first close() returns
         self._window = sched.batching_timeout_s
         self._last_arrival = float("-inf")
         self._gap = self._window  # the usual time between arrivals (batching.next_gap)
@@ -126,12 +127,24 @@ class Node:
         version finish what it accepted); without it, queued requests fail with
         ShuttingDownError.  On a thread of the node's own (a callback closing its model) a
         drain would wait for itself: there queued requests fail as without it.
+
+        A second call waits until the first has returned (it could free the model's code
+        under a running batch otherwise), except on a thread of the node's own.
         """
+        here = self._runs_here()  # waiting for the node would wait for this thread itself
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            drain = drain and not self._runs_here()  # (waiting for idle would wait for itself)
+            first, self._closed = not self._closed, True
+        if not first:
+            if not here:
+                self._shut.wait()
+            return
+        try:
+            self._close(drain and not here)
+        finally:
+            self._shut.set()
+
+    def _close(self, drain: bool) -> None:
+        with self._lock:
             expired = self._dispatch(time.monotonic(), flush=True) if drain else []  # partial batches are due now
             leftovers = [] if drain else self._clear()
         if drain:
