@@ -145,6 +145,8 @@ class Node:
 
     def _close(self, drain: bool) -> None:
         with self._lock:
+            # No more work is coming: a drain runs requests below an instance's min as they are.
+            self._slots = [slot._replace(lo=1) for slot in self._slots]
             expired = self._dispatch(time.monotonic(), flush=True) if drain else []  # partial batches are due now
             leftovers = [] if drain else self._clear()
         if drain:
