@@ -144,6 +144,7 @@ class Node:
             self._shut.set()
 
     def _close(self, drain: bool) -> None:
+        """The first close: run (``drain``) or fail what is queued, then stop the instances."""
         with self._lock:
             # No more work is coming: a drain runs requests below an instance's min as they are.
             self._slots = [slot._replace(lo=1) for slot in self._slots]
