@@ -6,7 +6,8 @@ instance is busy.  One shared thread serves every node (a heap of wake-up times)
 when the first node starts (so a process's thread count is settled once its models are
 loaded); a node costs no thread of its own for it.  ``wake()`` runs on this thread,
 so it must be short: it fails expired requests and, for an ``inline`` node, runs the
-batches that became due (microseconds each, by the definition of inline).  The alarm
+batches that became due (microseconds each, by the definition of inline), a few at a time
+(``node.COMBINE_LIMIT``) between other nodes' wake-ups.  The alarm
 holds nodes weakly: a model unloaded while a wake-up is pending is freed all the same.
 """
 from __future__ import annotations
@@ -56,7 +57,7 @@ class Alarm:
                 continue
             try:
                 sleeper.wake()
-            except Exception:  # a bug in one node must not stop every node's wake-ups
+            except BaseException:  # noqa: B036 - a bug (or a callback's sys.exit) in one node must not stop every node's wake-ups
                 log.exception("waking a node failed")
             del sleeper
 

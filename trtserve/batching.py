@@ -9,7 +9,9 @@ queue, its free instances and the time, and carries out what it returns.
 * A batch runs at once when it fills the instance's ``max`` (or the next request would not
   fit), when no more work is coming (the node is closing, or a held burst ended), when it is a lone request and nothing is running (no
   latency penalty at low load), or when waiting cannot help (``worth_waiting``).
-* A batch never goes below an instance's ``min``: such requests wait for more work.
+* A batch never goes below an instance's ``min``: such requests wait for more work.  At
+  shutdown none will come, so a draining node hands ``choose`` its slots with ``min``
+  waived (node.py ``close``).
 
 ``worth_waiting`` is the ``batching_timeout`` policy: a partial batch waits only while the
 observed arrivals say another request is likely to come inside the window, and sooner

@@ -34,7 +34,7 @@ class Completion:
                 finish, self._finish = self._finish, None
                 try:
                     finish()
-                except Exception as exc:  # reported to every waiter, not only the first
+                except BaseException as exc:  # noqa: B036 - raised below: to every waiter, not only the first
                     self._error = exc
         if self._error is not None:
             raise self._error

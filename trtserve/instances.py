@@ -53,6 +53,10 @@ class Instance:
         self.lo = self.hi = 1
         self.init_error: BaseException | None = None
 
+    def runs_here(self) -> bool:
+        """True on the thread now running this instance's work."""
+        raise NotImplementedError
+
     def _build(self) -> None:
         """Build and initialise the backend on the current thread; record a failure."""
         node = self.config
@@ -132,10 +136,13 @@ class InstanceThread(Instance):
         self.inbox.put(call)
         return call.future
 
+    def runs_here(self) -> bool:
+        return self.thread is threading.current_thread()
+
     def stop(self) -> None:
         """Finish the running batch, then end the thread (not waited for from itself)."""
         self.inbox.put(None)
-        if self.thread.is_alive() and self.thread is not threading.current_thread():
+        if self.thread.is_alive() and not self.runs_here():
             self.thread.join()
 
     def _run(self) -> None:
@@ -160,16 +167,20 @@ class InstanceThread(Instance):
         error, completion = self._forward(batch)
         self._finish_pending()  # the previous batch, launched before this one
         if completion is None:
-            self.owner.complete(batch, error, start)  # callers first, then new work
-            self.owner.release(self)
+            try:
+                self.owner.complete(batch, error, start)  # callers first, then new work
+            finally:  # whatever happens, the node must not think this instance busy for ever
+                self.owner.release(self)
             return
         self.pending = (batch, completion, start)
         # Free for the next batch: if one is waiting, it is launched before this one is
         # waited for; otherwise the node keeps this instance busy until its callers are woken,
         # so slow callers still slow the intake (max_queue_size keeps its meaning).
         if not self.owner.release(self, linger=True):
-            self._finish_pending()
-            self.owner.release(self)
+            try:
+                self._finish_pending()
+            finally:
+                self.owner.release(self)
 
     def _finish_pending(self) -> None:
         """Wait for the deferred batch, then count it and wake its callers."""
@@ -208,6 +219,9 @@ class InlineInstance(Instance):
         call = _Call(fn)
         call.run(self)
         return call.future
+
+    def runs_here(self) -> bool:
+        return self.running_on == threading.get_ident()
 
     def run(self, batch: list[Request]) -> None:
         """Run an assigned batch here; its end may assign this instance its next batch."""

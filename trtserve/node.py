@@ -18,13 +18,18 @@
   instance is busy.
 
 A request counts ``backend.request_size(item)`` toward ``max``; one larger than every
-instance's ``max`` is refused at submit with InvalidInputError, never split.  An exception
+instance's ``max``, or of size 0, is refused at submit with InvalidInputError (a split
+request, or an empty one, has no batch to run in); a size that is not an integer is the
+backend's bug, BackendError.  An exception
 in ``forward`` (any: ``SystemExit`` too) fails every request of its batch with
-BackendError; a request without ``result`` afterwards simply finishes without one.
+BackendError; a request without ``result`` afterwards simply finishes without one.  An
+exception in a caller's callback (any, again) is logged: the batch's other requests still
+finish and the instance keeps serving.
 """
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import time
 from collections import deque
@@ -37,6 +42,7 @@ from .batching import Slot, Wait, Window, averaged, choose, next_gap
 from .config import NodeConfig
 from .hold import current as current_burst
 from .errors import (
+    BackendError,
     DeadlineExceededError,
     InvalidArgumentError,
     InvalidInputError,
@@ -54,6 +60,8 @@ __all__ = ["Node"]
 log = logging.getLogger("trtserve.scheduler")
 # Inline batches one thread runs in a row before the alarm thread takes over the rest: a
 # caller whose own request is done is not kept running other callers' batches for long.
+# The alarm itself runs as many, then wakes itself again, so the other nodes it serves get
+# their wake-ups in between.
 COMBINE_LIMIT = 8
 
 
@@ -75,8 +83,9 @@ class Node:
         self._busy = 0  # how many are running
         self._queue: PriorityQueue[Request] = PriorityQueue(sched.priority_levels)
         self._queued_size = 0
-        self._timed = 0  # queued requests with a deadline: expiry scans run only when > 0
+        self._timed = 0  # queued requests that may expire: expiry scans run only when > 0
         self._closed = False
+        self._shut = threading.Event()  # set when the first close() returns
         self._window = sched.batching_timeout_s
         self._last_arrival = float("-inf")
         self._gap = self._window  # the usual time between arrivals (batching.next_gap)
@@ -116,13 +125,29 @@ class Node:
 
         With ``drain`` every queued request still runs first (a hot reload lets the old
         version finish what it accepted); without it, queued requests fail with
-        ShuttingDownError.
+        ShuttingDownError.  On a thread of the node's own (a callback closing its model) a
+        drain would wait for itself: there queued requests fail as without it.
+
+        A second call waits until the first has returned (it could free the model's code
+        under a running batch otherwise), except on a thread of the node's own.
         """
+        here = self._runs_here()  # waiting for the node would wait for this thread itself
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            drain = drain and not self._runs_here()  # (waiting for idle would wait for itself)
+            first, self._closed = not self._closed, True
+        if not first:
+            if not here:
+                self._shut.wait()
+            return
+        try:
+            self._close(drain and not here)
+        finally:
+            self._shut.set()
+
+    def _close(self, drain: bool) -> None:
+        """The first close: run (``drain``) or fail what is queued, then stop the instances."""
+        with self._lock:
+            # No more work is coming: a drain runs requests below an instance's min as they are.
+            self._slots = [slot._replace(lo=1) for slot in self._slots]
             expired = self._dispatch(time.monotonic(), flush=True) if drain else []  # partial batches are due now
             leftovers = [] if drain else self._clear()
         if drain:
@@ -136,10 +161,8 @@ class Node:
             self._finish(req, req.cancel_error if req.cancelled else error)
         if self.inline:
             self.run_due(limit=None)  # batches assigned but not yet picked up run now, here
-            me = threading.get_ident()
             with self._lock:  # batches running on other threads finish first (not this one's own)
-                self._idle.wait_for(
-                    lambda: all(not self._running[i.index] or i.running_on == me for i in self._instances))
+                self._idle.wait_for(lambda: all(not self._running[i.index] or i.runs_here() for i in self._instances))
         # A threaded instance finishes its running batch (and wakes its callers) before it
         # stops, so a draining pipeline's next node is closed only after that.
         for inst in self._instances:
@@ -147,9 +170,9 @@ class Node:
 
     def _clear(self) -> list[Request]:
         """Empty the queue; the requests to fail (cancelled ones only if given a reason)."""
-        leftovers = [r for r in self._queue.clear() if not r.cancelled or r.cancel_error is not None]
-        self._queued_size = self._timed = 0
-        return leftovers
+        removed = self._queue.clear()
+        self._unqueued(removed)
+        return [r for r in removed if not r.cancelled or r.cancel_error is not None]
 
     def on_each_instance(self, fn: Callable[[Any], Any]) -> list[Any]:
         """``fn(instance)`` on every instance's own thread, all at once; the results in
@@ -170,7 +193,13 @@ class Node:
 
     # -- requests in -------------------------------------------------------------------
     def submit(self, req: Request) -> None:
-        """Queue a request; raises at once (nothing queued) for bad input or a full queue."""
+        """Queue a request; raises at once (nothing queued) for bad input or a full queue.
+        A request cancelled already is never queued (it would count toward ``min``): it is
+        finished with its cancel error, if it was given one."""
+        if req.cancelled:
+            if req.cancel_error is not None:
+                self._finish(req, req.cancel_error)
+            return
         now = self._prepare(req)
         with self._lock:
             self._check_accepting()
@@ -180,8 +209,8 @@ class Node:
                 self._enqueue(req)  # dispatched when the burst ends (hold.py)
                 burst[self] = None
                 return
-            if (not self._queue and self._busy == 0 and not req.cancelled
-                    and (req.deadline is None or req.deadline > now) and self._start_lone(req, now)):
+            if (not self._queue and self._busy == 0
+                    and (req.expires is None or req.expires > now) and self._start_lone(req, now)):
                 expired = None
             else:
                 self._enqueue(req)
@@ -201,26 +230,53 @@ class Node:
             self.run_due()
 
     def _prepare(self, req: Request) -> float:
-        """Admit ``req`` (raises for bad input) and set its size, priority and deadline;
-        returns the time it arrived."""
-        req.size = self._admit(req.item, self.max_size > 1)
-        if req.size > self.max_size:
-            raise InvalidInputError(
-                f"node {self.name!r}: a request of size {req.size} exceeds the largest batch "
-                f"this node runs (max = {self.max_size}); send at most {self.max_size} rows per request",
-                node=self.name,
-                request_size=req.size,
-                max=self.max_size,
-            )
+        """Admit ``req`` (raises for bad input) and set its size, priority and ``expires``, its
+        deadline in this node's queue (the caller's ``deadline`` is left as it is, for the next
+        node); returns the time it arrived."""
+        size = self._admit(req.item, self.max_size > 1)
+        if type(size) is not int or not 0 < size <= self.max_size:
+            size = self._checked_size(size)
+        req.size = size
         sched = self.scheduling
         priority = req.priority
         req.priority = sched.default_priority if type(priority) is int and priority == 0 else self._priority(priority)
         now = time.monotonic()
         req.enqueued = now
+        req.expires = req.deadline
         if sched.queue_timeout_s:
             queue_deadline = now + sched.queue_timeout_s
-            req.deadline = queue_deadline if req.deadline is None else min(req.deadline, queue_deadline)
+            if req.deadline is None or queue_deadline < req.deadline:
+                req.expires = queue_deadline
         return now
+
+    def _checked_size(self, size: Any) -> int:
+        """``size`` from the backend's request_size as an int in ``[1, max]``, or the error:
+        a request of 0 rows fits no batch, and one past ``max`` is never split."""
+        try:
+            size = operator.index(size)  # an int, or an integer type such as numpy's
+        except TypeError:
+            raise BackendError(
+                f"node {self.name!r}: {self.config.expr}.request_size returned {size!r}; it must return "
+                "an int >= 1, the rows this request takes of the node's max",
+                node=self.name,
+                request_size=repr(size),
+            ) from None
+        if size < 1:
+            raise InvalidInputError(
+                f"node {self.name!r}: {self.config.expr}.request_size gives {size} for this request; a request "
+                "must take at least 1 row of a batch (an empty request has nothing to run)",
+                node=self.name,
+                request_size=size,
+            )
+        if size > self.max_size:
+            raise InvalidInputError(
+                f"node {self.name!r}: a request of size {size} exceeds the largest batch "
+                f"this node runs (max = {self.max_size}); send at most {self.max_size} rows per request",
+                node=self.name,
+                request_size=size,
+                max=self.max_size,
+            )
+        return size
 
     def _check_accepting(self) -> None:
         if self._closed:
@@ -242,9 +298,17 @@ class Node:
         self._queue.append(req)
         req.owner = self
         self._queued_size += req.size
-        if req.deadline is not None:
+        if req.expires is not None:
             self._timed += 1
-            self._arm(req.deadline)  # failed the moment its deadline passes, even if all are busy
+            self._arm(req.expires)  # failed the moment it expires, even if all are busy
+
+    def _unqueued(self, removed: list[Request]) -> None:
+        """The bookkeeping for requests just taken off the queue (run, withdrawn, expired or
+        cleared): the counts that follow the queue, and no owner to withdraw them from."""
+        for req in removed:
+            req.owner = None
+            self._queued_size -= req.size
+            self._timed -= req.expires is not None
 
     def withdraw(self, req: Request) -> None:
         """A queued request was cancelled: drop it; what remains may now be due."""
@@ -252,9 +316,7 @@ class Node:
             removed = self._queue.remove_if(lambda r: r is req)
             if not removed:
                 return  # already running, finished, or dropped
-            req.owner = None
-            self._queued_size -= req.size
-            self._timed -= req.deadline is not None
+            self._unqueued(removed)
             expired = self._dispatch(time.monotonic())
         if req.cancel_error is not None:
             expired.insert(0, req)  # _fail_expired finishes it with its reason
@@ -271,9 +333,9 @@ class Node:
             self._wake_at = None
             expired = self._dispatch(now)
             if self._timed:
-                self._arm(min(r.deadline for r in self._queue if r.deadline is not None))
+                self._arm(min(r.expires for r in self._queue if r.expires is not None))
         self._fail_expired(expired)
-        self.run_due(limit=None)
+        self.run_due()  # COMBINE_LIMIT here too: the alarm is shared; past it, run_due re-arms
 
     def _arm(self, when: float) -> None:
         if self._wake_at is None or when < self._wake_at:
@@ -300,10 +362,7 @@ class Node:
                 self._arm(decision.until)
                 break
             popped = [self._queue.popleft() for _ in range(decision.requests)]
-            self._queued_size -= decision.size
-            self._timed -= sum(r.deadline is not None for r in popped)
-            for req in popped:
-                req.owner = None
+            self._unqueued(popped)
             # Cancelled requests (their caller went away) are dropped here, unrun.
             batch = [r for r in popped if not r.cancelled]
             expired += [r for r in popped if r.cancelled and r.cancel_error is not None]
@@ -333,9 +392,8 @@ class Node:
     def _drop_expired(self, now: float) -> list[Request]:
         if not self._timed:
             return []
-        removed = self._queue.remove_if(lambda r: r.deadline is not None and r.deadline <= now)
-        self._queued_size -= sum(r.size for r in removed)
-        self._timed -= len(removed)
+        removed = self._queue.remove_if(lambda r: r.expires is not None and r.expires <= now)
+        self._unqueued(removed)
         return [r for r in removed if not r.cancelled or r.cancel_error is not None]
 
     def run_due(self, limit: int | None = COMBINE_LIMIT) -> None:
@@ -359,10 +417,9 @@ class Node:
                 inst.run(batch)
 
     def _runs_here(self) -> bool:
-        """True on a thread now running one of this node's inline batches (waiting for the
-        node to go idle would wait for itself)."""
-        me = threading.get_ident()
-        return self.inline and any(inst.running_on == me for inst in self._instances)
+        """True on a thread of this node's own: an instance's thread, or one now running an
+        inline batch (a callback closing its model); waiting for the node would wait for itself."""
+        return any(inst.runs_here() for inst in self._instances)
 
     # -- what instances report (instances.Owner) ----------------------------------------
     def complete(self, batch: list[Request], error: TrtserveError | None, start_ns: int) -> None:
@@ -402,19 +459,33 @@ class Node:
             if req.cancelled:
                 self._finish(req, req.cancel_error)
                 continue
-            self._finish(
-                req,
-                DeadlineExceededError(
-                    f"node {self.name!r}: request waited {(time.monotonic() - req.enqueued) * 1e3:.1f} ms "
-                    "in the queue and its deadline passed before it could run",
-                    node=self.name,
-                ),
+            self._finish(req, self._expired_error(req))
+
+    def _expired_error(self, req: Request) -> DeadlineExceededError:
+        """Which limit expired (this node's queue_timeout or the request's own timeout), and
+        what to do about it."""
+        waited = f"request waited {(time.monotonic() - req.enqueued) * 1e3:.1f} ms in the queue"
+        relief = "add instances (instance_num) or reduce the load"
+        if req.expires != req.deadline:  # this node's queue_timeout came first
+            limit_ms = self.scheduling.queue_timeout_s * 1e3
+            return DeadlineExceededError(
+                f"node {self.name!r}: {waited} and its queue_timeout = {limit_ms:g} ms expired before it "
+                f"could run; raise queue_timeout, {relief}",
+                node=self.name,
+                limit="queue_timeout",
+                queue_timeout_ms=limit_ms,
             )
+        return DeadlineExceededError(
+            f"node {self.name!r}: {waited} and the request's own timeout expired before it could run; "
+            f"give the request a longer timeout, {relief}",
+            node=self.name,
+            limit="request timeout",
+        )
 
     def _finish(self, req: Request, error: TrtserveError | None) -> None:
         try:
             req.on_done(req, error)
-        except Exception:  # a broken callback must not kill the instance thread
+        except BaseException:  # noqa: B036 - a broken callback (sys.exit too) must not stop the batch's other callers or the thread
             log.exception("request callback failed")
 
     def _priority(self, priority: int) -> int:

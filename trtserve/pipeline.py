@@ -12,7 +12,8 @@ backends added (``color``, say).  Outputs declared with ``source`` are renamed t
 At start the pipeline checks that it fits together (signature.py): declared tensors
 against the model files, each stage's results against the next stage's inputs.  A
 request a later node still refuses fails with BackendError naming both nodes: what it
-sent was made by a stage, not by the client.
+sent was made by a stage, not by the client.  So does one whose admission at a later
+node raises any other exception (a bug in its validate): the request is never lost.
 """
 from __future__ import annotations
 
@@ -124,6 +125,8 @@ class Pipeline:
             self._finish(req, self._misfit(position, exc))
         except TrtserveError as exc:
             self._finish(req, exc)
+        except Exception as exc:  # a bug in the next stage's validate or request_size: still finished
+            self._finish(req, self._crashed(position, exc))
 
     def _misfit(self, position: int, exc: InvalidInputError) -> BackendError:
         before, node = self.nodes[position - 1], self.nodes[position]
@@ -133,6 +136,17 @@ class Pipeline:
             f"{before.name!r} produce what {node.name!r} takes (docs/configuration.md, \"Stages that fit\")",
             node=node.name,
             producer=before.name,
+        )
+
+    def _crashed(self, position: int, exc: Exception) -> BackendError:
+        before, node = self.nodes[position - 1], self.nodes[position]
+        return BackendError(
+            f"{label(node)} failed to admit what {label(before)} produced for this request: "
+            f"{type(exc).__name__}: {exc} (its validate or request_size raised this; a refusal "
+            "is trtserve.InvalidInputError)",
+            node=node.name,
+            producer=before.name,
+            exception=type(exc).__name__,
         )
 
     def _finish(self, req: _Flow, error: TrtserveError | None) -> None:

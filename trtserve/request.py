@@ -1,4 +1,4 @@
-"""A request travelling through a node: its item, callback, deadline and timings."""
+"""A request travelling through a node: its item, callback, deadlines and timings."""
 from __future__ import annotations
 
 from typing import Any, Protocol
@@ -17,10 +17,17 @@ class Holder(Protocol):
 
 
 class Request:
-    """One item travelling through a node; ``on_done`` is called exactly once."""
+    """One item travelling through a node.  ``on_done`` is called at most once: exactly once,
+    unless ``cancel()`` without an error drops the request unrun (its caller went away).
+
+    ``deadline`` is the caller's, for the whole pipeline; ``expires`` is when it must leave
+    the queue of the node holding it, the earlier of ``deadline`` and that node's
+    ``queue_timeout`` (the node sets it at each submit, so one node's limit never applies
+    at the next).
+    """
 
     __slots__ = (
-        "item", "size", "on_done", "enqueued", "deadline", "_cancelled", "cancel_error", "queue_ns", "compute_ns",
+        "item", "size", "on_done", "enqueued", "deadline", "expires", "_cancelled", "cancel_error", "queue_ns", "compute_ns",
         "context", "priority", "owner",
     )
 
@@ -37,7 +44,8 @@ class Request:
         self.size = 1
         self.on_done = on_done
         self.enqueued = 0.0
-        self.deadline = deadline  # time.monotonic() value, or None
+        self.deadline = deadline  # the caller's: a time.monotonic() value, or None
+        self.expires = deadline  # the node's queue deadline (Node.submit sets it)
         self._cancelled = False
         self.cancel_error: TrtserveError | None = None  # why the caller gave up, when it said
         self.owner: Holder | None = None  # the node whose queue holds it, while queued
@@ -50,9 +58,11 @@ class Request:
         return self._cancelled
 
     def cancel(self, error: TrtserveError | None = None) -> None:
-        """The caller gave up: a request still queued is dropped unrun at once.  With ``error``
-        a dropped request is also finished with it, so the pipeline counts the failure in its
-        statistics (the caller, who gave up, ignores the late callback)."""
+        """The caller gave up: a request still queued (or not yet queued) is dropped unrun.
+        Without ``error`` a dropped request is never finished: ``on_done`` is not called.  With
+        ``error`` it is finished with it, so the pipeline counts the failure in its statistics
+        (the caller, who gave up, ignores the late callback).  A request already running
+        finishes as usual."""
         if self._cancelled:
             return
         self.cancel_error = error  # first: whoever sees _cancelled set also sees the reason

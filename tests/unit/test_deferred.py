@@ -168,6 +168,17 @@ def test_completion_wait_runs_finish_once_and_repeats_its_outcome():
     assert calls == [1]
 
 
+def test_completion_repeats_a_base_exception_to_every_waiter():
+    """A SystemExit from finish is the batch's outcome too: a later wait() must not read as success."""
+    def finish():
+        raise SystemExit("device lost")
+
+    completion = Completion(finish)
+    for _ in range(2):
+        with pytest.raises(SystemExit, match="device lost"):
+            completion.wait()
+
+
 @pytest.mark.parametrize("backend", ["S[Identity,SyncTensor]", "S[SyncTensor[Identity],Identity]"])
 def test_sync_tensor_overlap_needs_the_wrapper_form_as_the_whole_node(backend):
     """A config error on any machine: the check runs before SyncTensor looks for a GPU."""

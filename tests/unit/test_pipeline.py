@@ -154,6 +154,57 @@ def test_error_in_a_later_node_reaches_the_caller():
     assert stats["failure_by_reason"] == {"BACKEND_ERROR": 1}
 
 
+class Nap(trtserve.Backend):
+    """Echoes data after sleeping data['sleep'] seconds."""
+
+    def forward(self, items):
+        time.sleep(items[0]["data"]["sleep"])
+        for item in items:
+            item["result"] = item["data"]
+
+
+class BuggyValidate(trtserve.Backend):
+    """A later stage whose validate has a bug: a plain exception, not InvalidInputError."""
+
+    def validate(self, item):
+        if item["data"] == "bad":
+            raise KeyError("shape")
+
+    def forward(self, items):
+        for item in items:
+            item["result"] = item["data"]
+
+
+trtserve.register("Nap", Nap)
+trtserve.register("BuggyValidate", BuggyValidate)
+
+
+def test_a_nodes_queue_timeout_does_not_apply_at_the_next_node():
+    """queue_timeout limits the wait in its own node's queue.  The request never waits in any
+    queue here (every node idle); the first node's 50 ms limit must not fail it at the second
+    after a 200 ms first stage."""
+    config = {"first": {"backend": "Nap", "queue_timeout": 50, "next": "second"}, "second": {"backend": "Identity"}}
+    with trtserve.pipe(config) as models:
+        item = {"data": {"sleep": 0.2}}
+        models(item)
+        assert item["result"] == {"sleep": 0.2}
+
+
+def test_a_plain_exception_admitting_at_a_later_node_fails_the_request_naming_both_nodes():
+    """At the entry node the exception reaches the caller of submit; at a later node the
+    request must still finish (BackendError naming the producer and the refusing node)."""
+    config = {"first": {"backend": "Identity", "next": "second"}, "second": {"backend": "BuggyValidate"}}
+    with trtserve.pipe(config) as models:
+        done = threading.Event()
+        errors = []
+        models.pipeline.submit({"data": "bad"}, lambda item, error: (errors.append(error), done.set()))
+        assert done.wait(10), "the request was lost: its callback never ran"
+        (error,) = errors
+        assert isinstance(error, BackendError)
+        assert "'second'" in error.message and "'first'" in error.message and "KeyError" in error.message
+        assert error.details["producer"] == "first"
+
+
 def test_init_failure_is_a_typed_load_error():
     class BadInit(trtserve.Backend):
         def init(self, context):

@@ -19,6 +19,7 @@ from trtserve.errors import (
     QueueFullError,
     ShuttingDownError,
 )
+from trtserve.request import Request
 
 FOREVER_MS = 60_000
 
@@ -136,6 +137,43 @@ def test_request_larger_than_max_is_refused_at_submit(make_pipe, probe):
     assert item["result"].shape == (4, 2) and probe.sizes() == [1]
 
 
+class CountsRows(trtserve.Backend):
+    """A custom request_size: data['rows'] as given (0 for an empty request, or a bug's value)."""
+
+    def request_size(self, item):
+        return item["data"]["rows"]
+
+    def forward(self, items):
+        for item in items:
+            item["result"] = item["data"]
+
+
+trtserve.register("CountsRows", CountsRows)
+
+
+def test_a_request_of_size_zero_is_refused_at_submit_naming_request_size():
+    """An empty request fits no batch: queued, it would wait for ever."""
+    with trtserve.pipe({"backend": "CountsRows", "max": 4}) as models:
+        with pytest.raises(InvalidInputError, match=r"CountsRows\.request_size gives 0") as info:
+            models.pipeline.submit({"data": {"rows": 0}}, lambda item, error: None)
+        assert info.value.details["request_size"] == 0
+        assert models.pipeline.nodes[0].queue_depth() == 0
+
+
+@pytest.mark.parametrize("rows", [2.0, "2", None])
+def test_a_request_size_that_is_not_an_integer_is_the_backends_error(rows):
+    with trtserve.pipe({"backend": "CountsRows", "max": 4}) as models:
+        with pytest.raises(BackendError, match=r"CountsRows\.request_size returned .*it must return an int >= 1"):
+            models({"data": {"rows": rows}})
+
+
+def test_a_numpy_integer_request_size_counts_as_an_int():
+    with trtserve.pipe({"backend": "CountsRows", "max": 4}) as models:
+        item = {"data": {"rows": np.int64(3)}}
+        models(item)
+        assert item["result"] == {"rows": 3}
+
+
 def test_an_exception_fails_every_item_of_its_batch_and_the_node_goes_on(make_pipe, probe, collector):
     models = make_pipe(max=4, batching_timeout=FOREVER_MS)
     probe.gate.clear()
@@ -152,6 +190,20 @@ def test_an_exception_fails_every_item_of_its_batch_and_the_node_goes_on(make_pi
     item = {"data": "after"}
     models(item)
     assert item["result"] == "after"
+
+
+def test_a_callback_raising_system_exit_does_not_stop_the_instance(make_pipe, probe, collector):
+    """The callback's SystemExit is logged; the instance is released and serves the next request."""
+    models = make_pipe(max=1)
+
+    def exits(item, error):
+        raise SystemExit("a callback called sys.exit")
+
+    models.pipeline.submit({"data": "A"}, exits)
+    submit(models, collector, 1, "B")
+    collector.wait(1)
+    assert collector.done[1] == ({"data": "B", "result": "B"}, None)
+    assert models.pipeline.nodes[0].busy_instances() == 0
 
 
 def test_missing_result_fails_only_that_item(make_pipe, probe):
@@ -324,6 +376,33 @@ def test_queue_timeout_fires_while_the_instance_is_still_busy(make_pipe, probe, 
     assert probe.sizes() == [1]
 
 
+def test_deadline_exceeded_names_the_queue_timeout_that_expired(make_pipe, probe, collector):
+    models = make_pipe(max=1, queue_timeout=50)
+    probe.gate.clear()
+    submit(models, collector, 0, "running")
+    probe.wait_entered()
+    submit(models, collector, 1, "waits too long", deadline=time.monotonic() + 60)
+    collector.wait(1, timeout=10)
+    error = collector.done[1][1]
+    assert isinstance(error, DeadlineExceededError)
+    assert "queue_timeout = 50 ms expired" in error.message and "raise queue_timeout" in error.message
+    assert "add instances" in error.message and "reduce the load" in error.message
+    assert error.details["limit"] == "queue_timeout" and error.details["queue_timeout_ms"] == 50
+
+
+def test_deadline_exceeded_names_the_requests_own_timeout(make_pipe, probe, collector):
+    models = make_pipe(max=1, queue_timeout=60_000)
+    probe.gate.clear()
+    submit(models, collector, 0, "running")
+    probe.wait_entered()
+    submit(models, collector, 1, "waits too long", deadline=time.monotonic() + 0.05)
+    collector.wait(1, timeout=10)
+    error = collector.done[1][1]
+    assert isinstance(error, DeadlineExceededError)
+    assert "the request's own timeout expired" in error.message and "longer timeout" in error.message
+    assert error.details["limit"] == "request timeout"
+
+
 def test_cancelled_requests_are_dropped_unrun(make_pipe, probe, collector):
     models = make_pipe(max=4, batching_timeout=FOREVER_MS)
     probe.gate.clear()
@@ -356,6 +435,33 @@ def test_a_request_cancelled_with_a_reason_is_finished_with_it_and_counted(make_
     assert stats["success_count"] == 1 and stats["failure_by_reason"] == {"DEADLINE_EXCEEDED": 1}
     dropped.cancel(reason)  # cancelling again, or after the end, finishes nothing twice
     assert models.pipeline.stats.snapshot()["failure_count"] == 1
+
+
+def test_a_request_cancelled_before_it_is_queued_never_counts_toward_min(make_pipe, probe, collector):
+    """A cancel that runs before the node queues the request (between two nodes) has no node
+    to withdraw it from; the node must not queue it, or it would count toward min and its
+    batch run below min once it is dropped."""
+    models = make_pipe(min=2, max=2)
+    node = models.pipeline.nodes[0]
+    gone = Request({"data": "gone"}, collector.callback(0))
+    gone.cancel()
+    node.submit(gone)
+    node.submit(Request({"data": "kept"}, collector.callback(1)))
+    assert node.queue_depth() == 1 and probe.sizes() == []  # "kept" waits for a second request
+    node.submit(Request({"data": "pair"}, collector.callback(2)))
+    collector.wait(1, 2)
+    assert [batch for _, batch in probe.batches] == [["kept", "pair"]]
+    assert 0 not in collector.done  # cancelled without a reason: never finished
+
+
+def test_a_request_cancelled_with_a_reason_before_it_is_queued_is_finished_with_it(make_pipe, probe, collector):
+    models = make_pipe(max=1)
+    gone = Request({"data": "gone"}, collector.callback(0))
+    reason = DeadlineExceededError("the caller's own deadline passed")
+    gone.cancel(reason)
+    models.pipeline.nodes[0].submit(gone)
+    collector.wait(0)
+    assert collector.done[0][1] is reason and probe.batches == []
 
 
 def test_close_fails_queued_requests_and_refuses_new_ones(probe, collector):
