@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidInputError
-from .frames import LAYOUT, OutOfBand
+from .frames import INLINE_LIMIT, LAYOUT, OutOfBand
 
 PROTOCOL_VERSION = LAYOUT
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024  # 64 MiB: a 4K RGB float32 image fits with room to spare
@@ -66,17 +66,19 @@ SHM = "shm"
 
 
 def encode_tensor(array: np.ndarray) -> dict[str, Any]:
-    """A numpy array as a wire tensor.  C-contiguous little-endian arrays are not copied: the
-    frame refers to their memory, so it must not change until the frame is written."""
+    """A numpy array as a wire tensor.  C-contiguous little-endian arrays of INLINE_LIMIT
+    bytes or more are not copied: the frame refers to their memory, so it must not change
+    until the frame is written.  Smaller ones travel inside the map (frames.py), so their
+    bytes are taken here, in one call, instead of by the packer's hook."""
     if type(array) is not np.ndarray:
         array = np.asarray(array)
     name = _WIRE_NAMES.get(array.dtype) or dtype_name(array.dtype)
     if array.dtype.byteorder == ">" or not array.flags.c_contiguous:
         # astype, not ascontiguousarray: the latter turns a 0-d array into shape (1,).
         array = array.astype(_NUMPY_DTYPES[name], order="C")
-    # memoryview.cast refuses shapes with a zero in them, and an empty tensor has no bytes.
-    data = OutOfBand(array.data.cast("B")) if array.size else b""
-    return {"dtype": name, "shape": list(array.shape), "data": data}
+    if array.nbytes < INLINE_LIMIT:
+        return {"dtype": name, "shape": list(array.shape), "data": array.tobytes()}
+    return {"dtype": name, "shape": list(array.shape), "data": OutOfBand(array.data.cast("B"))}
 
 
 def dtype_name(dtype: Any) -> str:

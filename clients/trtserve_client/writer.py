@@ -10,13 +10,15 @@ less than an I/O vector each); large ones are handed to the transport as they ar
 writes them with ``writev`` or keeps a reference until it can, never a copy.  Server and
 client both use this; it is the one place the policy lives.
 
-Large writes leave the GIL free.  uvloop's transports write with the GIL held, so a
-thread that sends a 600 KB answer stops every other thread of the process (the server's
-other I/O loops, the models' instance threads) for the whole kernel copy.  A write of at
-least ``DIRECT_FROM`` bytes, when nothing is queued in the transport (so order is kept),
-goes out through ``os.writev`` on the socket, which releases the GIL; whatever the kernel
-did not take then goes to the transport, which sends it when the socket drains.  Plain
-TCP and Unix sockets only: a TLS transport encrypts what it writes.
+Writes leave the GIL free.  uvloop's transports write with the GIL held, and a send wakes
+the peer: on a busy host the kernel may switch to it right then, and a loop thread switched
+out while it holds the GIL stops every other thread of the process (the server's other I/O
+loops, the models' instance threads) until it runs again; with a model computing, that
+costs the model far more than the write.  So when nothing is queued in the transport (order
+is kept) a write goes out through ``os.writev`` on the socket, which releases the GIL around
+the system call, large or small; whatever the kernel did not take then goes to the
+transport, which sends it when the socket drains.  Plain TCP and Unix sockets only: a TLS
+transport encrypts what it writes.
 """
 from __future__ import annotations
 
@@ -26,8 +28,6 @@ from typing import Any
 
 #: Pieces below this size are joined with their neighbours before writing.
 JOIN_BELOW = 16 * 1024
-#: Writes of at least this many bytes go through os.writev (GIL released) when they can.
-DIRECT_FROM = 64 * 1024
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
 
 
@@ -61,7 +61,7 @@ class CoalescingWriter:
             return
         if len(parts) > 1:
             parts = gather(parts)
-        if self._fd >= 0 and sum(map(len, parts)) >= DIRECT_FROM and not transport.get_write_buffer_size():
+        if self._fd >= 0 and not transport.get_write_buffer_size():
             parts = _write_direct(self._fd, parts)
             if not parts:
                 return

@@ -1,5 +1,6 @@
 """Shared-memory pieces that need no server: the CUDA IPC handle's bytes, references on the
-client side, and that a CPU-only server path never imports cuda-python."""
+client side, a referenced input as the server hands it to a model (a read-only view of the
+mapping, never a copy), and that a CPU-only server path never imports cuda-python."""
 from __future__ import annotations
 
 import subprocess
@@ -42,6 +43,32 @@ def test_region_references_are_checked_before_sending_and_pass_through_the_encod
         np.testing.assert_array_equal(outputs["inline"], [5])
     finally:
         region.close()
+
+
+def test_a_referenced_input_is_a_read_only_view_of_the_mapping_not_a_copy():
+    from trtserve.server.shm import RegionTable, ShmLimits, SystemRegion
+    from trtserve.server.shm_io import ShmRequest
+
+    client = SystemSharedMemory("c", 4096)
+    try:
+        table = RegionTable(ShmLimits())
+        table.add(SystemRegion("r", client.key, 0, 4096))
+        ref = client.write(np.arange(6, dtype=np.float32).reshape(2, 3), offset=256)
+        use = ShmRequest(table)
+        values = [use.input({**ref, "shm": {**ref["shm"], "region": "r"}}, "inputs['x']") for _ in range(2)]
+        assert [r.in_use for r in table.regions.values()] == [1]  # one lease per request, not per reference
+        for value in values:
+            assert type(value) is np.ndarray and value.shape == (2, 3) and value.dtype == np.float32
+            assert not value.flags.writeable and value.flags.c_contiguous
+        client.ndarray((2, 3), np.float32, offset=256)[1, 2] = 42.0  # the client writes after the view was made
+        assert values[0][1, 2] == 42.0 and values[1][1, 2] == 42.0  # the server's view sees it: no copy
+        with pytest.raises(ValueError):
+            values[0][0, 0] = 1.0
+        use.release()
+        assert [r.in_use for r in table.regions.values()] == [0]
+        table.close()
+    finally:
+        client.close()
 
 
 def test_the_server_path_does_not_import_cuda_python():

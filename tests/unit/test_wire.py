@@ -62,11 +62,17 @@ def test_wire_dtype_names_are_numpy_names():
         assert wire.encode_tensor(np.zeros(1, dtype))["dtype"] == dtype.name
 
 
+def data_bytes(encoded: dict) -> bytes:
+    """An encoded tensor's bytes: in the map (small) or out of band."""
+    data = encoded["data"]
+    return bytes(data.view) if isinstance(data, frames.OutOfBand) else data
+
+
 def test_tensor_bytes_are_little_endian_c_order():
     array = np.array([[1, 2], [3, 256]], dtype=np.uint16)
     encoded = wire.encode_tensor(array)
     assert encoded["shape"] == [2, 2]
-    assert bytes(encoded["data"].view) == b"\x01\x00\x02\x00\x03\x00\x00\x01"
+    assert data_bytes(encoded) == b"\x01\x00\x02\x00\x03\x00\x00\x01"
 
 
 def test_decode_is_a_zero_copy_read_only_view_of_the_received_frame():
@@ -85,10 +91,18 @@ def test_small_data_travels_inline_and_decodes_the_same():
 
 
 def test_encode_does_not_copy_a_c_contiguous_little_endian_array():
-    array = np.arange(64, dtype="<f8").reshape(8, 8)
+    array = np.arange(frames.INLINE_LIMIT // 8, dtype="<f8")
     data = wire.encode_tensor(array)["data"]
     assert isinstance(data, frames.OutOfBand)
     assert np.shares_memory(np.frombuffer(data.view, np.uint8), array)
+
+
+def test_a_tensor_under_the_inline_limit_is_encoded_as_its_bytes_and_framed_the_same():
+    array = np.arange(frames.INLINE_LIMIT // 8 - 1, dtype="<f8")
+    encoded = wire.encode_tensor(array)
+    assert type(encoded["data"]) is bytes and encoded["data"] == array.tobytes()  # the map carries it as bin
+    by_reference = dict(encoded, data=frames.OutOfBand(array.data.cast("B")))  # what the packer's hook inlines
+    assert frames.pack({"t": encoded}) == frames.pack({"t": by_reference})
 
 
 @pytest.mark.parametrize("dtype", [">u2", ">i4", ">f4", ">f8", ">i8", ">f2"])
@@ -97,7 +111,7 @@ def test_big_endian_input_travels_little_endian(dtype):
     encoded = wire.encode_tensor(array)
     little = array.astype(np.dtype(dtype).newbyteorder("<"))
     assert encoded["dtype"] == little.dtype.name
-    assert bytes(encoded["data"].view) == little.tobytes()
+    assert data_bytes(encoded) == little.tobytes()
     np.testing.assert_array_equal(tensor_roundtrip(array), array)
 
 
@@ -115,7 +129,7 @@ def test_big_endian_input_travels_little_endian(dtype):
 def test_non_contiguous_input_travels_in_c_order(make):
     view = make(np.arange(24, dtype=np.int32).reshape(4, 6))
     encoded = wire.encode_tensor(view)
-    assert bytes(encoded["data"].view) == np.ascontiguousarray(view).tobytes()
+    assert data_bytes(encoded) == np.ascontiguousarray(view).tobytes()
     np.testing.assert_array_equal(tensor_roundtrip(view), view)
 
 

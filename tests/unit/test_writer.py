@@ -1,5 +1,6 @@
-"""CoalescingWriter on real sockets: large writes go out through os.writev (GIL released)
-as far as the socket takes them and the rest through the transport, in order, whole."""
+"""CoalescingWriter on real sockets: a write while nothing is queued goes out through
+os.writev (GIL released) as far as the socket takes it and the rest through the transport,
+in order, whole; small writes too."""
 from __future__ import annotations
 
 import asyncio
@@ -56,3 +57,20 @@ def test_large_frames_arrive_whole_and_in_order(loop_factory, monkeypatch):
     assert received == expected
     assert len(direct) == 1, "only the first large frame, written while nothing was queued, goes direct"
     assert queued[0] > 0, "what the socket did not take went to the transport"
+
+
+@pytest.mark.parametrize("loop_factory", [uvloop.new_event_loop, asyncio.new_event_loop], ids=["uvloop", "asyncio"])
+def test_small_frames_go_out_directly_while_nothing_is_queued(loop_factory, monkeypatch):
+    direct = []
+    real = writer_module._write_direct
+    monkeypatch.setattr(writer_module, "_write_direct", lambda fd, parts: direct.append(len(parts)) or real(fd, parts))
+    frames = [[b"head", b"x" * 100], [b"h2", b"y" * 10, b"z" * 20]]
+    expected = b"".join(p for parts in frames for p in parts)
+    loop = loop_factory()
+    try:
+        received, queued = loop.run_until_complete(_write_then_read(frames, len(expected)))
+    finally:
+        loop.close()
+    assert received == expected
+    assert direct == [1, 1], "each frame, its small pieces joined, left through os.writev"
+    assert queued == [0, 0], "the socket took all of it: nothing went to the transport"

@@ -19,7 +19,6 @@ Every refusal names the region, the problem and the fix, and carries ``details.r
 """
 from __future__ import annotations
 
-import math
 import mmap
 import os
 import re
@@ -133,6 +132,7 @@ class SystemRegion(Region):
             os.close(fd)
         # Views of this memoryview keep the mapping alive; it is unmapped with the last of them.
         self._view = memoryview(mapping)[self._skip : self._skip + byte_size]
+        self._readonly = self._view.toreadonly()  # what input tensors are made from
 
     def _open(self) -> int:
         try:
@@ -180,8 +180,7 @@ class SystemRegion(Region):
         self._checked = now
 
     def tensor(self, offset: int, shape: list[int], dtype: np.dtype) -> np.ndarray:
-        count = math.prod(shape)
-        return np.frombuffer(self._view.toreadonly(), dtype, count, offset).reshape(shape)
+        return np.ndarray(shape, dtype, self._readonly, offset)  # read-only, as its buffer is
 
     def raw(self, offset: int, byte_size: int, where: str) -> bytes:
         return self._view[offset : offset + byte_size].tobytes()

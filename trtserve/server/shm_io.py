@@ -62,7 +62,7 @@ class ShmRequest:
                 "register it with shm_register on this connection first", "unknown_region", where=where,
                 region=name)
         region = self.table.get(name, where, cls)
-        if not any(held is region for held in self.leases):  # in_use counts requests, not references
+        if region not in self.leases:  # in_use counts requests, not references (regions compare by identity)
             self.table.acquire(region)
             self.leases.append(region)
         return region
