@@ -8,7 +8,7 @@ import pytest
 from trtserve_client.frames import ALIGN, HEAD, HEAD_SIZE, OutOfBand, decode_frame, frame_parts, pack, pack_v1
 from trtserve_client.wire import decode_value, encode_tensors, encode_value
 
-from trtserve.scaleout.relay_frames import answer_id, is_error, request_parts, with_id
+from trtserve.scaleout.relay_frames import read_answer, request_parts, with_id
 
 IDS = [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1]
 SMALL = np.arange(16, dtype=np.float32).reshape(1, 16)  # travels inside the map
@@ -54,9 +54,8 @@ def test_a_resent_request_carries_the_time_left():
 def test_an_answer_gets_the_client_id_and_keeps_every_other_byte(old, new, data):
     answer = {"id": old, "result": {"model": "m", "version": 1, "outputs": {"y": encode_value(data)}}}
     frame = memoryview(pack(answer))
-    found = answer_id(frame)
-    assert found is not None and found[0] == old
-    assert not is_error(frame, found[1])
+    found = read_answer(frame)
+    assert found is not None and found[0] == old and found[2] is False
     relayed = b"".join(with_id(frame, found[1], new))
     assert HEAD.unpack_from(relayed, 0)[0] == len(relayed) - 4
     decoded = decode_frame(memoryview(relayed))
@@ -65,14 +64,14 @@ def test_an_answer_gets_the_client_id_and_keeps_every_other_byte(old, new, data)
     np.testing.assert_array_equal(decode_value(decoded["result"]["outputs"]["y"], "y"), data)
     # The buffer region is the answer's own bytes, at a 64-byte boundary again.
     assert relayed[region_start(relayed):] == bytes(frame[region_start(bytes(frame)):])
-    assert answer_id(memoryview(relayed))[0] == new
+    assert read_answer(memoryview(relayed))[:1] == (new,)
 
 
 def test_an_error_answer_is_recognised_and_relayed_whole():
     error = {"code": 3, "name": "INVALID_INPUT", "message": "bad x", "details": {"input": "x"}}
     frame = memoryview(pack({"id": 300, "error": error}))
-    found = answer_id(frame)
-    assert found is not None and found[0] == 300 and is_error(frame, found[1])
+    found = read_answer(frame)
+    assert found is not None and found[0] == 300 and found[2] is True
     assert decode_frame(memoryview(b"".join(with_id(frame, found[1], 5)))) == {"id": 5, "error": error}
 
 
@@ -85,9 +84,10 @@ def test_an_error_answer_is_recognised_and_relayed_whole():
     b"\x00\x00\x00\x08\xc1\x03\x00\x00\x00\x00\x00\x00",  # layout 3
 ], ids=["nil-id", "id-not-first", "negative", "empty", "v1", "layout-3"])
 def test_what_is_not_an_id_first_answer_has_no_id(frame):
-    assert answer_id(memoryview(frame)) is None
+    assert read_answer(memoryview(frame)) is None
 
 
 def test_frame_parts_writes_answers_id_first_as_servers_do():
     # server/protocol.py builds {"id": ..., "result" | "error": ...}; the relay reads that id.
-    assert answer_id(memoryview(b"".join(frame_parts({"id": 9, "result": {"outputs": {}}})))) == (9, 17)
+    assert read_answer(memoryview(b"".join(frame_parts({"id": 9, "result": {"outputs": {}}})))) == (9, 17, False)
+    assert read_answer(memoryview(pack({"id": 2**64 - 1, "error": {}})))[1:] == (25, True)

@@ -45,7 +45,7 @@ from ..errors import (
 from ..server.reply import Framed, Reply
 from ..stats import ModelStats
 from .link import ReplicaLink
-from .relay_frames import is_error, request_parts, with_id
+from .relay_frames import request_parts, with_id
 
 log = logging.getLogger("trtserve.scaleout")
 
@@ -84,15 +84,15 @@ class RelayCall(Reply):
         timeout_ms = None if left is None or self.attempts <= 1 else max(left, 1e-3) * 1000.0
         return request_parts(self.message, request_id, timeout_ms)
 
-    def answered(self, frame: memoryview, id_end: int) -> None:
+    def answered(self, frame: memoryview, id_end: int, error: bool) -> None:
         link, self.link = self.link, None
         reason = None
-        if is_error(frame, id_end):
-            error = _error_of(frame)
-            if isinstance(error, RETRIABLE):  # a draining replica: nothing ran there
-                self.forwarder.resend(self, link, error)
+        if error:
+            refusal = _error_of(frame)
+            if isinstance(refusal, RETRIABLE):  # a draining replica: nothing ran there
+                self.forwarder.resend(self, link, refusal)
                 return
-            reason = error.name
+            reason = refusal.name
         self.finish(Framed(with_id(frame, id_end, self.message["id"])), reason)
 
     def failed(self, error: TrtserveError) -> None:
@@ -107,9 +107,10 @@ class RelayCall(Reply):
         if self.timer is not None:
             self.timer.cancel()
         self.forwarder.ended()
-        self.stats.record(0, int((time.perf_counter() - self.started) * 1e9), reason)
+        seconds = time.perf_counter() - self.started
+        self.stats.record(0, int(seconds * 1e9), reason)
         if self.meter is not None:
-            self.meter.done(reason, time.perf_counter() - self.started)
+            self.meter.done(reason, seconds)
         if isinstance(answer, Framed):
             self.set_result(answer)
         else:
@@ -179,7 +180,7 @@ class _Replica:
 class _LoopReplicas:
     """One loop's replicas, for one list of addresses (replaced when the list changes)."""
 
-    __slots__ = ("addresses", "replicas", "turn")
+    __slots__ = ("addresses", "replicas", "only", "turn")
 
     def __init__(self, addresses: tuple[str, ...], previous: _LoopReplicas | None) -> None:
         self.addresses = addresses
@@ -188,11 +189,14 @@ class _LoopReplicas:
         for address, replica in kept.items():
             if address not in self.replicas:  # gone from the list: close once its answers are in
                 replica.close_when_idle()
+        self.only = next(iter(self.replicas.values()))  # addresses are never empty
         self.turn = itertools.count()
 
     def pick(self) -> _Replica:
         """The replica with the fewest requests outstanding among those up (ties rotate);
         when all are down, the first to come back."""
+        if len(self.replicas) == 1:
+            return self.only
         replicas = list(self.replicas.values())
         if len(replicas) > 1:
             start = next(self.turn) % len(replicas)

@@ -7,7 +7,7 @@ arrive per read (CoalescingWriter, FrameDecoder), so a burst of requests costs t
 replica's server and the front door a few system calls, not a few per request.
 
 A request is a ``Relayed``: it gives its frame for an id (``frame``), and hears back once,
-either ``answered(frame, id_end)`` or ``failed(error)`` with a ConnectionFailedError when the
+either ``answered(frame, id_end, error)`` or ``failed(error)`` with a ConnectionFailedError when the
 connection could not be opened or dropped before its answer.  Requests sent while the
 connection opens wait in order and leave once it is open.  Runs on one event loop.
 """
@@ -23,7 +23,7 @@ from trtserve_client.frames import FrameDecoder, decode_frame
 from trtserve_client.writer import CoalescingWriter
 
 from ..errors import ConnectionFailedError, TrtserveError, error_from_wire
-from .relay_frames import answer_id
+from .relay_frames import read_answer
 
 log = logging.getLogger("trtserve.scaleout")
 
@@ -34,7 +34,7 @@ _ID_SPACE = 1 << 64
 class Relayed(Protocol):
     def frame(self, request_id: int) -> list[Any]: ...
 
-    def answered(self, frame: memoryview, id_end: int) -> None: ...
+    def answered(self, frame: memoryview, id_end: int, error: bool) -> None: ...
 
     def failed(self, error: TrtserveError) -> None: ...
 
@@ -115,13 +115,14 @@ class ReplicaLink(asyncio.BufferedProtocol):
         pending = self.pending
         for received in frames:
             frame = cast(memoryview, received)  # a raw decoder's: the whole frame
-            found = answer_id(frame)
+            found = read_answer(frame)
             if found is None:
                 self._drop(_not_an_answer(frame))
                 return
-            request = pending.pop(found[0], None)
+            request_id, id_end, error = found
+            request = pending.pop(request_id, None)
             if request is not None:  # else forgotten: its caller gave up
-                request.answered(frame, found[1])
+                request.answered(frame, id_end, error)
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost fails what is pending
