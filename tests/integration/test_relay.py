@@ -212,3 +212,21 @@ def test_a_retired_forwarder_refuses_new_requests():
 
     with pytest.raises(TrtserveError, match="retired"):
         run(main())
+
+
+def test_requests_in_flight_when_the_forwarder_closes_fail_shutting_down(replicas):
+    dead = DeadReplica()  # keeps them in flight until their connection drops
+    forwarder = Forwarder("tensor_mlp", addresses=lambda: (dead.address,), refresh=lambda: None)
+
+    async def main():
+        pending = asyncio.ensure_future(relay(forwarder, request(1, np.ones((1, 16), np.float32))))
+        await asyncio.sleep(0)  # sent (or waiting for its connection)
+        await asyncio.get_running_loop().run_in_executor(None, forwarder.close)
+        return await pending
+
+    try:
+        error = run(main())
+    finally:
+        dead.close()
+    assert isinstance(error, TrtserveError) and error.name == "SHUTTING_DOWN" and "retired" in error.message
+    assert not forwarder.busy

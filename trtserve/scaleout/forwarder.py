@@ -244,6 +244,10 @@ class Forwarder:
     def _send(self, call: RelayCall) -> None:
         if call.done:
             return
+        if self._closed:  # a resend after close(): its connections are gone with it
+            call.fail(ShuttingDownError(f"model {self.model!r}: this deployment generation was retired before "
+                                        "a replica answered; retry", model=self.model))
+            return
         if call.attempts > RESEND_LIMIT:
             call.fail(ModelUnavailableError(
                 f"model {self.model!r}: its replicas dropped this request {RESEND_LIMIT + 1} times; check the Ray "
@@ -297,7 +301,7 @@ class Forwarder:
         self.refresh()
         left = call.seconds_left()
         give_up = time.monotonic() + (REPLICA_WAIT_S if left is None else min(left, REPLICA_WAIT_S))
-        while time.monotonic() < give_up and not call.done:
+        while time.monotonic() < give_up and not call.done and not self._closed:
             addresses = self.addresses()
             if addresses and addresses != previous:
                 self._send(call)
