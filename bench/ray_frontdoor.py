@@ -10,7 +10,9 @@ Runs, one after the other (never side by side, so they do not share the cores):
    replica running the model and serving it with its own trtserve server, the front door
    forwarding each request to it);
 
-and measures each with ``trtserve-bench`` at concurrency 1 (p50 latency) and 32
+(and, with ``--compare-with CHECKOUT``, the Ray path once more with another checkout's
+code, e.g. the main branch's worktree: a before/after inside one run), and measures each
+with ``trtserve-bench`` at concurrency 1 (p50 latency) and 32
 (throughput, and the CPU time the server or front door, the replica and the benchmark
 client each spent per request), ``--rounds`` times, alternating, so that a burst of other work on the
 machine does not land on one path only.  Prints one row per path and round, the medians,
@@ -48,11 +50,14 @@ def bench_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "trtserve_bench.cli"]
 
 
-def start(argv: list[str], log: Path, timeout: float = 300.0) -> tuple[subprocess.Popen, int]:
-    """Start a server; its port from the one line it prints once listening."""
+def start(argv: list[str], log: Path, timeout: float = 300.0, code: str | None = None) -> tuple[subprocess.Popen, int]:
+    """Start a server (``code``: a checkout whose trtserve it imports); its port from the one
+    line it prints once listening."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([code, str(Path(code) / "clients"), env.get("PYTHONPATH", "")])
     with open(log, "ab") as err:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                                env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, env=env)
     give_up = time.monotonic() + timeout
     line = proc.stdout.readline().decode()  # blocks until listening (or exit)
     if not line.startswith(PREFIX) or time.monotonic() > give_up:
@@ -115,8 +120,8 @@ def measure_with_cpu(proc: subprocess.Popen, port: int, model: str, windows: int
     return row, {role: round(seconds / requests * 1e6, 1) for role, seconds in spent.items() if role == "client" or pids[role]}
 
 
-def run_path(name: str, argv: list[str], model: str, windows: int, log: Path) -> dict:
-    proc, port = start(argv, log)
+def run_path(name: str, argv: list[str], model: str, windows: int, log: Path, code: str | None = None) -> dict:
+    proc, port = start(argv, log, code=code)
     try:
         c1 = measure(port, model, 1, windows)
         c32, cpu = measure_with_cpu(proc, port, model, windows)
@@ -149,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="measurements of each path, alternating; medians are reported")
     p.add_argument("--ray-set", action="append", default=[], metavar="KEY=VALUE",
                    help="more [ray] settings for the Ray path, e.g. num_cpus=0.5 (repeatable)")
+    p.add_argument("--compare-with", metavar="CHECKOUT",
+                   help="also run the Ray path with the trtserve of this checkout (a git worktree of another commit)")
     p.add_argument("--json", help="write the rows and the environment here")
     args = p.parse_args(argv)
     log = Path(tempfile.gettempdir()) / "ray_frontdoor_bench.log"
@@ -156,27 +163,36 @@ def main(argv: list[str] | None = None) -> int:
     base = trtserve() + ["serve", "--repository", args.repository, "--port", "0", "--log-level", "WARNING",
                          "--model-control", "explicit", "--load-model", args.model]
     extra = [a for setting in args.ray_set for a in ("--ray-set", setting)]
-    paths = {"trtserve serve": base,
-             "front door + 1 Ray replica": base + ["--ray", "local", "--ray-set", "num_replicas=1", *extra]}
+    ray_path = base + ["--ray", "local", "--ray-set", "num_replicas=1", *extra]
+    paths: dict[str, tuple[list[str], str | None]] = {"trtserve serve": (base, None),
+                                                       "front door + 1 Ray replica": (ray_path, None)}
+    if args.compare_with:
+        paths[f"front door, {args.compare_with}"] = (ray_path, str(Path(args.compare_with).resolve()))
     rounds: dict[str, list[dict]] = {name: [] for name in paths}
     for _ in range(args.rounds):
-        for name, command in paths.items():
-            rounds[name].append(run_path(name, command, args.model, args.windows, log))
-    direct, ray = (median_row(name, rows) for name, rows in rounds.items())
+        for name, (command, code) in paths.items():
+            rounds[name].append(run_path(name, command, args.model, args.windows, log, code))
+    direct, ray, *compared = (median_row(name, rows) for name, rows in rounds.items())
     summary = {
         "p50_overhead_ms_c1": ray["p50_ms_c1"] - direct["p50_ms_c1"],
         "throughput_ratio_c32": ray["infer_per_s_c32"] / direct["infer_per_s_c32"],
     }
+    if compared:
+        summary["compared_throughput_ratio_c32"] = compared[0]["infer_per_s_c32"] / direct["infer_per_s_c32"]
+        summary["ray_path_speedup_c32"] = ray["infer_per_s_c32"] / compared[0]["infer_per_s_c32"]
     print(f"p50 overhead at c=1: {summary['p50_overhead_ms_c1']:+.3f} ms (target <= 1 ms); "
           f"throughput at c=32: {summary['throughput_ratio_c32']:.2f} of the direct server (target >= 0.7)")
+    if compared:
+        print(f"{args.compare_with}: {summary['compared_throughput_ratio_c32']:.2f} of the direct server; this "
+              f"checkout's Ray path is {summary['ray_path_speedup_c32']:.2f}x its throughput")
     if args.json:
         import ray as ray_module
 
         environment = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
                        "python": platform.python_version(), "cpu_count": os.cpu_count(), "ray": ray_module.__version__,
                        "machine": platform.machine(), "model": args.model, "ray_set": args.ray_set,
-                       "rounds": args.rounds}
-        Path(args.json).write_text(json.dumps({"rows": [direct, ray], "rounds": rounds, "summary": summary,
+                       "rounds": args.rounds, "compare_with": args.compare_with}
+        Path(args.json).write_text(json.dumps({"rows": [direct, ray, *compared], "rounds": rounds, "summary": summary,
                                                "environment": environment}, indent=1) + "\n")
     return 0
 

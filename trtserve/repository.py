@@ -72,6 +72,10 @@ class _Entry:
 
 
 class ModelRepository:
+    # The server's infer operation for this repository's models, when not the usual one
+    # (server/infer.InferHandler's signature): a Ray front door relays instead (scaleout/relay.py).
+    infer_handler: Any = None
+
     def __init__(self, root: str | Path, kwargs: dict[str, Any] | None = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():

@@ -16,7 +16,7 @@ from .stats import ModelStats
 
 
 class Submitted(Protocol):
-    """A request on its way (a pipeline's ``Request``, a ``RemotePipeline``'s ``Forward``)."""
+    """A request on its way (a pipeline's ``Request``)."""
 
     def cancel(self, error: TrtserveError | None = None) -> None:
         """The caller gave up: stop the request if it has not run (``error``: what to count)."""
@@ -25,7 +25,8 @@ class Submitted(Protocol):
 
 class ServedPipeline(Protocol):
     """What a served version runs and the server uses: a ``Pipeline``, or, for a model served
-    by Ray, scaleout's ``RemotePipeline`` (no local nodes: its replicas run them)."""
+    by Ray, scaleout's ``RemotePipeline`` (no local nodes and no ``submit``: its replicas
+    run them, and the front door relays their requests: scaleout/relay.py)."""
 
     @property
     def nodes(self) -> Sequence[Node]: ...

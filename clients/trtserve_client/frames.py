@@ -26,7 +26,7 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import numpy as np
@@ -156,7 +156,7 @@ class BadFrame:
     v1: bool = False
 
 
-Received = dict | BadFrame
+Received = dict | BadFrame  # (or a memoryview: a raw FrameDecoder's whole frame)
 
 
 class FrameDecoder:
@@ -172,6 +172,9 @@ class FrameDecoder:
     Raises FrameTooLargeError as soon as a header declares more than ``max_frame`` bytes,
     and ProtocolError for a frame that cannot be delimited or parsed; both end the
     connection.  A frame that parses but cannot be served comes back as a BadFrame.
+
+    ``raw=True`` delimits frames without decoding them: each comes back as a memoryview of
+    the whole frame, length field included (a relay that passes frames on as they are).
     """
 
     def __init__(
@@ -180,8 +183,10 @@ class FrameDecoder:
         *,
         admit: Callable[[int], bool] | None = None,
         max_elements: int | None = None,
+        raw: bool = False,
     ) -> None:
         self.max_frame = max_frame
+        self.raw = raw
         # admit(size) at each frame's header: True to go on, False to leave the frame unread
         # until resume() (a server's memory budget); it may raise to refuse the frame.
         self.admit = admit
@@ -237,7 +242,7 @@ class FrameDecoder:
             if self._filled < len(self._frame):
                 return []
             frame, self._frame, self._filled = self._frame, None, 0
-            return [decode_frame(frame, self.limits, self.max_elements)]
+            return [self._decoded(frame)]
         self._end += nbytes
         return self._split()
 
@@ -280,10 +285,15 @@ class FrameDecoder:
                 break
             frame = memoryview(scratch[self._start : self._start + total].tobytes())
             self._start += total
-            received.append(decode_frame(frame, self.limits, self.max_elements))
+            received.append(self._decoded(frame))
         if self._start == self._end:
             self._start = self._end = 0
         return received
+
+    def _decoded(self, frame: memoryview) -> Received:
+        if self.raw:
+            return cast(Received, frame)  # a raw decoder's caller takes whole frames
+        return decode_frame(frame, self.limits, self.max_elements)
 
     def _begin_own_frame(self, total: int) -> None:
         have = self._end - self._start

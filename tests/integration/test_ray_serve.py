@@ -14,7 +14,7 @@ import urllib.request
 import numpy as np
 import pytest
 from trtserve_client import Client
-from trtserve_client.errors import ModelUnavailableError
+from trtserve_client.errors import InvalidArgumentError, InvalidInputError, ModelNotFoundError, ModelUnavailableError
 
 import trtserve
 
@@ -117,6 +117,28 @@ def test_two_replicas_answer_32_clients_like_pipe(front_door, reference, tmp_pat
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
     assert f'trtserve_request_success_total{{model="tensor_mlp",version="1"}} {float(CLIENTS * 40)}' in text
+
+
+def test_bad_input_and_regions_through_the_front_door_get_typed_errors(front_door, tmp_path):
+    """The front door relays frames without checking inputs: the replica's server answers
+    bad input with the error `trtserve serve` gives; regions stay in the front door."""
+    door = front_door(mlp_repository(tmp_path, replicas=1))
+    with Client(door.host, door.port) as client:
+        with pytest.raises(InvalidInputError, match=r"must have shape \[-1, 16\]"):
+            client.infer("tensor_mlp", np.ones((2, 15), np.float32))
+        with pytest.raises(InvalidInputError, match="must be float32, got int64"):
+            client.infer("tensor_mlp", np.ones((2, 16), np.int64))
+        with pytest.raises(ModelNotFoundError):
+            client.infer("no_such_model", np.ones((2, 16), np.float32))
+        region = client.register_system_shm("in", 4096)
+        region.ndarray((2, 16), np.float32)[:] = 1
+        with pytest.raises(InvalidArgumentError, match="shared-memory"):
+            client.infer("tensor_mlp", {"x": region.tensor((2, 16), np.float32)})
+        with pytest.raises(InvalidArgumentError, match="shared-memory"):
+            client.infer("tensor_mlp", np.ones((2, 16), np.float32), shm_outputs={"y": region})
+        assert client.infer("tensor_mlp", np.ones((2, 16), np.float32))["y"].shape == (2, 4)
+        row = client.statistics("tensor_mlp")["models"][0]
+        assert row["success_count"] == 1 and row["failure_by_reason"] == {"INVALID_INPUT": 2}
 
 
 def test_replica_killed_five_times_under_load(front_door, tmp_path):

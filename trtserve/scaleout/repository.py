@@ -32,8 +32,9 @@ from ray import serve
 from .. import __version__
 from ..backend import TensorSpec
 from ..config import ModelConfig, load_config, read_toml
-from ..errors import ConfigError, ModelUnavailableError
+from ..errors import ConfigError, InternalError, ModelUnavailableError
 from ..pipeline import ItemCallback
+from ..served import Submitted
 from ..repository import (
     CONFIG_FILE,
     LoadedModel,
@@ -45,7 +46,8 @@ from ..repository import (
 from ..stats import ModelStats
 from ..versions import fingerprint
 from .deploy import REPLICA_DRAIN_S, deploy
-from .forwarder import Forward, Forwarder
+from .forwarder import Forwarder
+from .relay import RelayHandler
 from .settings import (
     DEFAULT_APP_PREFIX,
     DEFAULT_DEPLOY_TIMEOUT_S,
@@ -73,8 +75,9 @@ class RemotePipeline:
         self.stats = ModelStats()  # outcomes as this front door answered them
 
     def submit(self, item: dict[str, Any], on_done: ItemCallback, deadline: float | None = None,
-               priority: int = 0) -> Forward:
-        return self.forwarder.submit(item, on_done, deadline, priority, self.version, self.stats)
+               priority: int = 0) -> Submitted:
+        """Items never run here: the front door relays infer frames (relay.py)."""
+        raise InternalError(f"model {self.forwarder.model!r} runs in its Ray replicas; its requests are relayed")
 
     def io_spec(self) -> tuple[list[TensorSpec] | None, list[TensorSpec] | None]:
         def specs(rows: list[dict[str, Any]]) -> list[TensorSpec] | None:
@@ -141,6 +144,8 @@ class DeployedModel(LoadedModel):
 class RayRepository(ModelRepository):
     """``ModelRepository`` that deploys each model to Ray Serve (see the module docstring)."""
 
+    infer_handler = RelayHandler  # the server relays infer frames to the replicas
+
     def __init__(
         self,
         root: str | Path,
@@ -186,10 +191,7 @@ class RayRepository(ModelRepository):
         self.monitor.observe(view)
         view.set_replicas(replica_rows(handle, METADATA_TIMEOUT_S))  # their addresses, before serving
         self.views[name], self._handles[name] = view, handle
-        latest = metadata[max(metadata)]
-        inputs = latest.get("inputs") or []
-        forwarder = Forwarder(name, inputs[0]["name"] if len(inputs) == 1 else None,
-                              addresses=lambda: view.addresses, refresh=self.monitor.wake)
+        forwarder = Forwarder(name, addresses=lambda: view.addresses, refresh=self.monitor.wake)
         log.info("model %s: Ray Serve application %s, deployment %s, versions %s, replicas on %s", name, app,
                  deployment, sorted(metadata), ", ".join(view.addresses))
         return {

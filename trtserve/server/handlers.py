@@ -98,7 +98,7 @@ class Dispatcher:
         self.shm = shared_memory if shared_memory is not None else SharedMemory(None)
         self._ops: dict[str, Callable[..., Any]] = {
             "auth": self.auth,
-            "infer": InferHandler(repository, loop, metrics, self.shm),
+            "infer": (repository.infer_handler or InferHandler)(repository, loop, metrics, self.shm),
             "live": self.live,
             "ready": self.ready_op,
             "server_metadata": self.server_metadata,

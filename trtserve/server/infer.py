@@ -205,7 +205,7 @@ class InferHandler:
         self._io[key] = (model, io)
         return io
 
-    def __call__(self, message: dict[str, Any], connection: Any = None) -> InferCall:
+    def __call__(self, message: dict[str, Any], connection: Any = None) -> Reply:
         # The hot path: optional fields are parsed only when present (each parser raises
         # the typed error for a bad value).
         started = time.perf_counter()

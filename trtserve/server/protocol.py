@@ -54,7 +54,7 @@ from ..errors import (
 )
 from ..hold import held_dispatch
 from .closing import DISCARD, Closing
-from .reply import Reply
+from .reply import Framed, Reply
 from .tracker import ConnectionTracker
 
 __all__ = ["ConnectionTracker", "ServerProtocol"]
@@ -344,7 +344,12 @@ class ServerProtocol(Closing, asyncio.BufferedProtocol):
             return
         exc = reply.error
         if exc is None:
-            self._send(req_id, {"id": req_id, "result": reply.value})
+            value = reply.value
+            if type(value) is Framed:  # relayed from a Ray replica, with this request's id
+                if not self._closing and self._transport is not None:
+                    self._writer.write(value.parts, alone=not self._pending and not self._handling)  # type: ignore[union-attr]
+            else:
+                self._send(req_id, {"id": req_id, "result": value})
         elif isinstance(exc, TrtserveError):
             self._send_error(req_id, exc)
         else:
@@ -364,6 +369,8 @@ class ServerProtocol(Closing, asyncio.BufferedProtocol):
 
     # -- writing -----------------------------------------------------------------------
     def _send(self, req_id: int | None, message: dict[str, Any]) -> None:
+        # ``message`` is {"id": ..., "result" or "error": ...}, id first: a Ray front door
+        # reads the id of its replicas' answers from that position (scaleout/relay_frames.py).
         if self._closing or self._transport is None:
             return
         try:

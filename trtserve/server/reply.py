@@ -10,11 +10,24 @@ set.  The protocol reads the outcome from the public slots: ``cancelled``, ``err
 
 Pending operations subclass it (infer.InferCall, handlers.Deferred), so a request in flight
 is one object, and ``cancel()`` is where a subclass also stops its work.
+
+A value of type ``Framed`` is an answer framed already, with the request's own id (a Ray
+front door relays its replicas' answers so: scaleout/forwarder.py); the protocol writes it
+as it is.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+
+
+class Framed:
+    """A whole answer frame, as a list of buffers to write in order (frames.frame_parts)."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
 
 
 class Reply:
