@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on SIGINT/SIGTERM, how long requests in flight may take to finish (default: %(default)s)")
     _model_control_flags(serve, MODES, DEFAULT_POLL_INTERVAL_S)
     serve.add_argument("--max-connections", type=_positive_int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
-                       help="open connections beyond this are refused with RESOURCE_EXHAUSTED (default: %(default)s)")
+                       help="at this many open connections a newcomer closes the connection idle the longest; "
+                            "with none idle it is refused with RESOURCE_EXHAUSTED (default: %(default)s)")
     serve.add_argument("--io-threads", type=_positive_int, default=None, metavar="N",
                        help="event loops that read and write the connections, each on its own thread "
                             "(default: one per 4 CPU cores, at most 4)")

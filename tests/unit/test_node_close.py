@@ -21,7 +21,7 @@ def closing(models, **kwargs):
 @pytest.mark.parametrize("inline", [False, True], ids=["threaded", "inline"])
 def test_a_drain_runs_queued_requests_below_min_instead_of_waiting_for_ever(probe, collector, inline):
     """min = 2: a lone request waits for a second one.  At a drain none will come, so it
-    runs as a batch of 1 (min is waived at shutdown, docs/configuration.md)."""
+    runs as a batch of 1 (a drain (unload, reload) waives min, docs/configuration.md)."""
     models = trtserve.pipe({"backend": "Probe", "probe": probe.key, "min": 2, "max": 4, "inline": inline})
     models.pipeline.submit({"data": "alone"}, collector.callback(0))
     assert models.pipeline.nodes[0].queue_depth() == 1  # waiting for a second request
