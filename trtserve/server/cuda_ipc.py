@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import cuda
 from ..cuda.ipc import ForeignDevice, IpcMemory
-from ..errors import DeviceError, InvalidArgumentError
+from ..errors import DeviceError, InvalidArgumentError, InvalidInputError
 from .shm import Region, region_error
 
 _writers: dict[int, cuda.Stream] = {}  # device -> the stream writes use off the device's own threads
@@ -62,8 +62,8 @@ class CudaRegion(Region):
         return cuda.DeviceArray(self.ptr + offset, shape, dtype, None, owner=self.memory, device=self.device)
 
     def raw(self, offset: int, byte_size: int, where: str) -> bytes:
-        raise region_error(
-            InvalidArgumentError, f"{where}: raw bytes cannot come from CUDA region {self.name!r}: backends take raw "
+        raise region_error(  # a bad input reference, as size_mismatch is: INVALID_INPUT
+            InvalidInputError, f"{where}: raw bytes cannot come from CUDA region {self.name!r}: backends take raw "
             "bytes in host memory; put them in a system region, or send a tensor (dtype, shape)", "wrong_kind",
             where=where, region=self.name)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 
 from ...backend import Backend, BackendOptions, InstanceContext, Key, TensorSpec, option
@@ -118,6 +119,33 @@ class _GpuImage(Backend):
         super().close()
 
 
+def hardware_decoder(nvimgcodec: Any, device: int) -> Any | None:
+    """nvImageCodec's decoder on the GPU's hardware JPEG engines (A100, H100, ...), or None
+    where the GPU has none.  Batched, it decodes several times faster than the general
+    decoder, which does not use the engines for a batch; a test image proves it works."""
+    try:
+        decoder = nvimgcodec.Decoder(device_id=device, backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)])
+        ok, probe = cv2.imencode(".jpg", np.full((64, 64, 3), 128, np.uint8))
+        decoded = decoder.decode([probe.tobytes()])
+    except Exception:  # no such backend in this release, or no engine on this GPU
+        return None
+    return decoder if ok and decoded and decoded[0] is not None else None
+
+
+def decode_batch(decoder: Any, sources: list[bytes], params: Any, stream: int) -> list[Any]:
+    """One decode call for the batch; None where an image could not be decoded."""
+    try:
+        return list(decoder.decode(sources, params=params, cuda_stream=stream))
+    except Exception:  # one bad image can fail the batch call: isolate it per image
+        images = []
+        for source in sources:
+            try:
+                images.append(decoder.decode(source, params=params, cuda_stream=stream))
+            except Exception:
+                images.append(None)
+        return images
+
+
 class DecodeTensor(_GpuImage):
     """Encoded image bytes -> HWC uint8 DeviceArray; sets ``item["color"]``.
 
@@ -145,7 +173,8 @@ class DecodeTensor(_GpuImage):
                     ) from None
             else:
                 self.nvimgcodec = nvimgcodec
-                self.decoder = nvimgcodec.Decoder(device_id=self.device)
+                self.fallback = nvimgcodec.Decoder(device_id=self.device)
+                self.decoder = hardware_decoder(nvimgcodec, self.device) or self.fallback
                 # Interleaved 8-bit RGB: ColorSpec.RGB in older nvImageCodec releases, SRGB
                 # in newer ones (0.9 has only SRGB).
                 self.rgb = getattr(nvimgcodec.ColorSpec, "RGB", None) or nvimgcodec.ColorSpec.SRGB
@@ -181,15 +210,14 @@ class DecodeTensor(_GpuImage):
         assert stream is not None, "init refuses to load without the instance's stream"
         sources = [bytes(item["data"]) for item in items]  # refuse_oversized dropped items without data
         params = nvimgcodec.DecodeParams(color_spec=self.rgb)
-        try:
-            images = self.decoder.decode(sources, params=params, cuda_stream=stream.handle)
-        except Exception:  # one bad image can fail the batch call: isolate it per item
-            images = []
-            for source in sources:
-                try:
-                    images.append(self.decoder.decode(source, params=params, cuda_stream=stream.handle))
-                except Exception:
-                    images.append(None)
+        images = decode_batch(self.decoder, sources, params, stream.handle)
+        missed = [i for i, image in enumerate(images) if image is None]
+        if missed and self.decoder is not self.fallback:
+            # What the hardware decoder refuses (progressive JPEG, a PNG, ...) goes to the
+            # general decoder, still in one call.
+            retried = decode_batch(self.fallback, [sources[i] for i in missed], params, stream.handle)
+            for i, image in zip(missed, retried):
+                images[i] = image
         for item, image in zip(items, images):
             if image is None:
                 continue  # undecodable: soft failure, as DecodeMat
