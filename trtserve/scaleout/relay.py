@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from ..errors import InvalidArgumentError, TrtserveError
-from ..server.infer import InferHandler, optional_version, require_model, timeout_seconds
+from ..server.infer import InferHandler, timeout_seconds
 from ..server.shm_io import is_reference
 from .forwarder import RelayCall
 
@@ -31,11 +31,7 @@ class RelayHandler(InferHandler):
         io = None
         get = message.get
         try:
-            name, version = get("model"), get("version")
-            if type(name) is not str or not name or version is not None:
-                name, version = require_model(message), optional_version(message)
-            model = self.repository.get(name, version)
-            io = self.model_io(model)
+            name, model, io = self.resolve(message)
             if get("shm_outputs") is not None or (self.shm is not None and self.shm.lookup(connection) is not None
                                                    and _references(get("inputs"))):
                 raise InvalidArgumentError(
@@ -45,7 +41,7 @@ class RelayHandler(InferHandler):
             if timeout_s is not None:
                 timeout_s = timeout_seconds(message)
             pipeline = model.pipeline
-            return pipeline.forwarder.relay(message, timeout_s, pipeline.stats, io.meter, started)  # type: ignore[attr-defined]
+            return pipeline.forwarder.relay(message, timeout_s, pipeline.stats, io.meter, started)
         except TrtserveError as exc:
             if self.metrics is not None:
                 self._count_refusal(message, io, exc)

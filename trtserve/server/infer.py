@@ -215,11 +215,7 @@ class InferHandler:
         table = self.shm.lookup(connection) if self.shm is not None else None
         shm = ShmRequest(table) if table is not None or get("shm_outputs") is not None else None
         try:
-            name, version = get("model"), get("version")
-            if type(name) is not str or not name or version is not None:
-                name, version = require_model(message), optional_version(message)
-            model = self.repository.get(name, version)
-            io = self.model_io(model)
+            _, model, io = self.resolve(message)
             item = {"data": io.item_data(get("inputs"), shm)}
             wanted = get("outputs")
             wanted = None if wanted is None else io.output_filter(wanted)
@@ -248,6 +244,15 @@ class InferHandler:
         if timeout_s is not None and not call.done:  # an inline model may have answered already
             call.timer = self.loop.call_later(timeout_s, call.expire, timeout_s)
         return call
+
+    def resolve(self, message: dict[str, Any]) -> tuple[str, Any, ModelIO]:
+        """The request's model name, its served model and their ModelIO (typed errors for a
+        bad name or version, or a model that is not serving)."""
+        name, version = message.get("model"), message.get("version")
+        if type(name) is not str or not name or version is not None:  # the common case checks nothing more
+            name, version = require_model(message), optional_version(message)
+        model = self.repository.get(name, version)
+        return name, model, self.model_io(model)
 
     def _count_refusal(self, message: dict[str, Any], io: ModelIO | None, exc: TrtserveError) -> None:
         """A request refused before it was queued.  Only names the server knows become label
