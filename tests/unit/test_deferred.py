@@ -246,3 +246,63 @@ def test_sync_tensor_overlap_must_be_a_bool():
     with pytest.raises(ConfigError, match="overlap") as caught:
         trtserve.pipe({"backend": "SyncTensor[Identity]", "overlap": "yes"})
     assert caught.value.details["key"] == "overlap"
+
+
+class GatedDevice(Backend):
+    """A device the test drives: batch ``x``'s forward (``data`` = x) returns at once, but
+    batch 1's forward first waits for ``go`` (so the test queues batches behind it), and
+    batch ``x`` finishes only when ``finish[x]`` is set.  ``log`` records the order."""
+
+    def init(self, context):
+        super().init(context)
+        self.log: list[tuple[str, int]] = []
+        self.entered, self.go = threading.Event(), threading.Event()
+        self.finish = {x: threading.Event() for x in (1, 2, 3)}
+
+    def forward(self, items):
+        x = int(items[0]["data"][0, 0])
+        self.log.append(("forward", x))
+        if x == 1:
+            self.entered.set()
+            assert self.go.wait(10), "the test never let batch 1 go"
+
+        def finish():
+            assert self.finish[x].wait(10), f"the test never finished batch {x}"
+            self.log.append(("finished", x))
+            for item in items:
+                item["result"] = item["data"]
+
+        return Completion(finish)
+
+
+trtserve.register("GatedDevice", GatedDevice)
+
+
+def wait_for(condition, what):
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+def test_with_batches_queued_an_instance_launches_the_next_before_waiting_for_the_previous():
+    with trtserve.pipe({"backend": "GatedDevice", "instance_num": 1, "max": 1}) as models:
+        (device,) = backends(models)
+        done = []
+        for x in (1, 2, 3):
+            models.pipeline.submit({"data": np.full((1, 1), x, np.float32)}, lambda item, error: done.append(item["data"][0, 0]))
+            if x == 1:
+                assert device.entered.wait(10)  # 2 and 3 queue behind a running batch 1
+        device.go.set()
+        wait_for(lambda: ("forward", 2) in device.log, "batch 2's forward")
+        assert ("finished", 1) not in device.log  # launched while batch 1 is still on the device
+        time.sleep(0.05)
+        assert ("forward", 3) not in device.log  # at most two batches of an instance in flight
+        device.finish[1].set()
+        wait_for(lambda: ("forward", 3) in device.log, "batch 3's forward")
+        assert ("finished", 2) not in device.log  # again: 3 launched before 2 is waited for
+        assert done == [1]  # batch 1's caller was woken before the instance took batch 3
+        device.finish[2].set()
+        device.finish[3].set()
+        wait_for(lambda: len(done) == 3, "every caller")
+    assert device.log == [("forward", 1), ("forward", 2), ("finished", 1), ("forward", 3), ("finished", 2), ("finished", 3)]

@@ -13,6 +13,7 @@ from trtserve.backends.stacking import (
     bounds,
     check_rows,
     contiguous_strides,
+    dtype_name,
     group,
     split,
     stack,
@@ -87,6 +88,21 @@ def prepared(*arrays: np.ndarray) -> list[Prepared]:
 def test_items_group_by_dtype_and_the_dims_after_the_batch_in_order_of_first_appearance():
     items = prepared(rows(1, 3), rows(2, 4), rows(3, 3), rows(1, 3).astype(np.float16), rows(1, 4))
     assert group(items) == [([0, 2], None), ([1, 4], None), ([3], None)]
+
+
+def test_dtype_names_are_str_of_the_dtype_whatever_its_kind_and_only_equal_names_group():
+    kinds = [np.dtype(np.float32), np.dtype("<f4"), np.dtype(np.float16), "float32", np.dtype([("a", "<i4")])]
+    for dtype in kinds * 2:  # the second time from what was remembered
+        assert dtype_name(dtype) == str(dtype)
+    assert dtype_name(["an", "unhashable", "dtype"]) == str(["an", "unhashable", "dtype"])
+
+    class Named:  # a device value whose dtype is a string, as a foreign array may have
+        def __init__(self, dtype: str) -> None:
+            self.shape, self.dtype = (1, 3), dtype
+
+    items = [Prepared({"input": rows(1, 3)}, 1, False), Prepared({"input": Named("float32")}, 1, False),
+             Prepared({"input": Named("float64")}, 1, False)]
+    assert group(items) == [([0, 1], None), ([2], None)]  # as str(dtype) grouped them
 
 
 def test_padding_joins_the_groups_its_rule_covers_up_to_the_limit():

@@ -190,3 +190,13 @@ def test_mixed_sample_shapes_run_as_one_call_per_shape(net_path):
     assert stats["model_calls"] == 3 and stats["call_rows"] == {"1": 1, "2": 2}
     for x, item in zip(inputs, items):
         np.testing.assert_allclose(item["result"], _reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_mixing_a_lone_tensor_and_a_dict_of_inputs_is_refused(net_path):
+    config = {"backend": "TorchScriptTensor", "model": str(net_path), "device": "cpu", "max": 8}
+    x = np.zeros((1, 3, 8, 8), np.float32)
+    with trtserve.pipe(config) as models:
+        backend = models.pipeline.nodes[0].backend
+        for items in ([{"data": x}, {"data": {"input": x}}], [{"data": {"input": x}}, {"data": x}]):
+            with pytest.raises(InvalidInputError, match="items batched together must have the same inputs"):
+                backend.forward(items)  # as one batch, as the scheduler would

@@ -211,22 +211,35 @@ class TorchScriptTensor(Backend):
         """Per item, every model input (by name, ``input`` for a lone tensor) with its batch
         dimension; items batched together must have the same inputs."""
         first = items[0]["data"]
+        if not isinstance(first, dict) and not self.add_batch_dim:
+            # The common batch, one tensor per item: per-item Python is GIL time on every batch.
+            unbatched = []
+            for item in items:
+                data = item["data"]
+                if isinstance(data, dict):
+                    raise self._mixed_inputs(["input"], first, data)
+                unbatched.append(Prepared({"input": data}, int(data.shape[0]), False))
+            return unbatched
         names = list(first) if isinstance(first, dict) else ["input"]
         prepared = []
         for item in items:
             data = item["data"]
             if isinstance(first, dict) != isinstance(data, dict) or (isinstance(data, dict) and list(data) != names):
-                raise InvalidInputError(
-                    f"TorchScriptTensor: items batched together must have the same inputs; the first has "
-                    f"{names if isinstance(first, dict) else 'one tensor'}, another has {describe(data)}",
-                    backend="TorchScriptTensor",
-                )
+                raise self._mixed_inputs(names, first, data)
             values: Iterable[Any] = data.values() if isinstance(data, dict) else (data,)
             if self.add_batch_dim:
                 values = [self._with_batch_dim(value) for value in values]
             arrays = dict(zip(names, values))
             prepared.append(Prepared(arrays, int(next(iter(arrays.values())).shape[0]), self.add_batch_dim))
         return prepared
+
+    @staticmethod
+    def _mixed_inputs(names: list[str], first: Any, data: Any) -> InvalidInputError:
+        return InvalidInputError(
+            f"TorchScriptTensor: items batched together must have the same inputs; the first has "
+            f"{names if isinstance(first, dict) else 'one tensor'}, another has {describe(data)}",
+            backend="TorchScriptTensor",
+        )
 
     def _with_batch_dim(self, value: Any) -> Any:
         """One sample as a batch of one, as a view (``add_batch_dim``)."""
