@@ -146,12 +146,14 @@ class InferCall(Reply):
                 outputs = self.io.encode(item, self.wanted, self.shm.placed if self.shm is not None else None)
             except TrtserveError as exc:
                 error = exc
+        # Counted before the answer leaves: the write releases the GIL, and a client that has
+        # its answer may read /metrics before this thread runs again.
         if error is not None:
-            self.set_exception(error)
             self._count(error.name)
+            self.set_exception(error)
             return
-        self.set_result({"model": self.model.name, "version": self.model.version, "outputs": outputs})
         self._count(None)
+        self.set_result({"model": self.model.name, "version": self.model.version, "outputs": outputs})
 
     def _count(self, reason: str | None) -> None:
         meter = self.io.meter
@@ -167,8 +169,8 @@ class InferCall(Reply):
             model=self.model.name,
             timeout_ms=timeout_s * 1e3,
         )
-        self.set_exception(error)
         self._count("DEADLINE_EXCEEDED")
+        self.set_exception(error)
         if self.request is not None:
             self.request.cancel(error)  # still queued: never run it, and count the failure
 
