@@ -376,14 +376,19 @@ def test_queue_timeout_fires_while_the_instance_is_still_busy(make_pipe, probe, 
     assert probe.sizes() == [1]
 
 
-def test_deadline_exceeded_names_the_queue_timeout_that_expired(make_pipe, probe, collector):
-    models = make_pipe(max=1, queue_timeout=50)
+def _expired_behind_a_running_batch(make_pipe, probe, collector, queue_timeout: int, timeout_s: float):
+    """The error of a request queued behind a batch that does not end (max 1, one instance)."""
+    models = make_pipe(max=1, queue_timeout=queue_timeout)
     probe.gate.clear()
     submit(models, collector, 0, "running")
     probe.wait_entered()
-    submit(models, collector, 1, "waits too long", deadline=time.monotonic() + 60)
+    submit(models, collector, 1, "waits too long", deadline=time.monotonic() + timeout_s)
     collector.wait(1, timeout=10)
-    error = collector.done[1][1]
+    return collector.done[1][1]
+
+
+def test_deadline_exceeded_names_the_queue_timeout_that_expired(make_pipe, probe, collector):
+    error = _expired_behind_a_running_batch(make_pipe, probe, collector, queue_timeout=50, timeout_s=60)
     assert isinstance(error, DeadlineExceededError)
     assert "queue_timeout = 50 ms expired" in error.message and "raise queue_timeout" in error.message
     assert "add instances" in error.message and "reduce the load" in error.message
@@ -391,13 +396,7 @@ def test_deadline_exceeded_names_the_queue_timeout_that_expired(make_pipe, probe
 
 
 def test_deadline_exceeded_names_the_requests_own_timeout(make_pipe, probe, collector):
-    models = make_pipe(max=1, queue_timeout=60_000)
-    probe.gate.clear()
-    submit(models, collector, 0, "running")
-    probe.wait_entered()
-    submit(models, collector, 1, "waits too long", deadline=time.monotonic() + 0.05)
-    collector.wait(1, timeout=10)
-    error = collector.done[1][1]
+    error = _expired_behind_a_running_batch(make_pipe, probe, collector, queue_timeout=60_000, timeout_s=0.05)
     assert isinstance(error, DeadlineExceededError)
     assert "the request's own timeout expired" in error.message and "longer timeout" in error.message
     assert error.details["limit"] == "request timeout"

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_an_ipc_handle_survives_the_trip_through_cuda_bindings():
-    pytest.importorskip("cuda.bindings")
+    pytest.importorskip("cuda.bindings", reason="cuda-python is not installed (pip install -e '.[gpu]')")
     from trtserve.cuda.ipc import HANDLE_BYTES, IpcMemory, handle_bytes, handle_struct
 
     raw = bytes(range(7, 7 + HANDLE_BYTES))
