@@ -2,8 +2,8 @@
 
 It receives frames with frames.py's FrameDecoder (an ``asyncio.BufferedProtocol``, as the
 server does) and answers ``infer`` with the request's inputs as outputs, in the same reply
-shape as trtserve and written the same way (frame_parts + writelines: the tensor bytes by
-reference), so any trtserve client (and the load generator) can drive it unchanged.  Whatever trtserve costs on top of this is the
+shape as trtserve and written the same way (frame_parts + CoalescingWriter: the tensor bytes by
+reference, through ``os.writev`` with the GIL released), so any trtserve client (and the load generator) can drive it unchanged.  Whatever trtserve costs on top of this is the
 price of its scheduling, validation and model code.  Its connections are spread over
 ``--io-threads`` event loops exactly as the server spreads them (trtserve/server/listener.py;
 same default).
@@ -28,12 +28,13 @@ from trtserve.server.listener import Acceptor, LoopThread, bind  # noqa: E402
 from trtserve_client.errors import ErrorCode  # noqa: E402
 from trtserve_client.frames import FrameDecoder, OutOfBand, frame_parts  # noqa: E402
 from trtserve_client.wire import DEFAULT_MAX_FRAME  # noqa: E402
-from trtserve_client.writer import gather  # noqa: E402
+from trtserve_client.writer import CoalescingWriter  # noqa: E402
 
 
 class EchoProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        self.writer = CoalescingWriter(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
         self.decoder = FrameDecoder(DEFAULT_MAX_FRAME)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -46,7 +47,7 @@ class EchoProtocol(asyncio.BufferedProtocol):
             self.transport.close()
             return
         if messages:  # one write per read, as a pipelining server batches its answers
-            self.transport.writelines(gather([part for m in messages if type(m) is dict for part in frame_parts(reply(m))]))
+            self.writer.write([part for m in messages if type(m) is dict for part in frame_parts(reply(m))], alone=True)
 
 
 def reply(message: dict) -> dict:

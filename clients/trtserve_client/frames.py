@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import msgpack
-import numpy as np
 
 from .errors import (
     FrameTooLargeError,
@@ -38,6 +37,7 @@ from .errors import (
     TrtserveError,
     UnsupportedProtocolError,
 )
+from .recycle import FRAME_BUFFERS
 from .limits import MAX_DEPTH, check_map, inspect, too_deep_message, unpack_limits, unpack_map
 
 LAYOUT = 2
@@ -297,7 +297,7 @@ class FrameDecoder:
 
     def _begin_own_frame(self, total: int) -> None:
         have = self._end - self._start
-        frame = np.empty(total, np.uint8).data
+        frame = FRAME_BUFFERS.take(total)
         frame[:have] = self._scratch[self._start : self._end]
         self._frame, self._filled = frame, have
         self._start = self._end = 0
