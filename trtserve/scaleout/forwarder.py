@@ -80,10 +80,11 @@ class RelayCall(Reply):
 
     # -- link.Relayed --------------------------------------------------------------------
     def frame(self, request_id: int) -> list[Any]:
-        left = self.seconds_left()
         # The replica drops what nobody waits for any more: a resend carries what is left.
-        timeout_ms = None if left is None or self.attempts <= 1 else max(left, 1e-3) * 1000.0
-        return request_parts(self.message, request_id, timeout_ms)
+        deadline = self.deadline
+        if self.attempts <= 1 or deadline is None:
+            return request_parts(self.message, request_id)
+        return request_parts(self.message, request_id, max(deadline - time.monotonic(), 1e-3) * 1000.0)
 
     def answered(self, frame: memoryview, id_end: int, error: bool) -> None:
         link, self.link = self.link, None
