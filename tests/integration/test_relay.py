@@ -84,7 +84,8 @@ def request(request_id: int, data: np.ndarray, model: str = "tensor_mlp", **fiel
 async def relay(forwarder: Forwarder, message: dict, timeout_s: float | None = None, stats: ModelStats | None = None):
     """Relay ``message``; the answer frame the client would get, unpacked (or the error)."""
     done = asyncio.get_running_loop().create_future()
-    call = forwarder.relay(message, timeout_s, stats or ModelStats(), None, time.perf_counter())
+    call = forwarder.relay(message, timeout_s, stats or ModelStats(), None, time.perf_counter(),
+                           asyncio.get_running_loop())
     call.add_done_callback(lambda _arg, reply: done.set_result(reply), None)
     reply = await done
     if reply.error is not None:
@@ -192,7 +193,8 @@ def test_a_cancelled_request_is_forgotten_and_its_late_answer_dropped(replicas):
     forwarder = Forwarder("tensor_mlp", addresses=lambda: (address,), refresh=lambda: None)
 
     async def main():
-        call = forwarder.relay(request(1, np.ones((1, 16), np.float32)), None, ModelStats(), None, time.perf_counter())
+        call = forwarder.relay(request(1, np.ones((1, 16), np.float32)), None, ModelStats(), None,
+                               time.perf_counter(), asyncio.get_running_loop())
         assert call.cancel()  # the client went away before the answer
         assert not forwarder.busy
         await asyncio.sleep(0.2)  # the answer arrives and is dropped
@@ -208,7 +210,8 @@ def test_a_retired_forwarder_refuses_new_requests():
     forwarder.close()
 
     async def main():
-        forwarder.relay(request(1, np.ones((1, 16), np.float32)), None, ModelStats(), None, time.perf_counter())
+        forwarder.relay(request(1, np.ones((1, 16), np.float32)), None, ModelStats(), None, time.perf_counter(),
+                        asyncio.get_running_loop())
 
     with pytest.raises(TrtserveError, match="retired"):
         run(main())

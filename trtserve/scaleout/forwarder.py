@@ -59,14 +59,15 @@ RETRIABLE = (ConnectionFailedError, ShuttingDownError)  # the replica did not an
 class RelayCall(Reply):
     """One relayed infer request: the reply slot the front door's protocol waits on."""
 
-    __slots__ = ("message", "forwarder", "deadline", "stats", "meter", "started", "link", "link_id",
+    __slots__ = ("message", "forwarder", "loop", "deadline", "stats", "meter", "started", "link", "link_id",
                  "attempts", "failures", "timer")
 
-    def __init__(self, message: dict[str, Any], forwarder: Forwarder, deadline: float | None, stats: ModelStats,
-                 meter: Any, started: float) -> None:
+    def __init__(self, message: dict[str, Any], forwarder: Forwarder, loop: asyncio.AbstractEventLoop,
+                 deadline: float | None, stats: ModelStats, meter: Any, started: float) -> None:
         Reply.__init__(self)
         self.message = message  # the client's request, as unpacked
         self.forwarder = forwarder
+        self.loop = loop  # the front-door loop that read it: its answer, resends and timer run there
         self.deadline = deadline  # time.monotonic(), from the client's timeout_ms
         self.stats = stats  # the served version's front-door statistics
         self.meter = meter  # its Prometheus meter (server/metrics.py), or None
@@ -79,10 +80,11 @@ class RelayCall(Reply):
 
     # -- link.Relayed --------------------------------------------------------------------
     def frame(self, request_id: int) -> list[Any]:
-        left = self.seconds_left()
         # The replica drops what nobody waits for any more: a resend carries what is left.
-        timeout_ms = None if left is None or self.attempts <= 1 else max(left, 1e-3) * 1000.0
-        return request_parts(self.message, request_id, timeout_ms)
+        deadline = self.deadline
+        if self.attempts <= 1 or deadline is None:
+            return request_parts(self.message, request_id)
+        return request_parts(self.message, request_id, max(deadline - time.monotonic(), 1e-3) * 1000.0)
 
     def answered(self, frame: memoryview, id_end: int, error: bool) -> None:
         link, self.link = self.link, None
@@ -226,15 +228,17 @@ class Forwarder:
         return self._in_flight > 0
 
     def relay(self, message: dict[str, Any], timeout_s: float | None, stats: ModelStats, meter: Any,
-              started: float) -> RelayCall:
-        """Send the client's infer ``message`` to a replica; must run on a front-door loop."""
+              started: float, loop: asyncio.AbstractEventLoop) -> RelayCall:
+        """Send the client's infer ``message`` to a replica; runs on ``loop``, the front-door
+        loop that read it (given, not looked up: Python 3.11's get_running_loop costs a
+        getpid system call, once per request here)."""
         if self._closed:
             raise ShuttingDownError(f"model {self.model!r}: this deployment generation is retired", model=self.model)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        call = RelayCall(message, self, deadline, stats, meter, started)
+        call = RelayCall(message, self, loop, deadline, stats, meter, started)
         self._in_flight += 1
         if timeout_s is not None:
-            call.timer = asyncio.get_running_loop().call_later(timeout_s, call.expire, timeout_s)
+            call.timer = loop.call_later(timeout_s, call.expire, timeout_s)
         self._send(call)
         return call
 
@@ -253,7 +257,7 @@ class Forwarder:
                 f"model {self.model!r}: its replicas dropped this request {RESEND_LIMIT + 1} times; check the Ray "
                 "cluster (serve status) and retry", model=self.model))
             return
-        replicas = self._replicas()
+        replicas = self._replicas(call.loop)
         if replicas is None:
             self._wait(call, ())
             return
@@ -268,7 +272,7 @@ class Forwarder:
             return
         self.resent += 1
         log.info("model %s: a replica dropped a request (%s); sending it again", self.model, type(error).__name__)
-        replicas = self._replicas()
+        replicas = self._replicas(call.loop)
         if replicas is not None:
             for replica in replicas.replicas.values():
                 if replica.link is link and replica.down_until <= time.monotonic():
@@ -280,19 +284,18 @@ class Forwarder:
         else:
             self._send(call)
 
-    def _replicas(self) -> _LoopReplicas | None:
-        """This loop's replicas for the current list of addresses; None when there is none."""
+    def _replicas(self, loop: asyncio.AbstractEventLoop) -> _LoopReplicas | None:
+        """``loop``'s replicas for the current list of addresses; None when there is none."""
         addresses = self.addresses()
         if not addresses:
             return None
-        loop = asyncio.get_running_loop()
         current = self._loops.get(loop)
         if current is None or current.addresses is not addresses:
             current = self._loops[loop] = _LoopReplicas(addresses, current)
         return current
 
     def _wait(self, call: RelayCall, previous: tuple[str, ...]) -> None:
-        asyncio.get_running_loop().create_task(self._send_when_changed(call, previous))
+        call.loop.create_task(self._send_when_changed(call, previous))
 
     async def _send_when_changed(self, call: RelayCall, previous: tuple[str, ...]) -> None:
         """Wait until the replica list differs from ``previous`` (non-empty), then send; the

@@ -108,13 +108,12 @@ class ReplicaLink(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         try:
-            frames = self._decoder.buffer_updated(nbytes)
+            frames: list[Any] = self._decoder.buffer_updated(nbytes)  # a raw decoder's: whole frames
         except TrtserveError as exc:
             self._drop(f"it sent an invalid frame: {exc.message}")
             return
         pending = self.pending
-        for received in frames:
-            frame = cast(memoryview, received)  # a raw decoder's: the whole frame
+        for frame in frames:
             found = read_answer(frame)
             if found is None:
                 self._drop(_not_an_answer(frame))

@@ -41,7 +41,7 @@ class RelayHandler(InferHandler):
             if timeout_s is not None:
                 timeout_s = timeout_seconds(message)
             pipeline = model.pipeline
-            return pipeline.forwarder.relay(message, timeout_s, pipeline.stats, io.meter, started)
+            return pipeline.forwarder.relay(message, timeout_s, pipeline.stats, io.meter, started, self.loop)
         except TrtserveError as exc:
             if self.metrics is not None:
                 self._count_refusal(message, io, exc)
