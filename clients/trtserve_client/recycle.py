@@ -13,6 +13,7 @@ references differently.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 
@@ -88,5 +89,15 @@ class BufferPool:
         return self._bytes + cls <= self.max_bytes
 
 
+    def forget(self) -> None:
+        """Start empty with a new lock (a forked child: another thread may have held the
+        lock at the fork, and would never release the child's copy)."""
+        self._lock = threading.Lock()
+        self._classes = {}
+        self._bytes = 0
+
+
 #: The pool FrameDecoder reads large frames into.
 FRAME_BUFFERS = BufferPool()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=FRAME_BUFFERS.forget)

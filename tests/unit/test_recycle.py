@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import gc
+import os
 import threading
+import time
 
 import numpy as np
 import pytest
 from trtserve_client.frames import FrameDecoder, OutOfBand, pack
-from trtserve_client.recycle import LARGEST_POOLED, BufferPool, size_class
+from trtserve_client.recycle import FRAME_BUFFERS, LARGEST_POOLED, BufferPool, size_class
 
 
 def address(buffer: memoryview) -> int:
@@ -118,3 +120,24 @@ def test_a_decoded_tensor_keeps_its_bytes_while_later_frames_arrive():
     del kept, later
     [last] = decoder.feed(pack({"id": 9, "data": OutOfBand(first.data)}))
     assert np.frombuffer(last["data"], np.float32).ctypes.data == where  # the first frame's buffer, reused
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_while_the_lock_is_held_can_still_take_buffers():
+    with FRAME_BUFFERS._lock:  # as if another thread were inside take() at the fork
+        pid = os.fork()
+        if pid == 0:  # the child: take() must not wait for a lock nobody will release
+            try:
+                FRAME_BUFFERS.take(100_000)
+            finally:
+                os._exit(0)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung on the pool's lock")
