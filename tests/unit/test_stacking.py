@@ -13,7 +13,7 @@ from trtserve.backends.stacking import (
     bounds,
     check_rows,
     contiguous_strides,
-    dtype_name,
+    dtype_str,
     group,
     split,
     stack,
@@ -90,11 +90,11 @@ def test_items_group_by_dtype_and_the_dims_after_the_batch_in_order_of_first_app
     assert group(items) == [([0, 2], None), ([1, 4], None), ([3], None)]
 
 
-def test_dtype_names_are_str_of_the_dtype_whatever_its_kind_and_only_equal_names_group():
+def test_dtype_strs_are_str_of_the_dtype_whatever_its_kind_and_only_equal_names_group():
     kinds = [np.dtype(np.float32), np.dtype("<f4"), np.dtype(np.float16), "float32", np.dtype([("a", "<i4")])]
     for dtype in kinds * 2:  # the second time from what was remembered
-        assert dtype_name(dtype) == str(dtype)
-    assert dtype_name(["an", "unhashable", "dtype"]) == str(["an", "unhashable", "dtype"])
+        assert dtype_str(dtype) == str(dtype)
+    assert dtype_str(["an", "unhashable", "dtype"]) == str(["an", "unhashable", "dtype"])
 
     class Named:  # a device value whose dtype is a string, as a foreign array may have
         def __init__(self, dtype: str) -> None:

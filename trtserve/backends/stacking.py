@@ -154,7 +154,7 @@ def signature(prep: Prepared, rules: Mapping[str, PadPolicy] | None = None) -> t
                 None if axis + 1 in rule.axes and (rule.limit is None or dim <= rule.limit) else dim
                 for axis, dim in enumerate(shape)
             )
-        key.append((dtype_name(array.dtype), shape))
+        key.append((dtype_str(array.dtype), shape))
     return tuple(key)
 
 
@@ -165,7 +165,7 @@ _DTYPE_NAMES: dict[tuple[type, Any], str] = {}
 _DTYPE_NAMES_MAX = 256  # dtypes a process meets are few; past this, names are not kept
 
 
-def dtype_name(dtype: Any) -> str:
+def dtype_str(dtype: Any) -> str:
     """``str(dtype)``, remembered for the dtypes seen (any hashable dtype: numpy's, torch's,
     a string)."""
     key = (type(dtype), dtype)
