@@ -58,7 +58,8 @@ _ZEROS = bytes(ALIGN)
 _V1_MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}  # fixmap, map16, map32
 
 
-def _align(offset: int) -> int:
+def align(offset: int) -> int:
+    """The first multiple of ALIGN at or after ``offset`` (where a frame's buffer region starts)."""
     return (offset + ALIGN - 1) & ~(ALIGN - 1)
 
 
@@ -93,7 +94,7 @@ class _FrameBuilder:
         size = view.nbytes
         if size < INLINE_LIMIT:
             return view.tobytes()
-        offset = _align(self.end)
+        offset = align(self.end)
         if offset > self.end:
             self.buffers.append(_ZEROS[: offset - self.end])
         self.buffers.append(view)
@@ -109,7 +110,7 @@ class _FrameBuilder:
             raise
         buffers, self.buffers = self.buffers, []
         map_end = HEAD_SIZE + len(body)
-        region = _align(map_end) if buffers else map_end
+        region = align(map_end) if buffers else map_end
         head = HEAD.pack(region + self.end - 4, MARKER, LAYOUT, 0, len(body))
         return [head + body + _ZEROS[: region - map_end], *buffers]
 
@@ -331,7 +332,7 @@ def decode_frame(frame: memoryview, limits: tuple[int, int, int, int] | None = N
     if map_end > len(frame):
         raise ProtocolError(f"map_length {map_length} runs past the end of the {len(frame)}-byte frame",
                             map_length=map_length, frame_size=len(frame))
-    region = frame[min(_align(map_end), len(frame)) :].toreadonly()
+    region = frame[min(align(map_end), len(frame)) :].toreadonly()
     refs = _References(region)
     problem, suspect = check_map(frame, HEAD_SIZE, map_end, max_elements)
     if problem is not None:

@@ -19,21 +19,17 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from trtserve_client.frames import ALIGN, HEAD, HEAD_SIZE, LAYOUT, MARKER, OutOfBand, frame_parts
+import msgpack
+
+from trtserve_client.frames import ALIGN, HEAD, HEAD_SIZE, LAYOUT, MARKER, OutOfBand, align, frame_parts
 
 _ID_KEY = b"\xa2id"  # fixstr "id"
 _ERROR_KEY = b"\xa5error"  # fixstr "error": the key after the id of an error answer
 _UINTS = {0xCC: struct.Struct(">B"), 0xCD: struct.Struct(">H"), 0xCE: struct.Struct(">I"), 0xCF: struct.Struct(">Q")}
 _ZEROS = bytes(ALIGN)
-_FIXINTS = [bytes((n,)) for n in range(0x80)]
-_TYPED_UINTS = [struct.Struct(">B" + code) for code in "BHIQ"]  # type byte, then the uint
 _LENGTH = struct.Struct(">I")
 # The head, the map's first byte, "id", a uint64 (type byte + 8) and the key after it.
 _PREFIX = HEAD_SIZE + 4 + 9 + len(_ERROR_KEY)
-
-
-def _align(offset: int) -> int:
-    return (offset + ALIGN - 1) & ~(ALIGN - 1)
 
 
 # --------------------------------------------------------------------------- requests
@@ -100,25 +96,13 @@ def with_id(frame: memoryview, id_end: int, new_id: int) -> list[Any]:
     as they are (the region starts at a multiple of 64 again, so its references hold)."""
     map_end = HEAD_SIZE + _LENGTH.unpack_from(frame, 8)[0]
     start = frame[HEAD_SIZE : HEAD_SIZE + 4]  # the map's header and "id"
-    new = _uint(new_id)
+    new = msgpack.packb(new_id)  # an unsigned integer in its shortest form, as servers write ids
     rest = frame[id_end:map_end]
     new_map_end = HEAD_SIZE + 4 + len(new) + len(rest)
     if len(frame) <= map_end:  # nothing out of band
         return [b"".join((HEAD.pack(new_map_end - 4, MARKER, LAYOUT, 0, new_map_end - HEAD_SIZE), start, new, rest))]
-    region = frame[_align(map_end) :]
-    new_region = _align(new_map_end)
+    region = frame[align(map_end) :]
+    new_region = align(new_map_end)
     head = HEAD.pack(new_region + len(region) - 4, MARKER, LAYOUT, 0, new_map_end - HEAD_SIZE)
     return [b"".join((head, start, new, rest, _ZEROS[: new_region - new_map_end])), region]
 
-
-def _uint(value: int) -> bytes:
-    """``value`` (0 .. 2**64-1) as msgpack writes an unsigned integer: its shortest form."""
-    if value < 0x80:
-        return _FIXINTS[value]
-    if value < 0x100:
-        return _TYPED_UINTS[0].pack(0xCC, value)
-    if value < 0x10000:
-        return _TYPED_UINTS[1].pack(0xCD, value)
-    if value < 0x100000000:
-        return _TYPED_UINTS[2].pack(0xCE, value)
-    return _TYPED_UINTS[3].pack(0xCF, value)  # struct refuses what does not fit 64 bits
